@@ -1,0 +1,164 @@
+"""Service settings, read from ``EMBEDSEG_*`` environment variables (or a ``.env`` file)."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+class Settings(BaseSettings):
+    """Configuration of the API, the database, the broker, storage and the workers.
+
+    Every field can be set by the environment variable ``EMBEDSEG_<FIELD>`` (upper case).
+    Paths left empty are derived from ``data_dir``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EMBEDSEG_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("embedseg-data"), description="Folder of the embedded default's database and files.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default: SQLite file embedseg.db in data_dir."
+    )
+    broker_url: str | None = Field(
+        None, description="Celery broker (redis://...); unset: jobs run on an embedded local worker."
+    )
+    storage_dir: Path | None = Field(None, description="Folder of stored volumes and models; default data_dir/storage.")
+    max_upload_bytes: int = Field(4 * 1024**3, description="Largest accepted upload (413 above).")
+    upload_chunk_bytes: int = Field(1024 * 1024, description="Size of the chunks an upload is written in.")
+    job_visibility_timeout_s: int = Field(
+        48 * 3600, description="Broker visibility timeout; must exceed the longest job."
+    )
+    max_job_minutes: float = Field(24 * 60, description="Longest time budget a training job may ask for.")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS; empty: no CORS.")
+    progress_throttle_s: float = Field(1.0, description="Least seconds between two progress writes of one job.")
+    heartbeat_s: float = Field(30.0, description="Seconds between worker heartbeats on a running job.")
+    local_workers: int = Field(1, description="Jobs the embedded local worker runs at once.")
+    gpu_queue: str = Field("gpu", description="Celery queue the GPU workers consume.")
+    task_name: str = Field("embedseg.run_job", description="Name of the Celery task that runs a job.")
+    page_limit_max: int = Field(500, description="Largest page size a list route answers.")
+    preview_max_px: int = Field(1024, description="Longest side of a preview.png.")
+    sql_echo: bool = Field(False, description="Log every SQL statement.")
+
+    @field_validator("data_dir", "storage_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
+
+    @field_validator("database_url", "broker_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if value.startswith("postgres://") or value.startswith("postgresql://"):
+            raise ValueError(
+                "database_url must name the psycopg 3 driver: write postgresql+psycopg://user:pass@host/db"
+            )
+        if not (value.startswith("sqlite") or value.startswith("postgresql+psycopg")):
+            raise ValueError("database_url must be sqlite:///path or postgresql+psycopg://user:pass@host/db")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("broker_url must be a Redis URL (redis://host:6379/0) or unset for the local worker")
+        return value
+
+    @field_validator("max_upload_bytes", "upload_chunk_bytes", "job_visibility_timeout_s", "local_workers",
+                     "page_limit_max", "preview_max_px")
+    @classmethod
+    def _positive(cls, value: int, info) -> int:  # type: ignore[no-untyped-def]
+        if value <= 0:
+            raise ValueError(f"{info.field_name} must be a positive integer, got {value}")
+        return value
+
+    @field_validator("progress_throttle_s", "heartbeat_s", "max_job_minutes")
+    @classmethod
+    def _positive_float(cls, value: float, info) -> float:  # type: ignore[no-untyped-def]
+        if not value > 0:
+            raise ValueError(f"{info.field_name} must be > 0, got {value}")
+        return value
+
+    @field_validator("gpu_queue")
+    @classmethod
+    def _check_queue(cls, value: str) -> str:
+        if not _QUEUE_NAME.match(value):
+            raise ValueError("gpu_queue must be 1-64 characters of letters, digits, '_', '.', ':' or '-'")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_cors(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"cors origin {origin!r} must start with http:// or https:// (or be '*')")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.upload_chunk_bytes > 64 * 1024**2:
+            raise ValueError("upload_chunk_bytes must be at most 64 MiB so that uploads stay streamed")
+        if self.upload_chunk_bytes > self.max_upload_bytes:
+            raise ValueError("upload_chunk_bytes must not exceed max_upload_bytes")
+        if self.job_visibility_timeout_s < self.max_job_minutes * 60:
+            raise ValueError(
+                "job_visibility_timeout_s must exceed the longest job (max_job_minutes * 60 = "
+                f"{self.max_job_minutes * 60:g} s), or the broker redelivers running jobs"
+            )
+        return self
+
+    @property
+    def database_url_resolved(self) -> str:
+        """The database URL in use: ``database_url`` or SQLite in ``data_dir``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'embedseg.db').resolve()}"
+
+    @property
+    def storage_path(self) -> Path:
+        """Folder of stored files: ``storage_dir`` or ``data_dir/storage``."""
+        return self.storage_dir if self.storage_dir is not None else self.data_dir / "storage"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url_resolved.startswith("sqlite")
+
+    @property
+    def embedded(self) -> bool:
+        """True when jobs run on the embedded local worker (no broker configured)."""
+        return self.broker_url is None
+
+
+_override: Settings | None = None
+
+
+@lru_cache(maxsize=1)
+def _load() -> Settings:
+    return Settings()
+
+
+def get_settings() -> Settings:
+    """The process's settings: an override set by :func:`set_settings`, else read once from the environment."""
+    if _override is not None:
+        return _override
+    return _load()
+
+
+def set_settings(settings: Settings | None) -> None:
+    """Replace the settings :func:`get_settings` returns (``None`` drops the override and the cache)."""
+    global _override
+    _override = settings
+    _load.cache_clear()
