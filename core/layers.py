@@ -1,0 +1,123 @@
+"""Building blocks of the ERF-Net in 2D and 3D, chosen by ``spatial_dims`` (method.md §2).
+
+Every factory takes ``spatial_dims`` (2 or 3) and returns the matching torch layer, so one
+network definition serves images ``(B, C, Y, X)`` and volumes ``(B, C, Z, Y, X)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BN_EPS = 1e-3
+
+
+def _check_dims(spatial_dims: int) -> int:
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    return spatial_dims
+
+
+def conv_layer(spatial_dims: int) -> type[nn.Module]:
+    """``nn.Conv2d`` or ``nn.Conv3d``."""
+    return (nn.Conv2d, nn.Conv3d)[_check_dims(spatial_dims) - 2]
+
+
+def conv_transpose_layer(spatial_dims: int) -> type[nn.Module]:
+    """``nn.ConvTranspose2d`` or ``nn.ConvTranspose3d``."""
+    return (nn.ConvTranspose2d, nn.ConvTranspose3d)[_check_dims(spatial_dims) - 2]
+
+
+def batch_norm(spatial_dims: int, channels: int) -> nn.Module:
+    """Batch normalisation with ``eps = 1e-3``."""
+    return (nn.BatchNorm2d, nn.BatchNorm3d)[_check_dims(spatial_dims) - 2](channels, eps=BN_EPS)
+
+
+def max_pool(spatial_dims: int) -> nn.Module:
+    """Max pooling, kernel 2, stride 2."""
+    return (nn.MaxPool2d, nn.MaxPool3d)[_check_dims(spatial_dims) - 2](2, stride=2)
+
+
+def channel_dropout(spatial_dims: int, p: float) -> nn.Module:
+    """Dropout of whole channels (``Dropout2d`` / ``Dropout3d``)."""
+    return (nn.Dropout2d, nn.Dropout3d)[_check_dims(spatial_dims) - 2](p)
+
+
+def axis_conv(spatial_dims: int, channels: int, axis: int, dilation: int = 1) -> nn.Module:
+    """A length-3 convolution along one spatial ``axis`` (0 = first spatial axis), size preserving."""
+    kernel = [1] * spatial_dims
+    padding = [0] * spatial_dims
+    dil = [1] * spatial_dims
+    kernel[axis] = 3
+    padding[axis] = dilation
+    dil[axis] = dilation
+    return conv_layer(spatial_dims)(
+        channels, channels, tuple(kernel), stride=1, padding=tuple(padding), dilation=tuple(dil), bias=True
+    )
+
+
+class Down(nn.Module):
+    """Downsampler: concat[stride-2 conv (``out - in`` channels), max-pool of the input] → BN → ReLU.
+
+    ``(B, in, *S)`` → ``(B, out, *S/2)``.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        if out_channels <= in_channels:
+            raise ValueError(f"Down needs out_channels > in_channels, got {in_channels} -> {out_channels}")
+        self.conv = conv_layer(spatial_dims)(
+            in_channels, out_channels - in_channels, 3, stride=2, padding=1, bias=True
+        )
+        self.pool = max_pool(spatial_dims)
+        self.bn = batch_norm(spatial_dims, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(torch.cat([self.conv(x), self.pool(x)], dim=1)))
+
+
+class NonBottleneck1d(nn.Module):
+    """Residual block of factorised length-3 convolutions (one per spatial axis, array order).
+
+    Half 1: axis convs with ReLU between them, BN, ReLU. Half 2: the same convs dilated by
+    ``dilation``, BN; channel dropout when ``dropout > 0``; output ``ReLU(half2 + input)``.
+    Shape preserving: ``(B, C, *S)`` → ``(B, C, *S)``.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, dropout: float, dilation: int) -> None:
+        super().__init__()
+        self.convs1 = nn.ModuleList(axis_conv(spatial_dims, channels, a) for a in range(spatial_dims))
+        self.bn1 = batch_norm(spatial_dims, channels)
+        self.convs2 = nn.ModuleList(axis_conv(spatial_dims, channels, a, dilation) for a in range(spatial_dims))
+        self.bn2 = batch_norm(spatial_dims, channels)
+        self.dropout = channel_dropout(spatial_dims, dropout) if dropout > 0 else None
+
+    @staticmethod
+    def _convs(convs: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for i, conv in enumerate(convs):
+            if i:
+                x = F.relu(x)
+            x = conv(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self._convs(self.convs1, x)))
+        out = self.bn2(self._convs(self.convs2, out))
+        if self.dropout is not None:
+            out = self.dropout(out)
+        return F.relu(out + x)
+
+
+class Up(nn.Module):
+    """Upsampler: transposed conv k3 s2 p1 output_padding 1 → BN → ReLU; ``*S`` → ``2*S``."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = conv_transpose_layer(spatial_dims)(
+            in_channels, out_channels, 3, stride=2, padding=1, output_padding=1, bias=True
+        )
+        self.bn = batch_norm(spatial_dims, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
