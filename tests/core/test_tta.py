@@ -1,0 +1,154 @@
+"""Test-time augmentation: transforms, inverses (offset signs included), batching, seed combination."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from core.tta import SeedCombine, Transform, predict_tta, transforms
+
+
+def equivariant_toy(x: torch.Tensor) -> torch.Tensor:
+    """A fixed function of the image that commutes with every axis-aligned transform.
+
+    Offsets point from each pixel to the intensity centroid, sigma_a = (p_a - c_a)^2 per axis,
+    the seed logit falls with the distance to the centroid. Channels x, y[, z].
+    """
+    spatial = x.shape[2:]
+    d = len(spatial)
+    grids = torch.meshgrid(*[torch.arange(n, dtype=x.dtype) for n in spatial], indexing="ij")
+    out = []
+    for b in range(x.shape[0]):
+        w = x[b, 0]
+        c = [(g * w).sum() / w.sum() for g in grids]
+        offsets = [(c[a] - grids[a]) * 0.05 for a in range(d)]
+        sigma = [((grids[a] - c[a]) * 0.05) ** 2 for a in range(d)]
+        seed = 2.0 - sum(((grids[a] - c[a]) * 0.2) ** 2 for a in range(d))
+        out.append(torch.stack(offsets[::-1] + sigma[::-1] + [seed]))
+    return torch.stack(out)
+
+
+def blob_image(spatial: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand((1, 1, *spatial), generator=gen, dtype=torch.float64) ** 4
+
+
+@pytest.mark.parametrize(("dims", "count"), [(2, 8), (3, 16)])
+def test_transform_set(dims, count):
+    ts = transforms(dims)
+    assert len(ts) == count
+    assert ts[0] == Transform(dims)
+    assert len({t.matrix.tobytes() for t in ts}) == count
+    for t in ts:
+        assert abs(round(np.linalg.det(t.matrix))) == 1
+        if dims == 3:  # Z never mixes with YX
+            assert t.matrix[0].tolist() == [-1 if t.flip_z else 1, 0, 0]
+
+
+@pytest.mark.parametrize("spatial", [(12, 20), (6, 10, 14)])
+def test_every_transform_undoes_an_equivariant_field(spatial):
+    x = blob_image(spatial)
+    expected = equivariant_toy(x)
+    for t in transforms(len(spatial)):
+        moved = t.apply_image(x)
+        assert moved.shape[2:] == t.transformed_shape(spatial)
+        back = t.undo_output(equivariant_toy(moved))
+        assert back.shape == expected.shape
+        assert (back - expected).abs().max().item() <= 1e-6, t
+        # and the raw field itself: apply_output then undo_output is the identity
+        assert torch.equal(t.undo_output(t.apply_output(expected)), expected)
+        assert (t.apply_output(expected) - equivariant_toy(moved)).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("transform", "expected"),
+    [
+        # constant raw output (o'_x, o'_y, s'_x, s'_y, q') = (1, 2, 3, 4, 5) of the transformed image
+        (Transform(2, k=1), [-2, 1, 4, 3, 5]),
+        (Transform(2, k=2), [-1, -2, 3, 4, 5]),
+        (Transform(2, k=3), [2, -1, 4, 3, 5]),
+        (Transform(2, flip_y=True), [1, -2, 3, 4, 5]),
+        (Transform(2, k=1, flip_y=True), [2, 1, 4, 3, 5]),
+    ],
+)
+def test_undo_signs_and_sigma_permutation_2d(transform, expected):
+    raw = torch.tensor([1.0, 2, 3, 4, 5]).view(1, 5, 1, 1).expand(1, 5, 8, 8)
+    back = transform.undo_output(raw)
+    assert back[0, :, 3, 5].tolist() == expected
+
+
+def test_undo_signs_3d_z_flip():
+    raw = torch.tensor([1.0, 2, 3, 4, 5, 6, 7]).view(1, 7, 1, 1, 1).expand(1, 7, 8, 8, 8)
+    assert Transform(3, flip_z=True).undo_output(raw)[0, :, 1, 2, 3].tolist() == [1, 2, -3, 4, 5, 6, 7]
+    assert Transform(3, k=1, flip_z=True).undo_output(raw)[0, :, 1, 2, 3].tolist() == [-2, 1, -3, 5, 4, 6, 7]
+
+
+@pytest.mark.parametrize("spatial", [(16, 24), (8, 16, 24)])
+@pytest.mark.parametrize("combine", list(SeedCombine))
+def test_predict_tta_on_equivariant_toy_is_the_plain_prediction(spatial, combine):
+    x = torch.cat([blob_image(spatial, 1), blob_image(spatial, 2)])
+    out = predict_tta(equivariant_toy, x, seed_combine=combine, batch_size=5)
+    assert out.dtype == torch.float32
+    assert out.shape == (2, 2 * len(spatial) + 1, *spatial)
+    assert (out.double() - equivariant_toy(x)).abs().max().item() <= 1e-5
+
+
+def test_predict_tta_batches_by_shape_group():
+    shapes = []
+
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(x.shape))
+        return equivariant_toy(x)
+
+    predict_tta(recording, blob_image((16, 24)), batch_size=8)
+    assert shapes == [(4, 1, 16, 24), (4, 1, 24, 16)]
+    shapes.clear()
+    predict_tta(recording, blob_image((8, 8, 16)), batch_size=3)
+    assert [s[0] for s in shapes] == [3, 3, 2, 3, 3, 2]
+    assert {s[2:] for s in shapes[:3]} == {(8, 8, 16)} and {s[2:] for s in shapes[3:]} == {(8, 16, 8)}
+
+
+def shifted_seed_toy(x: torch.Tensor) -> torch.Tensor:
+    """Not equivariant: the seed peak sits one pixel below (in its own frame) the brightest pixel."""
+    b, _, h, w = x.shape
+    out = torch.zeros(b, 5, h, w, dtype=x.dtype)
+    out[:, 4] = -5.0
+    for i in range(b):
+        y, xx = divmod(int(torch.argmax(x[i, 0])), w)
+        out[i, 4, y - 3 : y + 4, xx - 3 : xx + 4] = math.log(0.6 / 0.4)  # object, p = 0.6
+        out[i, 4, y + 1, xx] = math.log(0.95 / 0.05)  # seed peak, p = 0.95
+    return out
+
+
+def test_seed_peaks_survive_by_default():
+    x = torch.zeros(1, 1, 17, 17)
+    x[0, 0, 8, 8] = 1.0
+    passes = [t.undo_output(shifted_seed_toy(t.apply_image(x))) for t in transforms(2)]
+    peaks = {tuple(int(v) for v in np.unravel_index(int(torch.argmax(p[0, 4])), (17, 17))) for p in passes}
+    assert len(peaks) == 4  # the passes disagree on the peak pixel
+    assert all(torch.sigmoid(p[0, 4]).max() > 0.9 for p in passes)
+
+    mean = predict_tta(shifted_seed_toy, x, seed_combine="mean")
+    assert torch.sigmoid(mean[0, 4]).max() < 0.9
+    robust = predict_tta(shifted_seed_toy, x)
+    assert torch.sigmoid(robust[0, 4]).max() >= 0.9
+    # the foreground decision is the mean's
+    assert torch.equal(robust[0, 4] > 0, mean[0, 4] > 0)
+    assert torch.equal(robust[0, 4][mean[0, 4] <= 0], mean[0, 4][mean[0, 4] <= 0])
+
+
+def test_bad_options_raise():
+    x = blob_image((8, 8))
+    with pytest.raises(ValueError, match="valid choices: mean, max_in_foreground"):
+        predict_tta(equivariant_toy, x, seed_combine="median")
+    with pytest.raises(ValueError, match="fg_thresh"):
+        predict_tta(equivariant_toy, x, fg_thresh=1.0)
+    with pytest.raises(ValueError, match="k must be"):
+        Transform(2, k=4)
+    with pytest.raises(ValueError, match="flip_z"):
+        Transform(2, flip_z=True)
+    with pytest.raises(ValueError, match="spatial_dims = 3"):
+        predict_tta(equivariant_toy, blob_image((8, 8, 8)), transform_set=transforms(2))
