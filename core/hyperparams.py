@@ -1,0 +1,328 @@
+"""Data-derived hyper-parameters (method.md §8), computed in one pass over the training masks.
+
+| parameter | rule | without objects |
+| --- | --- | --- |
+| ``min_object_size`` | pixel count of the smallest object | 36 |
+| ``foreground_weight`` | 2D: 10; 3D: mean over masks of #background / #foreground | 10 |
+| ``crop_shape`` | per axis ``round_up_8(mean + 5 * std)`` of the object extents (max − min), | 256² / 32×128² |
+| | Y = X = the larger, Z its own; at most the largest image (rounded up to 8); capped to | |
+| | :data:`MAX_CROP_VOXELS` | |
+| ``anisotropy`` | voxel_z / voxel_x; voxel_y must equal voxel_x | 1.0 |
+| ``step`` | :func:`core.embedding.step_for` | |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from core.embedding import step_for
+from core.normalization import NormalizationMode, NormalizationSettings
+
+DEFAULT_MIN_OBJECT_SIZE = 36
+DEFAULT_FOREGROUND_WEIGHT = 10.0
+DEFAULT_CROP_SHAPE = {2: (256, 256), 3: (32, 128, 128)}
+MAX_CROP_VOXELS = {2: 512 * 512, 3: 2 * 32 * 136 * 136}
+"""Largest automatic crop (voxels): the crop of one sample must fit beside a batch on a GPU."""
+MIN_CROP_SIDE = 8
+_VOXEL_RTOL = 1e-6
+
+
+def round_up_8(value: float) -> int:
+    """Smallest multiple of 8 that is >= ``value`` (and >= 8)."""
+    return max(8, int(math.ceil(float(value) / 8.0 - 1e-9)) * 8)
+
+
+def anisotropy_from_voxel_size(voxel_size: Sequence[float] | None, spatial_dims: int) -> float:
+    """voxel_z / voxel_x for a voxel size in array order; 1.0 when ``None`` or 2D.
+
+    Raises ``ValueError`` when voxel_y differs from voxel_x (the method needs square pixels in YX).
+    """
+    if voxel_size is None:
+        return 1.0
+    vs = tuple(float(v) for v in voxel_size)
+    if len(vs) != spatial_dims:
+        raise ValueError(f"voxel size needs {spatial_dims} values in array order, got {vs}")
+    if any(not (v > 0) or not math.isfinite(v) for v in vs):
+        raise ValueError(f"voxel size values must be positive, got {vs}")
+    vy, vx = vs[-2], vs[-1]
+    if abs(vy - vx) > _VOXEL_RTOL * max(vy, vx):
+        raise ValueError(
+            f"voxel_y ({vy}) differs from voxel_x ({vx}); pixels must be square in Y and X. "
+            "Resample the images so that Y and X have the same pixel size"
+        )
+    return vs[0] / vx if spatial_dims == 3 else 1.0
+
+
+@dataclass
+class DataProperties:
+    """Hyper-parameters derived from label masks, stored with a model (see module docstring).
+
+    Shapes and voxel sizes are in array order. ``extent_mean``/``extent_std`` are per axis
+    (object extent = max − min index). ``overrides`` names the fields the user set.
+    """
+
+    spatial_dims: int
+    min_object_size: int = DEFAULT_MIN_OBJECT_SIZE
+    foreground_weight: float = DEFAULT_FOREGROUND_WEIGHT
+    crop_shape: tuple[int, ...] = ()
+    anisotropy: float = 1.0
+    step: tuple[float, ...] = ()
+    voxel_size: tuple[float, ...] | None = None
+    normalization: NormalizationMode = NormalizationMode.percentile
+    p_low: float = 1.0
+    p_high: float = 99.8
+    n_images: int = 0
+    n_objects: int = 0
+    mean_object_size: float = 0.0
+    max_object_size: int = 0
+    extent_mean: tuple[float, ...] = ()
+    extent_std: tuple[float, ...] = ()
+    overrides: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        dims = self.spatial_dims
+        if dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {dims}")
+        self.normalization = NormalizationMode.parse(self.normalization)
+        NormalizationSettings(self.normalization, self.p_low, self.p_high)  # validates percentiles
+        self.crop_shape = tuple(int(s) for s in (self.crop_shape or DEFAULT_CROP_SHAPE[dims]))
+        if len(self.crop_shape) != dims or any(s < MIN_CROP_SIDE or s % 8 for s in self.crop_shape):
+            raise ValueError(f"crop_shape needs {dims} positive multiples of 8 (array order), got {self.crop_shape}")
+        if not (self.anisotropy > 0) or not math.isfinite(self.anisotropy):
+            raise ValueError(f"anisotropy must be positive, got {self.anisotropy}")
+        self.step = tuple(float(h) for h in (self.step or step_for(dims, self.anisotropy)))
+        if len(self.step) != dims or any(not h > 0 for h in self.step):
+            raise ValueError(f"step needs {dims} positive values (array order), got {self.step}")
+        if int(self.min_object_size) < 0:
+            raise ValueError(f"min_object_size must be >= 0, got {self.min_object_size}")
+        self.min_object_size = int(self.min_object_size)
+        if not (self.foreground_weight > 0) or not math.isfinite(self.foreground_weight):
+            raise ValueError(f"foreground_weight must be positive, got {self.foreground_weight}")
+        self.foreground_weight = float(self.foreground_weight)
+        if self.voxel_size is not None:
+            self.voxel_size = tuple(float(v) for v in self.voxel_size)
+        self.extent_mean = tuple(float(v) for v in self.extent_mean)
+        self.extent_std = tuple(float(v) for v in self.extent_std)
+        self.overrides = tuple(self.overrides)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_masks(
+        cls,
+        masks: Sequence[np.ndarray],
+        *,
+        spatial_dims: int,
+        voxel_size: Sequence[float] | None = None,
+        crop_shape: Sequence[int] | int | None = None,
+        min_object_size: int | None = None,
+        foreground_weight: float | None = None,
+        anisotropy: float | None = None,
+        normalization: NormalizationMode | str = NormalizationMode.percentile,
+        p_low: float = 1.0,
+        p_high: float = 99.8,
+        max_crop_voxels: int | None = None,
+    ) -> DataProperties:
+        """Compute the properties of label masks ``(*S)`` (train + val), one pass per mask.
+
+        Keyword arguments other than ``spatial_dims``/``voxel_size``/normalisation override the
+        data-derived value (and are listed in ``overrides``). ``anisotropy`` overrides the one
+        from ``voxel_size``.
+        """
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        masks = [np.asarray(m) for m in masks]
+        stats = _MaskStatistics(spatial_dims)
+        for i, mask in enumerate(masks):
+            if mask.ndim != spatial_dims:
+                raise ValueError(f"mask {i} has shape {mask.shape}; {spatial_dims}D masks need {spatial_dims} axes")
+            if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+                raise ValueError(f"mask {i} has dtype {mask.dtype}; label masks must be integers")
+            stats.add(mask)
+        derived_anisotropy = anisotropy_from_voxel_size(voxel_size, spatial_dims)
+        overrides: list[str] = []
+        if anisotropy is not None:
+            overrides.append("anisotropy")
+            aniso = float(anisotropy)
+        else:
+            aniso = derived_anisotropy
+        if min_object_size is not None:
+            overrides.append("min_object_size")
+        if foreground_weight is not None:
+            overrides.append("foreground_weight")
+        if crop_shape is not None:
+            overrides.append("crop_shape")
+            if isinstance(crop_shape, (int, np.integer)):
+                crop_shape = (int(crop_shape),) * spatial_dims
+            crop = tuple(int(s) for s in crop_shape)
+        else:
+            cap = max_crop_voxels if max_crop_voxels is not None else MAX_CROP_VOXELS[spatial_dims]
+            crop = stats.crop_shape(cap)
+        return cls(
+            spatial_dims=spatial_dims,
+            min_object_size=min_object_size if min_object_size is not None else stats.min_object_size(),
+            foreground_weight=foreground_weight if foreground_weight is not None else stats.foreground_weight(),
+            crop_shape=crop,
+            anisotropy=aniso,
+            voxel_size=tuple(float(v) for v in voxel_size) if voxel_size is not None else None,
+            normalization=normalization,
+            p_low=p_low,
+            p_high=p_high,
+            n_images=len(masks),
+            n_objects=stats.n_objects,
+            mean_object_size=float(np.mean(stats.sizes)) if stats.n_objects else 0.0,
+            max_object_size=int(max(stats.sizes)) if stats.n_objects else 0,
+            extent_mean=stats.extent_mean(),
+            extent_std=stats.extent_std(),
+            overrides=tuple(overrides),
+        )
+
+    def with_overrides(self, **values: Any) -> DataProperties:
+        """A copy with some fields replaced (validated); ``anisotropy`` also resets ``step``."""
+        allowed = {"min_object_size", "foreground_weight", "crop_shape", "anisotropy", "step",
+                   "normalization", "p_low", "p_high"}  # fmt: skip
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise ValueError(f"cannot override {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        if isinstance(values.get("crop_shape"), (int, np.integer)):
+            values["crop_shape"] = (int(values["crop_shape"]),) * self.spatial_dims
+        if "anisotropy" in values and "step" not in values:
+            values["step"] = ()
+        names = tuple(dict.fromkeys(self.overrides + tuple(k for k in values if k != "step")))
+        return replace(self, overrides=names, **values)
+
+    # ------------------------------------------------------------------ use
+
+    @property
+    def normalization_settings(self) -> NormalizationSettings:
+        """The normalisation options as one object (for :func:`core.normalization.normalize`)."""
+        return NormalizationSettings(self.normalization, self.p_low, self.p_high)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (lists, strings), as stored in a checkpoint."""
+        data = asdict(self)
+        data["normalization"] = self.normalization.value
+        for key, value in data.items():
+            if isinstance(value, tuple):
+                data[key] = list(value)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataProperties:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown data properties: {', '.join(unknown)}")
+        values = dict(data)
+        for key in ("crop_shape", "step", "voxel_size", "extent_mean", "extent_std", "overrides"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    def describe(self) -> str:
+        """Multi-line summary for the user."""
+        axes = "ZYX"[-self.spatial_dims :]
+
+        def per_axis(values: Sequence[float], fmt: str = "{:.1f}") -> str:
+            return ", ".join(f"{a} {fmt.format(v)}" for a, v in zip(axes, values)) if values else "n/a"
+
+        def mark(name: str) -> str:
+            return " (set by user)" if name in self.overrides else ""
+
+        voxel = per_axis(self.voxel_size, "{:g}") if self.voxel_size else "not given"
+        lines = [
+            f"data: {self.n_images} mask(s), {self.n_objects} object(s), {self.spatial_dims}D",
+            f"object size (pixels): min {self.min_object_size if self.n_objects else 'n/a'}, "
+            f"mean {self.mean_object_size:.1f}, max {self.max_object_size}",
+            f"object extent (pixels): mean {per_axis(self.extent_mean)}; std {per_axis(self.extent_std)}",
+            f"crop shape: {' x '.join(str(s) for s in self.crop_shape)} ({axes}){mark('crop_shape')}",
+            f"min object size: {self.min_object_size}{mark('min_object_size')}",
+            f"foreground weight: {self.foreground_weight:.3g}{mark('foreground_weight')}",
+            f"voxel size: {voxel}; anisotropy: {self.anisotropy:.4g}{mark('anisotropy')}",
+            f"step (embedding units per pixel): {per_axis(self.step, '{:.6g}')}",
+            f"normalization: {self.normalization.value}"
+            + (f" (P{self.p_low:g}-P{self.p_high:g})" if self.normalization is NormalizationMode.percentile else ""),
+        ]
+        return "\n".join(lines)
+
+
+class _MaskStatistics:
+    """Accumulates object sizes, extents and background ratios, one mask at a time."""
+
+    def __init__(self, spatial_dims: int) -> None:
+        self.dims = spatial_dims
+        self.sizes: list[int] = []
+        self.extents: list[np.ndarray] = []
+        self.bg_fg_ratios: list[float] = []
+        self.max_image_shape = np.zeros(spatial_dims, dtype=np.int64)
+
+    @property
+    def n_objects(self) -> int:
+        return len(self.sizes)
+
+    def add(self, mask: np.ndarray) -> None:
+        self.max_image_shape = np.maximum(self.max_image_shape, mask.shape)
+        if mask.size == 0:
+            return
+        mask = mask.astype(np.int32) if mask.dtype == bool else mask
+        if mask.min() < 0:
+            raise ValueError("label masks must be >= 0 (0 = background)")
+        max_id = int(mask.max())
+        if max_id == 0:
+            return
+        if max_id > 4 * mask.size + 1024:  # sparse huge ids: compact them first
+            shape = mask.shape
+            _, inverse = np.unique(mask, return_inverse=True)
+            mask = inverse.reshape(shape)
+        counts = np.bincount(mask.ravel())
+        slices = ndimage.find_objects(mask)
+        for index, slc in enumerate(slices):
+            if slc is None:
+                continue
+            self.sizes.append(int(counts[index + 1]))
+            self.extents.append(np.array([s.stop - s.start - 1 for s in slc], dtype=np.float64))
+        n_fg = int(mask.size - counts[0])
+        if n_fg:
+            self.bg_fg_ratios.append(float(counts[0]) / n_fg)
+
+    def min_object_size(self) -> int:
+        return int(min(self.sizes)) if self.sizes else DEFAULT_MIN_OBJECT_SIZE
+
+    def foreground_weight(self) -> float:
+        if self.dims == 2 or not self.bg_fg_ratios:
+            return DEFAULT_FOREGROUND_WEIGHT
+        return float(np.mean(self.bg_fg_ratios))
+
+    def extent_mean(self) -> tuple[float, ...]:
+        return tuple(np.mean(self.extents, axis=0).tolist()) if self.extents else ()
+
+    def extent_std(self) -> tuple[float, ...]:
+        return tuple(np.std(self.extents, axis=0).tolist()) if self.extents else ()
+
+    def crop_shape(self, max_voxels: int) -> tuple[int, ...]:
+        dims = self.dims
+        if not self.extents:
+            return DEFAULT_CROP_SHAPE[dims]
+        mean = np.mean(self.extents, axis=0)
+        std = np.std(self.extents, axis=0)
+        per_axis = [round_up_8(m + 5.0 * s) for m, s in zip(mean, std)]
+        yx = max(per_axis[-2], per_axis[-1])
+        yx = min(yx, round_up_8(max(self.max_image_shape[-2], self.max_image_shape[-1])))
+        if dims == 2:
+            while yx > MIN_CROP_SIDE and yx * yx > max_voxels:
+                yx -= 8
+            return (yx, yx)
+        z = min(per_axis[0], round_up_8(self.max_image_shape[0]))
+        while z * yx * yx > max_voxels and (z > MIN_CROP_SIDE or yx > MIN_CROP_SIDE):
+            if yx >= z and yx > MIN_CROP_SIDE:
+                yx -= 8
+            else:
+                z -= 8
+        return (z, yx, yx)
