@@ -142,8 +142,16 @@ class TrainedModel:
 
     @property
     def normalization(self) -> Any:
-        """Normalisation stored with the data properties (``None`` when absent)."""
-        return self.properties.get("normalization")
+        """:class:`core.normalization.NormalizationSettings` the training images were normalised with."""
+        from core.normalization import NormalizationSettings
+
+        props = self.properties
+        value = props.get("normalization")
+        if isinstance(value, Mapping):
+            return NormalizationSettings.from_dict(dict(value))
+        return NormalizationSettings(
+            mode=value or "percentile", p_low=float(props.get("p_low", 1.0)), p_high=float(props.get("p_high", 99.8))
+        )
 
     @property
     def min_object_size(self) -> int:
@@ -153,16 +161,7 @@ class TrainedModel:
 
     def normalize(self, image: np.ndarray) -> np.ndarray:
         """Normalise one channel ``(*S)`` as the training images were (float32, same shape)."""
-        from core.normalization import NormalizationSettings
-
-        mode = self.normalization
-        if isinstance(mode, Mapping):
-            settings = NormalizationSettings.from_dict(dict(mode))
-        elif mode is None:
-            settings = NormalizationSettings()
-        else:
-            settings = NormalizationSettings(mode=mode)
-        return settings.apply(np.asarray(image)).astype(np.float32, copy=False)
+        return self.normalization.apply(np.asarray(image)).astype(np.float32, copy=False)
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """Check ``image`` against the model and return it normalised with a channel axis.
