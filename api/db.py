@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -89,7 +89,12 @@ def session_scope(settings: Settings | None = None) -> Iterator[Session]:
 
 def migrations_dir() -> Path:
     """Folder of the Alembic scripts shipped inside the installed ``migrations`` package."""
-    return Path(str(resources.files("migrations")))
+    spec = importlib.util.find_spec("migrations")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        if (Path(location) / "env.py").is_file():
+            return Path(location).resolve()
+    raise RuntimeError("the 'migrations' package (Alembic scripts) is not installed; reinstall the project")
 
 
 def alembic_config(url: str):  # type: ignore[no-untyped-def]

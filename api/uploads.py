@@ -1,0 +1,214 @@
+"""Streaming multipart upload: the file part goes to storage chunk by chunk, never whole in memory.
+
+The request body is fed to python-multipart's push parser as it arrives; file bytes are
+buffered up to ``chunk_bytes`` and written (and hashed) off the event loop. Small text fields
+are collected. Any rejection aborts the temporary file, so nothing partial is left behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+
+from api.storage import PendingWrite, Storage
+
+MAX_FIELD_BYTES = 64 * 1024
+MULTIPART_SLACK = 1024 * 1024
+
+
+class UploadRejected(Exception):
+    """The upload cannot be accepted; ``status`` and ``detail`` are the HTTP answer."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def human_bytes(n: int) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    value = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def too_large(max_bytes: int) -> UploadRejected:
+    return UploadRejected(
+        413,
+        f"upload exceeds the limit of {max_bytes} bytes ({human_bytes(max_bytes)}); "
+        "send a smaller file or raise EMBEDSEG_MAX_UPLOAD_BYTES",
+    )
+
+
+@dataclass
+class ReceivedUpload:
+    """A received file (still pending: commit or abort it) and the text fields sent with it."""
+
+    pending: PendingWrite
+    filename: str | None
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class _State:
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    header_field: bytearray = field(default_factory=bytearray)
+    header_value: bytearray = field(default_factory=bytearray)
+    part_name: str | None = None
+    in_file: bool = False
+    file_seen: bool = False
+    filename: str | None = None
+    field_value: bytearray = field(default_factory=bytearray)
+    fields: dict[str, str] = field(default_factory=dict)
+    buffer: list[bytes] = field(default_factory=list)
+    buffered: int = 0
+    file_bytes: int = 0
+    error: UploadRejected | None = None
+    ended: bool = False
+
+
+async def receive_upload(
+    request: Request,
+    storage: Storage,
+    key: str,
+    *,
+    max_bytes: int,
+    chunk_bytes: int,
+    file_field: str = "file",
+) -> ReceivedUpload:
+    """Stream a multipart/form-data body: the part named ``file_field`` into ``storage`` at ``key``.
+
+    Returns the pending (uncommitted) write and the text fields. Raises :class:`UploadRejected`
+    (415 not multipart, 413 too large, 400 malformed, 422 missing or repeated file, long field).
+    """
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data":
+        raise UploadRejected(
+            415, f"send the TIFF as multipart/form-data with the file in the form field '{file_field}'"
+        )
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise UploadRejected(400, "the multipart/form-data Content-Type has no boundary")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes + MULTIPART_SLACK:
+        raise too_large(max_bytes)
+
+    state = _State()
+    pending = storage.begin_write(key)
+
+    def on_part_begin() -> None:
+        state.headers.clear()
+        state.part_name = None
+        state.in_file = False
+        state.field_value.clear()
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state.header_field += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state.header_value += data[start:end]
+
+    def on_header_end() -> None:
+        state.headers[bytes(state.header_field).lower()] = bytes(state.header_value)
+        state.header_field.clear()
+        state.header_value.clear()
+
+    def on_headers_finished() -> None:
+        _, options = parse_options_header(state.headers.get(b"content-disposition", b""))
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        state.part_name = name
+        if name == file_field:
+            if state.file_seen:
+                state.error = state.error or UploadRejected(
+                    422, f"send exactly one file per request in the form field '{file_field}'"
+                )
+            state.in_file = True
+            state.file_seen = True
+            filename = options.get(b"filename")
+            state.filename = filename.decode("utf-8", "replace") if filename else None
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if state.error is not None:
+            return
+        if state.in_file:
+            size = end - start
+            state.file_bytes += size
+            if state.file_bytes > max_bytes:
+                state.error = too_large(max_bytes)
+                state.buffer.clear()
+                state.buffered = 0
+                return
+            state.buffer.append(data[start:end])
+            state.buffered += size
+        else:
+            state.field_value += data[start:end]
+            if len(state.field_value) > MAX_FIELD_BYTES:
+                state.error = UploadRejected(
+                    422, f"form field '{state.part_name}' is longer than {MAX_FIELD_BYTES} bytes"
+                )
+
+    def on_part_end() -> None:
+        if not state.in_file and state.part_name is not None and state.error is None:
+            state.fields[state.part_name] = bytes(state.field_value).decode("utf-8", "replace")
+        state.in_file = False
+
+    def on_end() -> None:
+        state.ended = True
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": on_part_begin,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_end": on_end,
+        },
+    )
+
+    def flush() -> None:
+        data = b"".join(state.buffer) if len(state.buffer) != 1 else state.buffer[0]
+        state.buffer.clear()
+        state.buffered = 0
+        pending.write(data)
+
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                parser.write(chunk)
+            if state.error is not None:
+                raise state.error
+            if state.buffered >= chunk_bytes:
+                await run_in_threadpool(flush)
+        parser.finalize()
+        if state.error is not None:
+            raise state.error
+        if not state.ended:
+            raise UploadRejected(400, "the multipart body ended early (no closing boundary); resend the request")
+        if not state.file_seen:
+            raise UploadRejected(
+                422, f"no file in the form field '{file_field}'; send the TIFF as multipart/form-data in '{file_field}'"
+            )
+        if state.buffered:
+            await run_in_threadpool(flush)
+        await run_in_threadpool(pending.close)
+    except MultipartParseError as error:
+        pending.abort()
+        raise UploadRejected(400, f"malformed multipart body: {error}") from None
+    except (UploadRejected, ClientDisconnect):
+        pending.abort()
+        raise
+    except BaseException:
+        pending.abort()
+        raise
+    return ReceivedUpload(pending=pending, filename=state.filename, fields=state.fields)
