@@ -1,0 +1,760 @@
+// EmbedSeg dashboard: volumes, models and jobs of the service, from its /api/v1 routes only.
+"use strict";
+
+// Every route the page calls, as "METHOD path" (checked against the OpenAPI schema by the tests).
+const ROUTES = {
+  health: "GET /api/v1/health",
+  listVolumes: "GET /api/v1/volumes",
+  uploadVolume: "POST /api/v1/volumes",
+  deleteVolume: "DELETE /api/v1/volumes/{volume_id}",
+  volumePreview: "GET /api/v1/volumes/{volume_id}/preview.png",
+  volumeDownload: "GET /api/v1/volumes/{volume_id}/download",
+  listModels: "GET /api/v1/models",
+  deleteModel: "DELETE /api/v1/models/{model_id}",
+  modelDownload: "GET /api/v1/models/{model_id}/download",
+  listJobs: "GET /api/v1/jobs",
+  getJob: "GET /api/v1/jobs/{job_id}",
+  startTrain: "POST /api/v1/jobs/train",
+  startPredict: "POST /api/v1/jobs/predict",
+  startEvaluate: "POST /api/v1/jobs/evaluate",
+  cancelJob: "POST /api/v1/jobs/{job_id}/cancel",
+};
+
+const POLL_MS = 2000;
+const CHOICES_LIMIT = 200;  // volumes and models offered in the job forms
+const PAGE = { volumes: 24, jobs: 15, models: 10 };
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+
+const state = {
+  offsets: { volumes: 0, jobs: 0, models: 0 },
+  volumes: [],
+  allVolumes: [],
+  models: [],
+  jobs: [],
+  selectedJob: null,
+  jobStatus: {},
+  polling: null,
+};
+
+// ------------------------------------------------------------------ HTTP
+
+function routeUrl(name, params = {}, query = null) {
+  const [, template] = ROUTES[name].split(" ");
+  let path = template.replace(/\{(\w+)\}/g, (_, key) => {
+    if (!(key in params)) throw new Error(`missing ${key} for ${name}`);
+    return encodeURIComponent(params[key]);
+  });
+  if (query) {
+    const search = new URLSearchParams();
+    for (const [key, value] of Object.entries(query)) {
+      if (value !== null && value !== undefined && value !== "") search.set(key, value);
+    }
+    const text = search.toString();
+    if (text) path += "?" + text;
+  }
+  return path;
+}
+
+function errorText(body, status) {
+  if (body && body.detail !== undefined) {
+    const detail = body.detail;
+    if (typeof detail === "string") return detail;
+    if (Array.isArray(detail)) {
+      return detail.map((item) => {
+        const where = Array.isArray(item.loc) ? item.loc.filter((part) => part !== "body").join(".") : "";
+        return (where ? where + ": " : "") + (item.msg || JSON.stringify(item));
+      }).join("\n");
+    }
+    return JSON.stringify(detail);
+  }
+  return `HTTP ${status}`;
+}
+
+async function api(name, { params = {}, query = null, json = undefined, form = undefined } = {}) {
+  const [method] = ROUTES[name].split(" ");
+  const init = { method, headers: { Accept: "application/json" } };
+  if (json !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(json);
+  } else if (form !== undefined) {
+    init.body = form;
+  }
+  const response = await fetch(routeUrl(name, params, query), init);
+  const type = response.headers.get("content-type") || "";
+  const body = type.includes("json") ? await response.json() : null;
+  if (!response.ok) throw new Error(errorText(body, response.status));
+  return body;
+}
+
+// ------------------------------------------------------------------ small helpers
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+function svg(tag, attrs = {}, text = null) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  if (text !== null) node.textContent = text;
+  return node;
+}
+
+function shortId(id) {
+  return id ? id.slice(0, 8) : "";
+}
+
+function formatDate(text) {
+  if (!text) return "";
+  const date = new Date(text);
+  if (Number.isNaN(date.getTime())) return text;
+  const today = new Date();
+  const sameDay = date.toDateString() === today.toDateString();
+  return sameDay ? date.toLocaleTimeString() : date.toLocaleString();
+}
+
+function formatDuration(seconds) {
+  if (seconds === null || seconds === undefined || !Number.isFinite(seconds)) return "";
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 60) return `${s} s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m} min ${s % 60} s`;
+  const h = Math.floor(m / 60);
+  return `${h} h ${m % 60} min`;
+}
+
+function formatBytes(n) {
+  if (!Number.isFinite(n)) return "";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = n;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  return `${value.toFixed(unit ? 1 : 0)} ${units[unit]}`;
+}
+
+function formatNumber(value, digits = 3) {
+  if (typeof value !== "number" || !Number.isFinite(value)) return value === null || value === undefined ? "" : String(value);
+  if (Number.isInteger(value)) return String(value);
+  return value.toFixed(digits);
+}
+
+let toastTimer = null;
+function toast(message, kind = "bad") {
+  const node = document.getElementById("toast");
+  node.textContent = message;
+  node.className = `toast ${kind}`;
+  node.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { node.hidden = true; }, kind === "bad" ? 9000 : 3500);
+}
+
+function progressBar(fraction, status, big = false) {
+  const pct = Math.round(Math.min(1, Math.max(0, fraction || 0)) * 100);
+  const cls = ["bar", big ? "big" : "", status === "succeeded" ? "done" : "", status === "failed" ? "failed" : ""];
+  return el("div", { class: cls.filter(Boolean).join(" "), title: `${pct} %` }, el("span", { style: `width:${pct}%` }));
+}
+
+function statusBadge(status) {
+  return el("span", { class: `status status-${status}` }, status);
+}
+
+function renderPager(kind, page) {
+  const node = document.querySelector(`[data-pager="${kind}"]`);
+  node.replaceChildren();
+  if (!page || page.total <= page.limit) return;
+  const first = page.offset + 1;
+  const last = Math.min(page.offset + page.items.length, page.total);
+  const prev = el("button", { type: "button", class: "ghost small", disabled: page.offset === 0 }, "‹ Prev");
+  const next = el("button", { type: "button", class: "ghost small", disabled: last >= page.total }, "Next ›");
+  prev.addEventListener("click", () => { state.offsets[kind] = Math.max(0, page.offset - page.limit); refresh(kind); });
+  next.addEventListener("click", () => { state.offsets[kind] = page.offset + page.limit; refresh(kind); });
+  node.append(prev, `${first}–${last} of ${page.total}`, next);
+}
+
+// ------------------------------------------------------------------ volumes
+
+function volumeLabel(volume) {
+  return `${volume.name} · ${volume.shape.join("×")} ${volume.dtype}${volume.kind === "labels" ? " · labels" : ""}`;
+}
+
+async function loadVolumes() {
+  const page = await api("listVolumes", { query: { limit: PAGE.volumes, offset: state.offsets.volumes } });
+  state.volumes = page.items;
+  document.getElementById("volumes-total").textContent = `(${page.total})`;
+  renderPager("volumes", page);
+  const grid = document.getElementById("volumes");
+  grid.replaceChildren();
+  if (!page.items.length) {
+    grid.append(el("p", { class: "empty" }, "No volumes yet: upload a TIFF above."));
+  }
+  for (const volume of page.items) grid.append(volumeTile(volume));
+  await loadVolumeChoices();
+}
+
+function volumeTile(volume) {
+  const preview = routeUrl("volumePreview", { volume_id: volume.id });
+  const remove = el("button", { type: "button", class: "danger small", title: "Delete this volume" }, "Delete");
+  remove.addEventListener("click", async () => {
+    if (!confirm(`Delete volume ${volume.name}?`)) return;
+    try {
+      await api("deleteVolume", { params: { volume_id: volume.id } });
+      toast(`Deleted ${volume.name}`, "ok");
+      await refresh("volumes");
+    } catch (error) {
+      toast(error.message);
+    }
+  });
+  const voxel = volume.voxel_size ? `voxel ${volume.voxel_size.map((v) => formatNumber(v, 3)).join("×")}` : "";
+  return el("div", { class: "tile", "data-volume-id": volume.id },
+    el("a", { href: preview, target: "_blank", rel: "noopener" },
+      el("img", { src: preview, alt: `preview of ${volume.name}`, loading: "lazy" })),
+    el("div", { class: "meta" },
+      el("span", { class: "name", title: volume.name }, volume.name),
+      el("span", {}, el("span", { class: `kind kind-${volume.kind}` }, volume.kind), " ",
+        `${volume.axes} ${volume.shape.join("×")}`),
+      el("span", { class: "muted" }, `${volume.dtype} · ${formatBytes(volume.size_bytes)}`),
+      voxel ? el("span", { class: "muted" }, voxel) : null,
+      el("span", { class: "muted mono", title: volume.id }, shortId(volume.id))),
+    el("div", { class: "actions" },
+      el("a", { href: routeUrl("volumeDownload", { volume_id: volume.id }), download: volume.name }, "Download"),
+      remove));
+}
+
+// All volumes (up to a few hundred) for the job forms' choices.
+async function loadVolumeChoices() {
+  const page = await api("listVolumes", { query: { limit: CHOICES_LIMIT, offset: 0 } });
+  state.allVolumes = page.items;
+  for (const select of document.querySelectorAll("select[data-kind]")) fillVolumeSelect(select);
+}
+
+function fillVolumeSelect(select) {
+  const keep = select.value;
+  const wanted = select.dataset.kind;
+  const optional = select.hasAttribute("data-optional");
+  const options = [];
+  options.push(el("option", { value: "" }, optional ? "— none —" : "— choose —"));
+  const preferred = state.allVolumes.filter((v) => v.kind === wanted);
+  const others = state.allVolumes.filter((v) => v.kind !== wanted);
+  for (const volume of preferred.concat(others)) {
+    options.push(el("option", { value: volume.id }, volumeLabel(volume)));
+  }
+  select.replaceChildren(...options);
+  if ([...select.options].some((option) => option.value === keep)) select.value = keep;
+}
+
+async function uploadVolume(event) {
+  event.preventDefault();
+  const formNode = event.target;
+  const data = new FormData(formNode);
+  const file = data.get("file");
+  if (!file || !file.size) {
+    toast("Choose a TIFF file first.");
+    return;
+  }
+  if (!String(data.get("voxel_size") || "").trim()) data.delete("voxel_size");
+  const button = formNode.querySelector("button[type=submit]");
+  const bar = document.getElementById("upload-progress");
+  button.disabled = true;
+  bar.hidden = false;
+  bar.value = 0;
+  try {
+    // XMLHttpRequest (not fetch) to show upload progress; the body streams from the file.
+    const body = await new Promise((resolve, reject) => {
+      const request = new XMLHttpRequest();
+      const [method] = ROUTES.uploadVolume.split(" ");
+      request.open(method, routeUrl("uploadVolume"));
+      request.setRequestHeader("Accept", "application/json");
+      request.upload.addEventListener("progress", (e) => { if (e.lengthComputable) bar.value = e.loaded / e.total; });
+      request.addEventListener("load", () => {
+        let parsed = null;
+        try { parsed = JSON.parse(request.responseText); } catch (_) { parsed = null; }
+        if (request.status >= 200 && request.status < 300) resolve(parsed);
+        else reject(new Error(errorText(parsed, request.status)));
+      });
+      request.addEventListener("error", () => reject(new Error("upload failed: the server could not be reached")));
+      request.send(data);
+    });
+    toast(`Uploaded ${body.name}: ${body.axes} ${body.shape.join("×")} ${body.dtype}`, "ok");
+    formNode.reset();
+    state.offsets.volumes = 0;
+    await refresh("volumes");
+  } catch (error) {
+    toast(error.message);
+  } finally {
+    button.disabled = false;
+    bar.hidden = true;
+  }
+}
+
+// ------------------------------------------------------------------ models
+
+async function loadModels() {
+  const page = await api("listModels", { query: { limit: PAGE.models, offset: state.offsets.models } });
+  document.getElementById("models-total").textContent = `(${page.total})`;
+  renderPager("models", page);
+  const body = document.getElementById("models");
+  body.replaceChildren();
+  if (!page.items.length) {
+    body.append(el("tr", {}, el("td", { colspan: 5, class: "empty" }, "No models yet: train one.")));
+  }
+  for (const model of page.items) body.append(modelRow(model));
+  const all = await api("listModels", { query: { limit: CHOICES_LIMIT, offset: 0 } });
+  state.models = all.items;
+  fillModelSelects();
+}
+
+function modelSummary(model) {
+  const metrics = model.metrics || {};
+  const parts = [];
+  const best = metrics.best_val_iou ?? metrics.val_iou;
+  if (typeof best === "number") parts.push(`val IoU ${formatNumber(best)}`);
+  const epochs = metrics.epochs_run ?? metrics.epochs ?? (Array.isArray(metrics.history) ? metrics.history.length : null);
+  if (typeof epochs === "number") parts.push(`${epochs} epochs`);
+  return parts.join(" · ");
+}
+
+function modelRow(model) {
+  const remove = el("button", { type: "button", class: "danger small" }, "Delete");
+  remove.addEventListener("click", async () => {
+    if (!confirm(`Delete model ${model.name}?`)) return;
+    try {
+      await api("deleteModel", { params: { model_id: model.id } });
+      toast(`Deleted model ${model.name}`, "ok");
+      await refresh("models");
+    } catch (error) {
+      toast(error.message);
+    }
+  });
+  const use = el("button", { type: "button", class: "ghost small", title: "Use in a prediction job" }, "Predict");
+  use.addEventListener("click", () => {
+    selectTab("predict");
+    document.querySelector("#predict-form select[name=model_id]").value = model.id;
+  });
+  return el("tr", {},
+    el("td", {}, el("div", {}, model.name), el("div", { class: "muted mono", title: model.id }, shortId(model.id))),
+    el("td", {}, `${model.spatial_dims}D`),
+    el("td", { class: "muted" }, modelSummary(model),
+      model.source_job_id ? el("div", {}, el("a", { href: "#", onclick: (e) => { e.preventDefault(); selectJob(model.source_job_id); } },
+        `job ${shortId(model.source_job_id)}`)) : null),
+    el("td", { class: "muted" }, formatDate(model.created_at)),
+    el("td", {}, el("a", { href: routeUrl("modelDownload", { model_id: model.id }) }, "Download"), " ", use, " ", remove));
+}
+
+function fillModelSelects() {
+  for (const select of document.querySelectorAll("select[data-options=models]")) {
+    const keep = select.value;
+    const options = [el("option", { value: "" }, state.models.length ? "— choose —" : "— no model yet —")];
+    for (const model of state.models) {
+      options.push(el("option", { value: model.id }, `${model.name} (${model.spatial_dims}D, ${shortId(model.id)})`));
+    }
+    select.replaceChildren(...options);
+    if ([...select.options].some((option) => option.value === keep)) select.value = keep;
+  }
+}
+
+// ------------------------------------------------------------------ jobs
+
+async function loadJobs() {
+  const status = document.getElementById("jobs-status").value;
+  const page = await api("listJobs", { query: { limit: PAGE.jobs, offset: state.offsets.jobs, status } });
+  state.jobs = page.items;
+  document.getElementById("jobs-total").textContent = `(${page.total})`;
+  renderPager("jobs", page);
+  const body = document.getElementById("jobs");
+  body.replaceChildren();
+  if (!page.items.length) {
+    body.append(el("tr", {}, el("td", { colspan: 5, class: "empty" }, status ? `No ${status} jobs.` : "No jobs yet.")));
+  }
+  let finishedNow = false;
+  for (const job of page.items) {
+    const before = state.jobStatus[job.id];
+    if (before && !TERMINAL.has(before) && TERMINAL.has(job.status)) finishedNow = true;
+    state.jobStatus[job.id] = job.status;
+    const row = el("tr", { class: job.id === state.selectedJob ? "selected" : null, "data-job-id": job.id },
+      el("td", { class: "mono", title: job.id }, shortId(job.id)),
+      el("td", {}, job.kind),
+      el("td", {}, statusBadge(job.status)),
+      el("td", {}, progressBar(job.progress, job.status)),
+      el("td", { class: "muted" }, formatDate(job.created_at)));
+    row.addEventListener("click", () => selectJob(job.id));
+    body.append(row);
+  }
+  if (finishedNow) {
+    // A job just produced label volumes or a model: show them.
+    await Promise.all([loadVolumes(), loadModels()]);
+  }
+}
+
+function selectJob(jobId) {
+  state.selectedJob = jobId;
+  for (const row of document.querySelectorAll("#jobs tr[data-job-id]")) {
+    row.classList.toggle("selected", row.dataset.jobId === jobId);
+  }
+  loadJobDetail().catch((error) => toast(error.message));
+}
+
+async function loadJobDetail() {
+  const node = document.getElementById("job-detail");
+  if (!state.selectedJob) {
+    node.hidden = true;
+    return;
+  }
+  let job;
+  try {
+    job = await api("getJob", { params: { job_id: state.selectedJob } });
+  } catch (error) {
+    node.hidden = false;
+    node.replaceChildren(el("p", { class: "error" }, error.message));
+    return;
+  }
+  node.hidden = false;
+  node.replaceChildren(...jobDetail(job));
+}
+
+function jobDetail(job) {
+  const parts = [];
+  const close = el("button", { type: "button", class: "ghost small" }, "Close");
+  close.addEventListener("click", () => { state.selectedJob = null; loadJobDetail(); loadJobs(); });
+  const cancel = TERMINAL.has(job.status) ? null
+    : el("button", { type: "button", class: "danger small", disabled: job.cancel_requested }, job.cancel_requested ? "Cancelling…" : "Cancel");
+  if (cancel) {
+    cancel.addEventListener("click", async () => {
+      cancel.disabled = true;
+      try {
+        await api("cancelJob", { params: { job_id: job.id } });
+        toast(`Cancel requested for job ${shortId(job.id)}`, "ok");
+      } catch (error) {
+        toast(error.message);
+      }
+      await Promise.all([loadJobs(), loadJobDetail()]);
+    });
+  }
+  parts.push(el("div", { class: "detail-head" },
+    el("h2", {}, `${job.kind} job `, el("span", { class: "mono muted" }, shortId(job.id))),
+    statusBadge(job.status),
+    el("span", { class: "grow" }), cancel, close));
+
+  parts.push(el("div", { style: "margin-top:10px" }, progressBar(job.progress, job.status, true)));
+  const pct = `${Math.round((job.progress || 0) * 100)} %`;
+  const eta = !TERMINAL.has(job.status) && job.eta_s !== null && job.eta_s !== undefined ? formatDuration(job.eta_s) : "";
+  const facts = [
+    ["Stage", job.stage || "—"],
+    ["Progress", eta ? `${pct} · ETA ${eta}` : pct],
+    ["Worker", job.worker || "—"],
+    ["Created", formatDate(job.created_at)],
+  ];
+  if (job.started_at) facts.push(["Started", formatDate(job.started_at)]);
+  if (job.finished_at) facts.push(["Finished", formatDate(job.finished_at)]);
+  if (job.started_at) {
+    const end = job.finished_at ? new Date(job.finished_at) : new Date();
+    facts.push(["Run time", formatDuration((end - new Date(job.started_at)) / 1000)]);
+  }
+  if (job.attempts > 1) facts.push(["Attempts", String(job.attempts)]);
+  parts.push(el("dl", { class: "facts" }, facts.map(([key, value]) => [el("dt", {}, key), el("dd", {}, value)])));
+
+  if (job.error) {
+    parts.push(el("h3", {}, "Error"), el("div", { class: "error" }, job.error));
+  }
+  const history = trainingHistory(job.metrics);
+  if (history.length) {
+    parts.push(el("h3", {}, "Training"), lossChart(history));
+    const last = history[history.length - 1];
+    const summary = [`epoch ${last.epoch}`];
+    if (Number.isFinite(last.loss)) summary.push(`loss ${formatNumber(last.loss, 4)}`);
+    if (Number.isFinite(last.val_loss)) summary.push(`val loss ${formatNumber(last.val_loss, 4)}`);
+    if (Number.isFinite(last.val_iou)) summary.push(`val IoU ${formatNumber(last.val_iou, 3)}`);
+    parts.push(el("div", { class: "muted" }, summary.join(" · ")));
+  }
+  const ap = apTable(job.metrics);
+  if (ap) parts.push(el("h3", {}, "Average precision"), ap);
+  const links = resultLinks(job.result);
+  if (links.length) parts.push(el("h3", {}, "Results"), el("div", { class: "links" }, links));
+  parts.push(el("details", {}, el("summary", { class: "muted" }, "Job parameters"),
+    el("pre", { class: "spec" }, JSON.stringify(job.spec, null, 2))));
+  return parts;
+}
+
+// Per-epoch records [{epoch, loss, val_loss, val_iou}] from a job's metrics.
+function trainingHistory(metrics) {
+  if (!metrics) return [];
+  const rows = metrics.history || metrics.epochs;
+  if (!Array.isArray(rows)) return [];
+  return rows.map((row, index) => ({
+    epoch: Number.isFinite(row.epoch) ? row.epoch : index + 1,
+    loss: row.train_loss ?? row.loss,
+    val_loss: row.val_loss,
+    val_iou: row.val_iou,
+  })).filter((row) => Number.isFinite(row.loss) || Number.isFinite(row.val_iou));
+}
+
+function lossChart(history) {
+  const width = 560;
+  const height = 200;
+  const pad = { left: 46, right: 42, top: 10, bottom: 26 };
+  const plotW = width - pad.left - pad.right;
+  const plotH = height - pad.top - pad.bottom;
+  const epochs = history.map((row) => row.epoch);
+  const e0 = Math.min(...epochs);
+  const e1 = Math.max(...epochs);
+  const losses = history.flatMap((row) => [row.loss, row.val_loss]).filter(Number.isFinite);
+  const lossMax = losses.length ? Math.max(...losses) : 1;
+  const lossMin = losses.length ? Math.min(0, Math.min(...losses)) : 0;
+  const lossSpan = lossMax - lossMin || 1;
+  const x = (epoch) => pad.left + (e1 === e0 ? plotW / 2 : ((epoch - e0) / (e1 - e0)) * plotW);
+  const yLoss = (value) => pad.top + plotH - ((value - lossMin) / lossSpan) * plotH;
+  const yIou = (value) => pad.top + plotH - Math.min(1, Math.max(0, value)) * plotH;
+
+  const chart = svg("svg", { class: "chart", viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": "loss and validation IoU per epoch" });
+  for (let i = 0; i <= 4; i += 1) {
+    const y = pad.top + (plotH * i) / 4;
+    chart.append(svg("line", { class: "grid", x1: pad.left, x2: pad.left + plotW, y1: y, y2: y }));
+    chart.append(svg("text", { x: pad.left - 6, y: y + 3, "text-anchor": "end" }, formatNumber(lossMax - (lossSpan * i) / 4, 3)));
+    chart.append(svg("text", { x: pad.left + plotW + 6, y: y + 3 }, formatNumber(1 - i / 4, 2)));
+  }
+  chart.append(svg("line", { class: "axis", x1: pad.left, x2: pad.left + plotW, y1: pad.top + plotH, y2: pad.top + plotH }));
+  chart.append(svg("line", { class: "axis", x1: pad.left, x2: pad.left, y1: pad.top, y2: pad.top + plotH }));
+  chart.append(svg("line", { class: "axis", x1: pad.left + plotW, x2: pad.left + plotW, y1: pad.top, y2: pad.top + plotH }));
+  const ticks = Math.min(6, e1 - e0 + 1);
+  for (let i = 0; i < ticks; i += 1) {
+    const epoch = ticks === 1 ? e0 : Math.round(e0 + ((e1 - e0) * i) / (ticks - 1));
+    chart.append(svg("text", { x: x(epoch), y: height - 8, "text-anchor": "middle" }, String(epoch)));
+  }
+  chart.append(svg("text", { x: pad.left + plotW / 2, y: height - 0.5, "text-anchor": "middle" }, "epoch"));
+
+  const line = (key, y, cls) => {
+    const points = history.filter((row) => Number.isFinite(row[key])).map((row) => `${x(row.epoch).toFixed(1)},${y(row[key]).toFixed(1)}`);
+    if (!points.length) return false;
+    if (points.length === 1) {
+      const [px, py] = points[0].split(",");
+      chart.append(svg("circle", { cx: px, cy: py, r: 3, class: cls }));
+    } else {
+      chart.append(svg("polyline", { class: cls, points: points.join(" ") }));
+    }
+    return true;
+  };
+  const hasLoss = line("loss", yLoss, "loss");
+  const hasValLoss = line("val_loss", yLoss, "val-loss");
+  const hasIou = line("val_iou", yIou, "iou");
+
+  const legend = el("div", { class: "legend" },
+    hasLoss ? el("span", {}, el("i", { style: "background:var(--loss)" }), "train loss (left)") : null,
+    hasValLoss ? el("span", {}, el("i", { style: "background:repeating-linear-gradient(90deg,var(--loss) 0 4px,transparent 4px 7px)" }), "val loss (left)") : null,
+    hasIou ? el("span", {}, el("i", { style: "background:var(--iou)" }), "val IoU (right, 0–1)") : null);
+  return el("div", {}, chart, legend);
+}
+
+// AP table from a prediction/evaluation job's metrics: rows per volume and the overall row.
+function apTable(metrics) {
+  if (!metrics) return null;
+  const perVolume = Array.isArray(metrics.per_volume) ? metrics.per_volume : [];
+  const overall = metrics.overall || null;
+  if (!perVolume.length && !overall) return null;
+  const thresholds = metrics.thresholds || (overall && overall.thresholds) || [];
+  const head = el("tr", {}, el("th", {}, "volume"), thresholds.map((t) => el("th", {}, `AP@${formatNumber(t, 2)}`)));
+  const rows = [];
+  const cells = (ap) => thresholds.map((_, i) => el("td", {}, formatNumber((ap || [])[i], 3)));
+  for (const item of perVolume) {
+    const name = item.name || shortId(item.volume_id || item.gt_id || "");
+    rows.push(el("tr", {}, el("td", {}, name), cells(item.ap)));
+  }
+  if (overall) rows.push(el("tr", { class: "total" }, el("td", {}, "overall"), cells(overall.ap)));
+  return el("table", { class: "ap" }, el("thead", {}, head), el("tbody", {}, rows));
+}
+
+// Links to what a job produced: label volumes (preview, download) and the trained model.
+function resultLinks(result) {
+  if (!result) return [];
+  const links = [];
+  const asList = (value) => (Array.isArray(value) ? value : value ? [value] : []);
+  for (const modelId of asList(result.model_id)) {
+    links.push(el("span", {}, "model ", el("span", { class: "mono" }, shortId(modelId)), " · ",
+      el("a", { href: routeUrl("modelDownload", { model_id: modelId }) }, "download checkpoint")));
+  }
+  for (const volumeId of asList(result.label_ids)) {
+    const volume = state.allVolumes.find((v) => v.id === volumeId);
+    links.push(el("span", {}, "labels ", el("span", { class: "mono", title: volumeId }, volume ? volume.name : shortId(volumeId)), " · ",
+      el("a", { href: routeUrl("volumePreview", { volume_id: volumeId }), target: "_blank", rel: "noopener" }, "preview"), " · ",
+      el("a", { href: routeUrl("volumeDownload", { volume_id: volumeId }) }, "download labels")));
+  }
+  return links;
+}
+
+// ------------------------------------------------------------------ job forms
+
+function selectTab(name) {
+  for (const tab of document.querySelectorAll("[data-tab]")) tab.setAttribute("aria-selected", String(tab.dataset.tab === name));
+  for (const panel of document.querySelectorAll("[data-panel]")) panel.hidden = panel.dataset.panel !== name;
+}
+
+function addPair(container) {
+  const left = el("select", { "data-kind": container.dataset.left, "data-side": "left" });
+  const rightAttrs = { "data-kind": container.dataset.right, "data-side": "right" };
+  if (container.hasAttribute("data-optional-right")) rightAttrs["data-optional"] = true;
+  const right = el("select", rightAttrs);
+  fillVolumeSelect(left);
+  fillVolumeSelect(right);
+  const remove = el("button", { type: "button", class: "ghost small", title: "Remove this row" }, "✕");
+  const row = el("div", { class: "pair" }, left, el("span", { class: "arrow" }, "→"), right, remove);
+  remove.addEventListener("click", () => {
+    if (container.children.length > 1) row.remove();
+  });
+  container.append(row);
+}
+
+function pairs(name) {
+  return [...document.querySelectorAll(`[data-pairs="${name}"] .pair`)].map((row) => [
+    row.querySelector("[data-side=left]").value,
+    row.querySelector("[data-side=right]").value,
+  ]).filter(([left, right]) => left || right);
+}
+
+function numbers(text) {
+  return String(text).split(",").map((part) => part.trim()).filter(Boolean).map(Number);
+}
+
+function optionalNumber(form, name) {
+  const value = form.get(name);
+  return value === null || String(value).trim() === "" ? undefined : Number(value);
+}
+
+function trainBody(form) {
+  const chosen = pairs("train");
+  const crop = String(form.get("crop_size") || "auto").trim();
+  const voxel = String(form.get("voxel_size") || "").trim();
+  const body = {
+    image_ids: chosen.map(([image]) => image),
+    mask_ids: chosen.map(([, mask]) => mask),
+    dims: Number(form.get("dims")),
+    epochs: Number(form.get("epochs")),
+    max_time_minutes: optionalNumber(form, "max_time_minutes"),
+    batch_size: optionalNumber(form, "batch_size"),
+    crop_size: crop === "auto" ? "auto" : Number(crop),
+    lr: Number(form.get("lr")),
+    center: form.get("center"),
+    val_fraction: optionalNumber(form, "val_fraction"),
+    voxel_size: voxel ? numbers(voxel) : undefined,
+    seed: Number(form.get("seed") || 0),
+    name: String(form.get("name") || "").trim() || undefined,
+  };
+  return body;
+}
+
+function predictBody(form) {
+  const chosen = pairs("predict");
+  const tile = String(form.get("tile") || "auto").trim();
+  const gt = chosen.map(([, mask]) => mask);
+  return {
+    model_id: form.get("model_id"),
+    volume_ids: chosen.map(([volume]) => volume),
+    tta: form.get("tta") === "on",
+    tile: tile === "auto" ? "auto" : numbers(tile),
+    gt_ids: gt.some(Boolean) ? gt : undefined,
+  };
+}
+
+function evaluateBody(form) {
+  return {
+    pairs: pairs("evaluate").map(([gt, pred]) => ({ gt_id: gt, pred_id: pred })),
+    thresholds: numbers(form.get("thresholds")),
+  };
+}
+
+const JOB_FORMS = {
+  train: { route: "startTrain", body: trainBody },
+  predict: { route: "startPredict", body: predictBody },
+  evaluate: { route: "startEvaluate", body: evaluateBody },
+};
+
+async function submitJob(event, kind) {
+  event.preventDefault();
+  const form = new FormData(event.target);
+  const button = event.target.querySelector("button[type=submit]");
+  button.disabled = true;
+  try {
+    const job = await api(JOB_FORMS[kind].route, { json: JOB_FORMS[kind].body(form) });
+    toast(`Started ${kind} job ${shortId(job.id)}`, "ok");
+    state.offsets.jobs = 0;
+    document.getElementById("jobs-status").value = "";
+    state.selectedJob = job.id;
+    await Promise.all([loadJobs(), loadJobDetail()]);
+  } catch (error) {
+    toast(error.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ------------------------------------------------------------------ refresh and polling
+
+async function loadHealth() {
+  const pill = document.getElementById("health");
+  try {
+    await api("health");
+    pill.textContent = "online";
+    pill.className = "pill pill-ok";
+  } catch (error) {
+    pill.textContent = "unreachable";
+    pill.className = "pill pill-bad";
+    pill.title = error.message;
+  }
+}
+
+const LOADERS = { volumes: loadVolumes, models: loadModels, jobs: loadJobs };
+
+async function refresh(kind) {
+  try {
+    await LOADERS[kind]();
+  } catch (error) {
+    toast(error.message);
+  }
+}
+
+let pollBusy = false;
+async function poll() {
+  if (pollBusy || document.hidden) return;
+  pollBusy = true;
+  try {
+    await Promise.all([loadJobs(), loadJobDetail()]);
+  } catch (error) {
+    await loadHealth();
+  } finally {
+    pollBusy = false;
+  }
+}
+
+function init() {
+  document.getElementById("upload-form").addEventListener("submit", uploadVolume);
+  for (const button of document.querySelectorAll("[data-refresh]")) {
+    button.addEventListener("click", () => refresh(button.dataset.refresh));
+  }
+  document.getElementById("jobs-status").addEventListener("change", () => { state.offsets.jobs = 0; refresh("jobs"); });
+  for (const tab of document.querySelectorAll("[data-tab]")) tab.addEventListener("click", () => selectTab(tab.dataset.tab));
+  for (const container of document.querySelectorAll("[data-pairs]")) addPair(container);
+  for (const button of document.querySelectorAll("[data-add-pair]")) {
+    button.addEventListener("click", () => addPair(document.querySelector(`[data-pairs="${button.dataset.addPair}"]`)));
+  }
+  for (const kind of Object.keys(JOB_FORMS)) {
+    document.getElementById(`${kind}-form`).addEventListener("submit", (event) => submitJob(event, kind));
+  }
+  loadHealth();
+  Promise.all([refresh("volumes"), refresh("models"), refresh("jobs")]);
+  state.polling = setInterval(poll, POLL_MS);
+  document.addEventListener("visibilitychange", () => { if (!document.hidden) poll(); });
+}
+
+document.addEventListener("DOMContentLoaded", init);
