@@ -1,0 +1,238 @@
+"""Upload throughput and memory of the API: a 1 GiB TIFF over loopback to a real server.
+
+Starts ``embedseg serve`` (the embedded default: SQLite, local storage, local worker) on a
+free loopback port with a temporary data directory, writes a 1 GiB uint16 TIFF to disk and
+uploads it with httpx, which streams the multipart body from the file. For every repeat it
+prints the throughput (MB/s, 10^6 bytes) and the extra peak resident memory of the API
+process (VmHWM from /proc, reset before each upload through /proc/<pid>/clear_refs),
+then the medians against the targets (>= 300 MB/s, < 64 MiB).
+
+    python benchmarks/bench_upload.py [--size-mib 1024] [--repeats 3]
+
+Linux only (reads /proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import tifffile
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_MB_S = 300.0
+TARGET_EXTRA_MIB = 64.0
+
+
+# ------------------------------------------------------------------ server process
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve_command(port: int, server: str) -> list[str]:
+    if server == "uvicorn":  # the API alone, without the embedded worker
+        return [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1",
+                "--port", str(port), "--no-access-log"]
+    script = Path(sys.executable).parent / "embedseg"
+    head = [str(script)] if script.exists() else [sys.executable, "-m", "core.cli"]
+    return head + ["serve", "--host", "127.0.0.1", "--port", str(port)]
+
+
+@contextmanager
+def running_server(data_dir: Path, env: dict[str, str] | None = None, timeout_s: float = 120.0,
+                   server: str = "serve"):
+    """Run ``embedseg serve`` (or ``uvicorn`` on the app factory) on a free loopback port with
+    ``data_dir``; yield (base URL, process).
+
+    The checkout's own packages come first on PYTHONPATH, so the benchmark measures this tree.
+    """
+    port = free_port()
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("EMBEDSEG_")}
+    environ.update(env or {})
+    environ["EMBEDSEG_DATA_DIR"] = str(data_dir)
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
+    log = open(data_dir / "server.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(_serve_command(port, server), cwd=data_dir, env=environ, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if process.poll() is not None:
+                log.flush()
+                raise RuntimeError(f"server exited with {process.returncode}:\n"
+                                   + (data_dir / "server.log").read_text(errors="replace")[-4000:])
+            try:
+                if httpx.get(f"{base}/api/v1/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not answer /api/v1/health within {timeout_s:.0f} s")
+            time.sleep(0.2)
+        yield base, process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log.close()
+
+
+def _socket_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                inodes.add(inode)
+    return inodes
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        stack.extend(children.get(current, []))
+    return found
+
+
+def listening_pid(root_pid: int, port: int) -> int:
+    """The process (``root_pid`` or one of its descendants) whose socket listens on ``port``."""
+    wanted = {f"socket:[{inode}]" for inode in _socket_inodes(port)}
+    for pid in _descendants(root_pid):
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    if os.readlink(fd) in wanted:
+                        return pid
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    raise RuntimeError(f"no process under {root_pid} listens on port {port}")
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of ``pid`` in KiB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    return values
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset the process's peak RSS to its current RSS (Linux >= 4.0); False if not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------ data
+
+
+def write_big_tiff(path: Path, size_mib: int) -> int:
+    """A uint16 (Z, 1024, 1024) TIFF of about ``size_mib`` MiB, written slice by slice; returns its size."""
+    planes = max(1, size_mib // 2)
+    volume = tifffile.memmap(path, shape=(planes, 1024, 1024), dtype=np.uint16, metadata={"axes": "ZYX"})
+    yy, xx = np.mgrid[0:1024, 0:1024].astype(np.uint32)
+    for z in range(planes):
+        volume[z] = ((xx * 7 + yy * 13 + z * 101) % 4096).astype(np.uint16)
+    volume.flush()
+    del volume
+    return path.stat().st_size
+
+
+def upload(base: str, path: Path) -> tuple[float, dict]:
+    """POST the file as multipart field ``file``; returns (seconds, response JSON)."""
+    with httpx.Client(timeout=httpx.Timeout(600.0)) as client, path.open("rb") as handle:
+        start = time.perf_counter()
+        response = client.post(f"{base}/api/v1/volumes", files={"file": (path.name, handle, "image/tiff")})
+        seconds = time.perf_counter() - start
+    if response.status_code != 201:
+        raise RuntimeError(f"upload answered {response.status_code}: {response.text[:500]}")
+    return seconds, response.json()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=1024, help="size of the TIFF (default 1024 = 1 GiB)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tmp", type=Path, default=None, help="folder for the TIFF and the server's data")
+    parser.add_argument("--server", choices=("serve", "uvicorn"), default="serve",
+                        help="`embedseg serve` (embedded default, default) or uvicorn on the app factory alone")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="embedseg-bench-upload-", dir=args.tmp) as tmp:
+        tmp_path = Path(tmp)
+        tiff = tmp_path / "big.tif"
+        start = time.perf_counter()
+        size = write_big_tiff(tiff, args.size_mib)
+        print(f"wrote {tiff.name}: {size / 2**20:.0f} MiB in {time.perf_counter() - start:.1f} s")
+        data_dir = tmp_path / "data"
+        data_dir.mkdir()
+        limit = {"EMBEDSEG_MAX_UPLOAD_BYTES": str(2 * size + 2**20)}
+        with running_server(data_dir, env=limit, server=args.server) as (base, process):
+            pid = listening_pid(process.pid, int(base.rsplit(":", 1)[1]))
+            print(f"server {base} (API process {pid}); repeats {args.repeats}")
+            rates, extras = [], []
+            for repeat in range(args.repeats):
+                can_reset = reset_peak(pid)
+                before = memory_kib(pid)
+                baseline = before["VmRSS"] if can_reset else before["VmHWM"]
+                seconds, body = upload(base, tiff)
+                after = memory_kib(pid)
+                rate = size / seconds / 1e6
+                extra_mib = max(0, after["VmHWM"] - baseline) / 1024
+                rates.append(rate)
+                extras.append(extra_mib)
+                print(f"  upload {repeat + 1}: {seconds:6.2f} s  {rate:7.1f} MB/s  "
+                      f"extra peak RSS {extra_mib:6.1f} MiB  (RSS {before['VmRSS'] / 1024:.0f} -> "
+                      f"{after['VmRSS'] / 1024:.0f} MiB; shape {body['shape']})")
+                httpx.delete(f"{base}/api/v1/volumes/{body['id']}", timeout=60).raise_for_status()
+            rate, extra = statistics.median(rates), statistics.median(extras)
+            verdict = "met" if rate >= TARGET_MB_S else "MISSED"
+            print(f"median: {rate:.1f} MB/s (target >= {TARGET_MB_S:.0f}: {verdict}), "
+                  f"extra peak RSS {extra:.1f} MiB (target < {TARGET_EXTRA_MIB:.0f}: "
+                  f"{'met' if extra < TARGET_EXTRA_MIB else 'MISSED'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
