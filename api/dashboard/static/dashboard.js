@@ -1,4 +1,4 @@
-// EmbedSeg dashboard: volumes, models and jobs of the service, from its /api/v1 routes only.
+// EmbedSeg dashboard: volumes, models and jobs, through the service's REST routes only.
 "use strict";
 
 // Every route the page calls, as "METHOD path" (checked against the OpenAPI schema by the tests).
@@ -320,11 +320,11 @@ async function loadModels() {
 
 function modelSummary(model) {
   const metrics = model.metrics || {};
+  const best = metrics.best || {};
   const parts = [];
-  const best = metrics.best_val_iou ?? metrics.val_iou;
-  if (typeof best === "number") parts.push(`val IoU ${formatNumber(best)}`);
-  const epochs = metrics.epochs_run ?? metrics.epochs ?? (Array.isArray(metrics.history) ? metrics.history.length : null);
-  if (typeof epochs === "number") parts.push(`${epochs} epochs`);
+  if (Number.isFinite(best.val_iou)) parts.push(`val IoU ${formatNumber(best.val_iou)}`);
+  if (Number.isFinite(best.val_ap)) parts.push(`val AP ${formatNumber(best.val_ap)}`);
+  if (Number.isFinite(metrics.epochs_completed)) parts.push(`${metrics.epochs_completed} epochs`);
   return parts.join(" · ");
 }
 
@@ -474,15 +474,17 @@ function jobDetail(job) {
   if (history.length) {
     parts.push(el("h3", {}, "Training"), lossChart(history));
     const last = history[history.length - 1];
-    const summary = [`epoch ${last.epoch}`];
+    const total = job.metrics.epochs_total;
+    const summary = [Number.isFinite(total) ? `epoch ${last.epoch}/${total}` : `epoch ${last.epoch}`];
     if (Number.isFinite(last.loss)) summary.push(`loss ${formatNumber(last.loss, 4)}`);
     if (Number.isFinite(last.val_loss)) summary.push(`val loss ${formatNumber(last.val_loss, 4)}`);
     if (Number.isFinite(last.val_iou)) summary.push(`val IoU ${formatNumber(last.val_iou, 3)}`);
+    if (Number.isFinite(job.metrics.best_epoch)) summary.push(`best epoch ${job.metrics.best_epoch}`);
     parts.push(el("div", { class: "muted" }, summary.join(" · ")));
   }
   const ap = apTable(job.metrics);
   if (ap) parts.push(el("h3", {}, "Average precision"), ap);
-  const links = resultLinks(job.result);
+  const links = resultLinks(job);
   if (links.length) parts.push(el("h3", {}, "Results"), el("div", { class: "links" }, links));
   parts.push(el("details", {}, el("summary", { class: "muted" }, "Job parameters"),
     el("pre", { class: "spec" }, JSON.stringify(job.spec, null, 2))));
@@ -492,11 +494,11 @@ function jobDetail(job) {
 // Per-epoch records [{epoch, loss, val_loss, val_iou}] from a job's metrics.
 function trainingHistory(metrics) {
   if (!metrics) return [];
-  const rows = metrics.history || metrics.epochs;
+  const rows = metrics.epochs;
   if (!Array.isArray(rows)) return [];
   return rows.map((row, index) => ({
     epoch: Number.isFinite(row.epoch) ? row.epoch : index + 1,
-    loss: row.train_loss ?? row.loss,
+    loss: row.loss,
     val_loss: row.val_loss,
     val_iou: row.val_iou,
   })).filter((row) => Number.isFinite(row.loss) || Number.isFinite(row.val_iou));
@@ -558,38 +560,46 @@ function lossChart(history) {
   return el("div", {}, chart, legend);
 }
 
-// AP table from a prediction/evaluation job's metrics: rows per volume and the overall row.
-function apTable(metrics) {
-  if (!metrics) return null;
-  const perVolume = Array.isArray(metrics.per_volume) ? metrics.per_volume : [];
-  const overall = metrics.overall || null;
-  if (!perVolume.length && !overall) return null;
-  const thresholds = metrics.thresholds || (overall && overall.thresholds) || [];
-  const head = el("tr", {}, el("th", {}, "volume"), thresholds.map((t) => el("th", {}, `AP@${formatNumber(t, 2)}`)));
-  const rows = [];
-  const cells = (ap) => thresholds.map((_, i) => el("td", {}, formatNumber((ap || [])[i], 3)));
-  for (const item of perVolume) {
-    const name = item.name || shortId(item.volume_id || item.gt_id || "");
-    rows.push(el("tr", {}, el("td", {}, name), cells(item.ap)));
-  }
-  if (overall) rows.push(el("tr", { class: "total" }, el("td", {}, "overall"), cells(overall.ap)));
-  return el("table", { class: "ap" }, el("thead", {}, head), el("tbody", {}, rows));
+function volumeName(volumeId) {
+  const volume = state.allVolumes.find((v) => v.id === volumeId);
+  return volume ? volume.name : shortId(volumeId);
 }
 
-// Links to what a job produced: label volumes (preview, download) and the trained model.
-function resultLinks(result) {
+// AP table of a prediction/evaluation job. metrics.ap = {thresholds, ap (mean over volumes)};
+// metrics.volumes (predict) or metrics.pairs (evaluate) = [{volume_id | pred_id, n_gt, n_pred, ap}].
+function apTable(metrics) {
+  const summary = metrics && metrics.ap;
+  if (!summary || !Array.isArray(summary.thresholds) || !Array.isArray(summary.ap)) return null;
+  const thresholds = summary.thresholds;
+  const head = el("tr", {}, el("th", {}, "volume"), el("th", {}, "GT"), el("th", {}, "pred"),
+    thresholds.map((t) => el("th", {}, formatNumber(t, 2))));
+  const cells = (ap) => thresholds.map((_, i) => el("td", {}, formatNumber((ap || [])[i], 3)));
+  const items = (metrics.volumes || metrics.pairs || []).filter((item) => Array.isArray(item.ap));
+  const rows = items.map((item) => {
+    const volumeId = item.volume_id || item.pred_id;
+    return el("tr", {}, el("td", { title: volumeId }, volumeName(volumeId)), el("td", {}, formatNumber(item.n_gt)),
+      el("td", {}, formatNumber(item.n_pred)), cells(item.ap));
+  });
+  rows.push(el("tr", { class: "total" }, el("td", {}, items.length > 1 ? "mean" : "overall"),
+    el("td", {}, ""), el("td", {}, ""), cells(summary.ap)));
+  return el("div", { class: "scroll-x" },
+    el("table", { class: "ap" }, el("caption", {}, "AP at IoU threshold"), el("thead", {}, head), el("tbody", {}, rows)));
+}
+
+// Links to what a job produced or used: label volumes (preview, download) and the model.
+function resultLinks(job) {
+  const result = job.result;
   if (!result) return [];
   const links = [];
-  const asList = (value) => (Array.isArray(value) ? value : value ? [value] : []);
-  for (const modelId of asList(result.model_id)) {
-    links.push(el("span", {}, "model ", el("span", { class: "mono" }, shortId(modelId)), " · ",
-      el("a", { href: routeUrl("modelDownload", { model_id: modelId }) }, "download checkpoint")));
+  if (result.model_id) {
+    links.push(el("span", {}, job.kind === "train" ? "trained model " : "model ",
+      el("span", { class: "mono", title: result.model_id }, shortId(result.model_id)), " · ",
+      el("a", { href: routeUrl("modelDownload", { model_id: result.model_id }) }, "download checkpoint")));
   }
-  for (const volumeId of asList(result.label_ids)) {
-    const volume = state.allVolumes.find((v) => v.id === volumeId);
-    links.push(el("span", {}, "labels ", el("span", { class: "mono", title: volumeId }, volume ? volume.name : shortId(volumeId)), " · ",
-      el("a", { href: routeUrl("volumePreview", { volume_id: volumeId }), target: "_blank", rel: "noopener" }, "preview"), " · ",
-      el("a", { href: routeUrl("volumeDownload", { volume_id: volumeId }) }, "download labels")));
+  for (const volumeId of result.label_volume_ids || []) {
+    links.push(el("span", {}, "labels ", el("span", { class: "mono", title: volumeId }, volumeName(volumeId)), " · ",
+      el("a", { href: routeUrl("volumePreview", { volume_id: volumeId }), target: "_blank", rel: "noopener" }, "preview"),
+      " · ", el("a", { href: routeUrl("volumeDownload", { volume_id: volumeId }) }, "download labels")));
   }
   return links;
 }

@@ -1,0 +1,153 @@
+"""The dashboard: served with the right content types, and calling only routes the app has."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.dashboard import DASHBOARD_PATH, static_dir
+from api.orm import VolumeKind
+from api.settings import Settings
+
+ROUTE = re.compile(r'"(GET|POST|PUT|PATCH|DELETE) (/api/v1[^"]*)"')
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from api.app import create_app
+
+    data = tmp_path_factory.mktemp("dashboard-data")
+    return create_app(Settings(data_dir=data, _env_file=None), migrate=False)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+class _Assets(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scripts: list[str] = []
+        self.styles: list[str] = []
+        self.links: list[str] = []
+        self.ids: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if "id" in values:
+            self.ids.append(values["id"] or "")
+        if tag == "script":
+            self.scripts.append(values.get("src") or "")
+        elif tag == "link" and values.get("rel") == "stylesheet":
+            self.styles.append(values.get("href") or "")
+        elif tag == "a" and values.get("href"):
+            self.links.append(values["href"] or "")
+
+
+def _page_assets(html: str) -> _Assets:
+    parser = _Assets()
+    parser.feed(html)
+    return parser
+
+
+def _template(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", "{}", path)
+
+
+def test_root_redirects_to_the_dashboard(client: TestClient) -> None:
+    response = client.get("/", follow_redirects=False)
+    assert response.status_code == 307
+    assert response.headers["location"] == DASHBOARD_PATH + "/"
+    response = client.get(DASHBOARD_PATH, follow_redirects=False)
+    assert response.status_code in (307, 308)
+    assert response.headers["location"].endswith(DASHBOARD_PATH + "/")
+
+
+def test_page_and_assets_are_served_with_their_content_types(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert "<title>EmbedSeg service</title>" in page.text
+    assets = _page_assets(page.text)
+    assert assets.scripts == ["dashboard.js"]
+    assert assets.styles == ["dashboard.css"]
+    script = client.get(f"{DASHBOARD_PATH}/{assets.scripts[0]}")
+    assert script.status_code == 200
+    assert script.headers["content-type"].split(";")[0] in {"text/javascript", "application/javascript"}
+    assert script.text == (static_dir() / "dashboard.js").read_text()
+    style = client.get(f"{DASHBOARD_PATH}/{assets.styles[0]}")
+    assert style.status_code == 200
+    assert style.headers["content-type"].split(";")[0] == "text/css"
+    assert client.get(f"{DASHBOARD_PATH}/missing.js").status_code == 404
+
+
+def test_dashboard_routes_stay_out_of_the_openapi_schema(app) -> None:
+    paths = app.openapi()["paths"]
+    assert "/" not in paths
+    assert not any(path.startswith(DASHBOARD_PATH) for path in paths)
+
+
+def test_page_loads_nothing_from_other_hosts() -> None:
+    html = (static_dir() / "index.html").read_text()
+    script = (static_dir() / "dashboard.js").read_text()
+    css = (static_dir() / "dashboard.css").read_text()
+    for text in (html, script, css):
+        assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", text)
+        assert "@import" not in text
+        assert not re.search(r"url\((?!data:)", text)
+    # The only absolute URL in the script is the SVG namespace, which is an identifier.
+    assert re.findall(r"https?://[^\"' ]+", script) == ["http://www.w3.org/2000/svg"]
+
+
+def test_script_calls_only_routes_of_the_app(app) -> None:
+    schema = app.openapi()["paths"]
+    operations = {(method.upper(), _template(path)) for path, item in schema.items() for method in item}
+    script = (static_dir() / "dashboard.js").read_text()
+    used = ROUTE.findall(script)
+    assert len(used) >= 15
+    for method, path in used:
+        assert (method, _template(path)) in operations, f"{method} {path} is not a route of the app"
+    # Every /api/v1 path in the script appears in the ROUTES table.
+    assert len(re.findall(r"/api/v1", script)) == len(used)
+
+
+def test_script_sends_the_job_options_the_schemas_accept() -> None:
+    from api.schemas import EvalPair, EvaluateSpec, PredictSpec, TrainSpec
+
+    script = (static_dir() / "dashboard.js").read_text()
+
+    def keys(function: str) -> set[str]:
+        body = re.search(rf"function {function}\(form\) \{{(.*?)\n\}}", script, re.S).group(1)
+        return set(re.findall(r"^\s+(\w+):", body, re.M))
+
+    assert keys("trainBody") == set(TrainSpec.model_fields) - {"val_image_ids", "val_mask_ids"}
+    assert keys("predictBody") == set(PredictSpec.model_fields)
+    assert keys("evaluateBody") == set(EvaluateSpec.model_fields)
+    assert {"gt_id", "pred_id"} == set(EvalPair.model_fields)
+    assert "{ gt_id: gt, pred_id: pred }" in script
+
+
+def test_upload_form_sends_the_fields_the_volume_route_reads() -> None:
+    from api.routes.volumes import FORM_FIELDS
+
+    html = (static_dir() / "index.html").read_text()
+    form = re.search(r'<form id="upload-form".*?</form>', html, re.S).group(0)
+    names = set(re.findall(r'name="(\w+)"', form))
+    assert names == {"file", "kind", "voxel_size"}
+    assert names - {"file"} <= set(FORM_FIELDS)
+    kinds = set(re.findall(r'<option value="(\w+)"', form))
+    assert kinds == {kind.value for kind in VolumeKind}
+
+
+def test_links_and_ids_of_the_page_exist(app) -> None:
+    html = (static_dir() / "index.html").read_text()
+    assets = _page_assets(html)
+    assert assets.links == [app.docs_url]
+    script = (static_dir() / "dashboard.js").read_text()
+    for element_id in set(re.findall(r'getElementById\("([\w-]+)"\)', script)):
+        assert element_id in assets.ids, f"dashboard.js looks up #{element_id}, which index.html lacks"

@@ -1,0 +1,252 @@
+"""The deployment files (docker-compose.yml, docker/*, .dockerignore) checked against the code.
+
+No Docker engine is needed: the compose file is parsed with PyYAML and every name it uses
+(environment variables, commands, ports, health-check routes, Dockerfiles) is looked up in
+the settings class, the CLI and the app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+from api.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+SERVICES = {"api", "worker", "redis", "postgres", "migrate"}
+OUR_SERVICES = ("migrate", "api", "worker")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    with COMPOSE.open() as handle:
+        return yaml.safe_load(handle)
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    with (ROOT / "pyproject.toml").open("rb") as handle:
+        return tomllib.load(handle)
+
+
+@pytest.fixture(scope="module")
+def openapi_paths() -> set[str]:
+    from api.app import create_app
+
+    return set(create_app().openapi()["paths"])
+
+
+def _env(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):  # ["KEY=value", ...]
+        env = dict(item.split("=", 1) for item in env)
+    return {key: str(value) for key, value in env.items()}
+
+
+def _command(service: dict) -> list[str]:
+    command = service["command"]
+    return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+
+
+def _option(argv: list[str], name: str) -> str:
+    index = argv.index(name)
+    return argv[index + 1]
+
+
+def _cli_parser(pyproject: dict) -> argparse.ArgumentParser:
+    """The `embedseg` sub-commands plugged in by pyproject's entry points, on a fresh parser."""
+    parser = argparse.ArgumentParser(prog="embedseg", exit_on_error=False)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, target in pyproject["project"]["entry-points"]["embedseg.commands"].items():
+        module_name, function_name = target.split(":")
+        register = getattr(importlib.import_module(module_name), function_name)
+        register(subparsers)
+        assert name in subparsers.choices, f"{target} did not register the sub-command {name!r}"
+    return parser
+
+
+def _check_cli(argv: list[str], pyproject: dict) -> argparse.Namespace:
+    assert argv[0] == "embedseg"
+    assert argv[0] in pyproject["project"]["scripts"]
+    try:
+        return _cli_parser(pyproject).parse_args(argv[1:])
+    except SystemExit as exc:  # argparse reports some errors by exiting
+        raise AssertionError(f"`{shlex.join(argv)}` is not a valid embedseg command line") from exc
+
+
+def _dockerfile_cmd(path: Path) -> list[str]:
+    lines = [line for line in path.read_text().splitlines() if line.startswith("CMD ")]
+    assert len(lines) == 1, f"{path.name} must have exactly one exec-form CMD"
+    return json.loads(lines[0][len("CMD "):])
+
+
+def test_compose_has_every_service_and_named_volume(compose: dict) -> None:
+    assert SERVICES <= set(compose["services"])
+    declared = set(compose["volumes"])
+    used = set()
+    for service in compose["services"].values():
+        for mount in service.get("volumes", []):
+            source = mount.split(":")[0]
+            if not source.startswith((".", "/", "~")):
+                used.add(source)
+    assert used == declared, "every named volume is declared once and used"
+    assert compose["services"]["postgres"]["volumes"][0].split(":")[1] == "/var/lib/postgresql/data"
+
+
+def test_every_embedseg_env_name_is_a_settings_field(compose: dict) -> None:
+    fields = set(Settings.model_fields)
+    for name, service in compose["services"].items():
+        for key in _env(service):
+            if key.startswith("EMBEDSEG_"):
+                field = key.removeprefix("EMBEDSEG_").lower()
+                assert field in fields, f"{name}: {key} is not a field of api.settings.Settings"
+
+
+@pytest.mark.parametrize("name", OUR_SERVICES)
+def test_compose_environment_makes_valid_settings(compose: dict, name: str, monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)  # no stray .env file
+    for key in [key for key in os.environ if key.startswith("EMBEDSEG_")]:
+        monkeypatch.delenv(key)
+    env = _env(compose["services"][name])
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.database_url_resolved.startswith("postgresql+psycopg://")
+    assert urlsplit(settings.database_url_resolved).hostname == "postgres"
+    assert urlsplit(settings.broker_url).hostname == "redis"
+    assert not settings.embedded
+    assert settings.storage_path == Path(env["EMBEDSEG_STORAGE_DIR"])
+
+
+def test_services_share_one_configuration(compose: dict) -> None:
+    envs = [_env(compose["services"][name]) for name in OUR_SERVICES]
+    assert envs[0] == envs[1] == envs[2]
+    postgres_env = _env(compose["services"]["postgres"])
+    url = urlsplit(envs[0]["EMBEDSEG_DATABASE_URL"])
+    assert url.username == postgres_env["POSTGRES_USER"]
+    assert url.password == postgres_env["POSTGRES_PASSWORD"]
+    assert url.path == "/" + postgres_env["POSTGRES_DB"]
+    assert url.port == 5432
+
+
+def test_api_and_worker_share_the_storage_volume(compose: dict) -> None:
+    mounts = {name: compose["services"][name]["volumes"] for name in ("api", "worker")}
+    assert mounts["api"] == mounts["worker"] == ["storage:/data"]
+    storage_dir = Path(_env(compose["services"]["api"])["EMBEDSEG_STORAGE_DIR"])
+    assert Path("/data") in storage_dir.parents or storage_dir == Path("/data")
+
+
+def test_commands_are_real_cli_sub_commands(compose: dict, pyproject: dict) -> None:
+    services = compose["services"]
+    migrate = _command(services["migrate"])
+    assert migrate[:3] == ["embedseg", "db", "upgrade"]
+    _check_cli(migrate, pyproject)
+    _check_cli(_command(services["api"]), pyproject)
+    worker = _check_cli(_command(services["worker"]), pyproject)
+    assert worker.command == "worker"
+    assert _option(_command(services["worker"]), "--queues") == _env(services["worker"])["EMBEDSEG_GPU_QUEUE"]
+
+
+def test_dockerfile_default_commands_are_real_cli_sub_commands(compose: dict, pyproject: dict) -> None:
+    for name in ("api", "worker"):
+        dockerfile = ROOT / compose["services"][name]["build"]["dockerfile"]
+        assert _dockerfile_cmd(dockerfile) == _command(compose["services"][name])
+        _check_cli(_dockerfile_cmd(dockerfile), pyproject)
+
+
+def test_api_port_is_published_and_matches_serve(compose: dict) -> None:
+    api = compose["services"]["api"]
+    argv = _command(api)
+    port = int(_option(argv, "--port"))
+    assert _option(argv, "--host") == "0.0.0.0"
+    published = [str(item).split(":") for item in api["ports"]]
+    assert [int(item[-1]) for item in published] == [port]
+    exposed = re.search(r"^EXPOSE (\d+)$", (ROOT / "docker/Dockerfile.api").read_text(), re.M)
+    assert int(exposed.group(1)) == port
+
+
+def test_healthchecks_target_real_routes_and_services(compose: dict, openapi_paths: set[str]) -> None:
+    services = compose["services"]
+    api_check = " ".join(services["api"]["healthcheck"]["test"])
+    urls = re.findall(r"http://[^'\" ]+", api_check)
+    assert len(urls) == 1
+    url = urlsplit(urls[0])
+    assert url.hostname in {"127.0.0.1", "localhost"}
+    assert url.port == int(_option(_command(services["api"]), "--port"))
+    assert url.path in openapi_paths
+    assert services["redis"]["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    pg_check = services["postgres"]["healthcheck"]["test"]
+    assert "pg_isready" in pg_check
+    assert _option(pg_check, "-U") == _env(services["postgres"])["POSTGRES_USER"]
+
+
+def test_startup_order(compose: dict) -> None:
+    services = compose["services"]
+    assert services["migrate"].get("restart") == "no"
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("api", "worker"):
+        depends = services[name]["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+        assert depends["postgres"]["condition"] == "service_healthy"
+        assert depends["redis"]["condition"] == "service_healthy"
+
+
+def test_worker_scales_and_reserves_a_gpu(compose: dict) -> None:
+    worker = compose["services"]["worker"]
+    assert "container_name" not in worker
+    assert "ports" not in worker
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+
+
+def test_dockerfiles_exist_and_copy_existing_paths(compose: dict) -> None:
+    for name in OUR_SERVICES:
+        build = compose["services"][name]["build"]
+        assert build["context"] == "."
+        dockerfile = ROOT / build["dockerfile"]
+        assert dockerfile.is_file(), f"{name}: {build['dockerfile']} does not exist"
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("COPY "):
+                for source in line.split()[1:-1]:
+                    assert (ROOT / source).exists(), f"{dockerfile.name} copies {source}, which does not exist"
+
+
+def test_images_install_the_pinned_torch_build(pyproject: dict) -> None:
+    from packaging.requirements import Requirement
+
+    torch_pin = next(Requirement(dep) for dep in pyproject["project"]["dependencies"] if dep.startswith("torch"))
+    api = (ROOT / "docker/Dockerfile.api").read_text()
+    worker = (ROOT / "docker/Dockerfile.worker").read_text()
+    for text in (api, worker):
+        version = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M).group(1)
+        assert torch_pin.specifier.contains(version), f"torch {version} is outside {torch_pin}"
+        assert text.index("download.pytorch.org/whl/") < text.index("pip install ."), "torch before the project"
+    assert "download.pytorch.org/whl/cpu" in api
+    assert re.search(r"^FROM nvidia/cuda:[\d.]+-cudnn-runtime-", worker, re.M)
+    assert re.search(r"^ARG TORCH_CUDA=cu\d+$", worker, re.M)
+
+
+def test_dockerignore_keeps_local_state_out_but_not_the_sources() -> None:
+    patterns = [
+        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for local in (".git", ".venv", "embedseg-data"):
+        assert local in patterns
+    for source in ("core", "api", "worker", "migrations", "pyproject.toml", "README.md"):
+        assert source not in patterns and source + "/" not in patterns
