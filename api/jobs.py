@@ -282,10 +282,11 @@ def active_jobs_using_volume(session: Session, volume_id: str) -> list[str]:
     """Ids of queued or running jobs that read the volume (oldest first)."""
     rows = session.scalars(
         select(Job.id)
-        .join(JobVolume, JobVolume.job_id == Job.id)
-        .where(JobVolume.volume_id == volume_id, Job.status.in_([s.value for s in ACTIVE_STATUSES]))
+        .where(
+            Job.id.in_(select(JobVolume.job_id).where(JobVolume.volume_id == volume_id)),
+            Job.status.in_([s.value for s in ACTIVE_STATUSES]),
+        )
         .order_by(Job.created_at, Job.id)
-        .distinct()
     ).all()
     return list(rows)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+import tifffile
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import func, select
@@ -31,6 +32,24 @@ TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 def _read_magic(path: Path) -> bytes:
     with open(path, "rb") as handle:
         return handle.read(4)
+
+
+def _truncation(path: Path) -> str | None:
+    """A sentence when the file's pixel data runs past its end (an interrupted copy), else None."""
+    with tifffile.TiffFile(path) as tif:
+        size = tif.filehandle.size
+        series = tif.series[0]
+        if series.dataoffset is not None:
+            end = series.dataoffset + series.nbytes
+        else:
+            end = max(
+                (offset + count for page in tif.pages for offset, count in zip(page.dataoffsets, page.databytecounts)),
+                default=0,
+            )
+    if end > size:
+        return f"the TIFF is truncated: its pixel data ends at byte {end} but the file has {size} bytes; " \
+            "upload the complete file"
+    return None
 
 
 def _check_fields(fields: dict[str, str]) -> tuple[str, str | None, list[float] | None, str | None, str | None]:
@@ -80,6 +99,9 @@ def _validate_and_store(
             message = str(error)
             status = 415 if message.startswith("not a readable TIFF") else 422
             raise UploadRejected(status, f"unsupported TIFF: {message}") from None
+        truncated = _truncation(pending.temp_path)
+        if truncated:
+            raise UploadRejected(422, truncated)
         dtype = np.dtype(info.dtype).name
         if kind == VolumeKind.image.value and dtype not in IMAGE_DTYPES:
             raise UploadRejected(

@@ -11,6 +11,8 @@ import tifffile
 def tiff_bytes(data: np.ndarray, **kwargs) -> bytes:  # type: ignore[no-untyped-def]
     """The bytes of a TIFF file holding ``data`` (tifffile.imwrite keyword arguments pass through)."""
     buffer = io.BytesIO()
+    if not kwargs.get("imagej"):
+        kwargs.setdefault("photometric", "minisblack")
     tifffile.imwrite(buffer, data, **kwargs)
     return buffer.getvalue()
 
