@@ -97,7 +97,7 @@ function el(tag, attrs = {}, ...children) {
     else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
     else node.setAttribute(key, value === true ? "" : value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined || child === false) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -349,7 +349,7 @@ function modelRow(model) {
     el("td", {}, el("div", {}, model.name), el("div", { class: "muted mono", title: model.id }, shortId(model.id))),
     el("td", {}, `${model.spatial_dims}D`),
     el("td", { class: "muted" }, modelSummary(model),
-      model.source_job_id ? el("div", {}, el("a", { href: "#", onclick: (e) => { e.preventDefault(); selectJob(model.source_job_id); } },
+      model.source_job_id ? el("div", {}, el("a", { href: `#job=${model.source_job_id}`, onclick: (e) => { e.preventDefault(); selectJob(model.source_job_id); } },
         `job ${shortId(model.source_job_id)}`)) : null),
     el("td", { class: "muted" }, formatDate(model.created_at)),
     el("td", {}, el("a", { href: routeUrl("modelDownload", { model_id: model.id }) }, "Download"), " ", use, " ", remove));
@@ -402,6 +402,7 @@ async function loadJobs() {
 
 function selectJob(jobId) {
   state.selectedJob = jobId;
+  history.replaceState(null, "", jobId ? `#job=${jobId}` : location.pathname + location.search);
   for (const row of document.querySelectorAll("#jobs tr[data-job-id]")) {
     row.classList.toggle("selected", row.dataset.jobId === jobId);
   }
@@ -429,7 +430,7 @@ async function loadJobDetail() {
 function jobDetail(job) {
   const parts = [];
   const close = el("button", { type: "button", class: "ghost small" }, "Close");
-  close.addEventListener("click", () => { state.selectedJob = null; loadJobDetail(); loadJobs(); });
+  close.addEventListener("click", () => { selectJob(null); loadJobs(); });
   const cancel = TERMINAL.has(job.status) ? null
     : el("button", { type: "button", class: "danger small", disabled: job.cancel_requested }, job.cancel_requested ? "Cancelling…" : "Cancel");
   if (cancel) {
@@ -700,8 +701,8 @@ async function submitJob(event, kind) {
     toast(`Started ${kind} job ${shortId(job.id)}`, "ok");
     state.offsets.jobs = 0;
     document.getElementById("jobs-status").value = "";
-    state.selectedJob = job.id;
-    await Promise.all([loadJobs(), loadJobDetail()]);
+    selectJob(job.id);
+    await loadJobs();
   } catch (error) {
     toast(error.message);
   } finally {
@@ -762,6 +763,8 @@ function init() {
     document.getElementById(`${kind}-form`).addEventListener("submit", (event) => submitJob(event, kind));
   }
   loadHealth();
+  const linked = /^#job=([\w-]+)$/.exec(location.hash);
+  if (linked) selectJob(linked[1]);
   Promise.all([refresh("volumes"), refresh("models"), refresh("jobs")]);
   state.polling = setInterval(poll, POLL_MS);
   document.addEventListener("visibilitychange", () => { if (!document.hidden) poll(); });
