@@ -30,7 +30,6 @@ import httpx
 import numpy as np
 import tifffile
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGET_MB_S = 300.0
 TARGET_EXTRA_MIB = 64.0
 
@@ -59,13 +58,12 @@ def running_server(data_dir: Path, env: dict[str, str] | None = None, timeout_s:
     """Run ``embedseg serve`` (or ``uvicorn`` on the app factory) on a free loopback port with
     ``data_dir``; yield (base URL, process).
 
-    The checkout's own packages come first on PYTHONPATH, so the benchmark measures this tree.
+    The project must be installed (``pip install -e .``): the server runs the installed ``embedseg``.
     """
     port = free_port()
     environ = {key: value for key, value in os.environ.items() if not key.startswith("EMBEDSEG_")}
     environ.update(env or {})
     environ["EMBEDSEG_DATA_DIR"] = str(data_dir)
-    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))
     log = open(data_dir / "server.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(_serve_command(port, server), cwd=data_dir, env=environ, stdout=log,
                                stderr=subprocess.STDOUT, start_new_session=True)
