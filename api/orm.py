@@ -106,6 +106,17 @@ def _in(column: str, enum_cls: type[enum.Enum]) -> str:
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
+    def __init__(self, **kwargs: Any) -> None:
+        """Set the given attributes; a row with an ``id`` column gets a new id at once (not at flush),
+        so it can be referenced (e.g. in a job's result) before it is inserted."""
+        if "id" in self.__table__.columns and kwargs.get("id") is None:
+            kwargs["id"] = new_id()
+        cls = type(self)
+        for key, value in kwargs.items():
+            if not hasattr(cls, key):
+                raise TypeError(f"{key!r} is an invalid keyword argument for {cls.__name__}")
+            setattr(self, key, value)
+
 
 class Job(Base):
     """A train, predict or evaluate job; the row is the truth for status, progress and results."""
