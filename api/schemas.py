@@ -107,11 +107,11 @@ def _unique(ids: list[str], what: str) -> list[str]:
     return ids
 
 
-def _check_crop(value: int | str, what: str) -> int | str:
-    if isinstance(value, str):
-        if value != "auto":
-            raise ValueError(f"{what} must be 'auto' or a positive multiple of 8, got {value!r}")
-        return value
+def _check_crop(value: object, what: str) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be 'auto' or a positive multiple of 8, got {value!r}")
     if value < 8 or value % 8:
         raise ValueError(f"{what} must be a positive multiple of 8 (e.g. 128), got {value}")
     return value
@@ -138,9 +138,9 @@ class TrainSpec(BaseModel):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     name: str | None = Field(None, max_length=255)
 
-    @field_validator("crop_size")
+    @field_validator("crop_size", mode="before")
     @classmethod
-    def _crop(cls, value: int | str) -> int | str:
+    def _crop(cls, value: object) -> int | str:
         return _check_crop(value, "crop_size")
 
     @field_validator("voxel_size")
@@ -202,12 +202,12 @@ class PredictSpec(BaseModel):
     tile: Literal["auto"] | list[int] = "auto"
     gt_ids: list[VolumeId] | None = Field(None, max_length=MAX_IDS)
 
-    @field_validator("tile")
+    @field_validator("tile", mode="before")
     @classmethod
-    def _tile(cls, value: str | list[int]) -> str | list[int]:
-        if isinstance(value, str):
+    def _tile(cls, value: object) -> object:
+        if value == "auto":
             return value
-        if len(value) not in (2, 3):
+        if not isinstance(value, (list, tuple)) or len(value) not in (2, 3):
             raise ValueError("tile must be 'auto' or 2 (y,x) or 3 (z,y,x) sizes, each a positive multiple of 8")
         for size in value:
             _check_crop(size, "each tile size")
