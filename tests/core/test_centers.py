@@ -130,3 +130,30 @@ def test_huge_sparse_ids():
     ids, cent = object_centers(labels)
     np.testing.assert_array_equal(ids, [5, 2**40])
     np.testing.assert_array_equal(cent, [[7, 7], [1, 1]])
+
+
+@pytest.mark.parametrize("anisotropy", [1.0, 3.0])
+def test_fft_medoid_matches_brute_force_on_large_objects(anisotropy):
+    rng = np.random.default_rng(4)
+    labels = np.zeros((14, 40, 44), dtype=np.int32)
+    grid = np.indices(labels.shape)
+    for k, (c, r) in enumerate([((6, 12, 12), (5, 9, 7)), ((7, 28, 30), (6, 8, 11))], start=1):
+        inside = sum(((g - ci) / ri) ** 2 for g, ci, ri in zip(grid, c, r)) <= 1
+        labels[inside & (rng.random(labels.shape) < 0.9)] = k  # ragged, non-convex objects
+    assert all((labels == k).sum() >= centers_mod.FFT_MIN_PIXELS for k in (1, 2))
+    ids, cent = object_centers(labels, "medoid", anisotropy)
+    for k, c in zip(ids, cent):
+        coords = np.argwhere(labels == k).astype(float)
+        np.testing.assert_array_equal(c, brute_medoid(coords, anisotropy))
+
+
+def test_fft_medoid_ties_and_fallback(monkeypatch):
+    labels = np.zeros((40, 50), dtype=np.int32)
+    labels[5:25, 10:40] = 1  # 20 x 30 rectangle: the four central pixels tie
+    _, c = object_centers(labels)
+    coords = np.argwhere(labels == 1).astype(float)
+    np.testing.assert_array_equal(c[0], brute_medoid(coords))
+    np.testing.assert_array_equal(c[0], [14, 24])
+    monkeypatch.setattr(centers_mod, "FFT_MAX_ELEMENTS", 10)  # forces blocked pairwise sums
+    _, c2 = object_centers(labels)
+    np.testing.assert_array_equal(c2, c)

@@ -1,0 +1,146 @@
+"""Training-data preparation: object centres and object-centred crops, this project against the reference.
+
+Inputs are the real files of ``tests/data``: the 2D nuclei image ``nuclei2d_dsb`` (512², 125 objects), a
+2D ``cells2d_bbbc007`` image and the 3D ``nuclei3d_synthetic`` volume (31×61×57, 51 objects).
+
+Figures, each the median of ``--repeats`` runs:
+
+* ``centres``: medoid of every object of a whole mask. This project: ``core.centers.object_centers``
+  (one pass with ``find_objects``, blocked pairwise sums). Reference: ``generate_center_image`` /
+  ``generate_center_image_3d`` (a full-image scan per object and an n × n distance matrix, numba).
+  Also printed: how many centres are the same pixel.
+* ``crops``: all training crops of one 2D image with their medoid centres, from the TIFF files. This
+  project: ``CropDataset`` (windows on the normalised image) and every item built once. Reference:
+  ``generate_crops.process`` writing its crops to a temporary folder (its normal use).
+
+The reference needs ``pycocotools`` only for RLE output (not used here; a stand-in module is
+registered when it is missing) and calls ``tifffile.imsave``, which current tifffile no longer has
+(pointed at ``tifffile.imwrite`` for the run).
+
+Usage::
+
+    EMBEDSEG_REFERENCE=/path/to/folder/containing/EmbedSeg python benchmarks/bench_crops.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from core.centers import CenterMode, object_centers  # noqa: E402
+from core.data import CropDataset  # noqa: E402
+from core.io import read_tiff  # noqa: E402
+
+DATA = ROOT / "tests" / "data"
+
+
+def load_reference(folder: str | None) -> types.ModuleType:
+    folder = folder or os.environ.get("EMBEDSEG_REFERENCE")
+    if not folder:
+        sys.exit("set EMBEDSEG_REFERENCE or pass --reference: the folder that contains the EmbedSeg package")
+    sys.path.insert(0, folder)
+    try:
+        import pycocotools.mask  # noqa: F401
+    except ImportError:
+        package = types.ModuleType("pycocotools")
+        package.mask = types.ModuleType("pycocotools.mask")
+        sys.modules["pycocotools"] = package
+        sys.modules["pycocotools.mask"] = package.mask
+    from EmbedSeg.utils import generate_crops
+
+    if not hasattr(generate_crops.tifffile, "imsave"):
+        generate_crops.tifffile.imsave = generate_crops.tifffile.imwrite
+    return generate_crops
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_centres(ref, name: str, stem: str, repeats: int, anisotropy: float = 1.0) -> None:
+    mask = read_tiff(DATA / name / "masks" / f"{stem}.tif").data.astype(np.int64)
+    ids = np.unique(mask)[1:]
+    if mask.ndim == 2:
+        def run_ref():
+            return ref.generate_center_image(mask, "medoid", ids, False)
+    else:
+        def run_ref():
+            return ref.generate_center_image_3d(mask, "medoid", ids, False, anisotropy, 1)
+
+    def run_ours():
+        return object_centers(mask, CenterMode.medoid, anisotropy)
+
+    ref_image = run_ref()  # also compiles the numba kernel
+    ours_ids, ours_centres = run_ours()
+    ref_points = {tuple(int(v) for v in p) for p in np.argwhere(ref_image)}
+    same = sum(tuple(int(v) for v in c) in ref_points for c in ours_centres)
+    t_ref = median_time(run_ref, repeats)
+    t_ours = median_time(run_ours, repeats)
+    print(
+        f"centres  {name:<20} {str(mask.shape):<15} {len(ids):>4} objects  ours {t_ours * 1e3:8.1f} ms  "
+        f"reference {t_ref * 1e3:8.1f} ms  speed-up {t_ref / t_ours:6.1f}x  same pixel {same}/{len(ids)}"
+    )
+
+
+def bench_crops(ref, name: str, stem: str, crop: int, repeats: int) -> None:
+    image_path = DATA / name / "images" / f"{stem}.tif"
+    mask_path = DATA / name / "masks" / f"{stem}.tif"
+
+    def run_ours():
+        image = read_tiff(image_path).data
+        mask = read_tiff(mask_path).data
+        ds = CropDataset([image], [mask], crop_shape=(crop, crop), center_mode="medoid", augment=False)
+        for i in range(len(ds)):
+            ds[i]
+        return len(ds)
+
+    def run_ref():
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+            np.random.seed(0)
+            ref.process(str(image_path), str(mask_path), tmp, "train", crop, "medoid")
+            return len(os.listdir(Path(tmp) / "train" / "images"))
+
+    n_ref = run_ref()
+    n_ours = run_ours()
+    t_ref = median_time(run_ref, repeats)
+    t_ours = median_time(run_ours, repeats)
+    print(
+        f"crops    {name:<20} crop {crop}²  ours {n_ours:>4} crops {t_ours * 1e3:8.1f} ms  "
+        f"reference {n_ref:>4} crops {t_ref * 1e3:8.1f} ms  speed-up {t_ref / t_ours:6.1f}x"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", help="folder that contains the EmbedSeg package (else $EMBEDSEG_REFERENCE)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    ref = load_reference(args.reference)
+    bench_centres(ref, "nuclei2d_dsb", "dsb2018_img2d", args.repeats)
+    bench_centres(ref, "cells2d_bbbc007", "A9_A9_p5d", args.repeats)
+    bench_centres(ref, "nuclei3d_synthetic", "synthetic_img3d", args.repeats)
+    bench_centres(ref, "nuclei3d_synthetic", "synthetic_img3d", args.repeats, anisotropy=2.0)
+    bench_crops(ref, "nuclei2d_dsb", "dsb2018_img2d", 64, args.repeats)
+    bench_crops(ref, "cells2d_bbbc007", "A9_A9_p5d", 64, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
