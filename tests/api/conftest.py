@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import sqlite3
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -37,31 +39,51 @@ def _postgres_up() -> bool:
     return postgres_available()
 
 
-@pytest.fixture
-def fresh_postgres_url(_postgres_up: bool) -> Iterator[str]:
-    """URL of an empty PostgreSQL schema in database ``test`` (dropped afterwards)."""
+@pytest.fixture(scope="session")
+def _postgres_migrated(_postgres_up: bool) -> Iterator[str]:
+    """URL of a PostgreSQL schema (in database ``test``) made by the migrations once per test run."""
     if not _postgres_up:
         pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = make_engine(POSTGRES_ADMIN_URL)
     with admin.begin() as connection:
         connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    url = f"{POSTGRES_ADMIN_URL}?options=-csearch_path%3D{schema}"
     try:
-        yield f"{POSTGRES_ADMIN_URL}?options=-csearch_path%3D{schema}"
+        run_migrations(url)
+        yield url
     finally:
         with admin.begin() as connection:
             connection.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def _sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file made by the migrations once per test run (copied for each test)."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "embedseg.db"
+    run_migrations(f"sqlite:///{path}")
+    connection = sqlite3.connect(path)
+    connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    connection.close()
+    return path
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A migrated, empty database: SQLite file or a fresh PostgreSQL schema."""
+    """An empty database at the migrations' head: a fresh SQLite file or the emptied PostgreSQL schema."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'embedseg.db'}"
-    else:
-        url = request.getfixturevalue("fresh_postgres_url")
-    run_migrations(url)
+        path = tmp_path / "embedseg.db"
+        shutil.copyfile(request.getfixturevalue("_sqlite_template"), path)
+        return f"sqlite:///{path}"
+    url = request.getfixturevalue("_postgres_migrated")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text("SET LOCAL lock_timeout = '20s'"))
+            connection.execute(sa.text("TRUNCATE job_volumes, volumes, models, jobs CASCADE"))
+    finally:
+        engine.dispose()
     return url
 
 
