@@ -139,27 +139,24 @@ def _resolve_axes(shape: tuple[int, ...], file_axes: str, declared: bool) -> tup
     for a in named:
         if letters.count(a) > 1:
             raise ValueError(f"the file declares axis {a} twice (axes {file_axes!r}); pass axes explicitly")
+    if "Y" not in named and "X" not in named:
+        # the last two axes are Y and X
+        if letters[-1] != "?" or letters[-2] != "?":
+            raise ValueError(f"cannot tell which axes are Y and X (axes {file_axes!r}); pass axes explicitly")
+        letters[-2], letters[-1] = "Y", "X"
+        others = [i for i, n in enumerate(shape[:-2]) if n > 1]
+        if others and shape[-1] <= 4 and shape[-2] > 4:
+            raise ValueError(
+                f"the last axis of shape {shape} has only {shape[-1]} values: this looks like a "
+                "colour or channel-last layout, which is not supported; store channels first "
+                "or pass axes explicitly"
+            )
     # drop singleton axes other than Y and X
     for i, n in enumerate(shape):
         if n == 1 and letters[i] not in "YX":
             letters[i] = "_"
     unknown = [i for i, a in enumerate(letters) if a == "?"]
     if unknown:
-        kept = [i for i, a in enumerate(letters) if a != "_"]
-        if "Y" not in named and "X" not in named:
-            if len(kept) < 2:
-                raise ValueError(f"image of shape {shape} has fewer than two dimensions")
-            if letters[kept[-1]] != "?" or letters[kept[-2]] != "?":
-                raise ValueError(f"cannot tell which axes are Y and X (axes {file_axes!r}); pass axes explicitly")
-            letters[kept[-2]], letters[kept[-1]] = "Y", "X"
-            last = shape[kept[-1]]
-            if len(kept) >= 3 and last <= 4 and shape[kept[-2]] > 4:
-                raise ValueError(
-                    f"the last axis of shape {shape} has only {last} values: this looks like a "
-                    "colour or channel-last layout, which is not supported; store channels first "
-                    "or pass axes explicitly"
-                )
-        unknown = [i for i, a in enumerate(letters) if a == "?"]
         free = [a for a in "CZ" if a not in letters]
         if len(unknown) > len(free):
             raise ValueError(f"image of shape {shape} has more than 4 dimensions (C, Z, Y, X); this is not supported")

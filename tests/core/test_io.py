@@ -112,6 +112,10 @@ def test_plain_tiff_guesses_axes_and_reads_file_objects(tmp_path):
     four = np.zeros((2, 5, 6, 7), dtype=np.float32)
     tifffile.imwrite(tmp_path / "four.tif", four)
     assert read_tiff(tmp_path / "four.tif").axes == "CZYX"
+    thin = np.arange(5, dtype=np.uint8).reshape(1, 5)  # one row is still a 2D image
+    tifffile.imwrite(tmp_path / "row.tif", thin)
+    vol = read_tiff(tmp_path / "row.tif")
+    assert vol.axes == "YX" and vol.data.shape == (1, 5)
     single = np.zeros((1, 6, 7), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "single.tif", single)
     assert read_tiff(tmp_path / "single.tif").data.shape == (6, 7)
@@ -175,6 +179,7 @@ def write_raw(path, data, **kwargs):
             "time series are not supported \\(3 time points",
         ),
         (lambda p: write_raw(p, np.zeros((2, 2, 2, 8, 9), np.uint8)), None, "more than 4 dimensions"),
+        (lambda p: write_raw(p, np.zeros(9, np.uint8)), None, "fewer than two dimensions"),
         (lambda p: write_raw(p, np.zeros((5, 8, 9), np.float64)), None, "pixel type float64 is not supported"),
         (lambda p: write_raw(p, np.zeros((8, 9), np.int64)), None, "pixel type int64 is not supported"),
         (lambda p: write_raw(p, np.zeros((8, 9), np.int8)), None, "pixel type int8 is not supported"),
