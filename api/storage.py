@@ -60,21 +60,49 @@ class PendingWrite:
         self.final_path = final_path
         self.temp_path = temp_path
         self.size = 0
-        self._hash = hashlib.sha256()
+        self._hash: hashlib._Hash | None = hashlib.sha256()
+        self._digest: str | None = None
         self._file: BinaryIO | None = open(temp_path, "wb")  # noqa: SIM115 - closed by commit/abort
         self.done = False
 
     @property
     def sha256(self) -> str:
+        """Hex SHA-256 of the bytes written (or the digest given to :meth:`set_sha256`)."""
+        if self._digest is not None:
+            return self._digest
+        if self._hash is None:
+            raise StorageError(f"the SHA-256 of {self.key!r} is computed by the caller and was not given")
         return self._hash.hexdigest()
 
-    def write(self, data: bytes) -> int:
+    def _append(self, data: bytes) -> None:
         if self._file is None:
             raise StorageError(f"write to {self.key!r} after it was closed")
         self._file.write(data)
-        self._hash.update(data)
         self.size += len(data)
+
+    def write(self, data: bytes) -> int:
+        """Append ``data`` and hash it."""
+        if self._hash is None:
+            raise StorageError(f"{self.key!r} is hashed by the caller; use write_unhashed")
+        self._append(data)
+        self._hash.update(data)
         return len(data)
+
+    def write_unhashed(self, data: bytes) -> int:
+        """Append ``data`` without hashing it: the caller hashes (in parallel) and calls :meth:`set_sha256`.
+
+        Use one of :meth:`write` and :meth:`write_unhashed` for a whole file.
+        """
+        if self._hash is not None:
+            if self.size:
+                raise StorageError(f"{self.key!r} was hashed while writing; keep using write")
+            self._hash = None
+        self._append(data)
+        return len(data)
+
+    def set_sha256(self, digest: str) -> None:
+        """Record the SHA-256 the caller computed over everything given to :meth:`write_unhashed`."""
+        self._digest = digest
 
     def close(self) -> None:
         """Flush and close the temporary file (it stays until commit or abort)."""

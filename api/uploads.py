@@ -1,12 +1,18 @@
 """Streaming multipart upload: the file part goes to storage chunk by chunk, never whole in memory.
 
 The request body is fed to python-multipart's push parser as it arrives; file bytes are
-buffered up to ``chunk_bytes`` and written (and hashed) off the event loop. Small text fields
-are collected. Any rejection aborts the temporary file, so nothing partial is left behind.
+buffered up to ``chunk_bytes`` and handed to two threads, one hashing (SHA-256) and one writing,
+through short bounded queues, so parsing, hashing and disk writes overlap while memory stays
+bounded. Small text fields are collected. Any rejection aborts the temporary file, so nothing
+partial is left behind.
 """
 
 from __future__ import annotations
 
+import hashlib
+import queue
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
@@ -18,6 +24,7 @@ from api.storage import PendingWrite, Storage
 
 MAX_FIELD_BYTES = 64 * 1024
 MULTIPART_SLACK = 1024 * 1024
+PIPELINE_DEPTH = 4
 
 
 class UploadRejected(Exception):
@@ -45,6 +52,58 @@ def too_large(max_bytes: int) -> UploadRejected:
         f"upload exceeds the limit of {max_bytes} bytes ({human_bytes(max_bytes)}); "
         "send a smaller file or raise EMBEDSEG_MAX_UPLOAD_BYTES",
     )
+
+
+class _Pipeline:
+    """Hash and write chunks of one file on two threads, in order, with at most ``depth`` chunks queued each."""
+
+    def __init__(self, pending: PendingWrite, depth: int = PIPELINE_DEPTH) -> None:
+        self.pending = pending
+        self.hash = hashlib.sha256()
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.queues: list[queue.Queue[bytes | None]] = [queue.Queue(depth), queue.Queue(depth)]
+        self.threads = [
+            threading.Thread(target=self._consume, args=(q, step), daemon=True, name=f"upload-{name}")
+            for q, step, name in zip(self.queues, (self.hash.update, pending.write_unhashed), ("hash", "write"))
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def _consume(self, items: queue.Queue[bytes | None], step: Callable[[bytes], object]) -> None:
+        while (item := items.get()) is not None:
+            if self.error is None and not self.stopped:
+                try:
+                    step(item)
+                except BaseException as error:  # reported to the request by put/finish
+                    self.error = error
+
+    async def put(self, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        for items in self.queues:
+            try:
+                items.put_nowait(data)
+            except queue.Full:
+                await run_in_threadpool(items.put, data)
+
+    def _join(self) -> None:
+        for items in self.queues:
+            items.put(None)
+        for thread in self.threads:
+            thread.join()
+
+    async def finish(self) -> None:
+        """Wait until every chunk is hashed and written; record the digest."""
+        await run_in_threadpool(self._join)
+        if self.error is not None:
+            raise self.error
+        self.pending.set_sha256(self.hash.hexdigest())
+
+    def stop(self) -> None:
+        """Drop what is queued and end the threads (before the temporary file is aborted)."""
+        self.stopped = True
+        self._join()
 
 
 @dataclass
@@ -176,11 +235,13 @@ async def receive_upload(
         },
     )
 
-    def flush() -> None:
+    pipeline = _Pipeline(pending)
+
+    async def flush() -> None:
         data = b"".join(state.buffer) if len(state.buffer) != 1 else state.buffer[0]
         state.buffer.clear()
         state.buffered = 0
-        pending.write(data)
+        await pipeline.put(data)
 
     try:
         async for chunk in request.stream():
@@ -189,7 +250,7 @@ async def receive_upload(
             if state.error is not None:
                 raise state.error
             if state.buffered >= chunk_bytes:
-                await run_in_threadpool(flush)
+                await flush()
         parser.finalize()
         if state.error is not None:
             raise state.error
@@ -200,15 +261,19 @@ async def receive_upload(
                 422, f"no file in the form field '{file_field}'; send the TIFF as multipart/form-data in '{file_field}'"
             )
         if state.buffered:
-            await run_in_threadpool(flush)
+            await flush()
+        await pipeline.finish()
         await run_in_threadpool(pending.close)
     except MultipartParseError as error:
+        pipeline.stop()
         pending.abort()
         raise UploadRejected(400, f"malformed multipart body: {error}") from None
     except (UploadRejected, ClientDisconnect):
+        pipeline.stop()
         pending.abort()
         raise
     except BaseException:
+        pipeline.stop()
         pending.abort()
         raise
     return ReceivedUpload(pending=pending, filename=state.filename, fields=state.fields)

@@ -276,13 +276,13 @@ def test_upload_is_streamed_in_chunks_not_held_in_memory(client, app, settings, 
         f"Content-Type: image/tiff\r\n\r\n"
     ).encode() + content + f"\r\n--{boundary}--\r\n".encode()
     writes: list[int] = []
-    original = PendingWrite.write
+    original = PendingWrite.write_unhashed
 
     def recording_write(self, chunk: bytes) -> int:  # type: ignore[no-untyped-def]
         writes.append(len(chunk))
         return original(self, chunk)
 
-    monkeypatch.setattr(PendingWrite, "write", recording_write)
+    monkeypatch.setattr(PendingWrite, "write_unhashed", recording_write)
     tracemalloc.start()
     try:
         status, _ = asyncio.run(_post_in_chunks(app, body, boundary, 16 * 1024))
