@@ -109,7 +109,7 @@ def test_script_calls_only_routes_of_the_app(app) -> None:
     operations = {(method.upper(), _template(path)) for path, item in schema.items() for method in item}
     script = (static_dir() / "dashboard.js").read_text()
     used = ROUTE.findall(script)
-    assert len(used) >= 15
+    assert len(used) >= 16
     for method, path in used:
         assert (method, _template(path)) in operations, f"{method} {path} is not a route of the app"
     # Every /api/v1 path in the script appears in the ROUTES table.
@@ -142,6 +142,16 @@ def test_upload_form_sends_the_fields_the_volume_route_reads() -> None:
     assert names - {"file"} <= set(FORM_FIELDS)
     kinds = set(re.findall(r'<option value="(\w+)"', form))
     assert kinds == {kind.value for kind in VolumeKind}
+
+
+def test_model_upload_form_sends_the_fields_the_model_route_reads() -> None:
+    from api.routes.models import FORM_FIELDS
+
+    html = (static_dir() / "index.html").read_text()
+    form = re.search(r'<form id="model-upload-form".*?</form>', html, re.S).group(0)
+    names = set(re.findall(r'name="(\w+)"', form))
+    assert names == {"file", "name"}
+    assert names - {"file"} <= set(FORM_FIELDS)
 
 
 def test_links_and_ids_of_the_page_exist(app) -> None:

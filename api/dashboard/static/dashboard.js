@@ -6,6 +6,7 @@ const ROUTES = {
   health: "GET /api/v1/health",
   listVolumes: "GET /api/v1/volumes",
   uploadVolume: "POST /api/v1/volumes",
+  uploadModel: "POST /api/v1/models",
   deleteVolume: "DELETE /api/v1/volumes/{volume_id}",
   volumePreview: "GET /api/v1/volumes/{volume_id}/preview.png",
   volumeDownload: "GET /api/v1/volumes/{volume_id}/download",
@@ -257,48 +258,57 @@ function fillVolumeSelect(select) {
   if ([...select.options].some((option) => option.value === keep)) select.value = keep;
 }
 
-async function uploadVolume(event) {
-  event.preventDefault();
-  const formNode = event.target;
-  const data = new FormData(formNode);
-  const file = data.get("file");
-  if (!file || !file.size) {
-    toast("Choose a TIFF file first.");
-    return;
-  }
-  if (!String(data.get("voxel_size") || "").trim()) data.delete("voxel_size");
-  const button = formNode.querySelector("button[type=submit]");
-  const bar = document.getElementById("upload-progress");
-  button.disabled = true;
-  bar.hidden = false;
-  bar.value = 0;
-  try {
-    // XMLHttpRequest (not fetch) to show upload progress; the body streams from the file.
-    const body = await new Promise((resolve, reject) => {
-      const request = new XMLHttpRequest();
-      const [method] = ROUTES.uploadVolume.split(" ");
-      request.open(method, routeUrl("uploadVolume"));
-      request.setRequestHeader("Accept", "application/json");
-      request.upload.addEventListener("progress", (e) => { if (e.lengthComputable) bar.value = e.loaded / e.total; });
-      request.addEventListener("load", () => {
-        let parsed = null;
-        try { parsed = JSON.parse(request.responseText); } catch (_) { parsed = null; }
-        if (request.status >= 200 && request.status < 300) resolve(parsed);
-        else reject(new Error(errorText(parsed, request.status)));
-      });
-      request.addEventListener("error", () => reject(new Error("upload failed: the server could not be reached")));
-      request.send(data);
+// POST a multipart form with XMLHttpRequest (not fetch) to show upload progress; the browser
+// streams the body from the file. Resolves with the JSON answer, rejects with its detail.
+function sendForm(route, data, bar) {
+  return new Promise((resolve, reject) => {
+    const request = new XMLHttpRequest();
+    const [method] = ROUTES[route].split(" ");
+    request.open(method, routeUrl(route));
+    request.setRequestHeader("Accept", "application/json");
+    request.upload.addEventListener("progress", (e) => { if (e.lengthComputable) bar.value = e.loaded / e.total; });
+    request.addEventListener("load", () => {
+      let parsed = null;
+      try { parsed = JSON.parse(request.responseText); } catch (_) { parsed = null; }
+      if (request.status >= 200 && request.status < 300) resolve(parsed);
+      else reject(new Error(errorText(parsed, request.status)));
     });
-    toast(`Uploaded ${body.name}: ${body.axes} ${body.shape.join("×")} ${body.dtype}`, "ok");
-    formNode.reset();
-    state.offsets.volumes = 0;
-    await refresh("volumes");
-  } catch (error) {
-    toast(error.message);
-  } finally {
-    button.disabled = false;
-    bar.hidden = true;
-  }
+    request.addEventListener("error", () => reject(new Error("upload failed: the server could not be reached")));
+    request.send(data);
+  });
+}
+
+// Submit handler of an upload form: checks a file was chosen, drops empty optional fields.
+function uploadHandler(route, describe, after) {
+  return async (event) => {
+    event.preventDefault();
+    const formNode = event.target;
+    const data = new FormData(formNode);
+    const file = data.get("file");
+    if (!file || !file.size) {
+      toast("Choose a file first.");
+      return;
+    }
+    for (const [key, value] of [...data.entries()]) {
+      if (key !== "file" && !String(value).trim()) data.delete(key);
+    }
+    const button = formNode.querySelector("button[type=submit]");
+    const bar = formNode.querySelector("progress");
+    button.disabled = true;
+    bar.hidden = false;
+    bar.value = 0;
+    try {
+      const body = await sendForm(route, data, bar);
+      toast(describe(body), "ok");
+      formNode.reset();
+      await after();
+    } catch (error) {
+      toast(error.message);
+    } finally {
+      button.disabled = false;
+      bar.hidden = true;
+    }
+  };
 }
 
 // ------------------------------------------------------------------ models
@@ -474,12 +484,16 @@ function jobDetail(job) {
   const history = trainingHistory(job.metrics);
   if (history.length) {
     parts.push(el("h3", {}, "Training"), lossChart(history));
+    const latest = (key) => [...history].reverse().find((row) => Number.isFinite(row[key]));
     const last = history[history.length - 1];
     const total = job.metrics.epochs_total;
     const summary = [Number.isFinite(total) ? `epoch ${last.epoch}/${total}` : `epoch ${last.epoch}`];
-    if (Number.isFinite(last.loss)) summary.push(`loss ${formatNumber(last.loss, 4)}`);
-    if (Number.isFinite(last.val_loss)) summary.push(`val loss ${formatNumber(last.val_loss, 4)}`);
-    if (Number.isFinite(last.val_iou)) summary.push(`val IoU ${formatNumber(last.val_iou, 3)}`);
+    const loss = latest("loss");
+    const valLoss = latest("val_loss");
+    const valIou = latest("val_iou");
+    if (loss) summary.push(`loss ${formatNumber(loss.loss, 4)}`);
+    if (valLoss) summary.push(`val loss ${formatNumber(valLoss.val_loss, 4)} (epoch ${valLoss.epoch})`);
+    if (valIou) summary.push(`val IoU ${formatNumber(valIou.val_iou, 3)} (epoch ${valIou.epoch})`);
     if (Number.isFinite(job.metrics.best_epoch)) summary.push(`best epoch ${job.metrics.best_epoch}`);
     parts.push(el("div", { class: "muted" }, summary.join(" · ")));
   }
@@ -508,7 +522,7 @@ function trainingHistory(metrics) {
 function lossChart(history) {
   const width = 560;
   const height = 200;
-  const pad = { left: 46, right: 42, top: 10, bottom: 26 };
+  const pad = { left: 46, right: 42, top: 10, bottom: 32 };
   const plotW = width - pad.left - pad.right;
   const plotH = height - pad.top - pad.bottom;
   const epochs = history.map((row) => row.epoch);
@@ -532,12 +546,15 @@ function lossChart(history) {
   chart.append(svg("line", { class: "axis", x1: pad.left, x2: pad.left + plotW, y1: pad.top + plotH, y2: pad.top + plotH }));
   chart.append(svg("line", { class: "axis", x1: pad.left, x2: pad.left, y1: pad.top, y2: pad.top + plotH }));
   chart.append(svg("line", { class: "axis", x1: pad.left + plotW, x2: pad.left + plotW, y1: pad.top, y2: pad.top + plotH }));
-  const ticks = Math.min(6, e1 - e0 + 1);
-  for (let i = 0; i < ticks; i += 1) {
-    const epoch = ticks === 1 ? e0 : Math.round(e0 + ((e1 - e0) * i) / (ticks - 1));
-    chart.append(svg("text", { x: x(epoch), y: height - 8, "text-anchor": "middle" }, String(epoch)));
+  const step = Math.max(1, Math.ceil((e1 - e0) / 6));
+  for (let epoch = e0; epoch <= e1; epoch += step) {
+    if (epoch !== e0 && e1 - epoch < step / 2 && epoch !== e1) continue;
+    chart.append(svg("text", { x: x(epoch), y: pad.top + plotH + 13, "text-anchor": "middle" }, String(epoch)));
   }
-  chart.append(svg("text", { x: pad.left + plotW / 2, y: height - 0.5, "text-anchor": "middle" }, "epoch"));
+  if ((e1 - e0) % step !== 0) {
+    chart.append(svg("text", { x: x(e1), y: pad.top + plotH + 13, "text-anchor": "middle" }, String(e1)));
+  }
+  chart.append(svg("text", { x: pad.left + plotW / 2, y: height - 2, "text-anchor": "middle" }, "epoch"));
 
   const line = (key, y, cls) => {
     const points = history.filter((row) => Number.isFinite(row[key])).map((row) => `${x(row.epoch).toFixed(1)},${y(row[key]).toFixed(1)}`);
@@ -574,7 +591,10 @@ function apTable(metrics) {
   const thresholds = summary.thresholds;
   const head = el("tr", {}, el("th", {}, "volume"), el("th", {}, "GT"), el("th", {}, "pred"),
     thresholds.map((t) => el("th", {}, formatNumber(t, 2))));
-  const cells = (ap) => thresholds.map((_, i) => el("td", {}, formatNumber((ap || [])[i], 3)));
+  const cells = (ap) => thresholds.map((_, i) => {
+    const value = (ap || [])[i];
+    return el("td", {}, Number.isFinite(value) ? value.toFixed(3) : "");
+  });
   const items = (metrics.volumes || metrics.pairs || []).filter((item) => Array.isArray(item.ap));
   const rows = items.map((item) => {
     const volumeId = item.volume_id || item.pred_id;
@@ -749,7 +769,12 @@ async function poll() {
 }
 
 function init() {
-  document.getElementById("upload-form").addEventListener("submit", uploadVolume);
+  document.getElementById("upload-form").addEventListener("submit", uploadHandler("uploadVolume",
+    (body) => `Uploaded ${body.name}: ${body.axes} ${body.shape.join("×")} ${body.dtype}`,
+    () => { state.offsets.volumes = 0; return refresh("volumes"); }));
+  document.getElementById("model-upload-form").addEventListener("submit", uploadHandler("uploadModel",
+    (body) => `Uploaded model ${body.name} (${body.spatial_dims}D)`,
+    () => { state.offsets.models = 0; return refresh("models"); }));
   for (const button of document.querySelectorAll("[data-refresh]")) {
     button.addEventListener("click", () => refresh(button.dataset.refresh));
   }
