@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from api.deps import SessionDep, SettingsDep, StorageDep, VolumeDep
 from api.jobs import active_jobs_using_volume
@@ -221,6 +222,10 @@ async def upload_volume(
         row = await run_in_threadpool(_validate_and_store, session, storage, volume_id, received, received.fields)
     except UploadRejected as rejected:
         raise HTTPException(status_code=rejected.status, detail=rejected.detail) from None
+    except ClientDisconnect:
+        raise HTTPException(
+            status_code=400, detail="the client disconnected before the end of the upload; resend the file"
+        ) from None
     response.headers["Location"] = str(request.url_for("get_volume", volume_id=row.id).path)
     return VolumeOut.model_validate(row)
 

@@ -479,3 +479,61 @@ def test_rows_match_files(client, session, settings) -> None:  # type: ignore[no
     row = session.get(Volume, created["id"])
     assert row.storage_key == f"volumes/{created['id']}.tif"
     assert (Path(settings.storage_path) / row.storage_key).stat().st_size == row.size_bytes
+
+
+def _multipart(content: bytes, boundary: str = "embedsegboundary") -> bytes:
+    head = f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.tif\"\r\n\r\n".encode()
+    return head + content + f"\r\n--{boundary}--\r\n".encode()
+
+
+def test_disk_error_while_writing_leaves_no_file(client, app, settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    kept = upload(client, tiff_bytes(image2d())).json()
+    before = stored_files(settings)
+    calls = []
+
+    def failing_write(self, chunk: bytes) -> int:  # type: ignore[no-untyped-def]
+        calls.append(len(chunk))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PendingWrite, "write_unhashed", failing_write)
+    content = tiff_bytes(image2d(shape=(600, 500)))
+    with pytest.raises(OSError, match="No space left on device"):  # the test transport re-raises after the 500
+        asyncio.run(_post_in_chunks(app, _multipart(content), "embedsegboundary", 16 * 1024))
+    assert calls
+    assert stored_files(settings) == before
+    assert client.get(V).json()["total"] == 1 and client.get(f"{V}/{kept['id']}").status_code == 200
+
+
+def test_client_disconnect_mid_upload_leaves_no_file(app, settings) -> None:  # type: ignore[no-untyped-def]
+    body = _multipart(tiff_bytes(image2d(shape=(600, 500))))
+    state = {"sent": 0}
+
+    async def receive() -> dict:
+        if state["sent"] < 4:
+            piece = body[state["sent"] * 16384:(state["sent"] + 1) * 16384]
+            state["sent"] += 1
+            return {"type": "http.request", "body": piece, "more_body": True}
+        return {"type": "http.disconnect"}
+
+    messages: list[dict] = []
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": V, "raw_path": V.encode(), "root_path": "", "query_string": b"", "server": ("test", 80),
+        "client": ("test", 1), "app": app,
+        "headers": [(b"content-type", b"multipart/form-data; boundary=embedsegboundary")],
+    }
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            await app(scope, receive, send)
+
+    asyncio.run(run())
+    assert messages[0]["status"] == 400
+    assert messages[1]["body"] == (
+        b'{"detail":"the client disconnected before the end of the upload; resend the file"}'
+    )
+    assert stored_files(settings) == []
