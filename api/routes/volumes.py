@@ -200,6 +200,27 @@ def _chunks(path: Path, size: int = 1024 * 1024):  # type: ignore[no-untyped-def
         "array's axes, e.g. ZYX or CZYX, overriding the file's metadata), `voxel_size` ('z,y,x' or 'y,x') and "
         "`image_id` (for labels: the image they belong to). The body is streamed to storage."
     ),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary", "description": "The TIFF"},
+                            "name": {"type": "string", "description": "Default: the file name without .tif"},
+                            "kind": {"type": "string", "enum": ["image", "labels"], "default": "image"},
+                            "axes": {"type": "string", "description": "Stored array's axes, e.g. ZYX, CZYX"},
+                            "voxel_size": {"type": "string", "description": "'z,y,x' or 'y,x' (array order)"},
+                            "image_id": {"type": "string", "description": "For labels: the image they belong to"},
+                        },
+                    }
+                }
+            },
+        }
+    },
     responses={
         400: {"description": "Malformed multipart body"},
         413: {"description": "Larger than EMBEDSEG_MAX_UPLOAD_BYTES"},

@@ -100,6 +100,9 @@ def test_openapi_and_docs(client) -> None:  # type: ignore[no-untyped-def]
                  "/api/v1/volumes/{volume_id}/download", "/api/v1/volumes/{volume_id}/preview.png"):
         assert path in paths
     assert set(paths["/api/v1/volumes/{volume_id}"]) == {"get", "delete"}
+    form = paths["/api/v1/volumes"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["file"]
+    assert set(form["properties"]) == {"file", "name", "kind", "axes", "voxel_size", "image_id"}
 
 
 def test_cors_only_when_configured(settings) -> None:  # type: ignore[no-untyped-def]
