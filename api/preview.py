@@ -9,9 +9,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image
 
-from core.io import read_tiff
+from core.io import inspect_tiff, read_tiff
 
 OVERLAY_ALPHA = 0.45
 
@@ -65,6 +66,28 @@ def _colour_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return colours, labels > 0
 
 
+def load_plane(path: Path, projection: Projection, z: int | None, channel: int) -> np.ndarray:
+    """One 2D plane (Y, X) of the volume at ``path``: its middle/``z`` slice or its max projection.
+
+    A 3D volume stored one page per slice is read a page at a time (never whole); other
+    layouts are read whole. Raises ValueError when ``z``/``channel`` are out of range.
+    """
+    info = inspect_tiff(path)
+    _check(info.shape, info.axes, z, channel)
+    if info.axes == "ZYX":
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            if tuple(series.shape) == tuple(info.shape) and len(series.pages) == info.shape[0]:
+                if projection is Projection.max:
+                    plane = tif.asarray(key=0, series=0)
+                    for k in range(1, info.shape[0]):
+                        np.maximum(plane, tif.asarray(key=k, series=0), out=plane)
+                    return plane
+                return tif.asarray(key=info.shape[0] // 2 if z is None else z, series=0)
+    volume = read_tiff(path)
+    return _plane(volume.data, volume.axes, projection, z, channel)
+
+
 def render_preview(
     path: Path | None,
     *,
@@ -82,16 +105,11 @@ def render_preview(
     image_plane = labels_plane = None
     stride = 1
     if path is not None:
-        volume = read_tiff(path)
-        _check(volume.data.shape, volume.axes, z, channel)
-        image_plane = _plane(volume.data, volume.axes, projection, z, channel)
+        image_plane = load_plane(path, projection, z, channel)
         stride = _stride(image_plane.shape, max_px)
         image_plane = image_plane[::stride, ::stride]
     if labels_path is not None:
-        labels = read_tiff(labels_path)
-        if path is None:
-            _check(labels.data.shape, labels.axes, z, 0)
-        labels_plane = _plane(labels.data, labels.axes, projection, z, 0)
+        labels_plane = load_plane(labels_path, projection, z, 0)
         if path is None:
             stride = _stride(labels_plane.shape, max_px)
         labels_plane = labels_plane[::stride, ::stride]

@@ -14,7 +14,7 @@ import tifffile
 from PIL import Image
 from volume_files import tiff_bytes, upload
 
-from api import jobs
+from api import jobs, preview
 from api.orm import JobStatus, Volume
 from api.storage import PendingWrite
 from core.io import read_tiff
@@ -537,3 +537,33 @@ def test_client_disconnect_mid_upload_leaves_no_file(app, settings) -> None:  # 
         b'{"detail":"the client disconnected before the end of the upload; resend the file"}'
     )
     assert stored_files(settings) == []
+
+
+@pytest.mark.parametrize("imagej", [False, True])
+def test_3d_preview_reads_one_page_at_a_time(tmp_path, monkeypatch, imagej) -> None:  # type: ignore[no-untyped-def]
+    data = np.random.default_rng(2).integers(0, 5000, size=(7, 20, 24)).astype(np.uint16)
+    path = tmp_path / "v.tif"
+    if imagej:
+        tifffile.imwrite(path, data, imagej=True, metadata={"axes": "ZYX"}, compression="zlib")
+    else:
+        tifffile.imwrite(path, data, photometric="minisblack")
+
+    def whole_read(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the whole volume was read")
+
+    monkeypatch.setattr(preview, "read_tiff", whole_read)
+    np.testing.assert_array_equal(preview.load_plane(path, preview.Projection.middle, None, 0), data[3])
+    np.testing.assert_array_equal(preview.load_plane(path, preview.Projection.middle, 6, 0), data[6])
+    np.testing.assert_array_equal(preview.load_plane(path, preview.Projection.max, None, 0), data.max(axis=0))
+
+
+def test_preview_of_channels_picks_the_channel(client) -> None:  # type: ignore[no-untyped-def]
+    data = np.zeros((2, 3, 16, 16), np.uint16)  # C, Z, Y, X
+    data[0, 1, 2:6, 2:6] = 50
+    data[1, 1, 10:14, 10:14] = 50
+    volume = upload(client, tiff_bytes(data)).json()
+    assert volume["axes"] == "CZYX"
+    first = _png(client.get(f"{V}/{volume['id']}/preview.png"))[..., 0]
+    second = _png(client.get(f"{V}/{volume['id']}/preview.png", params={"channel": 1}))[..., 0]
+    assert first[3, 3] == 255 and first[11, 11] == 0
+    assert second[11, 11] == 255 and second[3, 3] == 0
