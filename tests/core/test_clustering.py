@@ -176,11 +176,18 @@ def test_matches_the_procedure_one_seed_at_a_time(dims, seed):
 
 
 def test_wide_and_narrow_bandwidths_match_the_procedure():
-    # very small lambda (boxes larger than the image: full scans) mixed with tiny boxes
-    raw = random_raw((36, 36), 7, sigma_range=(-0.9, 1.5))
+    # mostly boxes of a few pixels (a fine cell index) and some seeds whose box spans the whole volume
+    rng = np.random.default_rng(8)
+    raw = random_raw((10, 28, 28), 8)
+    narrow = rng.uniform(1.1, 1.5, size=raw.shape[1:])
+    wide = rng.uniform(-0.5, 0.4, size=raw.shape[1:])
+    is_wide = rng.random(raw.shape[1:]) < 0.05
+    raw[3:6] = np.where(is_wide, wide, narrow)[None]
+    raw[6][is_wide] -= 1.0  # wide seeds tend to come later
     for min_size in (0, 8):
-        np.testing.assert_array_equal(cluster(raw, step=H, min_size=min_size),
-                                      naive_cluster(raw, (H, H), min_size=min_size))
+        for kwargs in ({}, {"seed_thresh": 0.7}):
+            np.testing.assert_array_equal(cluster(raw, step=H, min_size=min_size, **kwargs),
+                                          naive_cluster(raw, (H, H, H), min_size=min_size, **kwargs))
 
 
 @pytest.mark.parametrize("dims", [2, 3])
