@@ -567,3 +567,12 @@ def test_preview_of_channels_picks_the_channel(client) -> None:  # type: ignore[
     second = _png(client.get(f"{V}/{volume['id']}/preview.png", params={"channel": 1}))[..., 0]
     assert first[3, 3] == 255 and first[11, 11] == 0
     assert second[11, 11] == 255 and second[3, 3] == 0
+
+
+def test_labels_must_match_their_image_shape(client, settings) -> None:  # type: ignore[no-untyped-def]
+    image = upload(client, tiff_bytes(image2d())).json()["id"]
+    before = stored_files(settings)
+    response = upload(client, tiff_bytes(np.zeros((32, 32), np.uint16)), kind="labels", image_id=image)
+    assert response.status_code == 422
+    assert response.json() == {"detail": "image_id: the labels' shape [32, 32] differs from the image's [64, 48]"}
+    assert stored_files(settings) == before
