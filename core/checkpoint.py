@@ -51,9 +51,9 @@ def library_versions() -> dict[str, str]:
 
 
 def _to_cpu(obj: Any) -> Any:
-    """Copy every tensor inside ``obj`` (nested dicts/lists/tuples) to the CPU."""
+    """Move every tensor inside ``obj`` (nested dicts/lists/tuples) to the CPU (CPU tensors as they are)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach() if obj.device.type == "cpu" else obj.detach().to("cpu")
     if isinstance(obj, dict):
         return {k: _to_cpu(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -1,0 +1,880 @@
+"""Training of a Branched ERF-Net with the EmbedSeg loss (method.md §9).
+
+:func:`train` takes images and label masks (numpy arrays), derives the data properties
+(:class:`core.hyperparams.DataProperties`), trains with Adam and the paper's polynomial decay,
+validates on fixed validation crops (loss and oracle IoU) and on the whole validation images
+(AP_dsb at IoU 0.5 after clustering), and keeps two files: the best model (by the selection
+metric) at ``out_path`` and the last state next to it (``<name>.last<suffix>``) for resuming.
+
+Robustness: the best model is chosen by the real validation AP of clustered predictions, never
+among degenerate models (no predicted object, collapsed seed map); epochs of a small training
+set repeat crops so that each epoch has enough optimiser steps; under a wall-clock budget the
+learning-rate decay follows the elapsed fraction of the budget, validation follows a time-based
+cadence, and training stops in time to validate and save the final state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.centers import CenterMode
+from core.checkpoint import load_checkpoint, save_checkpoint
+from core.device import resolve_device
+
+logger = logging.getLogger(__name__)
+
+EFFECTIVE_BATCH = {2: 16, 3: 16}
+"""batch × virtual multiplier: 16 × 1 in 2D, 2 × 8 in 3D (method.md §9)."""
+
+DEFAULT_BATCH = {2: 16, 3: 2}
+MAX_BATCH_VOXELS = {2: 16 * 256 * 256, 3: 2 * 32 * 136 * 136}
+"""Largest number of crop voxels in one forward pass; bigger crops lower the batch and raise m."""
+
+MIN_STEPS_PER_EPOCH = 10
+"""A small training set repeats its crops so that an epoch has at least this many optimiser steps."""
+
+MAX_VAL_CROPS = 48
+"""Validation crops kept (a seeded subset when there are more)."""
+
+BUDGET_VAL_FRACTION = 0.04
+"""Under a wall-clock budget, validate about every this fraction of the budget."""
+
+SEED_THRESHOLD = 0.9
+FG_THRESHOLD = 0.5
+
+
+class SelectionMetric(str, Enum):
+    """How the best checkpoint is chosen: validation AP_dsb@0.5 (default) or the paper's oracle IoU."""
+
+    ap_dsb = "ap_dsb"
+    oracle_iou = "oracle_iou"
+
+    @classmethod
+    def parse(cls, value: SelectionMetric | str) -> SelectionMetric:
+        """Return the member for ``value``; a bad value raises ``ValueError`` listing valid ones."""
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            valid = ", ".join(m.value for m in cls)
+            raise ValueError(f"unknown selection metric {value!r}; valid: {valid}") from None
+
+
+class StopTraining(Exception):  # noqa: N818 - reads as a request, not an error
+    """Raised by a progress callback to stop training cleanly (the state is saved first)."""
+
+
+def _parse_shape(value: Any, spatial_dims: int, name: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, np.integer)):
+        values = (int(value),) * spatial_dims
+    else:
+        values = tuple(int(v) for v in value)
+    if len(values) != spatial_dims:
+        raise ValueError(f"{name} needs {spatial_dims} values (array order), got {values}")
+    return values
+
+
+@dataclass
+class TrainConfig:
+    """Options of :func:`train`; every field is validated on construction.
+
+    ``batch_size``/``virtual_batch`` ``None`` choose batch × m = 16 (2D: 16 × 1, 3D: 2 × 8),
+    lowering the batch for large crops. ``crop_size`` is ``"auto"`` (data-derived), one int
+    (every axis) or a tuple in array order, each a multiple of 8. ``max_time_minutes`` bounds
+    the wall-clock time. ``samples_per_epoch`` ``None`` uses every training crop once, repeated
+    so that an epoch has at least 10 optimiser steps. ``voxel_size`` (array order) overrides the
+    files' metadata and sets the anisotropy.
+    """
+
+    spatial_dims: int
+    epochs: int = 200
+    max_time_minutes: float | None = None
+    batch_size: int | None = None
+    virtual_batch: int | None = None
+    crop_size: str | int | tuple[int, ...] = "auto"
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    center: CenterMode = CenterMode.medoid
+    val_fraction: float = 0.15
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    selection_metric: SelectionMetric = SelectionMetric.ap_dsb
+    val_every: int = 1
+    voxel_size: tuple[float, ...] | None = None
+    in_channels: int = 1
+    deterministic: bool = False
+    num_workers: int = 0
+    samples_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims!r}")
+        self.center = CenterMode.parse(self.center)
+        self.selection_metric = SelectionMetric.parse(self.selection_metric)
+        if int(self.epochs) < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        self.epochs = int(self.epochs)
+        if self.max_time_minutes is not None and not float(self.max_time_minutes) > 0:
+            raise ValueError(f"max_time_minutes must be positive, got {self.max_time_minutes}")
+        for name in ("batch_size", "virtual_batch", "samples_per_epoch"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if isinstance(self.crop_size, str):
+            if self.crop_size != "auto":
+                try:
+                    self.crop_size = int(self.crop_size)
+                except ValueError:
+                    raise ValueError(f"crop_size must be 'auto', an int or a tuple, got {self.crop_size!r}") from None
+        if not isinstance(self.crop_size, str):
+            shape = _parse_shape(self.crop_size, self.spatial_dims, "crop_size")
+            assert shape is not None
+            if any(s < 8 or s % 8 for s in shape):
+                raise ValueError(f"crop_size values must be positive multiples of 8, got {shape}")
+            self.crop_size = shape
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 < float(self.val_fraction) < 1.0:
+            raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        if int(self.val_every) < 1:
+            raise ValueError(f"val_every must be at least 1, got {self.val_every}")
+        if int(self.in_channels) < 1:
+            raise ValueError(f"in_channels must be at least 1, got {self.in_channels}")
+        if int(self.num_workers) < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.voxel_size is not None:
+            vs = tuple(float(v) for v in self.voxel_size)
+            if len(vs) != self.spatial_dims or any(not v > 0 for v in vs):
+                raise ValueError(f"voxel_size needs {self.spatial_dims} positive values (array order), got {vs}")
+            self.voxel_size = vs
+        resolve_device(self.device)  # refuses unknown names and CUDA without a GPU
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (enums as their values), as stored in checkpoints."""
+        data = asdict(self)
+        data["center"] = self.center.value
+        data["selection_metric"] = self.selection_metric.value
+        for key in ("crop_size", "voxel_size"):
+            if isinstance(data[key], tuple):
+                data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {', '.join(unknown)}")
+        values = dict(data)
+        if isinstance(values.get("crop_size"), list):
+            values["crop_size"] = tuple(values["crop_size"])
+        if isinstance(values.get("voxel_size"), list):
+            values["voxel_size"] = tuple(values["voxel_size"])
+        return cls(**values)
+
+
+@dataclass
+class TrainProgress:
+    """What a progress callback receives, after every optimiser step and at the end of every epoch.
+
+    ``epoch`` counts from 0 and is the epoch in progress; ``step`` counts optimiser steps done in
+    it. ``val_iou``/``val_ap`` are the latest validation figures (``None`` before the first).
+    ``fraction`` (0–1) is the part of the run done, ``eta_s`` the estimated seconds left.
+    """
+
+    epoch: int
+    epochs: int
+    step: int
+    steps_per_epoch: int
+    loss: float | None
+    val_iou: float | None
+    val_ap: float | None
+    eta_s: float | None
+    fraction: float
+    message: str = ""
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    ``stopped`` is ``"completed"``, ``"time_budget"`` or ``"requested"`` (callback).
+    """
+
+    model_path: Path
+    last_path: Path
+    best_epoch: int | None
+    best_metrics: dict[str, Any]
+    epochs_completed: int
+    stopped: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+    properties: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+ProgressCallback = Callable[[TrainProgress], Any]
+
+
+def last_checkpoint_path(out_path: str | Path) -> Path:
+    """Where the last (resumable) state is kept for a best-model path: ``model.pt`` → ``model.last.pt``."""
+    out_path = Path(out_path)
+    suffix = out_path.suffix or ".pt"
+    return out_path.with_name(f"{out_path.stem}.last{suffix}")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def choose_batch(
+    spatial_dims: int, crop_shape: Sequence[int], batch_size: int | None, virtual_batch: int | None
+) -> tuple[int, int]:
+    """Batch size and virtual multiplier m so that batch × m = 16 (2D 16 × 1, 3D 2 × 8).
+
+    Large crops lower the automatic batch (and raise m) so that one forward pass holds at most
+    :data:`MAX_BATCH_VOXELS` voxels.
+    """
+    effective = EFFECTIVE_BATCH[spatial_dims]
+    if batch_size is None:
+        voxels = int(np.prod(crop_shape))
+        batch = DEFAULT_BATCH[spatial_dims]
+        while batch > 1 and batch * voxels > MAX_BATCH_VOXELS[spatial_dims]:
+            batch //= 2
+    else:
+        batch = int(batch_size)
+    m = int(virtual_batch) if virtual_batch is not None else max(1, round(effective / batch))
+    return batch, m
+
+
+def _as_array_list(items: Sequence[np.ndarray] | np.ndarray, name: str) -> list[np.ndarray]:
+    if isinstance(items, np.ndarray):
+        items = [items]
+    out = [np.asarray(a) for a in items]
+    if not out:
+        raise ValueError(f"{name} is empty: give at least one image")
+    return out
+
+
+def _check_pairs(
+    images: list[np.ndarray], masks: list[np.ndarray], spatial_dims: int, in_channels: int, what: str
+) -> None:
+    if len(images) != len(masks):
+        raise ValueError(f"{what}: {len(images)} images but {len(masks)} masks; give one mask per image")
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        if mask.ndim != spatial_dims:
+            raise ValueError(
+                f"{what} mask {i} has shape {mask.shape}; a {spatial_dims}D mask needs {spatial_dims} axes"
+            )
+        if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+            raise ValueError(f"{what} mask {i} has dtype {mask.dtype}; label masks must be integers")
+        spatial = image.shape if image.ndim == spatial_dims else image.shape[1:]
+        if image.ndim not in (spatial_dims, spatial_dims + 1) or tuple(spatial) != tuple(mask.shape):
+            raise ValueError(
+                f"{what} image {i} has shape {image.shape} but its mask has shape {mask.shape}; "
+                f"images are {'(Z, Y, X)' if spatial_dims == 3 else '(Y, X)'} with an optional channel axis first"
+            )
+        channels = 1 if image.ndim == spatial_dims else image.shape[0]
+        if channels != in_channels:
+            raise ValueError(f"{what} image {i} has {channels} channel(s); the model is built for {in_channels}")
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+@dataclass
+class _Validation:
+    loss: float | None = None
+    oracle_iou: float | None = None
+    seed_max: float | None = None
+    ap: float | None = None
+    n_pred: int | None = None
+    n_gt: int | None = None
+
+    def degenerate(self) -> bool:
+        """True for a model that cannot produce objects (collapsed seed map, no prediction)."""
+        if self.n_pred is not None and self.n_gt:
+            return self.n_pred == 0
+        if self.seed_max is not None:
+            return self.seed_max < SEED_THRESHOLD
+        return False
+
+
+class _Validator:
+    """Fixed validation crops (loss, oracle IoU, seed peak) and whole images (AP_dsb@0.5)."""
+
+    def __init__(
+        self,
+        crops: list[dict[str, Any]],
+        images: list[np.ndarray],
+        masks: list[np.ndarray],
+        *,
+        step: tuple[float, ...],
+        min_size: int,
+        batch_size: int,
+        device: torch.device,
+    ) -> None:
+        self.crops = crops
+        self.images = images
+        self.masks = masks
+        self.step = step
+        self.min_size = min_size
+        self.batch_size = batch_size
+        self.device = device
+        self.ap_seconds: float | None = None
+
+    @torch.no_grad()
+    def on_crops(self, net: torch.nn.Module, loss_fn: torch.nn.Module, amp: bool) -> _Validation:
+        from core.data import collate_crops
+        from core.loss import oracle_ious
+
+        result = _Validation()
+        if not self.crops:
+            return result
+        net.eval()
+        losses: list[float] = []
+        weights: list[float] = []
+        ious: list[float] = []
+        iou_weights: list[float] = []
+        seed_max = -math.inf
+        for start in range(0, len(self.crops), self.batch_size):
+            batch = collate_crops(self.crops[start : start + self.batch_size])
+            image = batch["image"].to(self.device)
+            labels = batch["labels"].to(self.device)
+            ignore = batch["ignore"].to(self.device)
+            centers = [c.to(self.device) for c in batch["centers"]]
+            ids = [i.to(self.device) for i in batch["center_ids"]]
+            with torch.autocast(device_type=self.device.type, enabled=amp):
+                raw = net(image)
+            raw = raw.float()
+            loss = loss_fn(raw, labels, centers, ids, ignore)
+            losses.append(float(loss))
+            weights.append(len(centers))
+            per_object = oracle_ious(raw, labels, centers, ids, self.step, ignore=ignore)
+            if per_object.numel():
+                ious.append(float(per_object.sum()))
+                iou_weights.append(int(per_object.numel()))
+            fg = labels > 0
+            if bool(fg.any()):
+                seed = torch.sigmoid(raw[:, -1])
+                seed_max = max(seed_max, float(seed[fg].max()))
+        result.loss = float(np.average(losses, weights=weights))
+        result.oracle_iou = float(sum(ious) / sum(iou_weights)) if iou_weights else 0.0
+        result.seed_max = seed_max if seed_max > -math.inf else None
+        return result
+
+    @torch.no_grad()
+    def on_images(self, net: torch.nn.Module, result: _Validation) -> None:
+        from core.metrics import average_precision
+        from core.predict import segment
+
+        start = time.monotonic()
+        net.eval()
+        aps: list[float] = []
+        n_pred = 0
+        n_gt = 0
+        for image, mask in zip(self.images, self.masks):
+            labels = segment(
+                net,
+                image,
+                step=self.step,
+                tta=False,
+                tile=None,
+                fg_thresh=FG_THRESHOLD,
+                seed_thresh=SEED_THRESHOLD,
+                min_size=self.min_size,
+                device=self.device,
+                progress=None,
+            )
+            score = average_precision(mask, labels, (0.5,))
+            if not score.empty:
+                aps.append(float(score.ap[0]))
+            n_pred += int(score.n_pred)
+            n_gt += int(score.n_gt)
+        result.ap = float(np.mean(aps)) if aps else 0.0
+        result.n_pred = n_pred
+        result.n_gt = n_gt
+        self.ap_seconds = time.monotonic() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def _lr_factor(epoch: int, epochs: int, time_fraction: float) -> float:
+    """(1 − f)^0.9 with f the larger of the epoch fraction and the elapsed budget fraction."""
+    f = max(epoch / epochs, time_fraction)
+    return max(0.0, 1.0 - min(f, 1.0)) ** 0.9
+
+
+def _selection_key(metric: SelectionMetric, val: _Validation) -> tuple[float, ...] | None:
+    """Ordering key of a validated state; ``None`` when it cannot be a best model."""
+    if val.degenerate():
+        return None
+    if metric == SelectionMetric.ap_dsb:
+        if val.ap is None:
+            return None
+        return (val.ap, val.oracle_iou if val.oracle_iou is not None else 0.0)
+    if val.oracle_iou is None:
+        return None
+    return (val.oracle_iou, val.ap if val.ap is not None else 0.0)
+
+
+def _resolve_voxel_size(
+    voxel_size: Sequence[float] | None, config: TrainConfig
+) -> tuple[float, ...] | None:
+    vs = voxel_size if voxel_size is not None else config.voxel_size
+    if vs is None:
+        return None
+    vs = tuple(float(v) for v in vs)
+    if len(vs) != config.spatial_dims or any(not v > 0 for v in vs):
+        raise ValueError(f"voxel_size needs {config.spatial_dims} positive values (array order), got {vs}")
+    return vs
+
+
+def train(
+    images: Sequence[np.ndarray] | np.ndarray,
+    masks: Sequence[np.ndarray] | np.ndarray,
+    config: TrainConfig,
+    *,
+    out_path: str | Path,
+    val_images: Sequence[np.ndarray] | None = None,
+    val_masks: Sequence[np.ndarray] | None = None,
+    voxel_size: Sequence[float] | None = None,
+    resume_from: str | Path | None = None,
+    progress: ProgressCallback | None = None,
+) -> TrainResult:
+    """Train a model and write the best one to ``out_path`` (the last state beside it).
+
+    ``images``: arrays ``(*S)`` or ``(C, *S)`` (any numeric dtype; normalised here);
+    ``masks``: integer label arrays ``(*S)`` (0 = background). Without ``val_images`` a seeded
+    ``config.val_fraction`` of the images is held out (a single image is split spatially).
+    ``voxel_size`` (array order) overrides ``config.voxel_size``. ``resume_from`` continues a
+    run from a checkpoint (the last state of an earlier run). ``progress`` receives a
+    :class:`TrainProgress`; returning ``False`` or raising :class:`StopTraining` stops training
+    after the state is saved.
+    """
+    from core.data import CropDataset, collate_crops
+    from core.erfnet import BranchedERFNet
+    from core.hyperparams import DataProperties
+    from core.loss import EmbedSegLoss
+
+    t_start = time.monotonic()
+    if not isinstance(config, TrainConfig):
+        raise TypeError("config must be a TrainConfig")
+    dims = config.spatial_dims
+    out_path = Path(out_path)
+    last_path = last_checkpoint_path(out_path)
+    device = resolve_device(config.device)
+    amp = bool(config.amp and device.type == "cuda")
+    budget_s = float(config.max_time_minutes) * 60.0 if config.max_time_minutes else None
+
+    images_l = _as_array_list(images, "images")
+    masks_l = _as_array_list(masks, "masks")
+    _check_pairs(images_l, masks_l, dims, config.in_channels, "training")
+    if (val_images is None) != (val_masks is None):
+        raise ValueError("give both val_images and val_masks, or neither (then val_fraction is held out)")
+    if val_images is not None:
+        val_images_l = _as_array_list(val_images, "val_images")
+        val_masks_l = _as_array_list(val_masks, "val_masks")  # type: ignore[arg-type]
+        _check_pairs(val_images_l, val_masks_l, dims, config.in_channels, "validation")
+        train_images, train_masks = images_l, masks_l
+    else:
+        from core.data import split_train_val
+
+        (train_images, train_masks), (val_images_l, val_masks_l) = split_train_val(
+            images_l, masks_l, val_fraction=config.val_fraction, seed=config.seed, spatial_dims=dims
+        )
+    vs = _resolve_voxel_size(voxel_size, config)
+
+    resume: dict[str, Any] | None = None
+    if resume_from is not None:
+        resume = load_checkpoint(resume_from)
+        _check_resume(resume, config)
+
+    torch.backends.cudnn.benchmark = not config.deterministic
+    if config.deterministic:
+        torch.backends.cudnn.deterministic = True
+    seed_everything(config.seed)
+
+    # data-derived parameters (a resumed run keeps the ones it was started with)
+    if resume is not None and resume.get("properties"):
+        props = DataProperties.from_dict(resume["properties"])
+    else:
+        props = DataProperties.from_masks(
+            list(train_masks) + list(val_masks_l),
+            spatial_dims=dims,
+            voxel_size=vs,
+            crop_shape=None if config.crop_size == "auto" else config.crop_size,
+        )
+    description = props.describe()
+    logger.info("data-derived parameters:\n%s", description)
+
+    crop_shape = tuple(int(s) for s in props.crop_shape)
+    step = tuple(float(h) for h in props.step)
+    batch, m = choose_batch(dims, crop_shape, config.batch_size, config.virtual_batch)
+
+    train_set = CropDataset(
+        train_images,
+        train_masks,
+        crop_shape=crop_shape,
+        center_mode=config.center,
+        anisotropy=props.anisotropy,
+        augment=True,
+        seed=config.seed,
+        normalization=props.normalization,
+    )
+    if len(train_set) == 0:
+        raise ValueError("the training masks hold no object: nothing to train on")
+    val_set = CropDataset(
+        val_images_l,
+        val_masks_l,
+        crop_shape=crop_shape,
+        center_mode=config.center,
+        anisotropy=props.anisotropy,
+        augment=False,
+        seed=config.seed,
+        normalization=props.normalization,
+    )
+    val_index = np.arange(len(val_set))
+    if len(val_index) > MAX_VAL_CROPS:
+        val_index = np.sort(np.random.default_rng([config.seed, 7]).choice(val_index, MAX_VAL_CROPS, replace=False))
+    val_crops = [val_set[int(i)] for i in val_index]
+    val_norm = [_normalized(image, props, dims) for image in val_images_l]
+    validator = _Validator(
+        val_crops,
+        val_norm,
+        [np.asarray(mk) for mk in val_masks_l],
+        step=step,
+        min_size=int(props.min_object_size),
+        batch_size=batch,
+        device=device,
+    )
+
+    samples = config.samples_per_epoch or max(len(train_set), MIN_STEPS_PER_EPOCH * batch * m)
+    steps_per_epoch = max(1, samples // (batch * m))
+    samples = steps_per_epoch * batch * m
+
+    net = BranchedERFNet(dims, in_channels=config.in_channels).to(device)
+    loss_fn = EmbedSegLoss(dims, step, foreground_weight=float(props.foreground_weight))
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    best_key: tuple[float, ...] | None = None
+    best_epoch: int | None = None
+    best_metrics: dict[str, Any] = {}
+    if resume is not None:
+        net.load_state_dict(resume["state_dict"])
+        if resume.get("optimizer"):
+            optimizer.load_state_dict(resume["optimizer"])
+        if resume.get("scaler") and amp:
+            scaler.load_state_dict(resume["scaler"])
+        start_epoch = int(resume.get("epoch", 0))
+        history = list(resume.get("history") or [])
+        best = resume.get("best") or {}
+        if best.get("key") is not None:
+            best_key = tuple(best["key"])
+            best_epoch = best.get("epoch")
+            best_metrics = dict(best.get("metrics") or {})
+
+    def payload(epoch_done: int, metrics: dict[str, Any], kind: str) -> dict[str, Any]:
+        return {
+            "kind": kind,
+            "state_dict": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if amp else None,
+            "epoch": epoch_done,
+            "config": config.to_dict(),
+            "spatial_dims": dims,
+            "in_channels": config.in_channels,
+            "step": list(step),
+            "properties": props.to_dict(),
+            "normalization": props.normalization_settings.to_dict(),
+            "metrics": metrics,
+            "history": history,
+            "seed": config.seed,
+            "best": {"key": list(best_key) if best_key else None, "epoch": best_epoch, "metrics": best_metrics},
+            "batch": {"batch_size": batch, "virtual_batch": m, "steps_per_epoch": steps_per_epoch},
+        }
+
+    save_seconds = 0.0
+
+    def save(path: Path, data: dict[str, Any]) -> None:
+        nonlocal save_seconds
+        t0 = time.monotonic()
+        save_checkpoint(path, data)
+        save_seconds = max(save_seconds, time.monotonic() - t0)
+
+    last_val: _Validation | None = None
+    last_loss: float | None = None
+    stopped = "completed"
+    epochs_done = start_epoch
+    last_val_time = time.monotonic()
+    evaluated_state = True  # the state saved as best/last has been validated
+
+    def elapsed() -> float:
+        return time.monotonic() - t_start
+
+    def fraction_done(epoch_float: float) -> float:
+        f = epoch_float / config.epochs
+        if budget_s:
+            f = max(f, elapsed() / budget_s)
+        return float(min(1.0, max(0.0, f)))
+
+    def eta(epoch_float: float) -> float | None:
+        done = epoch_float - start_epoch
+        if done <= 0:
+            return budget_s - elapsed() if budget_s else None
+        remaining = (config.epochs - epoch_float) * elapsed() / done
+        if budget_s:
+            remaining = min(remaining, max(0.0, budget_s - elapsed()))
+        return float(remaining)
+
+    def notify(epoch: int, step_i: int, message: str = "") -> bool:
+        if progress is None:
+            return True
+        epoch_float = epoch + step_i / steps_per_epoch
+        info = TrainProgress(
+            epoch=epoch,
+            epochs=config.epochs,
+            step=step_i,
+            steps_per_epoch=steps_per_epoch,
+            loss=last_loss,
+            val_iou=last_val.oracle_iou if last_val else None,
+            val_ap=last_val.ap if last_val else None,
+            eta_s=eta(epoch_float),
+            fraction=fraction_done(epoch_float),
+            message=message,
+        )
+        try:
+            answer = progress(info)
+        except StopTraining:
+            return False
+        return answer is not False
+
+    def validate(epoch_done: int, with_images: bool) -> _Validation:
+        nonlocal last_val, best_key, best_epoch, best_metrics, last_val_time
+        val = validator.on_crops(net, loss_fn, amp)
+        if with_images and validator.images:
+            validator.on_images(net, val)
+        last_val = val
+        last_val_time = time.monotonic()
+        record = {
+            "epoch": epoch_done,
+            "val_loss": val.loss,
+            "val_iou": val.oracle_iou,
+            "val_ap": val.ap,
+            "val_seed_max": val.seed_max,
+            "val_objects": val.n_pred,
+            "degenerate": val.degenerate(),
+        }
+        key = _selection_key(config.selection_metric, val)
+        metrics = {k: v for k, v in record.items() if k != "epoch"}
+        if key is not None and (best_key is None or key > best_key):
+            best_key, best_epoch, best_metrics = key, epoch_done, metrics
+            save(out_path, payload(epoch_done, metrics, "best"))
+            record["best"] = True
+        history[-1].update(record) if history and history[-1].get("epoch") == epoch_done else history.append(record)
+        return val
+
+    if start_epoch == 0:
+        notify(0, 0, "data-derived parameters:\n" + description)
+
+    stop_requested = False
+    epoch = start_epoch
+    for epoch in range(start_epoch, config.epochs):
+        if budget_s is not None and _out_of_time(elapsed(), budget_s, validator.ap_seconds, 0.0, save_seconds):
+            stopped = "time_budget"
+            break
+        epoch_t0 = time.monotonic()
+        factor = _lr_factor(epoch, config.epochs, elapsed() / budget_s if budget_s else 0.0)
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * factor
+        epoch_seed = _epoch_seed(config.seed, epoch)
+        torch.manual_seed(epoch_seed)
+        rng = np.random.default_rng(epoch_seed)
+        order = _epoch_order(len(train_set), samples, rng)
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(train_set, order.tolist()),
+            batch_size=batch,
+            shuffle=False,
+            collate_fn=collate_crops,
+            num_workers=int(config.num_workers),
+            worker_init_fn=_worker_init if config.num_workers else None,
+            generator=torch.Generator().manual_seed(epoch_seed),
+        )
+        net.train()
+        optimizer.zero_grad(set_to_none=True)
+        running: list[float] = []
+        step_i = 0
+        interrupted = False
+        for i, sample in enumerate(loader):
+            image = sample["image"].to(device, non_blocking=True)
+            labels = sample["labels"].to(device, non_blocking=True)
+            ignore = sample["ignore"].to(device, non_blocking=True)
+            centers = [c.to(device) for c in sample["centers"]]
+            ids = [c.to(device) for c in sample["center_ids"]]
+            with torch.autocast(device_type=device.type, enabled=amp):
+                raw = net(image)
+            loss = loss_fn(raw.float(), labels, centers, ids, ignore)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the training loss became {float(loss)} at epoch {epoch}, batch {i}")
+            scaler.scale(loss / m).backward()
+            running.append(float(loss.detach()))
+            if (i + 1) % m == 0:
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step_i += 1
+                last_loss = float(np.mean(running[-m:]))
+                evaluated_state = False
+                if not notify(epoch, step_i):
+                    stop_requested = True
+                    interrupted = True
+                    break
+                if budget_s is not None and _out_of_time(
+                    elapsed(), budget_s, validator.ap_seconds, (time.monotonic() - epoch_t0) / step_i, save_seconds
+                ):
+                    stopped = "time_budget"
+                    interrupted = True
+                    break
+        if running:
+            last_loss = float(np.mean(running))
+        if interrupted:
+            break
+        epochs_done = epoch + 1
+        history.append(
+            {
+                "epoch": epochs_done,
+                "loss": last_loss,
+                "lr": config.lr * factor,
+                "seconds": time.monotonic() - epoch_t0,
+                "elapsed_s": elapsed(),
+            }
+        )
+        if _validation_due(epochs_done, config, budget_s, last_val_time, validator.ap_seconds):
+            val = validate(epochs_done, with_images=True)
+            evaluated_state = True
+            message = (
+                f"epoch {epochs_done}/{config.epochs}: loss {last_loss:.4f}, val loss {val.loss:.4f}, "
+                f"val IoU {val.oracle_iou:.3f}, val AP0.5 {val.ap if val.ap is not None else float('nan'):.3f}"
+            )
+        else:
+            message = f"epoch {epochs_done}/{config.epochs}: loss {last_loss:.4f}"
+        logger.info(message)
+        save(last_path, payload(epochs_done, dict(history[-1]), "last"))
+        if not notify(epochs_done, 0, message) and epochs_done < config.epochs:
+            stop_requested = True
+            break
+
+    if stop_requested:
+        stopped = "requested"
+    # the final state is validated (it may be the best) unless the user asked to stop
+    if not evaluated_state and not stop_requested:
+        validate(epochs_done, with_images=True)
+        evaluated_state = True
+    if best_key is None:
+        # no usable state was seen: keep the current one and say so
+        if last_val is None:
+            validate(epochs_done, with_images=not stop_requested)
+        if best_key is None:
+            metrics = dict(history[-1]) if history else {}
+            metrics["degenerate"] = True
+            best_epoch, best_metrics = epochs_done, metrics
+            save(out_path, payload(epochs_done, metrics, "best"))
+            logger.warning("no validated state predicted any object; the final state was saved as the model")
+    save(last_path, payload(epochs_done, dict(history[-1]) if history else {}, "last"))
+    notify(epochs_done, 0, f"training {stopped} after {epochs_done} epoch(s); best epoch {best_epoch}")
+    return TrainResult(
+        model_path=out_path,
+        last_path=last_path,
+        best_epoch=best_epoch,
+        best_metrics=best_metrics,
+        epochs_completed=epochs_done,
+        stopped=stopped,
+        history=history,
+        properties=props.to_dict(),
+        elapsed_s=elapsed(),
+    )
+
+
+def _normalized(image: np.ndarray, props: Any, dims: int) -> np.ndarray:
+    """``(C, *S)`` float32 image normalised as the training crops are."""
+    image = np.asarray(image)
+    if image.ndim == dims:
+        image = image[None]
+    return props.normalization_settings.apply(image, channel_axis=0).astype(np.float32, copy=False)
+
+
+def _epoch_order(n: int, samples: int, rng: np.random.Generator) -> np.ndarray:
+    """``samples`` crop indices: whole seeded permutations of ``range(n)``, repeated as needed."""
+    reps = -(-samples // n)
+    return np.concatenate([rng.permutation(n) for _ in range(reps)])[:samples]
+
+
+def _worker_init(worker_id: int) -> None:
+    seed = torch.initial_seed() % (2**32)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _out_of_time(
+    elapsed_s: float, budget_s: float, val_seconds: float | None, step_seconds: float, save_seconds: float
+) -> bool:
+    """True when one more step, a final validation and the final saves no longer fit in the budget."""
+    reserve = (val_seconds if val_seconds is not None else 0.02 * budget_s) + step_seconds + 2.0 * save_seconds
+    return elapsed_s + reserve >= budget_s
+
+
+def _validation_due(
+    epochs_done: int, config: TrainConfig, budget_s: float | None, last_val_time: float, val_seconds: float | None
+) -> bool:
+    if epochs_done >= config.epochs:
+        return True
+    if budget_s is None:
+        return epochs_done % config.val_every == 0
+    interval = max(BUDGET_VAL_FRACTION * budget_s, 4.0 * (val_seconds or 0.0))
+    return time.monotonic() - last_val_time >= interval
+
+
+def _check_resume(data: dict[str, Any], config: TrainConfig) -> None:
+    if int(data["spatial_dims"]) != config.spatial_dims:
+        raise ValueError(
+            f"cannot resume a {data['spatial_dims']}D checkpoint with a {config.spatial_dims}D configuration"
+        )
+    if int(data["in_channels"]) != config.in_channels:
+        raise ValueError(
+            f"cannot resume a checkpoint for {data['in_channels']} input channel(s) "
+            f"with in_channels={config.in_channels}"
+        )
+    if not data.get("optimizer"):
+        raise ValueError("this checkpoint holds no optimiser state; resume from the '.last' file of a run")

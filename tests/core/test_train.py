@@ -1,0 +1,274 @@
+"""Training: configuration checks, checkpoints, resume, reproducibility, progress and budgets (tiny data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from core.checkpoint import load_checkpoint, load_model
+from core.synthetic import random_labels, render_image
+from core.train import (
+    SelectionMetric,
+    StopTraining,
+    TrainConfig,
+    TrainProgress,
+    _selection_key,
+    _Validation,
+    choose_batch,
+    last_checkpoint_path,
+    train,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny tensors gain nothing from threads, and threads on a busy machine are much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _data_2d(n: int = 3, shape: tuple[int, int] = (40, 40), seed: int = 0) -> tuple[list, list]:
+    masks = [random_labels(shape, 4, (4.0, 6.0), seed=seed + i) for i in range(n)]
+    images = [(render_image(m, seed=seed + i) * 1000 + 100).astype(np.uint16) for i, m in enumerate(masks)]
+    return images, masks
+
+
+def _data_3d(n: int = 2, shape: tuple[int, int, int] = (16, 32, 32)) -> tuple[list, list]:
+    masks = [random_labels(shape, 4, (3.0, 5.0), seed=10 + i) for i in range(n)]
+    images = [render_image(m, seed=10 + i) for i, m in enumerate(masks)]
+    return images, masks
+
+
+def _config(**overrides) -> TrainConfig:
+    values = dict(
+        spatial_dims=2, epochs=2, crop_size=32, batch_size=2, virtual_batch=2, samples_per_epoch=8,
+        device="cpu", seed=0,
+    )  # fmt: skip
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["state_dict"]
+
+
+# ------------------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("spatial_dims", 4, "spatial_dims must be 2 or 3"),
+        ("epochs", 0, "epochs must be at least 1"),
+        ("max_time_minutes", 0, "max_time_minutes must be positive"),
+        ("batch_size", 0, "batch_size must be at least 1"),
+        ("crop_size", 30, "multiples of 8"),
+        ("crop_size", "big", "crop_size must be 'auto'"),
+        ("crop_size", (32, 32, 32), "crop_size needs 2 values"),
+        ("center", "middle", "unknown center mode 'middle'; valid: medoid, approximate_medoid, centroid"),
+        ("selection_metric", "loss", "unknown selection metric 'loss'; valid: ap_dsb, oracle_iou"),
+        ("val_fraction", 1.0, "val_fraction must be between 0 and 1"),
+        ("val_every", 0, "val_every must be at least 1"),
+        ("lr", -1.0, "lr must be positive"),
+        ("voxel_size", (1.0,), "voxel_size needs 2 positive values"),
+        ("device", "tpu", "unknown device 'tpu'"),
+    ],
+)
+def test_config_refuses_bad_values(field: str, value, message: str) -> None:
+    kwargs = {"spatial_dims": 2, field: value}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**kwargs)
+
+
+def test_config_round_trip_and_parsing() -> None:
+    config = TrainConfig(spatial_dims=3, crop_size=16, center="centroid", selection_metric="oracle_iou",
+                         voxel_size=(2, 1, 1))  # fmt: skip
+    assert config.crop_size == (16, 16, 16)
+    assert config.selection_metric is SelectionMetric.oracle_iou
+    data = config.to_dict()
+    assert data["center"] == "centroid" and data["crop_size"] == [16, 16, 16]
+    assert TrainConfig.from_dict(data) == config
+    with pytest.raises(ValueError, match="unknown TrainConfig fields: colour"):
+        TrainConfig.from_dict({**data, "colour": 1})
+    assert TrainConfig(spatial_dims=2, crop_size="64").crop_size == (64, 64)
+
+
+def test_choose_batch_keeps_an_effective_batch_of_16() -> None:
+    assert choose_batch(2, (256, 256), None, None) == (16, 1)
+    assert choose_batch(3, (32, 136, 136), None, None) == (2, 8)
+    assert choose_batch(2, (512, 512), None, None) == (4, 4)  # large crops: smaller batch, larger m
+    assert choose_batch(3, (48, 256, 256), None, None) == (1, 16)
+    assert choose_batch(2, (64, 64), 4, None) == (4, 4)
+    assert choose_batch(2, (64, 64), 3, 2) == (3, 2)
+
+
+def test_selection_ignores_degenerate_states() -> None:
+    collapsed = _Validation(loss=0.5, oracle_iou=0.9, seed_max=0.4, ap=0.0, n_pred=0, n_gt=10)
+    assert collapsed.degenerate()
+    assert _selection_key(SelectionMetric.oracle_iou, collapsed) is None
+    assert _selection_key(SelectionMetric.ap_dsb, collapsed) is None
+    weak_seeds = _Validation(loss=0.5, oracle_iou=0.8, seed_max=0.85)  # crops only: no seed reaches 0.9
+    assert weak_seeds.degenerate() and _selection_key(SelectionMetric.oracle_iou, weak_seeds) is None
+    good = _Validation(loss=0.5, oracle_iou=0.6, seed_max=0.99, ap=0.7, n_pred=9, n_gt=10)
+    better_iou = _Validation(loss=0.5, oracle_iou=0.7, seed_max=0.99, ap=0.6, n_pred=9, n_gt=10)
+    assert _selection_key(SelectionMetric.ap_dsb, good) > _selection_key(SelectionMetric.ap_dsb, better_iou)
+    assert _selection_key(SelectionMetric.oracle_iou, better_iou) > _selection_key(SelectionMetric.oracle_iou, good)
+    assert _selection_key(SelectionMetric.ap_dsb, _Validation(oracle_iou=0.9, seed_max=0.99)) is None  # no AP yet
+
+
+def test_last_checkpoint_path() -> None:
+    assert last_checkpoint_path(Path("out/model.pt")) == Path("out/model.last.pt")
+    assert last_checkpoint_path(Path("model")) == Path("model.last.pt")
+
+
+# ------------------------------------------------------------------------------------- training runs
+
+
+def test_train_2d_writes_best_and_last_checkpoints(tmp_path: Path) -> None:
+    images, masks = _data_2d()
+    seen: list[TrainProgress] = []
+    result = train(images, masks, _config(), out_path=tmp_path / "m.pt", progress=seen.append)
+
+    assert result.stopped == "completed" and result.epochs_completed == 2
+    assert result.model_path == tmp_path / "m.pt" and result.model_path.is_file()
+    assert result.last_path == tmp_path / "m.last.pt" and result.last_path.is_file()
+    epochs = [h for h in result.history if "loss" in h]
+    assert [h["epoch"] for h in epochs] == [1, 2]
+    assert all(np.isfinite(h["loss"]) and h["loss"] > 0 for h in epochs)
+    assert all(h["val_ap"] is not None and 0.0 <= h["val_ap"] <= 1.0 for h in epochs)
+    assert all(0.0 <= h["val_iou"] <= 1.0 for h in epochs)
+    assert epochs[1]["lr"] == pytest.approx(5e-4 * 0.5**0.9)  # (1 - e/E)^0.9 at e = 1, E = 2
+
+    model = load_model(result.model_path, device="cpu")
+    assert model.spatial_dims == 2 and model.epoch == result.best_epoch
+    assert model.config["crop_size"] == [32, 32] and model.config["seed"] == 0
+    assert model.properties["crop_shape"] == [32, 32]
+    assert model.properties["n_objects"] == 12  # train + val masks
+    last = load_checkpoint(result.last_path)
+    assert last["epoch"] == 2 and last["optimizer"]["state"]
+    assert last["batch"] == {"batch_size": 2, "virtual_batch": 2, "steps_per_epoch": 2}
+    labels = model.segment(images[0], tta=False, tile=None)
+    assert labels.shape == images[0].shape and labels.dtype == np.int32
+
+    # progress: the data-derived parameters first, then every optimiser step and every epoch end
+    assert seen[0].message.startswith("data-derived parameters:") and "crop shape: 32 x 32" in seen[0].message
+    steps = [p for p in seen if p.step > 0]
+    assert [(p.epoch, p.step) for p in steps] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert all(p.steps_per_epoch == 2 and p.epochs == 2 and np.isfinite(p.loss) for p in steps)
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert [p.message.split(":")[0] for p in seen if p.message.startswith("epoch")] == ["epoch 1/2", "epoch 2/2"]
+    assert seen[-1].val_ap is not None and seen[-1].val_iou is not None and seen[-1].eta_s == 0.0
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path) -> None:
+    images, masks = _data_2d()
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train(images, masks, _config(epochs=1, seed=seed), out_path=tmp_path / f"{name}.pt")
+        runs[name] = _weights(tmp_path / f"{name}.last.pt")
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
+
+
+def test_stop_request_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    images, masks = _data_2d()
+    train(images, masks, _config(), out_path=tmp_path / "full.pt")
+
+    def stop_after_first_epoch(info: TrainProgress) -> bool:
+        return not (info.epoch == 1 and info.step == 0)  # epoch end of epoch 1
+
+    first = train(images, masks, _config(), out_path=tmp_path / "part.pt", progress=stop_after_first_epoch)
+    assert first.stopped == "requested" and first.epochs_completed == 1
+    assert load_checkpoint(first.last_path)["epoch"] == 1
+    assert first.model_path.is_file()
+
+    resumed = train(images, masks, _config(), out_path=tmp_path / "part.pt", resume_from=first.last_path)
+    assert resumed.stopped == "completed" and resumed.epochs_completed == 2
+    assert [h["epoch"] for h in resumed.history if "loss" in h] == [1, 2]
+    full, part = _weights(tmp_path / "full.last.pt"), _weights(resumed.last_path)
+    for key in full:
+        torch.testing.assert_close(part[key], full[key], rtol=0, atol=0, msg=key)
+
+
+def test_stop_training_exception_inside_an_epoch(tmp_path: Path) -> None:
+    images, masks = _data_2d()
+
+    def stop(info: TrainProgress) -> None:
+        if info.step == 1:
+            raise StopTraining
+
+    result = train(images, masks, _config(epochs=5), out_path=tmp_path / "m.pt", progress=stop)
+    assert result.stopped == "requested" and result.epochs_completed == 0
+    assert result.model_path.is_file() and result.last_path.is_file()
+    assert load_model(result.model_path, device="cpu").epoch == 0
+
+
+def test_time_budget_stops_cleanly_and_keeps_the_best(tmp_path: Path) -> None:
+    images, masks = _data_2d()
+    config = _config(epochs=10_000, max_time_minutes=0.1)
+    result = train(images, masks, config, out_path=tmp_path / "m.pt")
+    assert result.stopped == "time_budget"
+    assert result.epochs_completed < 10_000
+    assert result.elapsed_s < 6.0 + 60.0  # the budget plus a generous allowance for a loaded machine
+    assert load_model(result.model_path, device="cpu").epoch == result.best_epoch
+    assert load_checkpoint(result.last_path)["epoch"] == result.epochs_completed
+
+
+def test_best_checkpoint_has_the_best_validation_ap(tmp_path: Path) -> None:
+    images, masks = _data_2d(n=4)
+    result = train(images, masks, _config(epochs=3), out_path=tmp_path / "m.pt")
+    validated = [h for h in result.history if h.get("val_ap") is not None and not h["degenerate"]]
+    if validated:
+        best_ap = max(h["val_ap"] for h in validated)
+        assert result.best_metrics["val_ap"] == best_ap
+        assert load_model(result.model_path, device="cpu").metrics["val_ap"] == best_ap
+    else:  # nothing usable yet: the final state is kept and flagged
+        assert result.best_metrics["degenerate"] is True
+
+
+def test_train_3d_with_explicit_validation_and_voxel_size(tmp_path: Path) -> None:
+    images, masks = _data_3d()
+    config = TrainConfig(spatial_dims=3, epochs=1, crop_size=(16, 32, 32), batch_size=2, virtual_batch=1,
+                         samples_per_epoch=4, device="cpu", voxel_size=(2.0, 1.0, 1.0))  # fmt: skip
+    result = train(images[:1], masks[:1], config, out_path=tmp_path / "m3.pt",
+                   val_images=images[1:], val_masks=masks[1:])  # fmt: skip
+    assert result.epochs_completed == 1
+    assert np.isfinite(result.history[0]["loss"])
+    model = load_model(result.model_path, device="cpu")
+    assert model.spatial_dims == 3
+    assert model.step == pytest.approx((2.0 / 1023, 1 / 1023, 1 / 1023))
+    assert model.properties["anisotropy"] == 2.0
+    labels = model.segment(images[1], tta=False, tile=None)
+    assert labels.shape == (16, 32, 32) and labels.dtype == np.int32
+
+
+def test_bad_inputs_are_refused(tmp_path: Path) -> None:
+    images, masks = _data_2d(n=2)
+    out = tmp_path / "m.pt"
+    with pytest.raises(ValueError, match="2 images but 1 masks"):
+        train(images, masks[:1], _config(), out_path=out)
+    with pytest.raises(ValueError, match="has shape"):
+        train([images[0][:32]], [masks[0]], _config(), out_path=out)
+    with pytest.raises(ValueError, match="label masks must be integers"):
+        train(images, [m.astype(np.float32) for m in masks], _config(), out_path=out)
+    with pytest.raises(ValueError, match="give both val_images and val_masks"):
+        train(images, masks, _config(), out_path=out, val_images=images)
+    with pytest.raises(ValueError, match="no object"):
+        train(images, [np.zeros_like(m) for m in masks], _config(), out_path=out,
+              val_images=images, val_masks=masks)  # fmt: skip
+    assert not out.exists()
+
+
+def test_resume_refuses_another_dimensionality(tmp_path: Path) -> None:
+    images, masks = _data_2d()
+    result = train(images, masks, _config(epochs=1), out_path=tmp_path / "m.pt")
+    images3, masks3 = _data_3d()
+    config3 = TrainConfig(spatial_dims=3, epochs=2, crop_size=(16, 32, 32), device="cpu")
+    with pytest.raises(ValueError, match="cannot resume a 2D checkpoint with a 3D configuration"):
+        train(images3, masks3, config3, out_path=tmp_path / "m3.pt", resume_from=result.last_path)
