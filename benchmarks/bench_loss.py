@@ -1,0 +1,194 @@
+"""EmbedSeg loss: value and time per step of this project's ``EmbedSegLoss`` against the reference (embedseg 0.2.5).
+
+Cases: 2D batch 2 x 256 x 256 with 40 objects per image; 3D batch 1 x 32 x 128 x 128 with 30 objects. Labels
+are random non-overlapping ellipses / ellipsoids (``core.synthetic.random_labels``), centres their medoids.
+Two kinds of raw output, identical for both implementations:
+
+* ``random``: Gaussian offsets (std 0.01, i.e. about 10 px of reach), sigma 0.9 +- 0.05 (0.5-level radius
+  about 10 px), seed logits N(0, 1);
+* ``near``: the ideal output of ``core.synthetic.perfect_raw`` with 3 px of embedding noise, sigma noise 0.1
+  and seed noise 1 (a trained-looking output).
+
+The reference's ``SpatialEmbLoss`` / ``SpatialEmbLoss_3d`` is built with grid = image extent and
+pixel = (grid - 1) / 1023 per axis, i.e. this project's default step of 1/1023 per pixel
+(``core.embedding.step_from_reference``), foreground weight 10, and ``center_images`` marking our medoids.
+
+Usage::
+
+    EMBEDSEG_REFERENCE=/path/to/folder/containing/EmbedSeg python benchmarks/bench_loss.py [--repeats 5]
+
+Prints per case: both loss values and their relative difference (target <= 1e-4), the median time of a
+forward + backward step of each, and the speed-up (target >= 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.centers import CenterMode, object_centers  # noqa: E402
+from core.embedding import DEFAULT_STEP, step_from_reference  # noqa: E402
+from core.loss import EmbedSegLoss  # noqa: E402
+from core.synthetic import perfect_raw, random_labels  # noqa: E402
+
+CASES = {
+    "2d": dict(batch=2, shape=(256, 256), n_objects=40, radius=(6.0, 14.0)),
+    "3d": dict(batch=1, shape=(32, 128, 128), n_objects=30, radius=[(3.0, 6.0), (6.0, 12.0), (6.0, 12.0)]),
+}
+
+
+def load_reference(folder: str | None):
+    folder = folder or os.environ.get("EMBEDSEG_REFERENCE")
+    if not folder:
+        sys.exit("set EMBEDSEG_REFERENCE or pass --reference: the folder that contains the EmbedSeg package")
+    sys.path.insert(0, folder)
+    from EmbedSeg.criterions.my_loss import SpatialEmbLoss
+    from EmbedSeg.criterions.my_loss_3d import SpatialEmbLoss_3d
+
+    return SpatialEmbLoss, SpatialEmbLoss_3d
+
+
+def make_inputs(case: dict, kind: str, seed: int = 0):
+    shape, dims = case["shape"], len(case["shape"])
+    labels = np.stack(
+        [random_labels(shape, case["n_objects"], case["radius"], seed=seed + b) for b in range(case["batch"])]
+    )
+    centers, ids = [], []
+    for lab in labels:
+        k_ids, k_centers = object_centers(lab, CenterMode.medoid, 1.0)
+        ids.append(torch.as_tensor(k_ids))
+        centers.append(torch.as_tensor(k_centers))
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        raw = torch.empty((case["batch"], 2 * dims + 1, *shape))
+        raw[:, :dims] = torch.randn((case["batch"], dims, *shape), generator=gen) * 0.01
+        raw[:, dims : 2 * dims] = 0.9 + 0.05 * torch.randn((case["batch"], dims, *shape), generator=gen)
+        raw[:, 2 * dims] = torch.randn((case["batch"], *shape), generator=gen)
+    else:
+        raw = torch.stack(
+            [
+                torch.from_numpy(
+                    perfect_raw(lab, 1 / 1023, offset_noise=3.0, sigma_noise=0.1, seed_noise=1.0, seed=seed + b)
+                )
+                for b, lab in enumerate(labels)
+            ]
+        )
+    return raw, torch.from_numpy(labels.astype(np.int64)), centers, ids
+
+
+def center_images(labels: torch.Tensor, centers: list[torch.Tensor]) -> torch.Tensor:
+    out = torch.zeros(labels.shape, dtype=torch.bool)
+    for b, c in enumerate(centers):
+        idx = torch.round(c).long()
+        out[(torch.full((len(idx),), b), *idx.T)] = True
+    return out
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    value = fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        value = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", help="folder containing the EmbedSeg package (default: $EMBEDSEG_REFERENCE)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cases", default="2d,3d")
+    parser.add_argument("--raw", default="random,near", help="kinds of raw output: random, near")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    ref_2d, ref_3d = load_reference(args.reference)
+    print(f"device {device}, torch threads {torch.get_num_threads()}, repeats {args.repeats} (median)")
+    print(
+        f"{'case':16s} {'raw':7s} {'reference':>12s} {'ours':>12s} {'rel.diff':>9s} {'ref s':>8s} {'ours s':>8s} "
+        f"{'speed-up':>8s}"
+    )
+    for key in args.cases.split(","):
+        case = CASES[key]
+        dims = len(case["shape"])
+        # the reference's coordinate buffer is grid_z x grid_y x grid_x: use grid = image extent and
+        # pixel = (grid - 1) * h, the same step (grid 1024 on every axis would take 12 GiB in 3D)
+        grid = list(reversed(case["shape"]))  # x, y[, z]
+        pixel = [(g - 1) * DEFAULT_STEP for g in grid]
+        step = step_from_reference(grid, pixel)
+        with contextlib.redirect_stdout(io.StringIO()):  # the reference prints on construction and per call
+            if dims == 2:
+                ref = ref_2d(
+                    grid_y=grid[1], grid_x=grid[0], pixel_y=pixel[1], pixel_x=pixel[0], n_sigma=2, foreground_weight=10
+                )
+            else:
+                ref = ref_3d(
+                    grid_z=grid[2],
+                    grid_y=grid[1],
+                    grid_x=grid[0],
+                    pixel_z=pixel[2],
+                    pixel_y=pixel[1],
+                    pixel_x=pixel[0],
+                    n_sigma=3,
+                    foreground_weight=10,
+                )
+        ref = ref.to(device)
+        ours = EmbedSegLoss(dims, step, foreground_weight=10.0)
+        for kind in args.raw.split(","):
+            bench_case(key, kind, ref, ours, device, args.repeats)
+
+
+def bench_case(key: str, kind: str, ref, ours: EmbedSegLoss, device: torch.device, repeats: int) -> None:
+    case = CASES[key]
+    raw, labels, centers, ids = make_inputs(case, kind)
+    raw, labels = raw.to(device), labels.to(device)
+    cimg = center_images(labels.cpu(), centers).to(device)
+    centers = [c.to(device) for c in centers]
+    ids = [i.to(device) for i in ids]
+    fg = (labels > 0).long()
+
+    def run_ref():
+        x = raw.clone().requires_grad_()
+        with contextlib.redirect_stdout(io.StringIO()):
+            loss = ref(x, labels, fg, cimg)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return float(loss.detach())
+
+    def run_ours():
+        x = raw.clone().requires_grad_()
+        loss = ours(x, labels, centers, ids)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return float(loss.detach())
+
+    t_ref, v_ref = timed(run_ref, repeats)
+    t_ours, v_ours = timed(run_ours, repeats)
+    rel = abs(v_ours - v_ref) / abs(v_ref)
+    name = f"{key} {case['batch']}x{'x'.join(map(str, case['shape']))}"
+    print(
+        f"{name:16s} {kind:7s} {v_ref:12.7f} {v_ours:12.7f} {rel:9.2e} {t_ref:8.3f} {t_ours:8.3f} "
+        f"{t_ref / t_ours:7.1f}x",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
