@@ -180,6 +180,7 @@ class CropDataset(torch.utils.data.Dataset):
             )
         self.in_channels = channels or 1
         self._centers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._whole: dict[int, tuple[dict[int, np.ndarray], dict[int, int]]] = {}
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -194,9 +195,41 @@ class CropDataset(torch.utils.data.Dataset):
         i = window.image_index
         image, labels, ignore = extract_crop(self.images[i], self.masks[i], window, self.ignore[i])
         if index not in self._centers:
-            self._centers[index] = object_centers(labels, self.center_mode, self.anisotropy)
+            self._centers[index] = self._crop_centers(i, labels, window.start)
         ids, centers = self._centers[index]
         return image, labels, ignore, ids, centers
+
+    def _image_centers(self, i: int) -> tuple[dict[int, np.ndarray], dict[int, int]]:
+        """Centres and sizes of every whole object of image ``i`` (computed once)."""
+        if i not in self._whole:
+            mask = self.masks[i]
+            ids, centers = object_centers(mask, self.center_mode, self.anisotropy)
+            values, counts = np.unique(mask[mask != 0], return_counts=True)
+            sizes = dict(zip(values.tolist(), counts.tolist()))
+            self._whole[i] = ({int(k): c for k, c in zip(ids, centers)}, sizes)
+        return self._whole[i]
+
+    def _crop_centers(self, i: int, labels: np.ndarray, start: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and centres of the visible part of every object in a crop of image ``i`` at ``start``.
+
+        A wholly visible object keeps its whole-image medoid (the same pixels, shifted); only
+        objects cut by the crop are recomputed.
+        """
+        if self.center_mode is CenterMode.centroid:
+            return object_centers(labels, self.center_mode, self.anisotropy)
+        whole, sizes = self._image_centers(i)
+        ids, counts = np.unique(labels[labels != 0], return_counts=True)
+        cut = [k for k, n in zip(ids.tolist(), counts.tolist()) if sizes.get(k) != n]
+        cut_centers: dict[int, np.ndarray] = {}
+        if cut:
+            only_cut = np.where(np.isin(labels, cut), labels, 0)
+            cut_ids, cut_c = object_centers(only_cut, self.center_mode, self.anisotropy)
+            cut_centers = {int(k): c for k, c in zip(cut_ids, cut_c)}
+        offset = np.asarray(start, dtype=np.float64)
+        centers = [cut_centers[k] if k in cut_centers else whole[k] - offset for k in ids.tolist()]
+        dims = labels.ndim
+        out = np.stack(centers) if centers else np.zeros((0, dims), dtype=np.float64)
+        return ids.astype(np.int64), out
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)

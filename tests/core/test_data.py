@@ -99,6 +99,17 @@ def test_centres_are_those_of_the_visible_part(data_dir):
     assert cut > 0  # some objects are cut by their neighbours' crops
 
 
+@pytest.mark.parametrize("mode", list(CenterMode))
+def test_3d_crop_centres_equal_a_direct_computation(data_dir, mode):
+    image, mask = load(data_dir, "nuclei3d_synthetic", "synthetic_img3d")
+    ds = CropDataset([image], [mask], crop_shape=(16, 24, 24), center_mode=mode, anisotropy=2.5)
+    for i in range(len(ds)):
+        item = ds[i]
+        ids, cents = object_centers(item["labels"].numpy(), mode, 2.5)
+        np.testing.assert_array_equal(item["center_ids"].numpy(), ids)
+        np.testing.assert_array_equal(item["centers"].numpy(), cents.astype(np.float32))
+
+
 def test_crop_dataset_3d_real_and_thin(data_dir):
     image, mask = load(data_dir, "nuclei3d_synthetic", "synthetic_img3d")
     props = DataProperties.from_masks([mask], spatial_dims=3)
