@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             gt = upload(client, mask, "labels")
             pred = upload(client, mask, "labels")
             evaluate = {"pairs": [{"gt_id": gt, "pred_id": pred}]}
-            print(f"server {base}; evaluate job on {mask.relative_to(ROOT)} against itself")
+            print(f"server {base}; evaluate job on {mask.relative_to(ROOT)} against itself; "
+                  f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
             pickups(client, evaluate, args.pickups)
 
             job_id = post_job(client, "evaluate", evaluate)

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -177,11 +179,34 @@ def write_big_tiff(path: Path, size_mib: int) -> int:
     return path.stat().st_size
 
 
+def multipart_body(path: Path, chunk_bytes: int = 1 << 20) -> tuple[Iterator[bytes], dict[str, str]]:
+    """A multipart/form-data body with ``path`` in the field ``file``, read from disk in chunks, and its headers.
+
+    Built by hand so that the client reads 1 MiB at a time and sends an exact Content-Length.
+    """
+    boundary = uuid.uuid4().hex
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+            "Content-Type: image/tiff\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    length = len(head) + path.stat().st_size + len(tail)
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        with path.open("rb") as handle:
+            while data := handle.read(chunk_bytes):
+                yield data
+        yield tail
+
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
+    return chunks(), headers
+
+
 def upload(base: str, path: Path) -> tuple[float, dict]:
-    """POST the file as multipart field ``file``; returns (seconds, response JSON)."""
-    with httpx.Client(timeout=httpx.Timeout(600.0)) as client, path.open("rb") as handle:
+    """POST the file as multipart field ``file``, streamed from disk; returns (seconds, response JSON)."""
+    body, headers = multipart_body(path)
+    with httpx.Client(timeout=httpx.Timeout(600.0)) as client:
         start = time.perf_counter()
-        response = client.post(f"{base}/api/v1/volumes", files={"file": (path.name, handle, "image/tiff")})
+        response = client.post(f"{base}/api/v1/volumes", content=body, headers=headers)
         seconds = time.perf_counter() - start
     if response.status_code != 201:
         raise RuntimeError(f"upload answered {response.status_code}: {response.text[:500]}")
@@ -208,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         limit = {"EMBEDSEG_MAX_UPLOAD_BYTES": str(2 * size + 2**20)}
         with running_server(data_dir, env=limit, server=args.server) as (base, process):
             pid = listening_pid(process.pid, int(base.rsplit(":", 1)[1]))
-            print(f"server {base} (API process {pid}); repeats {args.repeats}")
+            print(f"server {base} (API process {pid}); repeats {args.repeats}; "
+                  f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
             rates, extras = [], []
             for repeat in range(args.repeats):
                 can_reset = reset_peak(pid)
