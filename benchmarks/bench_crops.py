@@ -6,12 +6,14 @@ Inputs are the real files of ``tests/data``: the 2D nuclei image ``nuclei2d_dsb`
 Figures, each the median of ``--repeats`` runs:
 
 * ``centres``: medoid of every object of a whole mask. This project: ``core.centers.object_centers``
-  (one pass with ``find_objects``, blocked pairwise sums). Reference: ``generate_center_image`` /
-  ``generate_center_image_3d`` (a full-image scan per object and an n × n distance matrix, numba).
+  (one pass with ``find_objects``, summed distances by FFT, exact re-scoring of the best).
+  Reference: ``generate_center_image`` / ``generate_center_image_3d`` (a full-image scan per object
+  and an n × n distance matrix, numba).
   Also printed: how many centres are the same pixel.
 * ``crops``: all training crops of one 2D image with their medoid centres, from the TIFF files. This
   project: ``CropDataset`` (windows on the normalised image) and every item built once. Reference:
-  ``generate_crops.process`` writing its crops to a temporary folder (its normal use).
+  ``generate_crops.process`` writing its crops to a temporary folder (its normal use); the crops
+  are the same in number, their storage differs (files there, windows here).
 
 The reference needs ``pycocotools`` only for RLE output (not used here; a stand-in module is
 registered when it is missing) and calls ``tifffile.imsave``, which current tifffile no longer has
