@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 
 import pytest
@@ -161,3 +163,9 @@ def test_links_and_ids_of_the_page_exist(app) -> None:
     script = (static_dir() / "dashboard.js").read_text()
     for element_id in set(re.findall(r'getElementById\("([\w-]+)"\)', script)):
         assert element_id in assets.ids, f"dashboard.js looks up #{element_id}, which index.html lacks"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def test_script_parses() -> None:
+    result = subprocess.run(["node", "--check", str(static_dir() / "dashboard.js")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -28,13 +28,10 @@ const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
 
 const state = {
   offsets: { volumes: 0, jobs: 0, models: 0 },
-  volumes: [],
-  allVolumes: [],
+  allVolumes: [],  // every volume (up to CHOICES_LIMIT), for the job forms and names
   models: [],
-  jobs: [],
   selectedJob: null,
-  jobStatus: {},
-  polling: null,
+  jobStatus: {},  // last seen status per job id, to notice jobs that just finished
 };
 
 // ------------------------------------------------------------------ HTTP
@@ -195,7 +192,6 @@ function volumeLabel(volume) {
 
 async function loadVolumes() {
   const page = await api("listVolumes", { query: { limit: PAGE.volumes, offset: state.offsets.volumes } });
-  state.volumes = page.items;
   document.getElementById("volumes-total").textContent = `(${page.total})`;
   renderPager("volumes", page);
   const grid = document.getElementById("volumes");
@@ -382,7 +378,6 @@ function fillModelSelects() {
 async function loadJobs() {
   const status = document.getElementById("jobs-status").value;
   const page = await api("listJobs", { query: { limit: PAGE.jobs, offset: state.offsets.jobs, status } });
-  state.jobs = page.items;
   document.getElementById("jobs-total").textContent = `(${page.total})`;
   renderPager("jobs", page);
   const body = document.getElementById("jobs");
@@ -791,7 +786,7 @@ function init() {
   const linked = /^#job=([\w-]+)$/.exec(location.hash);
   if (linked) selectJob(linked[1]);
   Promise.all([refresh("volumes"), refresh("models"), refresh("jobs")]);
-  state.polling = setInterval(poll, POLL_MS);
+  setInterval(poll, POLL_MS);
   document.addEventListener("visibilitychange", () => { if (!document.hidden) poll(); });
 }
 
