@@ -175,7 +175,7 @@ class CropDataset(torch.utils.data.Dataset):
             if not masks:
                 raise ValueError("no images given: nothing to make training crops from")
             raise ValueError(
-                f"no training crops: the {len(masks)} mask(s) hold no object (every pixel is 0); "
+                f"no crops can be made: the {len(masks)} mask(s) hold no object (every pixel is 0); "
                 "give masks with labelled objects (one integer id per object)"
             )
         self.in_channels = channels or 1

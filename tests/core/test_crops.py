@@ -142,7 +142,7 @@ def test_thin_stack_gives_padded_crops_with_centres_on_objects():
 
 
 def test_nothing_to_crop_raises():
-    with pytest.raises(ValueError, match="no training crops: the 2 mask\\(s\\) hold no object"):
+    with pytest.raises(ValueError, match="no crops can be made: the 2 mask\\(s\\) hold no object"):
         CropDataset(
             [np.zeros((20, 20)), np.zeros((20, 20))],
             [np.zeros((20, 20), np.int32), np.zeros((20, 20), np.int32)],
