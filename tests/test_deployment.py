@@ -195,6 +195,19 @@ def test_healthchecks_target_real_routes_and_services(compose: dict, openapi_pat
     assert _option(pg_check, "-U") == _env(services["postgres"])["POSTGRES_USER"]
 
 
+def test_worker_healthcheck_pings_the_celery_app_of_the_project(compose: dict) -> None:
+    from celery import Celery
+
+    test = compose["services"]["worker"]["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    argv = shlex.split(test[1])
+    assert argv[0] == "celery" and argv[3:5] == ["inspect", "ping"]
+    module = importlib.import_module(_option(argv, "-A"))
+    assert isinstance(module.app, Celery)
+    # Compose turns $$ into $; the shell then names this container's default Celery node.
+    assert _option(argv, "--destination") == "celery@$$HOSTNAME"
+
+
 def test_startup_order(compose: dict) -> None:
     services = compose["services"]
     assert services["migrate"].get("restart") == "no"
