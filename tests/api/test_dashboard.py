@@ -5,14 +5,18 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import warnings
 from html.parser import HTMLParser
 
 import pytest
-from fastapi.testclient import TestClient
 
 from api.dashboard import DASHBOARD_PATH, static_dir
 from api.orm import VolumeKind
 from api.settings import Settings
+
+with warnings.catch_warnings():  # starlette's notice about its httpx-based test client
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
 
 ROUTE = re.compile(r'"(GET|POST|PUT|PATCH|DELETE) (/api/v1[^"]*)"')
 
