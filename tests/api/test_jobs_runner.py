@@ -1,0 +1,327 @@
+"""The job runner and its handlers against the real database (SQLite and PostgreSQL), without a broker.
+
+Claim once, outputs registered with success, failures and cancellation on the row, throttled
+progress, recovery of jobs whose worker was lost, and the predict/evaluate handlers on real
+stored volumes.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sqlalchemy import update
+from volume_files import tiff_bytes, upload
+
+from api import jobs
+from api.orm import Job, JobKind, JobStatus, Model, Volume, VolumeKind, new_id, utcnow
+from api.storage import LocalStorage
+from core.io import read_tiff
+from worker.progress import JobCancelled, JobReporter
+from worker.runner import JobContext, JobOutcome, recover_stale_jobs, run_job
+
+API = "/api/v1"
+
+
+def _labels(shape=(48, 64), boxes=((4, 14, 6, 20), (20, 40, 30, 50))) -> np.ndarray:  # type: ignore[no-untyped-def]
+    labels = np.zeros(shape, np.uint16)
+    for i, (y0, y1, x0, x1) in enumerate(boxes, start=1):
+        labels[y0:y1, x0:x1] = i
+    return labels
+
+
+@pytest.fixture
+def fast(settings):  # type: ignore[no-untyped-def]
+    return settings.model_copy(update={"progress_throttle_s": 0.05, "heartbeat_s": 0.2})
+
+
+@pytest.fixture
+def evaluate_job(client) -> tuple[str, str, str]:  # type: ignore[no-untyped-def]
+    gt = upload(client, tiff_bytes(_labels()), kind="labels").json()["id"]
+    pred_labels = _labels(boxes=((4, 14, 6, 20),))  # one of the two objects found
+    pred = upload(client, tiff_bytes(pred_labels), kind="labels").json()["id"]
+    job = client.post(f"{API}/jobs/evaluate", json={"pairs": [{"gt_id": gt, "pred_id": pred}],
+                                                    "thresholds": [0.5, 0.9]})
+    assert job.status_code == 202, job.text
+    return job.json()["id"], gt, pred
+
+
+def _fake_handlers(outcome=None, error=None, calls=None):  # type: ignore[no-untyped-def]
+    def handler(context: JobContext) -> JobOutcome:
+        if calls is not None:
+            calls.append(context.job_id)
+        if error is not None:
+            raise error
+        return outcome(context) if outcome else JobOutcome(result={})
+
+    return {kind: handler for kind in JobKind}
+
+
+# --------------------------------------------------------------------------- claim once, outcomes
+
+
+def test_evaluate_job_runs_once_and_writes_its_ap_table(client, fast, evaluate_job) -> None:
+    job_id, gt, pred = evaluate_job
+    assert run_job(job_id, settings=fast, name="host-a:1") == "succeeded"
+    body = client.get(f"{API}/jobs/{job_id}").json()
+    assert body["status"] == "succeeded" and body["progress"] == 1.0 and body["stage"] == "succeeded"
+    assert body["worker"] == "host-a:1" and body["attempts"] == 1 and body["error"] is None
+    assert body["started_at"] <= body["finished_at"]
+    assert body["result"] == {"pairs": 1}
+    ap = body["metrics"]["ap"]
+    assert ap["thresholds"] == [0.5, 0.9]
+    assert ap["ap"] == [0.5, 0.5]  # TP 1, FN 1, FP 0
+    assert ap["pooled"][0]["tp"] == 1 and ap["pooled"][0]["fn"] == 1 and ap["pooled"][0]["fp"] == 0
+    (pair,) = body["metrics"]["pairs"]
+    assert (pair["gt_id"], pair["pred_id"], pair["n_gt"], pair["n_pred"]) == (gt, pred, 2, 1)
+
+    # the same message delivered again, or to another worker, does nothing
+    assert run_job(job_id, settings=fast, name="host-b:2") == "skipped"
+    again = client.get(f"{API}/jobs/{job_id}").json()
+    assert again["worker"] == "host-a:1" and again["attempts"] == 1 and again["finished_at"] == body["finished_at"]
+
+
+def test_two_deliveries_racing_run_the_job_once(client, fast, evaluate_job) -> None:
+    job_id, _, _ = evaluate_job
+    calls: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def slow(context: JobContext) -> JobOutcome:
+        return JobOutcome(result={"ran": context.job_id})
+
+    outcomes: list[str] = []
+
+    def deliver(name: str) -> None:
+        barrier.wait()
+        outcomes.append(run_job(job_id, settings=fast, name=name, handlers=_fake_handlers(slow, calls=calls)))
+
+    threads = [threading.Thread(target=deliver, args=(f"w{i}:1",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(outcomes) == ["skipped", "succeeded"]
+    assert calls == [job_id]
+
+
+def test_unknown_job_is_dropped(fast) -> None:
+    assert run_job("no-such-job", settings=fast) == "missing"
+
+
+def test_a_cancelled_queued_job_never_runs(client, fast, evaluate_job) -> None:
+    job_id, _, _ = evaluate_job
+    client.post(f"{API}/jobs/{job_id}/cancel")
+    calls: list[str] = []
+    assert run_job(job_id, settings=fast, handlers=_fake_handlers(calls=calls)) == "skipped"
+    assert calls == []
+    assert client.get(f"{API}/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_handler_error_fails_the_job_with_its_message(client, fast, evaluate_job) -> None:
+    job_id, _, _ = evaluate_job
+    handlers = _fake_handlers(error=ValueError("the image has 3 channels but the model expects 1"))
+    assert run_job(job_id, settings=fast, handlers=handlers) == "failed"
+    body = client.get(f"{API}/jobs/{job_id}").json()
+    assert body["status"] == "failed"
+    assert body["error"] == "the image has 3 channels but the model expects 1"
+    assert body["finished_at"] is not None and body["result"] is None
+
+    other = client.post(f"{API}/jobs/evaluate", json=body["spec"]).json()["id"]
+    assert run_job(other, settings=fast, handlers=_fake_handlers(error=RuntimeError("CUDA out of memory"))) == "failed"
+    assert client.get(f"{API}/jobs/{other}").json()["error"] == (
+        "out of memory: CUDA out of memory; use a smaller tile, batch or crop size"
+    )
+
+
+def test_outputs_are_registered_only_with_success(client, session, fast, evaluate_job, settings) -> None:
+    job_id, gt, _ = evaluate_job
+    storage = LocalStorage(settings.storage_path)
+
+    def produce(context: JobContext) -> JobOutcome:
+        written = storage.put(f"jobs/{context.job_id}/labels-x.tif", [b"II*\x00data"])
+        row = Volume(id=new_id(), name="out", kind=VolumeKind.labels.value, sha256=written.sha256, shape=[2, 2],
+                     dtype="uint16", axes="YX", size_bytes=written.size, storage_key=written.key, image_volume_id=gt)
+        return JobOutcome(result={"label_volume_ids": [row.id]}, outputs=[row])
+
+    assert run_job(job_id, settings=fast, handlers=_fake_handlers(produce)) == "succeeded"
+    body = client.get(f"{API}/jobs/{job_id}").json()
+    (out_id,) = body["result"]["label_volume_ids"]
+    out = client.get(f"{API}/volumes/{out_id}").json()
+    assert out["source_job_id"] == job_id and out["image_volume_id"] == gt and out["kind"] == "labels"
+
+    # a late duplicate that somehow ran cannot register its outputs a second time
+    session.expire_all()
+    assert not jobs.finish_job(session, job_id, JobStatus.succeeded, outputs=[Volume(
+        name="dup", kind="labels", sha256="0" * 64, shape=[2, 2], dtype="uint16", axes="YX", size_bytes=1,
+        storage_key=f"jobs/{job_id}/dup.tif")])
+    assert client.get(f"{API}/volumes", params={"kind": "labels"}).json()["total"] == 3  # gt, pred, out
+
+
+def test_cancel_while_running_stops_at_the_next_step(client, fast, evaluate_job) -> None:
+    job_id, _, _ = evaluate_job
+    steps: list[int] = []
+
+    def long_job(context: JobContext) -> JobOutcome:
+        for step in range(10_000):
+            steps.append(step)
+            if step == 3:
+                assert client.post(f"{API}/jobs/{job_id}/cancel").json()["cancel_requested"] is True
+            if not context.reporter.update(progress=step / 10_000, stage=f"step {step}", force=True):
+                raise JobCancelled(job_id)
+        raise AssertionError("the job was not cancelled")
+
+    assert run_job(job_id, settings=fast, handlers=_fake_handlers(long_job)) == "cancelled"
+    body = client.get(f"{API}/jobs/{job_id}").json()
+    assert body["status"] == "cancelled" and body["error"] == "cancelled on request"
+    assert steps == [0, 1, 2, 3]  # the write right after the request sees the flag
+    assert client.post(f"{API}/jobs/{job_id}/cancel").status_code == 409
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_progress_is_throttled_and_the_heartbeat_beats(session, fast, evaluate_job, app) -> None:
+    job_id, _, _ = evaluate_job
+    assert jobs.claim_job(session, job_id, "me:1")
+    now = [100.0]
+    reporter = JobReporter(job_id, app.state.sessionmaker, throttle_s=1.0, heartbeat_s=0.1, clock=lambda: now[0])
+    assert reporter.update(progress=0.1, stage="a") is True  # first call writes
+    now[0] = 100.5
+    reporter.update(progress=0.2, stage="b", eta_s=30, metrics={"epochs": [{"epoch": 1}]})  # throttled
+    assert reporter.writes == 1
+    row = jobs.get_job(session, job_id)
+    assert (row.progress, row.stage, row.metrics) == (0.1, "a", None)
+    now[0] = 101.2
+    reporter.update(progress=0.3)
+    assert reporter.writes == 2
+    row = jobs.get_job(session, job_id)
+    assert (row.progress, row.stage, row.eta_s, row.metrics) == (0.3, "b", 30.0, {"epochs": [{"epoch": 1}]})
+
+    beat = row.heartbeat_at
+    with reporter:
+        jobs.request_cancel(session, job_id)
+        for _ in range(100):
+            if reporter.cancel_requested:
+                break
+            threading.Event().wait(0.05)
+    assert reporter.cancel_requested and reporter.should_continue() is False
+    assert jobs.get_job(session, job_id).heartbeat_at > beat
+    with pytest.raises(JobCancelled):
+        reporter.raise_if_cancelled()
+
+
+# --------------------------------------------------------------------------- lost workers
+
+
+def _age_heartbeat(session, job_id: str, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(seconds=seconds)))
+    session.commit()
+
+
+def test_a_job_whose_worker_stopped_beating_is_requeued_then_failed_after_three_losses(
+    session, fast, evaluate_job
+) -> None:
+    job_id, _, _ = evaluate_job
+    for attempt in (1, 2):
+        assert jobs.claim_job(session, job_id, f"dead:{attempt}")
+        assert recover_stale_jobs(fast) == []  # fresh heartbeat: still alive
+        _age_heartbeat(session, job_id, 60)
+        assert recover_stale_jobs(fast) == [job_id]
+        row = jobs.get_job(session, job_id)
+        assert (row.status, row.worker, row.attempts) == ("queued", None, attempt)
+    assert jobs.claim_job(session, job_id, "dead:3")
+    _age_heartbeat(session, job_id, 60)
+    assert recover_stale_jobs(fast) == []
+    row = jobs.get_job(session, job_id)
+    assert row.status == "failed"
+    assert row.error == ("the worker running this job was lost 3 times (killed or out of memory); resubmit it with "
+                         "smaller inputs, a smaller tile or batch size")
+
+
+def test_a_redelivered_message_takes_over_from_a_lost_worker(session, fast, evaluate_job) -> None:
+    job_id, _, _ = evaluate_job
+    assert jobs.claim_job(session, job_id, "lost:1")
+    assert run_job(job_id, settings=fast, name="second:2") == "skipped"  # the first may still be alive
+    _age_heartbeat(session, job_id, 60)
+    assert run_job(job_id, settings=fast, name="second:2") == "succeeded"
+    row = jobs.get_job(session, job_id)
+    assert (row.worker, row.attempts) == ("second:2", 2)
+
+
+# --------------------------------------------------------------------------- predict handler
+
+
+@pytest.fixture
+def tiny_model(session, settings, tmp_path: Path) -> str:
+    """An untrained 2D model stored like a trained one."""
+    from core.checkpoint import build_network, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "net.pt", {
+        "state_dict": build_network(2, 1).state_dict(), "spatial_dims": 2, "in_channels": 1,
+        "step": [1 / 1023, 1 / 1023], "config": {"in_channels": 1}, "properties": {"min_object_size": 4},
+    })
+    storage = LocalStorage(settings.storage_path)
+    storage.put_file("models/tiny.pt", path)
+    model = Model(name="tiny", spatial_dims=2, config={"in_channels": 1}, storage_key="models/tiny.pt",
+                  size_bytes=path.stat().st_size)
+    session.add(model)
+    session.commit()
+    return model.id
+
+
+def test_predict_job_writes_linked_label_volumes_and_scores_them(client, fast, tiny_model) -> None:
+    rng = np.random.default_rng(0)
+    image = upload(client, tiff_bytes(rng.integers(0, 200, (40, 56)).astype(np.uint8), imagej=True,
+                                      resolution=(1 / 0.5, 1 / 0.5)), name="cells").json()
+    gt = upload(client, tiff_bytes(_labels((40, 56))), kind="labels").json()["id"]
+    job = client.post(f"{API}/jobs/predict", json={"model_id": tiny_model, "volume_ids": [image["id"]],
+                                                   "gt_ids": [gt], "tile": [32, 32]}).json()
+    assert run_job(job["id"], settings=fast) == "succeeded", client.get(f"{API}/jobs/{job['id']}").json()["error"]
+    body = client.get(f"{API}/jobs/{job['id']}").json()
+    (labels_id,) = body["result"]["label_volume_ids"]
+    assert body["result"]["labels"] == {image["id"]: labels_id}
+    labels = client.get(f"{API}/volumes/{labels_id}").json()
+    assert labels["kind"] == "labels" and labels["shape"] == [40, 56] and labels["axes"] == "YX"
+    assert labels["image_volume_id"] == image["id"] and labels["source_job_id"] == job["id"]
+    assert labels["name"] == "cells-labels"
+    assert labels["voxel_size"] == pytest.approx(image["voxel_size"])
+    download = client.get(f"{API}/volumes/{labels_id}/download")
+    assert download.status_code == 200
+    stored = read_tiff(io.BytesIO(download.content))
+    assert stored.data.shape == (40, 56) and np.issubdtype(stored.data.dtype, np.integer)
+    (volume,) = body["metrics"]["volumes"]
+    assert volume["gt_id"] == gt and volume["n_gt"] == 2 and volume["n_pred"] == volume["n_objects"]
+    ap = body["metrics"]["ap"]
+    assert len(ap["ap"]) == len(ap["thresholds"]) == 9 and all(0.0 <= v <= 1.0 for v in ap["ap"])
+
+
+def test_predict_job_cancelled_before_a_volume_stops_without_outputs(client, session, fast, tiny_model) -> None:
+    image = upload(client, tiff_bytes(np.zeros((32, 32), np.uint8))).json()["id"]
+    job_id = client.post(f"{API}/jobs/predict", json={"model_id": tiny_model, "volume_ids": [image]}).json()["id"]
+
+    def cancel_then_predict(context: JobContext) -> JobOutcome:
+        from worker.handlers import run_predict
+
+        with context.session() as other:
+            jobs.request_cancel(other, context.job_id)
+        return run_predict(context)
+
+    assert run_job(job_id, settings=fast, handlers=_fake_handlers(cancel_then_predict)) == "cancelled"
+    assert client.get(f"{API}/volumes", params={"kind": "labels"}).json()["total"] == 0
+    assert client.get(f"{API}/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_predict_job_with_an_unusable_checkpoint_fails_with_the_reason(client, session, fast, settings) -> None:
+    LocalStorage(settings.storage_path).put("models/bad.pt", [b"not a checkpoint"])
+    model = Model(name="bad", spatial_dims=2, config={}, storage_key="models/bad.pt", size_bytes=16)
+    session.add(model)
+    session.commit()
+    image = upload(client, tiff_bytes(np.zeros((32, 32), np.uint8))).json()["id"]
+    job_id = client.post(f"{API}/jobs/predict", json={"model_id": model.id, "volume_ids": [image]}).json()["id"]
+    assert run_job(job_id, settings=fast) == "failed"
+    error = client.get(f"{API}/jobs/{job_id}").json()["error"]
+    assert "is not an EmbedSeg model file" in error
