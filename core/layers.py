@@ -2,6 +2,10 @@
 
 Every factory takes ``spatial_dims`` (2 or 3) and returns the matching torch layer, so one
 network definition serves images ``(B, C, Y, X)`` and volumes ``(B, C, Z, Y, X)``.
+
+In eval mode every batch normalisation is folded into the convolution before it (weights
+rescaled on the fly, the parameters and state dict are unchanged) and ReLUs run in place: the
+same function with fewer passes over the activations. Training mode runs the plain chain.
 """
 
 from __future__ import annotations
@@ -57,6 +61,28 @@ def axis_conv(spatial_dims: int, channels: int, axis: int, dilation: int = 1) ->
     )
 
 
+def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(scale, shift)`` with ``bn(x) == x * scale + shift`` in eval mode."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def conv_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """``bn(conv(x))``; in eval mode as one convolution with the batch norm folded into it."""
+    if bn.training or bn.running_mean is None:
+        return bn(conv(x))
+    scale, shift = _bn_scale_shift(bn)
+    transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+    view = [1] * conv.weight.dim()
+    view[1 if transposed else 0] = -1
+    weight = conv.weight * scale.view(view)
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    if transposed:
+        fn = F.conv_transpose2d if x.dim() == 4 else F.conv_transpose3d
+        return fn(x, weight, bias, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation)
+    return conv._conv_forward(x, weight, bias)
+
+
 class Down(nn.Module):
     """Downsampler: concat[stride-2 conv (``out - in`` channels), max-pool of the input] → BN → ReLU.
 
@@ -74,7 +100,15 @@ class Down(nn.Module):
         self.bn = batch_norm(spatial_dims, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(torch.cat([self.conv(x), self.pool(x)], dim=1)))
+        if self.bn.training:
+            return F.relu(self.bn(torch.cat([self.conv(x), self.pool(x)], dim=1)))
+        n_conv = self.conv.out_channels
+        scale, shift = _bn_scale_shift(self.bn)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        weight = self.conv.weight * scale[:n_conv].view(-1, *[1] * (x.dim() - 1))
+        conv = self.conv._conv_forward(x, weight, self.conv.bias * scale[:n_conv] + shift[:n_conv])
+        pooled = torch.addcmul(shift[n_conv:].view(view), self.pool(x), scale[n_conv:].view(view))
+        return F.relu_(torch.cat([conv, pooled], dim=1))
 
 
 class NonBottleneck1d(nn.Module):
@@ -102,11 +136,23 @@ class NonBottleneck1d(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self._convs(self.convs1, x)))
-        out = self.bn2(self._convs(self.convs2, out))
+        if self.bn1.training:
+            out = F.relu(self.bn1(self._convs(self.convs1, x)))
+            out = self.bn2(self._convs(self.convs2, out))
+            if self.dropout is not None:
+                out = self.dropout(out)
+            return F.relu(out + x)
+        out = x
+        for convs, bn in ((self.convs1, self.bn1), (self.convs2, self.bn2)):
+            for conv in convs[:-1]:
+                out = F.relu_(conv(out))
+            out = conv_bn(convs[-1], bn, out)
+            if bn is self.bn1:
+                out = F.relu_(out)
         if self.dropout is not None:
             out = self.dropout(out)
-        return F.relu(out + x)
+        out += x
+        return F.relu_(out)
 
 
 class Up(nn.Module):
@@ -120,4 +166,4 @@ class Up(nn.Module):
         self.bn = batch_norm(spatial_dims, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.bn(self.conv(x)))
+        return F.relu(self.bn(self.conv(x))) if self.bn.training else F.relu_(conv_bn(self.conv, self.bn, x))

@@ -228,16 +228,21 @@ def predict_tiled(
         x = x.to(device=dev, dtype=torch.float32, non_blocking=True).unsqueeze(0)
         y = run(pad_to_multiple(x))
         y = y[(slice(None), slice(None), *(slice(0, t) for t in tile_shape))].float()
-        weight = None
-        for axis, (_, w) in enumerate(window):
-            shape = [1] * len(tile_shape)
-            shape[axis] = -1
-            w_t = torch.as_tensor(w, dtype=torch.float32, device=y.device).view(shape)
-            weight = w_t if weight is None else weight * w_t
-        y = (y[0] * weight).cpu().numpy()
-        if output is None:
-            output = np.zeros((y.shape[0], *spatial), dtype=np.float32)
-        output[(slice(None), *region)] += y
+        if total == 1:  # one window: its weights are all 1
+            if output is None:
+                output = np.empty((y.shape[1], *spatial), dtype=np.float32)
+            output[...] = y[0].cpu().numpy()
+        else:
+            weight = None
+            for axis, (_, w) in enumerate(window):
+                shape = [1] * len(tile_shape)
+                shape[axis] = -1
+                w_t = torch.as_tensor(w, dtype=torch.float32, device=y.device).view(shape)
+                weight = w_t if weight is None else weight * w_t
+            y = (y[0] * weight).cpu().numpy()
+            if output is None:
+                output = np.zeros((y.shape[0], *spatial), dtype=np.float32)
+            output[(slice(None), *region)] += y
         del x, y
         if progress is not None and progress(done, total) is False:
             raise PredictionCancelled(f"prediction cancelled after {done} of {total} tiles")

@@ -6,9 +6,10 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from core.erfnet import BranchedERFNet, load_reference_state_dict
-from core.layers import NonBottleneck1d, axis_conv
+from core.layers import Down, NonBottleneck1d, Up, axis_conv
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +142,50 @@ def test_load_reference_state_dict_is_strict():
         load_reference_state_dict(BranchedERFNet(3), ref)
     with pytest.raises(ValueError, match="shape mismatch"):
         load_reference_state_dict(BranchedERFNet(2, in_channels=2), ref)
+
+
+def _randomise_bn(module: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for name, buf in module.named_buffers():
+        if name.endswith("running_mean"):
+            buf.copy_(torch.randn(buf.shape, generator=gen) * 0.2)
+        elif name.endswith("running_var"):
+            buf.copy_(torch.rand(buf.shape, generator=gen) + 0.5)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "bn" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if name.endswith("weight") else 0.0))
+
+
+def _plain_chain(convs, x):
+    for i, conv in enumerate(convs):
+        x = conv(F.relu(x) if i else x)
+    return x
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_eval_mode_folding_equals_the_plain_chain(dims):
+    torch.manual_seed(dims)
+    down, block, up = Down(dims, 16, 64), NonBottleneck1d(dims, 16, 0.3, 2), Up(dims, 16, 8)
+    for i, m in enumerate((down, block, up)):
+        _randomise_bn(m, i)
+        m.eval()
+    x = torch.randn(2, 16, *(8,) * dims)
+    with torch.no_grad():
+        expected = F.relu(down.bn(torch.cat([down.conv(x), down.pool(x)], dim=1)))
+        torch.testing.assert_close(down(x), expected, rtol=1e-5, atol=1e-5)
+        half = F.relu(block.bn1(_plain_chain(block.convs1, x)))
+        expected = F.relu(block.bn2(_plain_chain(block.convs2, half)) + x)
+        x_before = x.clone()
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(x, x_before)  # the residual input is left untouched
+        torch.testing.assert_close(up(x), F.relu(up.bn(up.conv(x))), rtol=1e-5, atol=1e-5)
+
+
+def test_training_mode_backward():
+    torch.manual_seed(0)
+    net = BranchedERFNet(2).train()
+    y = net(torch.randn(2, 1, 16, 16))
+    y.square().mean().backward()
+    assert net.encoder.initial.conv.weight.grad is not None
+    assert net.decoders[1].output_conv.weight.grad.abs().sum() > 0
