@@ -4,8 +4,9 @@ Both networks carry the same (random) weights: the reference ``BranchedERFNet_3d
 loaded into ours with ``core.erfnet.load_reference_state_dict``. Ours runs ``core.predict.predict_raw``
 (one window over the whole volume); the reference runs its network on the padded volume, and for
 TTA its ``apply_tta_3d`` 16 times with a running mean, as its ``test.py`` does. Prints voxels/s
-(median of ``--repeats``), the ratio ours / reference, and the largest absolute difference between
-the raw outputs (without TTA; with TTA for offsets and sigma, which both average).
+and process CPU seconds (medians of ``--repeats``), the ratios reference time / ours, and the
+largest absolute difference between the raw outputs (without TTA; with TTA for offsets and
+sigma, which both average).
 
     EMBEDSEG_REFERENCE=/path/to/folder/with/EmbedSeg python benchmarks/bench_inference.py
 """
@@ -56,17 +57,19 @@ def reference_model(cls, device: torch.device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+def timed(fn, repeats: int) -> tuple[float, float, object]:
+    """Median wall-clock and process CPU seconds of ``fn()``, and its last result."""
+    walls, cpus, out = [], [], None
     for _ in range(repeats):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus), out
 
 
 def main() -> None:
@@ -74,7 +77,7 @@ def main() -> None:
     parser.add_argument("--reference", help="folder that contains EmbedSeg/ (default: $EMBEDSEG_REFERENCE)")
     parser.add_argument("--shape", default="64,256,256", help="Z,Y,X of the volume (default 64,256,256)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tta-repeats", type=int, default=None, help="repeats with TTA (default: --repeats)")
+    parser.add_argument("--tta-shape", default=None, help="Z,Y,X of the TTA volume (default: --shape)")
     parser.add_argument("--tta-batch-size", type=int, default=4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-tta", action="store_true", help="skip the TTA comparison")
@@ -85,52 +88,50 @@ def main() -> None:
     # the reference moves TTA inputs with a hard-coded .cuda(); send them to the chosen device instead
     ref_tta.to_cuda_3d = lambda a: torch.from_numpy(np.ascontiguousarray(a)[np.newaxis]).float().to(device)
 
-    shape = tuple(int(s) for s in args.shape.split(","))
-    voxels = int(np.prod(shape))
-    image = np.random.default_rng(0).random(shape).astype(np.float32)
     ref = reference_model(cls, device)
     ours = BranchedERFNet(3).to(device)
     load_reference_state_dict(ours, ref.state_dict())
     ours.eval()
-    padded = pad_to_multiple(torch.from_numpy(image)[None, None]).to(device)
-    crop = (slice(None), slice(None), *(slice(0, s) for s in shape))
-    print(f"device {device}, volume {shape} ({voxels} voxels), torch threads {torch.get_num_threads()}")
-
-    def ref_plain() -> np.ndarray:
-        with torch.no_grad():
-            return ref(padded)[crop][0].cpu().numpy()
-
-    def ours_plain() -> np.ndarray:
-        return predict_raw(ours, image, device=device, tile=None)
-
-    def ref_with_tta() -> np.ndarray:
-        with torch.no_grad():
-            average = None
-            for i in range(16):
-                out = ref_tta.apply_tta_3d(padded, ref, i)
-                average = out if average is None else (average * i + out) / (i + 1)
-            return average[crop][0]
-
-    def ours_with_tta() -> np.ndarray:
-        return predict_raw(ours, image, device=device, tile=None, tta=True, tta_batch_size=args.tta_batch_size)
-
-    ref_plain(), ours_plain()  # warm-up
+    print(f"device {device}, torch threads {torch.get_num_threads()}, medians of {args.repeats} runs")
     rows = []
-    t_ref, out_ref = timed(ref_plain, args.repeats)
-    t_ours, out_ours = timed(ours_plain, args.repeats)
-    rows.append(("no TTA", t_ref, t_ours))
-    diff = float(np.abs(out_ref - out_ours).max())
-    print(f"max |raw ours - raw reference| without TTA: {diff:.3g}")
-    if not args.no_tta:
-        n = args.tta_repeats or args.repeats
-        t_ref_tta, tta_ref = timed(ref_with_tta, n)
-        t_ours_tta, tta_ours = timed(ours_with_tta, n)
-        rows.append(("TTA x16", t_ref_tta, t_ours_tta))
-        diff_tta = float(np.abs(tta_ref[:6] - tta_ours[:6]).max())
-        print(f"max |offsets, sigma ours - reference| with TTA: {diff_tta:.3g}")
-    print(f"{'case':8} {'reference s':>12} {'ours s':>9} {'reference vox/s':>16} {'ours vox/s':>12} {'ratio':>6}")
-    for name, tr, to in rows:
-        print(f"{name:8} {tr:12.2f} {to:9.2f} {voxels / tr:16.3g} {voxels / to:12.3g} {tr / to:6.2f}")
+    for tta in (False, True):
+        if tta and args.no_tta:
+            break
+        shape = tuple(int(s) for s in (args.tta_shape if tta and args.tta_shape else args.shape).split(","))
+        image = np.random.default_rng(0).random(shape).astype(np.float32)
+        padded = pad_to_multiple(torch.from_numpy(image)[None, None]).to(device)
+        crop = (slice(None), slice(None), *(slice(0, s) for s in shape))
+
+        def ref_run(tta: bool = tta, padded: torch.Tensor = padded, crop: tuple = crop) -> np.ndarray:
+            with torch.no_grad():
+                if not tta:
+                    return ref(padded)[crop][0].cpu().numpy()
+                average = None
+                for i in range(16):
+                    out = ref_tta.apply_tta_3d(padded, ref, i)
+                    average = out if average is None else (average * i + out) / (i + 1)
+                return average[crop][0]
+
+        def ours_run(tta: bool = tta, image: np.ndarray = image) -> np.ndarray:
+            return predict_raw(ours, image, device=device, tile=None, tta=tta, tta_batch_size=args.tta_batch_size)
+
+        if not tta:
+            ref_run(), ours_run()  # warm-up
+        w_ref, c_ref, out_ref = timed(ref_run, args.repeats)
+        w_ours, c_ours, out_ours = timed(ours_run, args.repeats)
+        name = "TTA x16" if tta else "no TTA"
+        rows.append((name, shape, int(np.prod(shape)), w_ref, w_ours, c_ref, c_ours))
+        if tta:  # offsets and sigma are averaged by both; the seed channel is combined differently
+            diff = float(np.abs(out_ref[:6] - out_ours[:6]).max())
+            print(f"max |offsets, sigma ours - reference| with TTA: {diff:.3g}")
+        else:
+            print(f"max |raw ours - raw reference| without TTA: {float(np.abs(out_ref - out_ours).max()):.3g} "
+                  f"(outputs up to {float(np.abs(out_ref).max()):.3g})")
+    print(f"{'case':8} {'volume':>14} {'ref wall s':>10} {'ours wall s':>11} {'ref vox/s':>10} {'ours vox/s':>10} "
+          f"{'ratio':>6} {'ref cpu s':>9} {'ours cpu s':>10} {'cpu ratio':>9}")
+    for name, shape, voxels, w_ref, w_ours, c_ref, c_ours in rows:
+        print(f"{name:8} {'x'.join(map(str, shape)):>14} {w_ref:10.2f} {w_ours:11.2f} {voxels / w_ref:10.3g} "
+              f"{voxels / w_ours:10.3g} {w_ref / w_ours:6.2f} {c_ref:9.2f} {c_ours:10.2f} {c_ref / c_ours:9.2f}")
 
 
 if __name__ == "__main__":

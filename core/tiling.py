@@ -3,8 +3,8 @@
 A volume is cut into overlapping tiles (25 % overlap by default); every tile is padded to a
 multiple of 8, predicted on the device (optionally with test-time augmentation), weighted by a
 cosine ramp over its overlaps with neighbouring tiles and added into one float32 output array
-on the CPU. The weights are separable and normalised per axis, so they sum to exactly one at
-every pixel and no volume-sized weight array is needed: peak memory grows with the tile, not
+on the CPU. The weights are separable and normalised per axis, so they sum to one at every
+pixel and no volume-sized weight array is needed: peak memory grows with the tile, not
 with the volume (apart from the input and the output).
 """
 

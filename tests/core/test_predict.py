@@ -35,6 +35,8 @@ def test_predict_raw_matches_padded_forward(net2d):
     np.testing.assert_allclose(raw, expected, atol=1e-5)
     # the channel axis is optional
     np.testing.assert_array_equal(predict_raw(net2d, image[None], device="cpu", tile=None), raw)
+    # "auto" (the default) picks one window for an image this small
+    np.testing.assert_array_equal(predict_raw(net2d, image, device="cpu"), raw)
 
 
 def test_predict_raw_uses_eval_mode_and_restores_it(net2d):
@@ -108,20 +110,21 @@ def test_normalization_options():
 class StoredRaw(nn.Module):
     """Returns a fixed raw output (padded like the input): a perfect prediction of known objects."""
 
-    spatial_dims = 2
     in_channels = 1
 
     def __init__(self, raw: torch.Tensor) -> None:
         super().__init__()
+        self.spatial_dims = raw.dim() - 1
         self.register_buffer("raw", raw)
         self.dummy = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return pad_to_multiple(self.raw[None])[..., : x.shape[-2], : x.shape[-1]] + 0 * self.dummy
+        region = tuple(slice(0, s) for s in x.shape[2:])
+        return pad_to_multiple(self.raw[None])[(slice(None), slice(None), *region)] + 0 * self.dummy
 
 
-def perfect_raw(labels: np.ndarray, step: tuple[float, float]) -> torch.Tensor:
-    coords = coordinate_map(labels.shape, step, dtype=torch.float64)  # (2, Y, X), channels x, y
+def perfect_raw(labels: np.ndarray, step: tuple[float, ...]) -> torch.Tensor:
+    coords = coordinate_map(labels.shape, step, dtype=torch.float64)  # (D, *S), channels x, y[, z]
     offsets = torch.zeros_like(coords)
     for k in np.unique(labels)[1:]:
         mask = torch.from_numpy(labels == k)
@@ -143,6 +146,21 @@ def test_segment_recovers_objects_of_a_perfect_prediction():
     assert pred.dtype == np.int32 and pred.shape == labels.shape
     assert set(np.unique(pred)) == {0, 1, 2, 3}
     for k in (1, 2, 3):  # a one-to-one match of every object
+        ids = np.unique(pred[labels == k])
+        assert len(ids) == 1 and ids[0] > 0
+        np.testing.assert_array_equal(pred == ids[0], labels == k)
+
+
+def test_segment_3d_perfect_prediction_with_anisotropic_step():
+    labels = np.zeros((9, 30, 26), dtype=np.int32)
+    labels[1:5, 2:12, 3:12] = 4
+    labels[4:9, 15:28, 10:24] = 9
+    step = step_for(3, anisotropy=2.0)
+    model = StoredRaw(perfect_raw(labels, step))
+    pred = segment(model, np.zeros(labels.shape, np.float32), step=step, tile=None, device="cpu", min_size=20)
+    assert pred.dtype == np.int32 and pred.shape == labels.shape
+    assert len(np.unique(pred)) == 3
+    for k in (4, 9):
         ids = np.unique(pred[labels == k])
         assert len(ids) == 1 and ids[0] > 0
         np.testing.assert_array_equal(pred == ids[0], labels == k)
