@@ -25,6 +25,7 @@ def register_tasks(app: Celery, settings: Settings) -> Task:
 
     @app.task(
         name=settings.task_name,
+        shared=False,  # each app runs its jobs with its own settings
         bind=True,
         acks_late=True,
         reject_on_worker_lost=True,
