@@ -84,6 +84,12 @@ class _NumpyOps:
     def repeat(self, counts: np.ndarray) -> np.ndarray:
         return np.repeat(np.arange(counts.shape[0], dtype=np.int64), counts)
 
+    def repeat_values(self, values: np.ndarray, counts: np.ndarray, total: int) -> np.ndarray:
+        return np.repeat(values, counts)
+
+    def unravel(self, index: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, ...]:
+        return np.unravel_index(index, shape)
+
     def searchsorted(self, a: np.ndarray, v: np.ndarray, right: bool = False) -> np.ndarray:
         return np.searchsorted(a, v, side="right" if right else "left")
 
@@ -146,6 +152,12 @@ class _TorchOps:
 
     def repeat(self, counts: torch.Tensor) -> torch.Tensor:
         return torch.repeat_interleave(torch.arange(counts.shape[0], device=self.dev), counts)
+
+    def repeat_values(self, values: torch.Tensor, counts: torch.Tensor, total: int) -> torch.Tensor:
+        return torch.repeat_interleave(values, counts, output_size=total)
+
+    def unravel(self, index: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        return torch.unravel_index(index, shape)
 
     def searchsorted(self, a: torch.Tensor, v: torch.Tensor, right: bool = False) -> torch.Tensor:
         return torch.searchsorted(a, v, right=right)
@@ -278,11 +290,9 @@ def _cluster(
 
     # embeddings of F per array axis, float64: tanh(offset) + index * h
     emb: list[Any] = [None] * dims
-    rem = fg_index
-    for a in range(dims - 1, -1, -1):
-        idx_a = rem % spatial[a]
-        rem = rem // spatial[a]
-        emb[a] = xp.tanh(xp.f64(data[dims - 1 - a][fg_index])) + xp.f64(idx_a) * h[a]
+    index = xp.unravel(fg_index, spatial)
+    for a in range(dims):
+        emb[a] = xp.tanh(xp.f64(data[dims - 1 - a][fg_index])) + xp.f64(index[a]) * h[a]
     if any(xp.any_nan(e) for e in emb):
         raise ValueError("raw contains NaN offsets on foreground pixels")
     sigma = [data[2 * dims - 1 - a] for a in range(dims)]  # sigma channel of array axis a
@@ -313,6 +323,7 @@ def _cluster(
         coord = xp.minimum(xp.maximum(xp.i64(xp.floor((emb[a] - e_min[a]) / cell[a])), 0), n_cells[a] - 1)
         cell_id = coord * strides[a] if cell_id is None else cell_id + coord * strides[a]
     sorted_ids, by_cell = xp.sort_ids(cell_id, strides[0] * n_cells[0])
+    emb_by_cell = [e[by_cell] for e in emb]  # embeddings in cell order: boxes read contiguous runs
 
     def seed_distances(centre: list[Any], lam: list[Any]) -> np.ndarray:
         """``inside[k, i]``: seed i lies in the proposal of seed k (same arithmetic as ``gather``)."""
@@ -357,18 +368,18 @@ def _cluster(
         if take < nb:
             n_runs = int(xp.host(rp)[:take].sum())
             run_owner, start, length = run_owner[:n_runs], start[:n_runs], length[:n_runs]
-        pair_run = xp.repeat(length)
-        pos = xp.arange(int(pair_run.shape[0])) - (xp.cumsum(length) - length)[pair_run]
-        members = by_cell[start[pair_run] + pos]
-        owner = run_owner[pair_run]
+        # positions in cell order of every (seed, pixel-in-box) pair, grouped by seed
+        n_pairs = int(xp.host(length.sum()))
+        pair_pos = xp.arange(n_pairs) + xp.repeat_values(start - (xp.cumsum(length) - length), length, n_pairs)
+        owner = xp.repeat_values(run_owner, length, n_pairs)
         d2 = None
         for a in range(dims):  # fixed summation order, as in seed_distances
-            diff = emb[a][members] - centre[a][owner]
-            term = lam[a][owner] * (diff * diff)
+            diff = emb_by_cell[a][pair_pos] - xp.repeat_values(centre[a][run_owner], length, n_pairs)
+            term = xp.repeat_values(lam[a][run_owner], length, n_pairs) * (diff * diff)
             d2 = term if d2 is None else d2 + term
         inside = d2 < _LN2
         counts = xp.bincount(owner[inside], take)
-        return take, xp.host(counts), xp.host(members[inside])
+        return take, xp.host(counts), xp.host(by_cell[pair_pos[inside]])
 
     cand_host = xp.host(cand)
     q_cand = xp.host(q_fg[cand]).astype(np.float64)
