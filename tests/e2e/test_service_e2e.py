@@ -1,0 +1,224 @@
+"""End to end through HTTP only: upload the real 2D nuclei image and mask, train a few epochs,
+predict with ground truth, download the labels, read the AP from the job.
+
+Once on the embedded default (``embedseg serve`` as a subprocess: SQLite, local storage and a
+local worker in a temporary data directory) and once on the production path (``embedseg db
+upgrade``, ``embedseg serve`` and ``embedseg worker`` as subprocesses on PostgreSQL + Redis).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import sqlalchemy as sa
+import tifffile
+
+pytestmark = pytest.mark.slow
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "nuclei2d_dsb"
+IMAGE = DATA / "images" / "dsb2018_img2d.tif"
+MASK = DATA / "masks" / "dsb2018_img2d.tif"
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+REDIS = "redis://127.0.0.1:6379/15"
+TRAIN = {"epochs": 3, "crop_size": 64, "batch_size": 4, "max_time_minutes": 1.5, "seed": 0}
+
+
+def embedseg_command() -> list[str]:
+    """The installed ``embedseg`` script of this interpreter, else ``python -m core.cli``."""
+    script = Path(sys.executable).with_name("embedseg")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("embedseg")
+    return [found] if found else [sys.executable, "-m", "core.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def service_env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDSEG_")}
+    env.update(values)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Process:
+    """A subprocess whose output goes to a file (read back for error messages)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, log: Path) -> None:
+        self.log = log
+        self._handle = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=self._handle, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._handle.close()
+        return self.proc.returncode
+
+
+def wait_healthy(base: str, server: Process, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise AssertionError(f"the server exited with {server.proc.returncode}:\n{server.output()}")
+        try:
+            if httpx.get(f"{base}/api/v1/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"the server did not answer within {timeout} s:\n{server.output()}")
+
+
+def wait_job(http: httpx.Client, job_id: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = http.get(f"/api/v1/jobs/{job_id}").json()
+        if body["status"] in ("succeeded", "failed", "cancelled"):
+            return body
+        assert time.monotonic() < deadline, f"job {job_id} unfinished after {timeout} s: {body}"
+        time.sleep(1)
+
+
+def upload_train_predict(base: str) -> None:
+    """The user's walk-through, over HTTP."""
+    with httpx.Client(base_url=base, timeout=60) as http:
+        image = http.post("/api/v1/volumes", files={"file": (IMAGE.name, IMAGE.read_bytes(), "image/tiff")})
+        assert image.status_code == 201, image.text
+        image_id = image.json()["id"]
+        assert image.json()["shape"] == [512, 512]
+        mask = http.post("/api/v1/volumes", files={"file": (MASK.name, MASK.read_bytes(), "image/tiff")},
+                         data={"kind": "labels", "image_id": image_id})
+        assert mask.status_code == 201, mask.text
+        mask_id = mask.json()["id"]
+
+        train = http.post("/api/v1/jobs/train", json={"image_ids": [image_id], "mask_ids": [mask_id], **TRAIN})
+        assert train.status_code == 202, train.text
+        assert http.get(train.headers["location"]).json()["kind"] == "train"
+        trained = wait_job(http, train.json()["id"], timeout=600)
+        assert trained["status"] == "succeeded", trained["error"]
+        assert trained["worker"] and trained["metrics"]["epochs"]
+        model_id = trained["result"]["model_id"]
+        model = http.get(f"/api/v1/models/{model_id}").json()
+        assert model["source_job_id"] == trained["id"] and model["spatial_dims"] == 2
+
+        predict = http.post("/api/v1/jobs/predict", json={"model_id": model_id, "volume_ids": [image_id],
+                                                          "gt_ids": [mask_id], "tta": False})
+        assert predict.status_code == 202, predict.text
+        predicted = wait_job(http, predict.json()["id"], timeout=300)
+        assert predicted["status"] == "succeeded", predicted["error"]
+        ap = predicted["metrics"]["ap"]
+        assert ap["thresholds"][0] == 0.5 and len(ap["ap"]) == len(ap["thresholds"])
+        assert all(0.0 <= value <= 1.0 for value in ap["ap"])
+        (volume,) = predicted["metrics"]["volumes"]
+        assert volume["n_gt"] == 125  # every object of the real mask was scored
+
+        labels_id = predicted["result"]["labels"][image_id]
+        download = http.get(f"/api/v1/volumes/{labels_id}/download")
+        assert download.status_code == 200
+        labels = tifffile.imread(io.BytesIO(download.content))
+        assert labels.shape == (512, 512)
+        assert len(set(labels.ravel().tolist()) - {0}) == volume["n_pred"]
+
+
+def test_embedded_default_serves_and_runs_jobs(tmp_path: Path) -> None:
+    port = free_port()
+    data_dir = tmp_path / "data"
+    server = Process([*embedseg_command(), "serve", "--port", str(port)],
+                     service_env(EMBEDSEG_DATA_DIR=str(data_dir)), tmp_path, tmp_path / "serve.log")
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", server)
+        ready = httpx.get(f"http://127.0.0.1:{port}/api/v1/ready", timeout=10).json()
+        assert ready["broker"] == "embedded" and ready["database"] == "sqlite"
+        upload_train_predict(f"http://127.0.0.1:{port}")
+    finally:
+        code = server.stop()
+    out = server.output()
+    assert f"http://127.0.0.1:{port}/docs" in out
+    assert str(data_dir.resolve()) in out
+    assert (data_dir / "embedseg.db").is_file() and any((data_dir / "storage").rglob("*.tif"))
+    assert code == 0, out
+
+
+@pytest.fixture
+def production(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Environment of the production path: a fresh PostgreSQL schema, Redis, a queue of its own."""
+    try:
+        redis.Redis.from_url(REDIS, socket_connect_timeout=2).ping()
+    except redis.RedisError:
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+    from api.db import make_engine
+
+    schema = f"e2e_{uuid.uuid4().hex[:12]}"
+    admin = make_engine(POSTGRES)
+    try:
+        with admin.begin() as connection:
+            connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    except sa.exc.OperationalError:
+        admin.dispose()
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+    queue = f"gpu-e2e-{uuid.uuid4().hex[:8]}"
+    try:
+        yield service_env(
+            EMBEDSEG_DATABASE_URL=f"{POSTGRES}?options=-csearch_path%3D{schema}",
+            EMBEDSEG_BROKER_URL=REDIS,
+            EMBEDSEG_GPU_QUEUE=queue,
+            EMBEDSEG_DATA_DIR=str(tmp_path / "data"),
+            EMBEDSEG_STORAGE_DIR=str(tmp_path / "shared-storage"),
+        )
+    finally:
+        redis.Redis.from_url(REDIS).delete(queue)
+        with admin.begin() as connection:
+            connection.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def test_celery_redis_postgres_path_runs_jobs(tmp_path: Path, production: dict[str, str]) -> None:
+    upgrade = subprocess.run([*embedseg_command(), "db", "upgrade"], env=production, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert "up to date" in upgrade.stdout
+
+    port = free_port()
+    server = Process([*embedseg_command(), "serve", "--port", str(port)], production, tmp_path,
+                     tmp_path / "serve.log")
+    worker = Process([*embedseg_command(), "worker", "--pool", "solo", "--loglevel", "warning"], production,
+                     tmp_path, tmp_path / "worker.log")
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", server)
+        ready = httpx.get(f"http://127.0.0.1:{port}/api/v1/ready", timeout=10).json()
+        assert ready == {"status": "ready", "database": "postgresql", "broker": "redis", "storage": "local"}
+        upload_train_predict(f"http://127.0.0.1:{port}")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n--- worker log ---\n{worker.output()[-4000:]}") from None
+    finally:
+        worker.stop(signal.SIGTERM)
+        server.stop()
+    assert "Jobs:             Celery via redis://127.0.0.1:6379/15" in server.output()
+    assert not (tmp_path / "data" / "embedseg.db").exists()  # nothing went to SQLite
