@@ -8,7 +8,10 @@ stored volumes.
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -325,3 +328,40 @@ def test_predict_job_with_an_unusable_checkpoint_fails_with_the_reason(client, s
     assert run_job(job_id, settings=fast) == "failed"
     error = client.get(f"{API}/jobs/{job_id}").json()["error"]
     assert "is not an EmbedSeg model file" in error
+
+
+# --------------------------------------------------------------------------- embedded local worker
+
+
+def test_local_worker_runs_jobs_left_queued_and_orphaned_by_a_previous_run(client, session, settings,
+                                                                           evaluate_job) -> None:
+    import socket
+
+    from worker.local import LocalWorker
+
+    left_queued, _, _ = evaluate_job
+    orphan = client.post(f"{API}/jobs/evaluate", json=client.get(f"{API}/jobs/{left_queued}").json()["spec"]).json()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_name = f"{socket.gethostname()}:{int(dead.stdout)}"
+    assert jobs.claim_job(session, orphan["id"], dead_name)
+
+    worker = LocalWorker(settings.model_copy(update={"progress_throttle_s": 0.05}), poll_s=0.5).start()
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            statuses = [client.get(f"{API}/jobs/{j}").json() for j in (left_queued, orphan["id"])]
+            if all(body["status"] == "succeeded" for body in statuses):
+                break
+            assert time.monotonic() < deadline, statuses
+            time.sleep(0.5)
+        assert statuses[1]["attempts"] == 2 and statuses[1]["worker"] not in (None, dead_name)
+
+        # a job submitted while the worker runs is picked up at once
+        fresh = client.post(f"{API}/jobs/evaluate", json=statuses[0]["spec"]).json()["id"]
+        worker.submit(fresh)
+        while client.get(f"{API}/jobs/{fresh}").json()["status"] != "succeeded":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        worker.stop()
+    assert not worker.alive
