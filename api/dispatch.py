@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from typing import Any, Protocol
 
 from api.settings import Settings
@@ -69,16 +70,19 @@ class CeleryDispatcher:
             raise ValueError("CeleryDispatcher needs EMBEDSEG_BROKER_URL (redis://host:6379/0)")
         self.settings = settings
         self._app: Any = None
+        self._lock = threading.Lock()
 
     @property
     def app(self) -> Any:
-        if self._app is None:
-            from celery import Celery
+        """The producer-only Celery app (made on first use; routes run in a thread pool)."""
+        with self._lock:
+            if self._app is None:
+                from celery import Celery
 
-            app = Celery("embedseg-api", set_as_current=False)
-            app.conf.update(celery_config(self.settings))
-            self._app = app
-        return self._app
+                app = Celery("embedseg-api", set_as_current=False)
+                app.conf.update(celery_config(self.settings))
+                self._app = app
+            return self._app
 
     def submit(self, job_id: str) -> None:
         try:
@@ -93,9 +97,10 @@ class CeleryDispatcher:
             raise DispatchError(f"the job broker is unreachable ({type(error).__name__}: {error})") from error
 
     def close(self) -> None:
-        if self._app is not None:
-            self._app.close()
-            self._app = None
+        with self._lock:
+            if self._app is not None:
+                self._app.close()
+                self._app = None
 
 
 class WaitForLocalWorker:
