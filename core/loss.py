@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from core.embedding import coordinate_map, normalize_step
-from core.lovasz import _descending_order, _weights_of_sorted
+from core.lovasz import _sort_by_segment_and_error, _weights_of_sorted
 
 DEFAULT_PAIRS_PER_CHUNK = 1 << 22
 """(object, pixel) candidates scored at once; bounds the loss's working memory (~100 bytes each)."""
@@ -68,7 +68,7 @@ class _Objects:
     image: torch.Tensor  # (K,) int64
     ids: torch.Tensor  # (K,) int64 label ids
     centers: torch.Tensor  # (K, D) centres in embedding units, channels x, y[, z]
-    owner: torch.Tensor  # (B*N,) int64 object of each pixel, -1 for background and ignored
+    owner: torch.Tensor  # (B*N,) int64 object of each pixel, -1 for background, -2 for ignored
     valid: torch.Tensor | None  # (B*N,) bool, False where ignored; None = nothing ignored
     per_image: torch.Tensor  # (B,) int64 number of objects of each image
 
@@ -171,6 +171,8 @@ def _collect_objects(
     step_xyz = torch.tensor(tuple(reversed(step)), dtype=torch.float64, device=device)
     image = uniq // radix
     owner = torch.full((batch * n_pixels,), -1, dtype=torch.int64, device=device)
+    if valid is not None:
+        owner[~valid] = -2
     owner[fg_pix] = fg_obj
     return _Objects(
         spatial_shape=spatial,
@@ -190,44 +192,121 @@ def _collect_objects(
     )
 
 
-def _candidate_boxes(
-    objs: _Objects, lam: torch.Tensor, reach: torch.Tensor, bound: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per object, the box of pixel indices that can hold a pixel with ``Σ_a λ_a d_a² < bound``.
+_TILE = {2: (8, 8), 3: (4, 8, 8)}
+"""Pixel tiles (array order) whose embedding bounding boxes limit the candidate pairs."""
 
-    ``reach`` (B, D) is the largest ``|e − c|`` of each image per channel. Returns ``lo`` and ``ext``
-    (K, D) int64 in array order (extents may be 0).
+_HIT_BLOCK = 1 << 22
+"""(object, tile) tests done at once."""
+
+
+@dataclass
+class _Tiles:
+    """The batch cut into pixel tiles, laid out tile by tile, with each tile's embedding bounding box.
+
+    Rows are (image, tile) = ``b * T + tile``; columns the ``P_tile`` pixels of a tile. Pixels past
+    the border (when a size is not a multiple of the tile) and ignored pixels embed at +inf; those
+    past the border have pixel index -1, and both count as ignored (-2) in ``owner``.
     """
-    shape = torch.tensor(objs.spatial_shape, dtype=torch.float64, device=lam.device)
-    lam64 = lam.detach().to(torch.float64)
-    half = torch.sqrt(bound / lam64) + reach.to(torch.float64)[objs.image]  # (K, D) x, y[, z]
-    half = torch.nan_to_num(half, nan=math.inf) / objs.step_xyz
-    center = objs.centers.to(torch.float64) / objs.step_xyz
-    lo = torch.clamp(center - half, -1.0, float(max(objs.spatial_shape)) + 1).floor() - 1
-    hi = torch.clamp(center + half, -1.0, float(max(objs.spatial_shape)) + 1).floor() + 2
-    lo = torch.minimum(lo.flip(1).clamp_min(0), shape)
-    hi = torch.minimum(hi.flip(1).clamp_min(0), shape)
-    lo = lo.to(torch.int64)
-    return lo, (hi.to(torch.int64) - lo).clamp_min(0)
+
+    emb: torch.Tensor  # (D, B*T, P_tile) embeddings, channels x, y[, z]
+    pixel: torch.Tensor  # (B*T, P_tile) int64 global pixel index b * N + i, -1 past the border
+    owner: torch.Tensor  # (B*T, P_tile) int32 object index, -1 background, -2 ignored or past the border
+    low: torch.Tensor  # (D, B, T) smallest embedding of the tile per channel
+    high: torch.Tensor  # (D, B, T) largest
+
+    @property
+    def count(self) -> int:
+        return self.low.shape[2]
+
+    @property
+    def size(self) -> int:
+        return self.pixel.shape[1]
 
 
-def _enumerate_boxes(
-    objs: _Objects, lo: torch.Tensor, ext: torch.Tensor, obj: torch.Tensor
+def _tile_major(x: torch.Tensor, tile: tuple[int, ...], fill: float) -> torch.Tensor:
+    """(C, *S) → (C, T, P_tile), padding the border tiles with ``fill``."""
+    dims = len(tile)
+    spatial = x.shape[1:]
+    grid = [-(-n // t) for n, t in zip(spatial, tile)]
+    pad: list[int] = []
+    for n, t, g in zip(reversed(spatial), reversed(tile), reversed(grid)):
+        pad += [0, g * t - n]
+    if any(pad):
+        x = torch.nn.functional.pad(x, pad, value=fill)
+    shape = [x.shape[0]]
+    for g, t in zip(grid, tile):
+        shape += [g, t]
+    perm = [0] + [1 + 2 * a for a in range(dims)] + [2 + 2 * a for a in range(dims)]
+    return x.reshape(shape).permute(perm).reshape(x.shape[0], math.prod(grid), math.prod(tile))
+
+
+def _tiles(emb: torch.Tensor, objs: _Objects) -> _Tiles:
+    """Tiles of ``emb`` (D, B*N) for the batch of ``objs``; computed without gradient.
+
+    Ignored pixels embed at +inf there: they score ``φ = 0`` and leave the tiles' bounding boxes.
+    """
+    spatial, batch = objs.spatial_shape, objs.batch
+    dims = len(spatial)
+    tile = tuple(min(t, n) for t, n in zip(_TILE[dims], spatial))
+    x = emb.detach()
+    if objs.valid is not None:
+        x = torch.where(objs.valid, x, math.inf)
+    tiled = _tile_major(x.reshape(dims * batch, *spatial), tile, math.inf)
+    n_tiles = tiled.shape[1]
+    low = tiled.amin(2)
+    high = torch.where(torch.isinf(tiled), -math.inf, tiled).amax(2)
+    index = torch.arange(batch * objs.n_pixels, device=emb.device).reshape(batch, *spatial)
+    owner = objs.owner.to(torch.int32).reshape(batch, *spatial)
+    return _Tiles(
+        emb=tiled.reshape(dims, batch * n_tiles, -1),
+        pixel=_tile_major(index, tile, -1).reshape(batch * n_tiles, -1),
+        owner=_tile_major(owner, tile, -2).reshape(batch * n_tiles, -1),
+        low=low.reshape(dims, batch, n_tiles),
+        high=high.reshape(dims, batch, n_tiles),
+    )
+
+
+def _tile_hits(
+    objs: _Objects, tiles: _Tiles, lam: torch.Tensor, bound: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """All (object, global pixel index) pairs of the boxes of objects ``obj`` (ascending)."""
-    device = lo.device
-    n_box = ext[obj].prod(1)
-    owner_rows = torch.repeat_interleave(obj, n_box)
-    first = torch.cumsum(n_box, 0) - n_box
-    rest = torch.arange(int(n_box.sum()), device=device) - torch.repeat_interleave(first, n_box)
-    pix = objs.image[owner_rows] * objs.n_pixels
-    stride = 1
-    for ax in range(len(objs.spatial_shape) - 1, -1, -1):
-        e = ext[owner_rows, ax]
-        pix = pix + (rest % e + lo[owner_rows, ax]) * stride
-        rest = rest // e
-        stride *= objs.spatial_shape[ax]
-    return owner_rows, pix
+    """(object, tile) pairs where some point of the tile's embedding box has ``Σ_a λ_a (e_a − C_a)² < bound``.
+
+    ``bound`` is a number or one per object (K,).
+    The smallest value over the box is ``Σ_a λ_a dist(C_a, [low_a, high_a])²``, a lower bound for every
+    pixel of the tile. Returns ``obj`` (H,) int64, sorted, and the tile rows ``b * T + tile`` (H,).
+    """
+    n_tiles = tiles.count
+    lam64 = torch.nan_to_num(lam.detach().to(torch.float64), nan=0.0).T.unsqueeze(2)  # (D, K, 1)
+    center = objs.centers.to(torch.float64).T.unsqueeze(2)
+    block = max(1, _HIT_BLOCK // max(n_tiles, 1))
+    if not isinstance(bound, torch.Tensor):
+        bound = torch.full((objs.count,), float(bound), dtype=torch.float64, device=lam.device)
+    bound = bound.to(torch.float64).unsqueeze(1)
+    objs_out, rows_out = [], []
+    for k0 in range(0, objs.count, block):
+        k1 = min(objs.count, k0 + block)
+        img = objs.image[k0:k1]
+        c = center[:, k0:k1]
+        gap = torch.clamp_min(torch.maximum(tiles.low[:, img] - c, c - tiles.high[:, img]), 0.0)
+        t_min = torch.nan_to_num((lam64[:, k0:k1] * gap * gap).sum(0), nan=0.0)
+        obj, tile = torch.nonzero(t_min < bound[k0:k1], as_tuple=True)
+        obj = obj + k0
+        objs_out.append(obj)
+        rows_out.append(objs.image[obj] * n_tiles + tile)
+    return torch.cat(objs_out), torch.cat(rows_out)
+
+
+def _tile_scores(
+    tiles: _Tiles, lam: torch.Tensor, centers: torch.Tensor, obj: torch.Tensor, rows: torch.Tensor
+) -> torch.Tensor:
+    """``t = Σ_a λ_{k,a} (e_{i,a} − C_{k,a})²`` (H, P_tile) for pixels ``i`` of tile row ``rows[h]``, ``k = obj[h]``."""
+    t = None
+    for a in range(tiles.emb.shape[0]):
+        d = tiles.emb[a].index_select(0, rows)
+        d.sub_(centers[:, a].index_select(0, obj).unsqueeze(1))
+        term = d.mul_(d).mul_(lam[:, a].index_select(0, obj).unsqueeze(1))
+        t = term if t is None else t.add_(term)
+    return t
 
 
 def _chunks(sizes: torch.Tensor, budget: int) -> list[tuple[int, int]]:
@@ -244,61 +323,81 @@ def _chunks(sizes: torch.Tensor, budget: int) -> list[tuple[int, int]]:
     return ends
 
 
-def _scores(emb: torch.Tensor, lam: torch.Tensor, centers: torch.Tensor, obj: torch.Tensor, pix: torch.Tensor):
-    """``d`` (D, P) = e − C and ``φ`` (P,) for pairs (obj, pix); ``emb`` is (D, B*N)."""
-    d = emb[:, pix] - centers[obj].T
-    lam_p = lam[obj].T
-    t = d[0] * d[0] * lam_p[0]
-    for a in range(1, d.shape[0]):
-        t = t + d[a] * d[a] * lam_p[a]
-    return d, torch.exp(-t)
+def _pair_scores(emb: torch.Tensor, lam: torch.Tensor, centers: torch.Tensor, obj: torch.Tensor, pix: torch.Tensor):
+    """``t = Σ_a λ_{k,a} (e_{i,a} − C_{k,a})²`` (P,) for pairs (k, i) = (obj, pix); ``emb`` is (D, B*N)."""
+    t = None
+    for a in range(emb.shape[0]):
+        d = emb[a].index_select(0, pix) - centers[:, a].index_select(0, obj)
+        term = d * d * lam[:, a].index_select(0, obj)
+        t = term if t is None else t + term
+    return t
 
 
 class _LovaszTerm(torch.autograd.Function):
     """Per-image mean over objects of the Lovász hinge of ``2φ_k − 1``; gradients formed in forward."""
 
     @staticmethod
-    def forward(ctx, emb, lam, objs, reach, obj_weight, pairs_per_chunk, need_grad):  # noqa: D102
+    def forward(ctx, emb, lam, phi_own, objs, tiles, obj_weight, pairs_per_chunk, need_grad):  # noqa: D102
         n_obj, dims = lam.shape
-        dtype = emb.dtype
-        bound = _zero_error_bound(dtype)
-        lo, ext = _candidate_boxes(objs, lam, reach, bound)
-        sizes = ext.prod(1) + objs.counts
-        per_obj = torch.zeros(n_obj, dtype=torch.float64, device=emb.device)
+        dtype, device = emb.dtype, emb.device
+        # Pairs worth scoring: ε > 0, and for background ε >= the smallest error m_k of the object's
+        # own pixels (ranked after the last of those, a background pixel has weight 0). ε >= m_k needs
+        # φ >= m_k / 4 even after rounding, i.e. t <= −ln(m_k / 4); ε > 0 needs t < _zero_error_bound.
+        err_own = 1 - (phi_own * 2 - 1)
+        smallest = torch.full((n_obj,), math.inf, dtype=dtype, device=device)
+        smallest = smallest.scatter_reduce(0, objs.fg_obj, err_own, "amin")
+        bound = torch.clamp(1.0 - torch.log(smallest.to(torch.float64) / 4), max=_zero_error_bound(dtype))
+        bound = torch.nan_to_num(bound, nan=_zero_error_bound(dtype))
+        hit_obj, hit_row = _tile_hits(objs, tiles, lam, bound)
+        hit_start = torch.searchsorted(hit_obj, torch.arange(n_obj + 1, device=device)).tolist()
+        sizes = torch.bincount(hit_obj, minlength=n_obj) * tiles.size + objs.counts
+        per_obj = torch.zeros(n_obj, dtype=torch.float64, device=device)
         grad_emb = torch.zeros_like(emb) if need_grad else None
-        grad_lam = torch.zeros((n_obj, dims), dtype=torch.float64, device=emb.device) if need_grad else None
+        grad_lam = torch.zeros((n_obj, dims), dtype=torch.float64, device=device) if need_grad else None
+        keep_below = bound.to(dtype)
         for k0, k1 in _chunks(sizes, pairs_per_chunk):
-            obj_range = torch.arange(k0, k1, device=emb.device)
-            # background candidates in the boxes, then every pixel of the objects
-            obj_bg, pix_bg = _enumerate_boxes(objs, lo, ext, obj_range)
-            keep = objs.owner[pix_bg] != obj_bg
-            if objs.valid is not None:
-                keep &= objs.valid[pix_bg]
-            obj_bg, pix_bg = obj_bg[keep], pix_bg[keep]
+            # background: pixels of the candidate tiles that may have ε > 0, minus each object's own
+            h0, h1 = hit_start[k0], hit_start[k1]
+            obj_h, rows = hit_obj[h0:h1], hit_row[h0:h1]
+            t = _tile_scores(tiles, lam, objs.centers, obj_h, rows)
+            keep = t < keep_below.index_select(0, obj_h).unsqueeze(1)
+            keep &= tiles.owner.index_select(0, rows) != obj_h.to(torch.int32).unsqueeze(1)
+            row, col = torch.nonzero(keep, as_tuple=True)
+            flat = rows[row] * tiles.size + col
+            obj_bg = obj_h[row]
+            pix_bg = tiles.pixel.view(-1)[flat]
+            t_bg = t.view(-1)[row * tiles.size + col]
+            del t, keep, row, col, flat
+            # objects: all their pixels (all count in G)
             f0, f1 = int(objs.fg_start[k0]), int(objs.fg_start[k1 - 1] + objs.counts[k1 - 1])
-            obj = torch.cat([obj_bg, objs.fg_obj[f0:f1]])
-            pix = torch.cat([pix_bg, objs.fg_pix[f0:f1]])
-            positive = torch.zeros(obj.numel(), dtype=torch.bool, device=emb.device)
-            positive[obj_bg.numel() :] = True
-            d, phi = _scores(emb, lam, objs.centers, obj, pix)
-            signs = positive.to(dtype) * 2 - 1
+            obj_fg, pix_fg = objs.fg_obj[f0:f1], objs.fg_pix[f0:f1]
+            n_bg = obj_bg.numel()
+            obj = torch.cat([obj_bg, obj_fg])
+            pix = torch.cat([pix_bg, pix_fg])
+            phi = torch.cat([torch.exp(-t_bg), phi_own[f0:f1]])
+            signs = torch.ones(obj.numel(), dtype=dtype, device=device)
+            signs[:n_bg] = -1
             errors = 1 - (phi * 2 - 1) * signs
-            kept = torch.nonzero(errors > 0).squeeze(1)
-            order = kept[_descending_order(errors[kept], obj[kept])]
-            obj_s = obj[order]
-            n_sorted = torch.bincount(obj_s - k0, minlength=k1 - k0)
+            # background with ε < m_k gets a zero weight; elements with ε = 0 are zeroed below
+            errors_s, local_s, order = _sort_by_segment_and_error(errors, obj - k0)
+            obj_s = local_s + k0
+            positive = order >= n_bg
+            n_sorted = torch.bincount(local_s, minlength=k1 - k0)
             starts = torch.cumsum(n_sorted, 0) - n_sorted
-            g = _weights_of_sorted(positive[order], starts[obj_s - k0], objs.counts[obj_s])
-            per_obj.index_add_(0, obj_s, errors[order].to(torch.float64) * g)
+            g = _weights_of_sorted(positive, starts[local_s], objs.counts[obj_s], dtype)
+            g = torch.where(errors_s > 0, g, 0)
+            per_obj.index_add_(0, obj_s, (errors_s * g).to(torch.float64))
             if need_grad:
-                # dL/dt with t = Σ λ d²: dL/dφ = ±2 g (− on objects), dφ/dt = −φ
-                coef = (g * (2.0 * signs[order].to(torch.float64)) * obj_weight[obj_s]).to(dtype) * phi[order]
-                d_s = d[:, order]
-                pix_s = pix[order]
-                lam_s = lam[obj_s].T
-                grad_emb.index_add_(1, pix_s, (2 * coef) * lam_s * d_s)
-                grad_lam.index_add_(0, obj_s, (coef * d_s * d_s).T.to(torch.float64))
-        per_image = torch.zeros(objs.batch, dtype=torch.float64, device=emb.device)
+                # t = Σ λ d²: dL/dφ = −2 g on object pixels, +2 g elsewhere; dφ/dt = −φ
+                coef_s = torch.where(positive, 2.0, -2.0).to(g.dtype).mul_(g).mul_(obj_weight.to(g.dtype)[obj_s])
+                coef = torch.empty_like(coef_s).index_copy_(0, order, coef_s).to(dtype).mul_(phi)
+                del coef_s, g, errors_s, obj_s, positive, order
+                for a in range(dims):
+                    d = emb[a].index_select(0, pix).sub_(objs.centers[:, a].index_select(0, obj))
+                    cd = d * coef
+                    grad_lam[:, a].index_add_(0, obj, d.mul_(cd).to(torch.float64))
+                    grad_emb[a].index_add_(0, pix, cd.mul_(2 * lam[:, a].index_select(0, obj)))
+        per_image = torch.zeros(objs.batch, dtype=torch.float64, device=device)
         per_image.index_add_(0, objs.image, per_obj * obj_weight)
         if need_grad:
             ctx.save_for_backward(grad_emb, grad_lam.to(lam.dtype))
@@ -309,17 +408,17 @@ class _LovaszTerm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
         if not ctx.need_grad:
-            return None, None, None, None, None, None, None
+            return (None,) * 9
         grad_emb, grad_lam = ctx.saved_tensors
         objs = ctx.objs
         dims = grad_emb.shape[0]
         g_emb = (grad_emb.view(dims, objs.batch, objs.n_pixels) * grad_out.view(1, -1, 1)).view(dims, -1)
         g_lam = grad_lam * grad_out[objs.image].unsqueeze(1)
-        return g_emb, g_lam, None, None, None, None, None
+        return (g_emb, g_lam) + (None,) * 7
 
 
 def _split_raw(raw: torch.Tensor, dims: int, step: tuple[float, ...]):
-    """Embeddings (D, B*N), sigma (D, B*N), seed logit (B*N,), largest |tanh(offset)| (B, D)."""
+    """Embeddings (D, B*N), sigma (D, B*N) and seed logit (B*N,), channels x, y[, z]."""
     batch, spatial = raw.shape[0], raw.shape[2:]
     n = math.prod(spatial)
     offsets = torch.tanh(raw[:, :dims].reshape(batch, dims, n))
@@ -327,9 +426,7 @@ def _split_raw(raw: torch.Tensor, dims: int, step: tuple[float, ...]):
     emb = (offsets + coords).transpose(0, 1).reshape(dims, batch * n)
     sigma = raw[:, dims : 2 * dims].reshape(batch, dims, n).transpose(0, 1).reshape(dims, batch * n)
     logit = raw[:, 2 * dims].reshape(batch * n)
-    with torch.no_grad():
-        reach = offsets.abs().amax(dim=2) if n else torch.zeros(batch, dims, device=raw.device, dtype=raw.dtype)
-    return emb, sigma, logit, reach
+    return emb, sigma, logit
 
 
 def _check_raw(raw: torch.Tensor, dims: int) -> None:
@@ -431,7 +528,7 @@ class EmbedSegLoss(torch.nn.Module):
         _check_labels(labels, batch, spatial)
         labels = labels.to(raw.device)
         objs = _collect_objects(labels, centers, center_ids, ignore, self.step, raw.dtype)
-        emb, sigma, logit, reach = _split_raw(raw, dims, self.step)
+        emb, sigma, logit = _split_raw(raw, dims, self.step)
         seed = torch.sigmoid(logit)
         n = objs.n_pixels
 
@@ -445,14 +542,15 @@ class EmbedSegLoss(torch.nn.Module):
             s_mean, var_obj = _bandwidths(sigma, objs)
             lam = torch.exp(10 * s_mean)
             with torch.no_grad():
-                _, phi_own = _scores(emb, lam, objs.centers, objs.fg_obj, objs.fg_pix)
+                phi_own = torch.exp(-_pair_scores(emb, lam, objs.centers, objs.fg_obj, objs.fg_pix))
             fg_err = (seed[objs.fg_pix] - phi_own) ** 2
             fg_sum = torch.zeros(batch, dtype=raw.dtype, device=raw.device).index_add(
                 0, objs.image[objs.fg_obj], fg_err
             )
             obj_weight = 1.0 / objs.per_image.to(torch.float64)[objs.image]
             need_grad = torch.is_grad_enabled() and (emb.requires_grad or lam.requires_grad)
-            iou = _LovaszTerm.apply(emb, lam, objs, reach, obj_weight, self.pairs_per_chunk, need_grad)
+            tiles = _tiles(emb, objs)
+            iou = _LovaszTerm.apply(emb, lam, phi_own, objs, tiles, obj_weight, self.pairs_per_chunk, need_grad)
             var = (
                 torch.zeros(batch, dtype=torch.float64, device=raw.device)
                 .index_add(0, objs.image, var_obj * obj_weight)
@@ -498,21 +596,21 @@ def oracle_ious(
     objs = _collect_objects(labels.to(raw.device), centers, center_ids, ignore, step_t, raw.dtype)
     if objs.count == 0:
         return torch.zeros(0, dtype=torch.float64, device=raw.device)
-    emb, sigma, _, reach = _split_raw(raw, dims, step_t)
+    emb, sigma, _ = _split_raw(raw, dims, step_t)
     s_mean, _ = _bandwidths(sigma, objs)
     lam = torch.exp(10 * s_mean)
-    lo, ext = _candidate_boxes(objs, lam, reach, math.log(2.0) + _BOX_MARGIN)
+    tiles = _tiles(emb, objs)
+    hit_obj, hit_row = _tile_hits(objs, tiles, lam, math.log(2.0) + _BOX_MARGIN)
+    hit_start = torch.searchsorted(hit_obj, torch.arange(objs.count + 1, device=raw.device)).tolist()
+    sizes = torch.bincount(hit_obj, minlength=objs.count) * tiles.size
     inter = torch.zeros(objs.count, dtype=torch.int64, device=raw.device)
     pred = torch.zeros(objs.count, dtype=torch.int64, device=raw.device)
-    for k0, k1 in _chunks(ext.prod(1), DEFAULT_PAIRS_PER_CHUNK):
-        obj, pix = _enumerate_boxes(objs, lo, ext, torch.arange(k0, k1, device=raw.device))
-        if objs.valid is not None:
-            keep = objs.valid[pix]
-            obj, pix = obj[keep], pix[keep]
-        _, phi = _scores(emb, lam, objs.centers, obj, pix)
-        hit = phi > 0.5
-        pred.index_add_(0, obj, hit.to(torch.int64))
-        inter.index_add_(0, obj, (hit & (objs.owner[pix] == obj)).to(torch.int64))
+    for k0, k1 in _chunks(sizes, DEFAULT_PAIRS_PER_CHUNK):
+        obj, rows = hit_obj[hit_start[k0] : hit_start[k1]], hit_row[hit_start[k0] : hit_start[k1]]
+        code = tiles.owner.index_select(0, rows)
+        hit = (torch.exp(-_tile_scores(tiles, lam, objs.centers, obj, rows)) > 0.5) & (code != -2)
+        pred.index_add_(0, obj, hit.sum(1))
+        inter.index_add_(0, obj, (hit & (code == obj.unsqueeze(1))).sum(1))
     union = pred + objs.counts - inter
     return inter.to(torch.float64) / union.to(torch.float64)
 

@@ -41,46 +41,53 @@ def hinge_errors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return 1 - logits * signs
 
 
-def _descending_order(errors: torch.Tensor, segments: torch.Tensor | None) -> torch.Tensor:
-    """Permutation sorting by segment (ascending), then by error (descending); errors must be > 0.
+def _sort_by_segment_and_error(
+    errors: torch.Tensor, segments: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Sort by segment (ascending), then by error (descending); errors must be >= 0 (or NaN).
 
-    Float32 errors are packed with the segment into one int64 key (positive floats order like their
-    bit patterns), so one stable sort does it; other dtypes take two stable sorts.
+    Float32 errors are packed with the segment into one int64 key (non-negative floats order like their
+    bit patterns), so one stable sort does it and the sorted values come out of the sorted keys; other
+    dtypes take two stable sorts. Returns sorted errors, sorted segments (None without) and the order.
     """
-    if errors.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=errors.device)
     if errors.dtype in (torch.float16, torch.bfloat16):
         errors = errors.float()
-    if errors.dtype == torch.float32:
+    if errors.dtype == torch.float32 and errors.numel():
         key = _FLOAT32_KEY_MAX - errors.view(torch.int32).to(torch.int64)
         if segments is not None:
-            key = key + (segments.to(torch.int64) << 31)
-        return torch.sort(key, stable=True).indices
+            key += segments.to(torch.int64) << 31
+        key, order = torch.sort(key, stable=True)
+        low = _FLOAT32_KEY_MAX - (key & _FLOAT32_KEY_MAX)
+        errors_sorted = low.to(torch.int32).view(torch.float32)
+        return errors_sorted, (key >> 31 if segments is not None else None), order
     order = torch.sort(errors, descending=True, stable=True).indices
     if segments is not None:
         order = order[torch.sort(segments[order], stable=True).indices]
-    return order
+        return errors[order], segments[order], order
+    return errors[order], None, order
 
 
-def _weights_of_sorted(positive: torch.Tensor, segment_start: torch.Tensor, fg_count: torch.Tensor) -> torch.Tensor:
-    """Lovász weights ``g`` (float64) of elements already sorted by segment then descending error.
+def _weights_of_sorted(
+    positive: torch.Tensor, segment_start: torch.Tensor, fg_count: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Lovász weights ``g`` of elements already sorted by segment then descending error.
 
     ``positive`` (P,) bool; ``segment_start`` (P,) int64 position of each element's segment start;
     ``fg_count`` (P,) int64 number of positives ``G`` of each element's segment (all of them, dropped
-    ones included).
+    ones included). Counts are integers; only the final ratios are rounded, in ``dtype`` (float64 is
+    used instead of float32 beyond ``2**24`` elements).
     """
     n = positive.numel()
-    pos = positive.to(torch.int64)
-    cum_pos = torch.cumsum(pos, 0)
+    if dtype != torch.float64 and n >= (1 << 24):
+        dtype = torch.float64
+    cum_pos = torch.cumsum(positive, 0)
     before_start = torch.where(segment_start > 0, cum_pos[(segment_start - 1).clamp_min(0)], 0)
-    c_pos = (cum_pos - before_start).to(torch.float64)
-    rank = (torch.arange(1, n + 1, device=positive.device) - segment_start).to(torch.float64)
-    c_neg = rank - c_pos
-    g_total = fg_count.to(torch.float64)
-    union = g_total + c_neg
+    c_pos = cum_pos - before_start
+    c_neg = (torch.arange(1, n + 1, device=positive.device) - segment_start) - c_pos
+    union = (fg_count + c_neg).to(dtype)
     w_pos = 1.0 / union
     denom = union * (union - 1)
-    w_neg = torch.where(denom > 0, (g_total - c_pos) / denom.clamp_min(1.0), 1.0)
+    w_neg = torch.where(denom > 0, (fg_count - c_pos).to(dtype) / denom.clamp_min(1.0), 1.0)
     return torch.where(positive, w_pos, w_neg)
 
 
@@ -127,13 +134,13 @@ def segmented_lovasz_weights(
         keep = torch.nonzero(errors > 0).squeeze(1)
         if keep.numel() == 0:
             return weights
-        seg_kept = segments[keep]
-        order = _descending_order(errors[keep], seg_kept)
+        _, seg_sorted, order = _sort_by_segment_and_error(errors[keep], segments[keep])
         index = keep[order]
-        seg_sorted = seg_kept[order]
         counts = torch.bincount(seg_sorted, minlength=num_segments)
         starts = torch.cumsum(counts, 0) - counts
-        weights[index] = _weights_of_sorted(labels[index], starts[seg_sorted], fg_counts.to(torch.int64)[seg_sorted])
+        weights[index] = _weights_of_sorted(
+            labels[index], starts[seg_sorted], fg_counts.to(torch.int64)[seg_sorted], errors.dtype
+        ).to(torch.float64)
     return weights
 
 
