@@ -594,6 +594,7 @@ def train(
         augment=False,
         seed=config.seed,
         normalization=props.normalization,
+        allow_empty=True,
     )
     val_index = np.arange(len(val_set))
     if len(val_index) > MAX_VAL_CROPS:
@@ -829,11 +830,11 @@ def train(
             val = validate(epochs_done, with_images=True)
             evaluated_state = True
             message = (
-                f"epoch {epochs_done}/{config.epochs}: loss {last_loss:.4f}, val loss {val.loss:.4f}, "
-                f"val IoU {val.oracle_iou:.3f}, val AP0.5 {val.ap if val.ap is not None else float('nan'):.3f}"
+                f"epoch {epochs_done}/{config.epochs}: loss {_fmt(last_loss, 4)}, val loss {_fmt(val.loss, 4)}, "
+                f"val IoU {_fmt(val.oracle_iou, 3)}, val AP0.5 {_fmt(val.ap, 3)}"
             )
         else:
-            message = f"epoch {epochs_done}/{config.epochs}: loss {last_loss:.4f}"
+            message = f"epoch {epochs_done}/{config.epochs}: loss {_fmt(last_loss, 4)}"
         logger.info(message)
         save(last_path, payload(epochs_done, dict(history[-1]), "last"))
         if not notify(epochs_done, 0, message) and epochs_done < config.epochs:
@@ -877,6 +878,10 @@ def _normalized(image: np.ndarray, props: Any, dims: int) -> np.ndarray:
     if image.ndim == dims:
         image = image[None]
     return props.normalization_settings.apply(image, channel_axis=0).astype(np.float32, copy=False)
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def _epoch_order(n: int, samples: int, rng: np.random.Generator) -> np.ndarray:

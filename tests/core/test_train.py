@@ -293,3 +293,22 @@ def test_resume_refuses_another_dimensionality(tmp_path: Path) -> None:
     config3 = TrainConfig(spatial_dims=3, epochs=2, crop_size=(16, 32, 32), device="cpu")
     with pytest.raises(ValueError, match="cannot resume a 2D checkpoint with a 3D configuration"):
         train(images3, masks3, config3, out_path=tmp_path / "m3.pt", resume_from=result.last_path)
+
+
+def test_validation_without_objects_keeps_the_latest_state(tmp_path: Path) -> None:
+    images, masks = _data_2d()
+    empty = [np.zeros_like(masks[0])]
+    seen: list[TrainProgress] = []
+    result = train(images, masks, _config(), out_path=tmp_path / "m.pt", val_images=images[:1], val_masks=empty,
+                   progress=seen.append)  # fmt: skip
+    assert result.stopped == "completed" and result.best_epoch == 2
+    assert result.best_metrics["val_loss"] is None and result.best_metrics["val_gt_objects"] == 0
+    assert "val loss n/a" in [p.message for p in seen if p.message.startswith("epoch 2/2")][0]
+
+
+def test_data_loader_workers_give_the_same_weights(tmp_path: Path) -> None:
+    images, masks = _data_2d()
+    train(images, masks, _config(epochs=1), out_path=tmp_path / "a.pt")
+    train(images, masks, _config(epochs=1, num_workers=1), out_path=tmp_path / "b.pt")
+    a, b = _weights(tmp_path / "a.last.pt"), _weights(tmp_path / "b.last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
