@@ -25,7 +25,7 @@ from worker.runner import Handler, JobContext, JobOutcome
 CHUNK = 1024 * 1024
 
 
-# --------------------------------------------------------------------------- helpers
+# --------------------------------------------------------------------------- reading and storing
 
 
 def json_safe(value: Any) -> Any:
