@@ -135,6 +135,7 @@ def run_train(context: JobContext) -> JobOutcome:
         "seed": spec.seed,
         "device": "auto",
         "in_channels": channels.pop(),
+        "voxel_size": tuple(voxel_size) if voxel_size else None,
     }
     if spec.val_fraction is not None:
         options["val_fraction"] = spec.val_fraction
@@ -158,8 +159,7 @@ def run_train(context: JobContext) -> JobOutcome:
     reporter.update(stage="training", force=True)
     model_file = context.scratch / "model.pt"
     result = train(
-        images, masks, config, out_path=model_file, val_images=val_images, val_masks=val_masks,
-        voxel_size=voxel_size, progress=on_progress,
+        images, masks, config, out_path=model_file, val_images=val_images, val_masks=val_masks, progress=on_progress,
     )
     history = json_safe(result.history)
     metrics = {

@@ -365,3 +365,52 @@ def test_local_worker_runs_jobs_left_queued_and_orphaned_by_a_previous_run(clien
     finally:
         worker.stop()
     assert not worker.alive
+
+
+def _disks(shape=(64, 64), centres=((16, 16), (16, 46), (44, 20), (46, 48)), radius=7) -> np.ndarray:  # type: ignore[no-untyped-def]
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.uint16)
+    for i, (cy, cx) in enumerate(centres, start=1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = i
+    return labels
+
+
+@pytest.mark.slow
+def test_train_job_takes_the_voxel_size_from_the_image_and_registers_a_model(client, fast) -> None:
+    labels = _disks()
+    image = (20 + 150 * (labels > 0)).astype(np.uint8)
+    image_id = upload(client, tiff_bytes(image), voxel_size="0.5,0.5").json()["id"]
+    mask_id = upload(client, tiff_bytes(labels), kind="labels").json()["id"]
+    job = client.post(f"{API}/jobs/train", json={"image_ids": [image_id], "mask_ids": [mask_id], "epochs": 1,
+                                                 "crop_size": 32, "batch_size": 2, "max_time_minutes": 0.2}).json()
+    assert run_job(job["id"], settings=fast) == "succeeded", client.get(f"{API}/jobs/{job['id']}").json()["error"]
+    body = client.get(f"{API}/jobs/{job['id']}").json()
+    model = client.get(f"{API}/models/{body['result']['model_id']}").json()
+    assert model["config"]["voxel_size"] == [0.5, 0.5] and model["config"]["crop_size"] == [32, 32]
+    assert model["source_job_id"] == job["id"] and model["name"] == f"model of job {job['id'][:8]}"
+    assert model["metrics"]["stopped"] in ("completed", "time_budget") and model["metrics"]["history"]
+    assert body["metrics"]["epochs_total"] == 1 and body["metrics"]["best_epoch"] == model["metrics"]["best_epoch"]
+
+
+def test_predict_job_on_a_3d_volume_keeps_its_voxel_size(client, session, settings, fast, tmp_path) -> None:
+    from core.checkpoint import build_network, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "net3d.pt", {
+        "state_dict": build_network(3, 1).state_dict(), "spatial_dims": 3, "in_channels": 1,
+        "step": [2 / 1023, 1 / 1023, 1 / 1023], "properties": {"min_object_size": 4},
+    })
+    LocalStorage(settings.storage_path).put_file("models/tiny3d.pt", path)
+    model = Model(name="tiny3d", spatial_dims=3, config={"in_channels": 1}, storage_key="models/tiny3d.pt",
+                  size_bytes=path.stat().st_size)
+    session.add(model)
+    session.commit()
+    volume = np.random.default_rng(1).integers(0, 255, (8, 24, 32)).astype(np.uint8)
+    image = upload(client, tiff_bytes(volume), axes="ZYX", voxel_size="2.0,0.5,0.5").json()
+    job = client.post(f"{API}/jobs/predict", json={"model_id": model.id, "volume_ids": [image["id"]]}).json()
+    assert run_job(job["id"], settings=fast) == "succeeded", client.get(f"{API}/jobs/{job['id']}").json()["error"]
+    labels_id = client.get(f"{API}/jobs/{job['id']}").json()["result"]["labels"][image["id"]]
+    labels = client.get(f"{API}/volumes/{labels_id}").json()
+    assert labels["shape"] == [8, 24, 32] and labels["axes"] == "ZYX"
+    assert labels["voxel_size"] == pytest.approx([2.0, 0.5, 0.5])
+    stored = read_tiff(io.BytesIO(client.get(f"{API}/volumes/{labels_id}/download").content))
+    assert stored.voxel_size == pytest.approx((2.0, 0.5, 0.5))
