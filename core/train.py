@@ -657,6 +657,12 @@ def train(
             "metrics": metrics,
             "history": history,
             "seed": config.seed,
+            "seeds": {
+                "python": config.seed,
+                "numpy": config.seed % (2**32),
+                "torch": config.seed,
+                "per_epoch": "numpy.random.SeedSequence([seed, epoch]) seeds torch, the crop order and augmentation",
+            },
             "best": {
                 "key": list(best_key) if best_key else None,
                 "seen": list(best_seen) if best_seen else None,
@@ -746,7 +752,10 @@ def train(
             best_key, best_epoch, best_metrics = key, epoch_done, metrics
             save(out_path, payload(epoch_done, metrics, "best"))
             record["best"] = True
-        history[-1].update(record) if history and history[-1].get("epoch") == epoch_done else history.append(record)
+        if history and history[-1].get("epoch") == epoch_done:
+            history[-1].update(record)
+        else:
+            history.append(record)
         return val
 
     if start_epoch == 0:

@@ -170,6 +170,8 @@ def test_train_2d_writes_best_and_last_checkpoints(tmp_path: Path) -> None:
     assert model.properties["n_objects"] == 12  # train + val masks
     last = load_checkpoint(result.last_path)
     assert last["epoch"] == 2 and last["optimizer"]["state"]
+    assert last["seeds"]["python"] == last["seeds"]["numpy"] == last["seeds"]["torch"] == 0
+    assert set(last["versions"]) == {"python", "numpy", "torch", "embedseg-service"}
     assert last["batch"] == {"batch_size": 2, "virtual_batch": 2, "steps_per_epoch": 2}
     labels = model.segment(images[0], tta=False, tile=None)
     assert labels.shape == images[0].shape and labels.dtype == np.int32
