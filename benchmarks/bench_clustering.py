@@ -64,7 +64,9 @@ def differing(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def median_time(fn, repeats: int):
-    """Median wall-clock and CPU (process) seconds over ``repeats`` calls, and the last result."""
+    """Median wall-clock and CPU (process) seconds over ``repeats`` calls after one untimed warm-up call,
+    and the last result."""
+    fn()
     wall, cpu, out = [], [], None
     for _ in range(repeats):
         w0, c0 = time.perf_counter(), time.process_time()
