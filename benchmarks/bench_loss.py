@@ -17,8 +17,9 @@ Usage::
 
     EMBEDSEG_REFERENCE=/path/to/folder/containing/EmbedSeg python benchmarks/bench_loss.py [--repeats 5]
 
-Prints per case: both loss values and their relative difference (target <= 1e-4), the median time of a
-forward + backward step of each, and the speed-up (target >= 3).
+Prints per case: both loss values and their relative difference (target <= 1e-4), the largest gradient
+difference relative to the largest gradient, the median time of a forward + backward step of each (wall
+and process CPU time; the two run alternately), and the speed-up (target >= 3).
 """
 
 from __future__ import annotations
@@ -95,14 +96,17 @@ def center_images(labels: torch.Tensor, centers: list[torch.Tensor]) -> torch.Te
     return out
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    value = fn()  # warm-up
-    times = []
+def timed_pair(fn_a, fn_b, repeats: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Median (wall, process CPU) seconds of ``fn_a`` and ``fn_b``, run alternately after a warm-up each."""
+    fn_a(), fn_b()
+    times: dict[int, list[tuple[float, float]]] = {0: [], 1: []}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        value = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), value
+        for i, fn in enumerate((fn_a, fn_b)):
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            times[i].append((time.perf_counter() - w0, time.process_time() - c0))
+    med = [(statistics.median(t[0] for t in times[i]), statistics.median(t[1] for t in times[i])) for i in (0, 1)]
+    return med[0], med[1]
 
 
 def main() -> None:
@@ -119,9 +123,10 @@ def main() -> None:
     device = torch.device(args.device)
     ref_2d, ref_3d = load_reference(args.reference)
     print(f"device {device}, torch threads {torch.get_num_threads()}, repeats {args.repeats} (median)")
+    print("times: median wall seconds per forward + backward (process CPU seconds in brackets)")
     print(
-        f"{'case':16s} {'raw':7s} {'reference':>12s} {'ours':>12s} {'rel.diff':>9s} {'ref s':>8s} {'ours s':>8s} "
-        f"{'speed-up':>8s}"
+        f"{'case':16s} {'raw':7s} {'reference':>12s} {'ours':>12s} {'rel.diff':>9s} {'grad diff':>9s} "
+        f"{'ref s':>15s} {'ours s':>15s} {'speed-up (cpu)':>15s}"
     )
     for key in args.cases.split(","):
         case = CASES[key]
@@ -162,30 +167,32 @@ def bench_case(key: str, kind: str, ref, ours: EmbedSegLoss, device: torch.devic
     ids = [i.to(device) for i in ids]
     fg = (labels > 0).long()
 
-    def run_ref():
+    def run_ref(keep_grad: bool = False):
         x = raw.clone().requires_grad_()
         with contextlib.redirect_stdout(io.StringIO()):
             loss = ref(x, labels, fg, cimg)
         loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return float(loss.detach())
+        return (float(loss.detach()), x.grad) if keep_grad else None
 
-    def run_ours():
+    def run_ours(keep_grad: bool = False):
         x = raw.clone().requires_grad_()
         loss = ours(x, labels, centers, ids)
         loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return float(loss.detach())
+        return (float(loss.detach()), x.grad) if keep_grad else None
 
-    t_ref, v_ref = timed(run_ref, repeats)
-    t_ours, v_ours = timed(run_ours, repeats)
+    v_ref, g_ref = run_ref(True)
+    v_ours, g_ours = run_ours(True)
     rel = abs(v_ours - v_ref) / abs(v_ref)
+    grad_diff = float((g_ours - g_ref).abs().max() / g_ref.abs().max())
+    (w_ref, c_ref), (w_ours, c_ours) = timed_pair(run_ref, run_ours, repeats)
     name = f"{key} {case['batch']}x{'x'.join(map(str, case['shape']))}"
     print(
-        f"{name:16s} {kind:7s} {v_ref:12.7f} {v_ours:12.7f} {rel:9.2e} {t_ref:8.3f} {t_ours:8.3f} "
-        f"{t_ref / t_ours:7.1f}x",
+        f"{name:16s} {kind:7s} {v_ref:12.7f} {v_ours:12.7f} {rel:9.2e} {grad_diff:9.2e} "
+        f"{w_ref:7.3f} ({c_ref:5.2f}) {w_ours:7.3f} ({c_ours:5.2f}) {w_ref / w_ours:6.1f}x ({c_ref / c_ours:4.1f}x)",
         flush=True,
     )
 

@@ -39,6 +39,9 @@ DEFAULT_PAIRS_PER_CHUNK = 1 << 22
 _BOX_MARGIN = 2.0
 """Extra exponent on top of the rounding limit, so that φ computed outside the box is far below it."""
 
+_T_MARGIN = 0.01
+"""Slack on ``t = −ln φ`` thresholds for the rounding of ``t`` and ``exp`` (relative errors ~1e-6)."""
+
 
 def _zero_error_bound(dtype: torch.dtype) -> float:
     """``B`` such that ``Σ_a λ_a d_a² ≥ B`` makes ``2φ − 1`` round to ``−1`` in ``dtype``.
@@ -341,13 +344,14 @@ class _LovaszTerm(torch.autograd.Function):
         n_obj, dims = lam.shape
         dtype, device = emb.dtype, emb.device
         # Pairs worth scoring: ε > 0, and for background ε >= the smallest error m_k of the object's
-        # own pixels (ranked after the last of those, a background pixel has weight 0). ε >= m_k needs
-        # φ >= m_k / 4 even after rounding, i.e. t <= −ln(m_k / 4); ε > 0 needs t < _zero_error_bound.
+        # own pixels (ranked after the last of those, a background pixel has weight 0). ε = 2φ within
+        # eps/2 after rounding, so ε >= m_k needs φ >= m_k/2 − eps; ε > 0 needs t < _zero_error_bound.
+        zero_bound = _zero_error_bound(dtype)
         err_own = 1 - (phi_own * 2 - 1)
         smallest = torch.full((n_obj,), math.inf, dtype=dtype, device=device)
-        smallest = smallest.scatter_reduce(0, objs.fg_obj, err_own, "amin")
-        bound = torch.clamp(1.0 - torch.log(smallest.to(torch.float64) / 4), max=_zero_error_bound(dtype))
-        bound = torch.nan_to_num(bound, nan=_zero_error_bound(dtype))
+        smallest = smallest.scatter_reduce(0, objs.fg_obj, err_own, "amin").to(torch.float64)
+        phi_min = (smallest / 2 - torch.finfo(dtype).eps).clamp_min(0.0)
+        bound = torch.nan_to_num(_T_MARGIN - torch.log(phi_min), nan=zero_bound).clamp_max(zero_bound)
         hit_obj, hit_row = _tile_hits(objs, tiles, lam, bound)
         hit_start = torch.searchsorted(hit_obj, torch.arange(n_obj + 1, device=device)).tolist()
         sizes = torch.bincount(hit_obj, minlength=n_obj) * tiles.size + objs.counts
@@ -362,12 +366,12 @@ class _LovaszTerm(torch.autograd.Function):
             t = _tile_scores(tiles, lam, objs.centers, obj_h, rows)
             keep = t < keep_below.index_select(0, obj_h).unsqueeze(1)
             keep &= tiles.owner.index_select(0, rows) != obj_h.to(torch.int32).unsqueeze(1)
-            row, col = torch.nonzero(keep, as_tuple=True)
-            flat = rows[row] * tiles.size + col
-            obj_bg = obj_h[row]
-            pix_bg = tiles.pixel.view(-1)[flat]
-            t_bg = t.view(-1)[row * tiles.size + col]
-            del t, keep, row, col, flat
+            kept = torch.nonzero(keep.view(-1)).squeeze(1)
+            row = kept // tiles.size
+            obj_bg = obj_h.index_select(0, row)
+            pix_bg = tiles.pixel.view(-1).index_select(0, rows.index_select(0, row) * tiles.size + kept % tiles.size)
+            t_bg = t.view(-1).index_select(0, kept)
+            del t, keep, kept, row
             # objects: all their pixels (all count in G)
             f0, f1 = int(objs.fg_start[k0]), int(objs.fg_start[k1 - 1] + objs.counts[k1 - 1])
             obj_fg, pix_fg = objs.fg_obj[f0:f1], objs.fg_pix[f0:f1]
@@ -384,12 +388,17 @@ class _LovaszTerm(torch.autograd.Function):
             positive = order >= n_bg
             n_sorted = torch.bincount(local_s, minlength=k1 - k0)
             starts = torch.cumsum(n_sorted, 0) - n_sorted
-            g = _weights_of_sorted(positive, starts[local_s], objs.counts[obj_s], dtype)
+            g = _weights_of_sorted(positive, starts.index_select(0, local_s), objs.counts.index_select(0, obj_s), dtype)
             g = torch.where(errors_s > 0, g, 0)
             per_obj.index_add_(0, obj_s, (errors_s * g).to(torch.float64))
             if need_grad:
                 # t = Σ λ d²: dL/dφ = −2 g on object pixels, +2 g elsewhere; dφ/dt = −φ
-                coef_s = torch.where(positive, 2.0, -2.0).to(g.dtype).mul_(g).mul_(obj_weight.to(g.dtype)[obj_s])
+                coef_s = (
+                    torch.where(positive, 2.0, -2.0)
+                    .to(g.dtype)
+                    .mul_(g)
+                    .mul_(obj_weight.to(g.dtype).index_select(0, obj_s))
+                )
                 coef = torch.empty_like(coef_s).index_copy_(0, order, coef_s).to(dtype).mul_(phi)
                 del coef_s, g, errors_s, obj_s, positive, order
                 for a in range(dims):
