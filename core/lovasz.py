@@ -15,8 +15,12 @@ The weights have closed forms that avoid differences of nearly equal numbers:
   and it is the first element).
 
 ``L`` is piecewise linear in the errors: its gradient with respect to ``ε_i`` is ``g`` at ``i``'s
-rank where ``ε_i > 0`` and 0 elsewhere. Elements with ``ε ≤ 0`` sort last and add nothing to the
-value or the gradient, so they are dropped before sorting; positives still count in ``G``.
+rank where ``ε_i > 0`` and 0 elsewhere. Two kinds of elements add nothing to the value or the
+gradient and are dropped before sorting (positives still count in ``G``):
+
+* elements with ``ε ≤ 0``: they sort last;
+* when ``G ≥ 1``, negatives with an error below the smallest error of the positives: they rank after
+  every positive, where ``c⁺ = G`` and so ``g = 0``.
 """
 
 from __future__ import annotations
@@ -131,16 +135,21 @@ def segmented_lovasz_weights(
         fg_counts = torch.bincount(segments[labels], minlength=num_segments)
     weights = torch.zeros(errors.shape, dtype=torch.float64, device=errors.device)
     with torch.no_grad():
-        keep = torch.nonzero(errors > 0).squeeze(1)
+        fg_counts = fg_counts.to(torch.int64)
+        smallest = torch.full((num_segments,), torch.inf, dtype=errors.dtype, device=errors.device)
+        smallest = smallest.scatter_reduce(0, segments[labels], errors[labels], "amin")
+        present = torch.bincount(segments[labels], minlength=num_segments)
+        smallest = torch.where((fg_counts == 0) | (present < fg_counts), -torch.inf, smallest)
+        keep = torch.nonzero((errors > 0) & (labels | (errors >= smallest[segments]))).squeeze(1)
         if keep.numel() == 0:
             return weights
         _, seg_sorted, order = _sort_by_segment_and_error(errors[keep], segments[keep])
         index = keep[order]
         counts = torch.bincount(seg_sorted, minlength=num_segments)
         starts = torch.cumsum(counts, 0) - counts
-        weights[index] = _weights_of_sorted(
-            labels[index], starts[seg_sorted], fg_counts.to(torch.int64)[seg_sorted], errors.dtype
-        ).to(torch.float64)
+        weights[index] = _weights_of_sorted(labels[index], starts[seg_sorted], fg_counts[seg_sorted], errors.dtype).to(
+            torch.float64
+        )
     return weights
 
 

@@ -132,7 +132,7 @@ def _compare(raw, labels, centers, ids, step, ignore=None, tol=1e-9, **options):
     (g_exp,) = torch.autograd.grad(expected, x2)
     assert ours.item() == pytest.approx(expected.item(), rel=tol, abs=tol)
     for name in ("iou", "var", "seed"):
-        assert terms[name].item() == pytest.approx(float(exp_terms[name]), rel=tol, abs=tol)
+        assert terms[name].item() == pytest.approx(float(exp_terms[name].detach()), rel=tol, abs=tol)
     torch.testing.assert_close(g_ours, g_exp, rtol=tol, atol=tol * float(g_exp.abs().max()))
     return ours, g_ours
 

@@ -106,6 +106,25 @@ def test_dropping_zero_errors_keeps_the_value_when_positives_still_count():
     assert (weights * errors[kept]).sum().item() == pytest.approx(full.item(), abs=1e-12)
 
 
+def test_negatives_after_the_last_positive_have_zero_weight():
+    # errors: positives 1.0, 0.5; negatives 0.8, 0.3, 0.1 → sorted 1.0+ 0.8- 0.5+ 0.3- 0.1-
+    errors = torch.tensor([1.0, 0.5, 0.8, 0.3, 0.1], dtype=torch.float64)
+    labels = torch.tensor([True, True, False, False, False])
+    weights = segmented_lovasz_weights(errors, labels, torch.zeros(5, dtype=torch.int64), 1)
+    # J = 1/2, 2/3, 1, 1, 1
+    torch.testing.assert_close(weights, torch.tensor([0.5, 1 / 3, 1 / 6, 0.0, 0.0], dtype=torch.float64))
+    logits = (1 - errors) * (2 * labels.double() - 1)
+    assert (weights * errors).sum().item() == pytest.approx(sorted_lovasz(logits, labels).item(), abs=1e-12)
+    # without positives only the largest error counts; with a positive given but left out (error <= 0),
+    # every negative with a positive error keeps its weight
+    none = segmented_lovasz_weights(errors[2:], labels[2:], torch.zeros(3, dtype=torch.int64), 1)
+    torch.testing.assert_close(none, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    left_out = segmented_lovasz_weights(
+        errors[1:], labels[1:], torch.zeros(4, dtype=torch.int64), 1, fg_counts=torch.tensor([2])
+    )
+    assert bool((left_out[1:] > 0).all())
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="1-D of the same length"):
         lovasz_hinge(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.bool))
