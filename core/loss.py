@@ -11,14 +11,20 @@ For object ``k`` with pixels ``S_k`` and centre ``C_k`` (a fixed target, in embe
 Per image ``w_iou · mean_k IoU_k + w_var · mean_k var_k + w_seed · seed`` (seed only without
 objects); the batch loss is the mean over images.
 
-All objects of a batch are handled together. The Lovász term runs on (object, pixel) pairs
-``S_k ∪ {ε_k > 0}`` only: a background pixel whose score is so small that ``2φ − 1`` rounds to
-``−1`` has hinge error exactly 0 and adds nothing to the value or the gradient. Such pixels lie
-outside a box around ``C_k`` of half-width ``sqrt(B / λ_{k,a})`` per axis, which bounds, through
-the largest offset of the image, a box of pixel indices; candidates are enumerated from those
-boxes, scored, filtered, and sorted once per chunk of objects (chunks end at object boundaries, so
-memory is bounded by the chunk size). Its gradient is formed during the forward pass, chunk by
-chunk, so that no per-pair tensor is kept for backward.
+All objects of a batch are handled together, with no loop per object or image. The Lovász term
+runs on (object, pixel) pairs that can change its value or gradient, which is exact:
+
+* a background pixel whose hinge error is 0 (``2φ − 1`` rounds to ``−1``) sorts last and adds
+  nothing;
+* a background pixel whose error is below the smallest error ``m_k`` of the object's own pixels
+  ranks after all of them, where the Jaccard loss has reached 1 and its weight is 0.
+
+Both need ``t = Σ_a λ_a (e_a − C_a)²`` above a bound, so candidates come from pixel tiles whose
+embedding bounding box gets closer than that bound to ``C_k``; they are scored, filtered, and sorted
+once per chunk of objects (one stable sort by object and descending error; chunks end at object
+boundaries, so memory is bounded by the chunk size). Every pixel of ``S_k`` is kept and ``G = |S_k|``.
+The gradient is formed during the forward pass, chunk by chunk, so that no per-pair tensor is kept
+for backward.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ DEFAULT_PAIRS_PER_CHUNK = 1 << 22
 """(object, pixel) candidates scored at once; bounds the loss's working memory (~100 bytes each)."""
 
 _BOX_MARGIN = 2.0
-"""Extra exponent on top of the rounding limit, so that φ computed outside the box is far below it."""
+"""Extra exponent on top of rounding limits, so that φ computed beyond a bound is far below the limit."""
 
 _T_MARGIN = 0.01
 """Slack on ``t = −ln φ`` thresholds for the rounding of ``t`` and ``exp`` (relative errors ~1e-6)."""
