@@ -47,8 +47,9 @@ MIN_STEPS_PER_EPOCH = 10
 MAX_VAL_CROPS = 48
 """Validation crops kept (a seeded subset when there are more)."""
 
-BUDGET_VAL_FRACTION = 0.04
-"""Under a wall-clock budget, validate about every this fraction of the budget."""
+VAL_TIME_FACTOR = 4.0
+"""Under a wall-clock budget, validation waits for this many times its own duration of training
+(so it takes at most about a fifth of the time)."""
 
 MAX_AP_TOLERANCE = 0.1
 """Largest validation-AP difference treated as noise when choosing the best state (see :func:`ap_tolerance`)."""
@@ -349,7 +350,6 @@ class _Validator:
         self.min_size = min_size
         self.batch_size = batch_size
         self.device = device
-        self.ap_seconds: float | None = None
 
     @torch.no_grad()
     def on_crops(self, net: torch.nn.Module, loss_fn: torch.nn.Module, amp: bool) -> _Validation:
@@ -396,7 +396,6 @@ class _Validator:
         from core.metrics import average_precision
         from core.predict import segment
 
-        start = time.monotonic()
         net.eval()
         aps: list[float] = []
         n_pred = 0
@@ -422,7 +421,6 @@ class _Validator:
         result.ap = float(np.mean(aps)) if aps else 0.0
         result.n_pred = n_pred
         result.n_gt = n_gt
-        self.ap_seconds = time.monotonic() - start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,6 +671,7 @@ def train(
         }
 
     save_seconds = 0.0
+    val_seconds: float | None = None  # duration of the last full validation
 
     def save(path: Path, data: dict[str, Any]) -> None:
         nonlocal save_seconds
@@ -728,12 +727,15 @@ def train(
         return answer is not False
 
     def validate(epoch_done: int, with_images: bool) -> _Validation:
-        nonlocal last_val, best_key, best_seen, best_epoch, best_metrics, last_val_time
+        nonlocal last_val, best_key, best_seen, best_epoch, best_metrics, last_val_time, val_seconds
+        t0 = time.monotonic()
         val = validator.on_crops(net, loss_fn, amp)
         if with_images and validator.images:
             validator.on_images(net, val)
         last_val = val
         last_val_time = time.monotonic()
+        if with_images:
+            val_seconds = last_val_time - t0
         record = {
             "epoch": epoch_done,
             "val_loss": val.loss,
@@ -764,7 +766,7 @@ def train(
     stop_requested = False
     epoch = start_epoch
     for epoch in range(start_epoch, config.epochs):
-        if budget_s is not None and _out_of_time(elapsed(), budget_s, validator.ap_seconds, 0.0, save_seconds):
+        if budget_s is not None and _out_of_time(elapsed(), budget_s, val_seconds, 0.0, save_seconds):
             stopped = "time_budget"
             break
         epoch_t0 = time.monotonic()
@@ -816,7 +818,7 @@ def train(
                     interrupted = True
                     break
                 if budget_s is not None and _out_of_time(
-                    elapsed(), budget_s, validator.ap_seconds, (time.monotonic() - epoch_t0) / step_i, save_seconds
+                    elapsed(), budget_s, val_seconds, (time.monotonic() - epoch_t0) / step_i, save_seconds
                 ):
                     stopped = "time_budget"
                     interrupted = True
@@ -835,7 +837,7 @@ def train(
                 "elapsed_s": elapsed(),
             }
         )
-        if _validation_due(epochs_done, config, budget_s, last_val_time, validator.ap_seconds):
+        if _validation_due(epochs_done, config, budget_s, last_val_time, val_seconds):
             val = validate(epochs_done, with_images=True)
             evaluated_state = True
             message = (
@@ -916,12 +918,15 @@ def _out_of_time(
 def _validation_due(
     epochs_done: int, config: TrainConfig, budget_s: float | None, last_val_time: float, val_seconds: float | None
 ) -> bool:
+    """Every ``val_every`` epochs (and after the last); under a budget, also not before the training
+    since the previous validation has lasted :data:`VAL_TIME_FACTOR` times that validation."""
     if epochs_done >= config.epochs:
         return True
-    if budget_s is None:
-        return epochs_done % config.val_every == 0
-    interval = max(BUDGET_VAL_FRACTION * budget_s, 4.0 * (val_seconds or 0.0))
-    return time.monotonic() - last_val_time >= interval
+    if epochs_done % config.val_every:
+        return False
+    if budget_s is None or val_seconds is None:
+        return True
+    return time.monotonic() - last_val_time >= VAL_TIME_FACTOR * val_seconds
 
 
 def _check_resume(data: dict[str, Any], config: TrainConfig) -> None:

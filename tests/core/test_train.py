@@ -18,6 +18,7 @@ from core.train import (
     _replaces_best,
     _selection_key,
     _Validation,
+    _validation_due,
     ap_tolerance,
     choose_batch,
     last_checkpoint_path,
@@ -138,6 +139,20 @@ def test_ap_selection_keeps_the_latest_state_within_noise_of_the_best() -> None:
     iou = SelectionMetric.oracle_iou
     assert _replaces_best(iou, (0.8, 0.1), (0.7, 0.9), (0.7, 0.9), 15)
     assert not _replaces_best(iou, (0.69, 0.9), (0.7, 0.1), (0.7, 0.1), 15)
+
+
+def test_validation_cadence() -> None:
+    import time
+
+    config = _config(epochs=10, val_every=2)
+    now = time.monotonic()
+    assert [_validation_due(e, config, None, now, 1.0) for e in (1, 2, 3, 4, 10)] == [False, True, False, True, True]
+    every = _config(epochs=10)
+    # under a budget: not before the training since the last validation lasted 4 times that validation
+    assert not _validation_due(3, every, 60.0, now - 3.0, 1.0)
+    assert _validation_due(3, every, 60.0, now - 5.0, 1.0)
+    assert _validation_due(3, every, 60.0, now, None)  # never validated yet
+    assert _validation_due(10, every, 60.0, now, 1.0)  # the last epoch always
 
 
 def test_last_checkpoint_path() -> None:
