@@ -28,7 +28,7 @@ class CommandError(Exception):
     """A user error: printed as one line, exit code 2."""
 
 
-# --------------------------------------------------------------------------- argument parsing helpers
+# --------------------------------------------------------------------------- argument types
 
 
 def _int_list(text: str, what: str) -> tuple[int, ...]:
