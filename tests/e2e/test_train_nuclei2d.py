@@ -7,7 +7,7 @@ segmented with the saved best model (whole image, no TTA) and scored with AP_dsb
 
 Budget: 24 epochs x 10 optimiser steps of 16 crops (64 x 64, data-derived), seed 0, one torch thread
 on the CPU, no time limit (so the result does not depend on the machine's speed): 240 steps, about
-8 minutes on a heavily shared 2-core machine, less on an idle one.
+2 minutes on an idle 2-core machine (8 when it is heavily shared).
 
 Measured (torch 2.13 CPU): held-out AP0.5 = 0.604 for seed 0 (41 objects predicted for 36 annotated);
 the same budget gave 0.578 and 0.625 for seeds 1 and 2. The floor, 0.45, is set below all three.

@@ -5,7 +5,7 @@ rows 0-45 are given to :func:`core.train.train` (which holds out its last 7 rows
 rows 46-60 are never seen in training and are segmented with the saved model.
 
 Budget: 12 epochs x 10 optimiser steps of 4 crops of 16 x 24 x 24 (batch 4, no virtual batch), seed 0,
-one torch thread on the CPU, no time limit: about 1.5 minutes on a heavily shared 2-core machine.
+one torch thread on the CPU, no time limit: about 30 seconds on an idle 2-core machine.
 
 Measured (torch 2.13 CPU): training loss 1.63 after the first epoch, 1.18 after the twelfth; oracle
 IoU on the validation crops 0.29 after the first epoch, best 0.38. A few CPU minutes are not enough for
