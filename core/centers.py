@@ -20,12 +20,12 @@ Ties are broken towards the lowest (row-major) pixel index.
 
 from __future__ import annotations
 
-import enum
-
 import numpy as np
 from scipy import fft as sfft
 from scipy import ndimage
 from scipy.spatial.distance import cdist
+
+from core.options import Option
 
 EXACT_MEDOID_MAX_PIXELS = 20_000
 MEDOID_CANDIDATES = 4_096
@@ -38,7 +38,7 @@ _TIE_RTOL = 1e-12
 _MAX_DENSE_IDS = 1 << 24  # above this largest id, ids are compacted before find_objects
 
 
-class CenterMode(str, enum.Enum):
+class CenterMode(Option):
     """How the centre of an object is chosen."""
 
     medoid = "medoid"
@@ -46,15 +46,8 @@ class CenterMode(str, enum.Enum):
     centroid = "centroid"
 
     @classmethod
-    def parse(cls, value: CenterMode | str) -> CenterMode:
-        """Return the member for ``value``; a bad value raises ``ValueError`` listing valid ones."""
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(m.value for m in cls)
-            raise ValueError(f"unknown center mode {value!r}; valid: {valid}") from None
+    def option_name(cls) -> str:
+        return "center mode"
 
 
 def _first_minimum(scores: np.ndarray) -> int:

@@ -10,16 +10,17 @@ A constant image (zero spread) is shifted to 0 and not divided, so it never prod
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from core.options import Option
+
 _TINY = 1e-12
 
 
-class NormalizationMode(str, enum.Enum):
+class NormalizationMode(Option):
     """How image intensities are normalised."""
 
     percentile = "percentile"
@@ -27,15 +28,8 @@ class NormalizationMode(str, enum.Enum):
     none = "none"
 
     @classmethod
-    def parse(cls, value: NormalizationMode | str) -> NormalizationMode:
-        """Return the member for ``value``; a bad value raises ``ValueError`` listing valid ones."""
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(m.value for m in cls)
-            raise ValueError(f"unknown normalization mode {value!r}; valid: {valid}") from None
+    def option_name(cls) -> str:
+        return "normalization mode"
 
 
 def _check_percentiles(p_low: float, p_high: float) -> None:

@@ -21,7 +21,6 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 from core.centers import CenterMode
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.device import resolve_device
+from core.options import Option
 
 logger = logging.getLogger(__name__)
 
@@ -58,22 +58,15 @@ SEED_THRESHOLD = 0.9
 FG_THRESHOLD = 0.5
 
 
-class SelectionMetric(str, Enum):
+class SelectionMetric(Option):
     """How the best checkpoint is chosen: validation AP_dsb@0.5 (default) or the paper's oracle IoU."""
 
     ap_dsb = "ap_dsb"
     oracle_iou = "oracle_iou"
 
     @classmethod
-    def parse(cls, value: SelectionMetric | str) -> SelectionMetric:
-        """Return the member for ``value``; a bad value raises ``ValueError`` listing valid ones."""
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(m.value for m in cls)
-            raise ValueError(f"unknown selection metric {value!r}; valid: {valid}") from None
+    def option_name(cls) -> str:
+        return "selection metric"
 
 
 class StopTraining(Exception):  # noqa: N818 - reads as a request, not an error
@@ -340,6 +333,7 @@ class _Validator:
         *,
         step: tuple[float, ...],
         min_size: int,
+        tile: tuple[int, ...],
         batch_size: int,
         device: torch.device,
     ) -> None:
@@ -348,6 +342,7 @@ class _Validator:
         self.masks = masks
         self.step = step
         self.min_size = min_size
+        self.tile = tile
         self.batch_size = batch_size
         self.device = device
 
@@ -406,7 +401,7 @@ class _Validator:
                 image,
                 step=self.step,
                 tta=False,
-                tile=None,
+                tile=self.tile,  # the windows a saved model segments in (TrainedModel.context_tile)
                 fg_thresh=FG_THRESHOLD,
                 seed_thresh=SEED_THRESHOLD,
                 min_size=self.min_size,
@@ -605,6 +600,7 @@ def train(
         [np.asarray(mk) for mk in val_masks_l],
         step=step,
         min_size=int(props.min_object_size),
+        tile=tuple(int(c) for c in props.crop_shape),
         batch_size=batch,
         device=device,
     )

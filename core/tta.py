@@ -17,17 +17,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from functools import cached_property
 
 import numpy as np
 import torch
 
+from core.options import Option
+
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 """Maps ``(B, C_in, *S)`` to raw outputs ``(B, 2*D + 1, *S)`` on the same device."""
 
 
-class SeedCombine(str, Enum):
+class SeedCombine(Option):
     """How the seed logits of the passes are combined."""
 
     mean = "mean"
@@ -36,13 +37,8 @@ class SeedCombine(str, Enum):
     """Mean logit outside the foreground of the mean; largest logit over the passes inside it."""
 
     @classmethod
-    def parse(cls, value: str | SeedCombine) -> SeedCombine:
-        """Return the member for ``value``; a bad value raises ``ValueError`` listing the valid ones."""
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(m.value for m in cls)
-            raise ValueError(f"unknown seed_combine {value!r}; valid choices: {valid}") from None
+    def option_name(cls) -> str:
+        return "seed_combine"
 
 
 def _quarter_turn() -> np.ndarray:

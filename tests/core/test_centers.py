@@ -117,7 +117,7 @@ def test_empty_and_bad_inputs():
         object_centers(np.zeros((4,), dtype=np.int32))
     with pytest.raises(ValueError, match=">= 0"):
         object_centers(-np.ones((4, 5), dtype=np.int32))
-    with pytest.raises(ValueError, match="valid: medoid, approximate_medoid, centroid"):
+    with pytest.raises(ValueError, match="valid choices: medoid, approximate_medoid, centroid"):
         object_centers(np.ones((4, 5), dtype=np.int32), "middle")
     with pytest.raises(ValueError, match="anisotropy"):
         object_centers(np.ones((3, 4, 5), dtype=np.int32), anisotropy=0.0)

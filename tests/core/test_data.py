@@ -152,7 +152,7 @@ def test_crop_dataset_refusals():
         CropDataset([img], [mask.astype(float)], crop_shape=(16, 16))
     with pytest.raises(ValueError, match="image 1 has 2 channels, the first image 1"):
         CropDataset([img, np.zeros((2, 20, 20))], [mask, mask], crop_shape=(16, 16))
-    with pytest.raises(ValueError, match="valid: percentile, meanstd, none"):
+    with pytest.raises(ValueError, match="valid choices: percentile, meanstd, none"):
         CropDataset([img], [mask], crop_shape=(16, 16), normalization="zscore")
     with pytest.raises(ValueError, match="negative labels"):
         CropDataset([img], [-mask], crop_shape=(16, 16))

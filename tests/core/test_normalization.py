@@ -67,7 +67,7 @@ def test_channels_are_normalised_separately():
 
 def test_bad_options():
     x = np.zeros((4, 4))
-    with pytest.raises(ValueError, match="valid: percentile, meanstd, none"):
+    with pytest.raises(ValueError, match="valid choices: percentile, meanstd, none"):
         normalize(x, "minmax")
     with pytest.raises(ValueError, match="0 <= p_low < p_high <= 100"):
         normalize(x, p_low=50, p_high=10)
