@@ -171,3 +171,30 @@ def test_prepare_checks_channels_and_normalises() -> None:
         model.prepare(np.zeros((2, 8, 8)))
     with pytest.raises(ValueError, match="2 spatial axes"):
         model.prepare(np.zeros((2, 2, 8, 8)))
+
+
+def test_auto_tiling_uses_the_training_crop_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    import core.predict
+
+    payload, net = _payload()
+    seen: list[object] = []
+
+    def fake_segment(net, image, *, tile, **kwargs):  # records what segment() receives
+        seen.append(tile)
+        return np.zeros(image.shape[1:], dtype=np.int32)
+
+    monkeypatch.setattr(core.predict, "segment", fake_segment)
+    props = dict(payload["properties"], crop_shape=[24, 32])
+    model = TrainedModel(net=net, spatial_dims=2, in_channels=1, step=step_for(2), device=torch.device("cpu"),
+                         properties=props)  # fmt: skip
+    assert model.context_tile == (24, 32)
+    image = np.zeros((40, 48), dtype=np.float32)
+    model.segment(image, tta=False)
+    model.segment(image, tta=False, tile=(16, 16))
+    model.segment(image, tta=False, tile=None)
+    assert seen == [(24, 32), (16, 16), None]
+    no_crop = TrainedModel(net=net, spatial_dims=2, in_channels=1, step=step_for(2), device=torch.device("cpu"),
+                           properties=payload["properties"])  # fmt: skip
+    assert no_crop.context_tile is None
+    no_crop.segment(image, tta=False)
+    assert seen[-1] == "auto"
