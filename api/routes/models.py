@@ -15,6 +15,7 @@ from api.checkpoints import CheckpointInvalid, read_checkpoint_summary
 from api.deps import ModelDep, SessionDep, SettingsDep, StorageDep
 from api.jobs import active_jobs_using_model
 from api.orm import Model, new_id
+from api.routes.removal import remove_unless_in_use
 from api.schemas import ModelOut, Page
 from api.storage import model_key
 from api.uploads import UploadRejected, receive_upload
@@ -147,14 +148,4 @@ async def upload_model(
 )
 def delete_model(model: ModelDep, session: SessionDep, storage: StorageDep) -> Response:
     users = active_jobs_using_model(session, model.id)
-    if users:
-        raise HTTPException(
-            status_code=409,
-            detail=f"Model {model.id} is used by queued or running job(s) {', '.join(users)}; "
-            "cancel them or wait until they finish",
-        )
-    key = model.storage_key
-    session.delete(model)
-    session.commit()
-    storage.delete(key)
-    return Response(status_code=204)
+    return remove_unless_in_use(session, storage, model, noun="Model", users=users)

@@ -18,6 +18,7 @@ from api.deps import SessionDep, SettingsDep, StorageDep, VolumeDep
 from api.jobs import active_jobs_using_volume
 from api.orm import Volume, VolumeKind, new_id
 from api.preview import Projection, render_preview
+from api.routes.removal import remove_unless_in_use
 from api.schemas import Page, VolumeOut, parse_voxel_size
 from api.storage import Storage, volume_key
 from api.uploads import UploadRejected, receive_upload
@@ -289,17 +290,7 @@ def download_volume(volume: VolumeDep, storage: StorageDep) -> FileResponse:
                responses={404: {}, 409: {"description": "Used by a queued or running job"}})
 def delete_volume(volume: VolumeDep, session: SessionDep, storage: StorageDep) -> Response:
     users = active_jobs_using_volume(session, volume.id)
-    if users:
-        raise HTTPException(
-            status_code=409,
-            detail=f"Volume {volume.id} is used by queued or running job(s) {', '.join(users)}; "
-            "cancel them or wait until they finish",
-        )
-    key = volume.storage_key
-    session.delete(volume)
-    session.commit()
-    storage.delete(key)
-    return Response(status_code=204)
+    return remove_unless_in_use(session, storage, volume, noun="Volume", users=users)
 
 
 def _latest_prediction(session: Session, volume_id: str) -> Volume | None:
