@@ -259,6 +259,7 @@ class _MaskStatistics:
     def __init__(self, spatial_dims: int) -> None:
         self.dims = spatial_dims
         self.sizes: list[int] = []
+        self.interior: list[bool] = []  # object not cut by the image border
         self.extents: list[np.ndarray] = []
         self.bg_fg_ratios: list[float] = []
         self.max_image_shape = np.zeros(spatial_dims, dtype=np.int64)
@@ -287,13 +288,19 @@ class _MaskStatistics:
             if slc is None:
                 continue
             self.sizes.append(int(counts[index + 1]))
+            self.interior.append(all(0 < sl.start and sl.stop < n for sl, n in zip(slc, mask.shape)))
             self.extents.append(np.array([s.stop - s.start - 1 for s in slc], dtype=np.float64))
         n_fg = int(mask.size - counts[0])
         if n_fg:
             self.bg_fg_ratios.append(float(counts[0]) / n_fg)
 
     def min_object_size(self) -> int:
-        return int(min(self.sizes)) if self.sizes else DEFAULT_MIN_OBJECT_SIZE
+        """Smallest object not cut by an image border (a cut fragment says nothing of object size);
+        the smallest of all when every object touches a border."""
+        if not self.sizes:
+            return DEFAULT_MIN_OBJECT_SIZE
+        whole = [size for size, inside in zip(self.sizes, self.interior) if inside]
+        return int(min(whole or self.sizes))
 
     def foreground_weight(self) -> float:
         if self.dims == 2 or not self.bg_fg_ratios:

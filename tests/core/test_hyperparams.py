@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from core.embedding import step_for
 from core.hyperparams import DataProperties, anisotropy_from_voxel_size, round_up_8
@@ -46,7 +47,7 @@ def test_3d_foreground_weight_anisotropy_and_z_crop():
     p = DataProperties.from_masks([a, b, empty], spatial_dims=3, voxel_size=(2.0, 0.5, 0.5))
     expected_w = np.mean([(32000 - 400) / 400, (32000 - 104) / 104])
     assert p.foreground_weight == pytest.approx(expected_w)
-    assert p.min_object_size == 4
+    assert p.min_object_size == 100  # the 4-voxel object at the corner is cut by the border
     assert p.anisotropy == 4.0
     assert p.step == pytest.approx(step_for(3, 4.0))
     ext = np.array([[3, 9, 9], [1, 9, 4], [0, 1, 1]], dtype=float)
@@ -132,12 +133,30 @@ def test_bad_masks():
         DataProperties.from_masks([], spatial_dims=4)
 
 
+def test_min_object_size_ignores_objects_cut_by_the_border():
+    m = np.zeros((30, 30), dtype=np.uint16)
+    m[10:20, 10:20] = 1  # 100 px inside
+    m[0:2, 5:8] = 2  # 6 px fragment on the top border
+    m[25:30, 27:30] = 3  # 15 px fragment in the corner
+    assert DataProperties.from_masks([m], spatial_dims=2).min_object_size == 100
+    only_cut = np.zeros((30, 30), dtype=np.uint16)
+    only_cut[0:2, 5:8] = 2
+    only_cut[25:30, 27:30] = 3
+    assert DataProperties.from_masks([only_cut], spatial_dims=2).min_object_size == 6
+
+
 def test_real_masks(data_dir):
     m2 = read_tiff(data_dir / "nuclei2d_dsb" / "masks" / "dsb2018_img2d.tif").data
     p = DataProperties.from_masks([m2], spatial_dims=2)
     assert p.n_objects == 125
-    ids, counts = np.unique(m2[m2 > 0], return_counts=True)
-    assert p.min_object_size == counts.min()
+    slices = ndimage.find_objects(m2)
+    counts = np.bincount(m2.ravel())
+    whole = [counts[i + 1] for i, sl in enumerate(slices)
+             if sl is not None and all(0 < a.start and a.stop < n for a, n in zip(sl, m2.shape))]  # fmt: skip
+    assert 0 < len(whole) < 125 and p.min_object_size == min(whole)
+    # the top three quarters cut nuclei in two at row 384: the fragments do not set the size
+    top = DataProperties.from_masks([m2[:384]], spatial_dims=2)
+    assert top.min_object_size >= min(whole)
     assert all(s % 8 == 0 and 16 <= s <= 512 for s in p.crop_shape)
     m3 = read_tiff(data_dir / "nuclei3d_synthetic" / "masks" / "synthetic_img3d.tif").data
     p3 = DataProperties.from_masks([m3], spatial_dims=3)
