@@ -7,21 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from lovasz_oracle import textbook_lovasz
 
 from core.centers import CenterMode, object_centers
 from core.embedding import coordinate_map, normalize_step
 from core.loss import EmbedSegLoss, oracle_iou, oracle_ious
-
-
-def textbook_lovasz(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    y = labels.to(logits.dtype)
-    errors = 1 - logits * (2 * y - 1)
-    errors_sorted, perm = torch.sort(errors, descending=True)
-    y_sorted = y[perm]
-    total = y.sum()
-    jaccard = 1 - (total - torch.cumsum(y_sorted, 0)) / (total + torch.cumsum(1 - y_sorted, 0))
-    grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
-    return torch.dot(torch.relu(errors_sorted), grad)
 
 
 def slow_loss(raw, labels, centers, ids, step, ignore=None, fg_weight=10.0, weights=(1.0, 10.0, 1.0)):

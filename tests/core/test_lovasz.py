@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lovasz_oracle import textbook_lovasz
 
 from core.lovasz import hinge_errors, lovasz_hinge, segmented_lovasz_hinge, segmented_lovasz_weights
-
-
-def sorted_lovasz(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Textbook form (method.md §4): sort errors, Jaccard of each prefix, differences as weights."""
-    y = labels.to(logits.dtype)
-    errors = 1 - logits * (2 * y - 1)
-    errors_sorted, perm = torch.sort(errors, descending=True)
-    y_sorted = y[perm]
-    total = y.sum()
-    jaccard = 1 - (total - torch.cumsum(y_sorted, 0)) / (total + torch.cumsum(1 - y_sorted, 0))
-    grad = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
-    return torch.dot(torch.relu(errors_sorted), grad)
 
 
 def test_hand_computed_value_and_gradient():
@@ -58,7 +47,7 @@ def test_matches_textbook_form(dtype, positives):
     labels[torch.randperm(n, generator=gen)[:positives]] = True
     logits = (torch.rand(n, generator=gen, dtype=dtype) * 3 - 1.5).requires_grad_()
     ours = lovasz_hinge(logits, labels)
-    textbook = sorted_lovasz(logits, labels)
+    textbook = textbook_lovasz(logits, labels)
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     assert ours.item() == pytest.approx(textbook.item(), rel=tol, abs=tol)
     (g_ours,) = torch.autograd.grad(ours, logits)
@@ -81,7 +70,7 @@ def test_segmented_matches_a_loop_over_problems(dtype):
     expected = []
     for i in range(len(sizes)):
         sel = segments == i
-        expected.append(sorted_lovasz(logits[sel], labels[sel]) if sel.any() else logits.sum() * 0)
+        expected.append(textbook_lovasz(logits[sel], labels[sel]) if sel.any() else logits.sum() * 0)
     expected = torch.stack(expected)
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
     weights = torch.arange(1, len(sizes) + 1, dtype=dtype)
@@ -114,7 +103,7 @@ def test_negatives_after_the_last_positive_have_zero_weight():
     # J = 1/2, 2/3, 1, 1, 1
     torch.testing.assert_close(weights, torch.tensor([0.5, 1 / 3, 1 / 6, 0.0, 0.0], dtype=torch.float64))
     logits = (1 - errors) * (2 * labels.double() - 1)
-    assert (weights * errors).sum().item() == pytest.approx(sorted_lovasz(logits, labels).item(), abs=1e-12)
+    assert (weights * errors).sum().item() == pytest.approx(textbook_lovasz(logits, labels).item(), abs=1e-12)
     # without positives only the largest error counts; with a positive given but left out (error <= 0),
     # every negative with a positive error keeps its weight
     none = segmented_lovasz_weights(errors[2:], labels[2:], torch.zeros(3, dtype=torch.int64), 1)
