@@ -95,6 +95,35 @@ def _image_ap(result: Any, **ids: str | None) -> dict[str, Any]:
                       "ap": result.ap, "results": [r.to_dict() for r in result.results]})
 
 
+# --------------------------------------------------------------------------- warnings
+
+
+def training_warnings(best_metrics: dict[str, Any], epochs_completed: int) -> list[str]:
+    """What a user should know about a finished training: a saved model that finds no objects."""
+    warnings = []
+    if best_metrics.get("degenerate"):
+        warnings.append(
+            f"the saved model predicted no objects on the validation data after {epochs_completed} epoch(s) "
+            "(its seed map never reached the seed threshold): train longer (more epochs or a larger "
+            "max_time_minutes) and check that the masks label every object of the images"
+        )
+    return warnings
+
+
+def prediction_warnings(model_metrics: dict[str, Any] | None, empty_volume_ids: Sequence[str]) -> list[str]:
+    """Warnings of a predict job: a model known to find no objects, volumes where nothing was found."""
+    warnings = []
+    if (model_metrics or {}).get("best", {}).get("degenerate"):
+        warnings.append("the model predicted no objects on its validation data when it was trained; "
+                        "train it longer before trusting its labels")
+    if empty_volume_ids:
+        warnings.append(
+            f"no objects found in volume(s) {', '.join(empty_volume_ids)}: check that the images resemble the "
+            "training data (modality, scale, intensity range) or train the model longer"
+        )
+    return warnings
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -174,6 +203,9 @@ def run_train(context: JobContext) -> JobOutcome:
         "stopped": result.stopped,
         "elapsed_s": round(result.elapsed_s, 3),
     }
+    warnings = training_warnings(result.best_metrics, result.epochs_completed)
+    if warnings:
+        metrics["warnings"] = warnings
     if result.stopped == "requested":
         cancelled = JobCancelled(context.job_id)
         cancelled.metrics = metrics  # type: ignore[attr-defined]
@@ -218,6 +250,7 @@ def run_predict(context: JobContext) -> JobOutcome:
         model_row = session.get(Model, spec.model_id)
         if model_row is None:
             raise ValueError(f"model {spec.model_id} no longer exists")
+        model_metrics = model_row.metrics
     model = load_model(context.storage.path_for(model_row.storage_key), device="auto")
     rows = load_volume_rows(context, spec.volume_ids)
     gt_rows = load_volume_rows(context, spec.gt_ids) if spec.gt_ids else [None] * len(rows)
@@ -275,6 +308,10 @@ def run_predict(context: JobContext) -> JobOutcome:
         per_volume.append(entry)
 
     metrics: dict[str, Any] = {"volumes": per_volume, "tta": spec.tta, "tile": spec.tile}
+    empty = [entry["volume_id"] for entry in per_volume if entry["n_objects"] == 0]
+    warnings = prediction_warnings(model_metrics, empty)
+    if warnings:
+        metrics["warnings"] = warnings
     if image_results:
         reporter.update(progress=0.97, stage="scoring", force=True)
         metrics["ap"] = _ap_summary(aggregate(image_results))

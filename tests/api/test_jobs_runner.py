@@ -390,6 +390,8 @@ def test_train_job_takes_the_voxel_size_from_the_image_and_registers_a_model(cli
     assert model["source_job_id"] == job["id"] and model["name"] == f"model of job {job['id'][:8]}"
     assert model["metrics"]["stopped"] in ("completed", "time_budget") and model["metrics"]["history"]
     assert body["metrics"]["epochs_total"] == 1 and body["metrics"]["best_epoch"] == model["metrics"]["best_epoch"]
+    # one epoch rarely finds objects: the job says so exactly when the saved model is degenerate
+    assert ("warnings" in body["metrics"]) == bool(model["metrics"]["best"].get("degenerate"))
 
 
 def test_predict_job_on_a_3d_volume_keeps_its_voxel_size(client, session, settings, fast, tmp_path) -> None:
@@ -414,3 +416,39 @@ def test_predict_job_on_a_3d_volume_keeps_its_voxel_size(client, session, settin
     assert labels["voxel_size"] == pytest.approx([2.0, 0.5, 0.5])
     stored = read_tiff(io.BytesIO(client.get(f"{API}/volumes/{labels_id}/download").content))
     assert stored.voxel_size == pytest.approx((2.0, 0.5, 0.5))
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def test_training_warns_about_a_model_that_finds_no_objects() -> None:
+    from worker.handlers import training_warnings
+
+    assert training_warnings({"ap": 0.8, "degenerate": False}, 12) == []
+    (warning,) = training_warnings({"degenerate": True}, 3)
+    assert warning.startswith("the saved model predicted no objects on the validation data after 3 epoch(s)")
+    assert "train longer" in warning
+
+
+def test_prediction_warns_about_a_degenerate_model_and_empty_volumes() -> None:
+    from worker.handlers import prediction_warnings
+
+    assert prediction_warnings({"best": {"degenerate": False}}, []) == []
+    assert prediction_warnings(None, []) == []
+    degenerate, empty = prediction_warnings({"best": {"degenerate": True}}, ["v1", "v2"])
+    assert degenerate.startswith("the model predicted no objects on its validation data when it was trained")
+    assert empty.startswith("no objects found in volume(s) v1, v2:")
+
+
+def test_predict_job_with_a_degenerate_model_carries_the_warnings(client, session, fast, tiny_model) -> None:
+    model = session.get(Model, tiny_model)
+    model.metrics = {"best": {"degenerate": True}}
+    session.commit()
+    image = upload(client, tiff_bytes(np.zeros((40, 56), np.uint8)), name="blank").json()["id"]
+    job = client.post(f"{API}/jobs/predict", json={"model_id": tiny_model, "volume_ids": [image]}).json()
+    assert run_job(job["id"], settings=fast) == "succeeded"
+    metrics = client.get(f"{API}/jobs/{job['id']}").json()["metrics"]
+    warnings = metrics["warnings"]
+    assert warnings[0].startswith("the model predicted no objects on its validation data")
+    (volume,) = metrics["volumes"]
+    assert any(w.startswith(f"no objects found in volume(s) {image}") for w in warnings) == (volume["n_objects"] == 0)

@@ -476,6 +476,10 @@ function jobDetail(job) {
   if (job.error) {
     parts.push(el("h3", {}, "Error"), el("div", { class: "error" }, job.error));
   }
+  const warnings = (job.metrics && Array.isArray(job.metrics.warnings)) ? job.metrics.warnings : [];
+  if (warnings.length) {
+    parts.push(el("h3", {}, "Warnings"), el("ul", { class: "warnings" }, warnings.map((text) => el("li", {}, text))));
+  }
   const history = trainingHistory(job.metrics);
   if (history.length) {
     parts.push(el("h3", {}, "Training"), lossChart(history));
