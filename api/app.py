@@ -12,6 +12,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from api.dashboard import mount_dashboard
 from api.db import make_engine, make_sessionmaker, run_migrations
+from api.deps import JobBodies
 from api.errors import install_error_handlers
 from api.routes import health, volumes
 from api.settings import Settings, get_settings
@@ -48,7 +49,8 @@ def create_app(
         on_startup / on_shutdown: callables given the app after start-up / before shutdown
             (e.g. starting and stopping an embedded local worker).
 
-    ``app.state`` holds ``settings``, ``engine``, ``sessionmaker`` and ``storage``.
+    ``app.state`` holds ``settings``, ``engine``, ``sessionmaker``, ``storage`` and ``job_bodies``
+    (the bodies of the job-status route).
     """
     settings = settings or get_settings()
     if migrate is None:
@@ -82,6 +84,7 @@ def create_app(
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.storage = LocalStorage(settings.storage_path)
+    app.state.job_bodies = JobBodies(engine)
 
     install_error_handlers(app)
     if settings.cors_origins:

@@ -25,10 +25,18 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
     cursor.close()
 
 
+# Connections a file-backed SQLite engine keeps open: one per thread of the threadpool that runs
+# sync routes (anyio's default limit is 40), so that concurrent requests reuse connections
+# instead of opening (and setting the pragmas of) a new one each time and closing it after.
+SQLITE_POOL_SIZE = 40
+SQLITE_MAX_OVERFLOW = 40
+
+
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """An engine for ``url``: SQLite with WAL, foreign keys and cross-thread use; PostgreSQL with pre-ping.
 
-    A file-backed SQLite database gets its parent folder created.
+    A file-backed SQLite database gets its parent folder created and a pool of
+    ``SQLITE_POOL_SIZE`` connections (WAL lets them read while one of them writes).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -39,6 +47,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             kwargs["poolclass"] = StaticPool
         else:
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            kwargs.update(pool_size=SQLITE_POOL_SIZE, max_overflow=SQLITE_MAX_OVERFLOW)
         engine = create_engine(url, echo=echo, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine

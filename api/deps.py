@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Path, Request
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from api.jobs import StoredJobReader
 from api.orm import Job, Model, Volume
+from api.schemas import JobOut
 from api.settings import Settings
 from api.storage import Storage
 
@@ -59,6 +65,62 @@ def get_model(session: SessionDep, model_id: Annotated[str, Path(max_length=64)]
     return model
 
 
+class JobBodies:
+    """``JobOut`` JSON bodies of single jobs, for the status route that clients poll.
+
+    Each call reads the job's row as stored (one primary-key select of the ``JobOut`` fields,
+    no ORM object) and serialises it only when it differs from the row behind the last body
+    served for that job: the ``size`` most recently read jobs keep (stored row, body). A row
+    that changed in any column is serialised again, so a body is never stale.
+    """
+
+    def __init__(self, engine: Engine, size: int = 64) -> None:
+        if size < 1:
+            raise ValueError(f"size must be at least 1, got {size}")
+        self.engine = engine
+        self.size = size
+        self.reader = StoredJobReader(list(JobOut.model_fields))
+        # SQLite is a local file: a primary-key read takes microseconds and, in WAL mode, is not
+        # blocked by the writer, so it runs on the event loop; a database server is read in the
+        # threadpool so that its round trips never hold up other requests.
+        self.on_event_loop = engine.dialect.name == "sqlite"
+        self._bodies: OrderedDict[str, tuple[tuple[Any, ...], bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, job_id: str) -> bytes | None:
+        """The job's body (UTF-8 JSON), or None when no job has the id."""
+        with self.engine.connect() as connection:
+            stored = self.reader.read(connection, job_id)
+        with self._lock:
+            if stored is None:
+                self._bodies.pop(job_id, None)
+                return None
+            cached = self._bodies.get(job_id)
+            if cached is not None and cached[0] == stored:
+                self._bodies.move_to_end(job_id)
+                return cached[1]
+        body = JobOut.model_validate(self.reader.decode(stored)).model_dump_json().encode()
+        with self._lock:
+            self._bodies[job_id] = (stored, body)
+            self._bodies.move_to_end(job_id)
+            while len(self._bodies) > self.size:
+                self._bodies.popitem(last=False)
+        return body
+
+    def __len__(self) -> int:
+        return len(self._bodies)
+
+
+async def get_job_body(request: Request, job_id: Annotated[str, Path(max_length=64)]) -> bytes:
+    """The job's ``JobOut`` body, or 404 (the same detail as :func:`get_job`)."""
+    bodies: JobBodies = request.app.state.job_bodies
+    body = bodies.get(job_id) if bodies.on_event_loop else await run_in_threadpool(bodies.get, job_id)
+    if body is None:
+        raise HTTPException(status_code=404, detail=f"Job {job_id} not found")
+    return body
+
+
 VolumeDep = Annotated[Volume, Depends(get_volume)]
 JobDep = Annotated[Job, Depends(get_job)]
 ModelDep = Annotated[Model, Depends(get_model)]
+JobBodyDep = Annotated[bytes, Depends(get_job_body)]

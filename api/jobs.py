@@ -13,11 +13,12 @@ Every function here commits its own transaction.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import JSON, Connection, Text, bindparam, cast, select, update
 from sqlalchemy.orm import Session
 
 from api.orm import (
@@ -84,6 +85,38 @@ def _cas(session: Session, job_id: str, target: JobStatus, values: Mapping[str, 
 def get_job(session: Session, job_id: str) -> Job:
     """The job row, freshly read; raises :class:`JobNotFound`."""
     return _get(session, job_id)
+
+
+class StoredJobReader:
+    """Reads the named columns of one job as stored: one primary-key select, JSON columns as their text.
+
+    The stored values compare cheaply, so a caller can tell an unchanged row from a changed one
+    without decoding it; :meth:`decode` turns them into the values the ORM loads. Raises
+    ValueError for a name that is not a column of ``jobs``.
+    """
+
+    def __init__(self, names: Sequence[str]) -> None:
+        table = Job.__table__
+        unknown = [name for name in names if name not in table.c]
+        if unknown:
+            raise ValueError(f"not columns of the jobs table: {', '.join(unknown)}")
+        self.names = tuple(names)
+        self._json = frozenset(name for name in self.names if isinstance(table.c[name].type, JSON))
+        columns = [cast(table.c[name], Text).label(name) if name in self._json else table.c[name]
+                   for name in self.names]
+        self._statement = select(*columns).where(table.c.id == bindparam("job_id"))
+
+    def read(self, connection: Connection, job_id: str) -> tuple[Any, ...] | None:
+        """The stored values in the order of ``names``, or None when no job has the id."""
+        row = connection.execute(self._statement, {"job_id": job_id}).first()
+        return None if row is None else tuple(row)
+
+    def decode(self, stored: Sequence[Any]) -> dict[str, Any]:
+        """``name -> value`` with the JSON columns parsed, as the ORM would load them."""
+        return {
+            name: json.loads(value) if name in self._json and value is not None else value
+            for name, value in zip(self.names, stored)
+        }
 
 
 def create_job(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from api.db import dispose_engines, get_engine, make_engine, run_migrations, session_scope
+from api.db import SQLITE_POOL_SIZE, dispose_engines, get_engine, make_engine, run_migrations, session_scope
 from api.orm import Job
 from api.settings import Settings
 
@@ -44,3 +44,19 @@ def test_get_engine_is_cached_per_url_and_session_scope_commits(tmp_path) -> Non
 def test_unknown_constructor_argument_is_refused() -> None:
     with pytest.raises(TypeError, match="'colour' is an invalid keyword argument for Job"):
         Job(colour="red")
+
+
+def test_sqlite_file_engine_reuses_its_connections_under_concurrency(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    engine = make_engine(f"sqlite:///{tmp_path / 'x.db'}")
+    opened = []
+    sa.event.listen(engine, "connect", lambda *_: opened.append(1))
+    try:
+        for _ in range(2):
+            connections = [engine.connect() for _ in range(SQLITE_POOL_SIZE)]
+            for connection in connections:
+                assert connection.execute(sa.text("SELECT 1")).scalar() == 1
+            for connection in connections:
+                connection.close()
+        assert len(opened) == SQLITE_POOL_SIZE  # the second round opened none
+    finally:
+        engine.dispose()
