@@ -68,10 +68,11 @@ def get_model(session: SessionDep, model_id: Annotated[str, Path(max_length=64)]
 class JobBodies:
     """``JobOut`` JSON bodies of single jobs, for the status route that clients poll.
 
-    Each call reads the job's row as stored (one primary-key select of the ``JobOut`` fields,
-    no ORM object) and serialises it only when it differs from the row behind the last body
-    served for that job: the ``size`` most recently read jobs keep (stored row, body). A row
-    that changed in any column is serialised again, so a body is never stale.
+    Each call reads the job's row through the database driver (one primary-key select of the
+    ``JobOut`` fields, nothing decoded) and serialises it only when it differs from the row
+    behind the last body served for that job: the ``size`` most recently read jobs keep
+    (stored row, body). A row that changed in any column is loaded and serialised again, so a
+    body is never stale.
     """
 
     def __init__(self, engine: Engine, size: int = 64) -> None:
@@ -79,7 +80,7 @@ class JobBodies:
             raise ValueError(f"size must be at least 1, got {size}")
         self.engine = engine
         self.size = size
-        self.reader = StoredJobReader(list(JobOut.model_fields))
+        self.reader = StoredJobReader(list(JobOut.model_fields), engine.dialect)
         # SQLite is a local file: a primary-key read takes microseconds and, in WAL mode, is not
         # blocked by the writer, so it runs on the event loop; a database server is read in the
         # threadpool so that its round trips never hold up other requests.
@@ -89,17 +90,26 @@ class JobBodies:
 
     def get(self, job_id: str) -> bytes | None:
         """The job's body (UTF-8 JSON), or None when no job has the id."""
-        with self.engine.connect() as connection:
-            stored = self.reader.read(connection, job_id)
+        dbapi_connection = self.engine.raw_connection()
+        try:
+            stored = self.reader.stored(dbapi_connection, job_id)
+        finally:
+            dbapi_connection.close()
         with self._lock:
-            if stored is None:
-                self._bodies.pop(job_id, None)
-                return None
             cached = self._bodies.get(job_id)
-            if cached is not None and cached[0] == stored:
+            if stored is not None and cached is not None and cached[0] == stored:
                 self._bodies.move_to_end(job_id)
                 return cached[1]
-        body = JobOut.model_validate(self.reader.decode(stored)).model_dump_json().encode()
+        loaded = None
+        if stored is not None:
+            with self.engine.connect() as connection:
+                loaded = self.reader.load(connection, job_id)
+        if loaded is None:
+            with self._lock:
+                self._bodies.pop(job_id, None)
+            return None
+        stored, values = loaded
+        body = JobOut.model_validate(values).model_dump_json().encode()
         with self._lock:
             self._bodies[job_id] = (stored, body)
             self._bodies.move_to_end(job_id)

@@ -13,13 +13,13 @@ Every function here commits its own transaction.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import JSON, Connection, Text, bindparam, cast, select, update
+from sqlalchemy import JSON, Connection, Dialect, Text, bindparam, cast, select, type_coerce, update
 from sqlalchemy.orm import Session
+from sqlalchemy.types import NullType
 
 from api.orm import (
     ACTIVE_STATUSES,
@@ -88,35 +88,54 @@ def get_job(session: Session, job_id: str) -> Job:
 
 
 class StoredJobReader:
-    """Reads the named columns of one job as stored: one primary-key select, JSON columns as their text.
+    """Reads the named columns of one job row: as the database driver returns them, or also as the ORM loads them.
 
-    The stored values compare cheaply, so a caller can tell an unchanged row from a changed one
-    without decoding it; :meth:`decode` turns them into the values the ORM loads. Raises
-    ValueError for a name that is not a column of ``jobs``.
+    :meth:`stored` is one primary-key select through the driver, with JSON columns as their text
+    and nothing decoded: its values are cheap to compare, so a caller can tell an unchanged row
+    from a changed one at little cost. :meth:`load` also gives the decoded values (timestamps,
+    JSON), from the same select so that both describe one version of the row. ``dialect`` is the
+    engine's. Raises ValueError for a name that is not a column of ``jobs``.
     """
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], dialect: Dialect) -> None:
         table = Job.__table__
         unknown = [name for name in names if name not in table.c]
         if unknown:
             raise ValueError(f"not columns of the jobs table: {', '.join(unknown)}")
         self.names = tuple(names)
-        self._json = frozenset(name for name in self.names if isinstance(table.c[name].type, JSON))
-        columns = [cast(table.c[name], Text).label(name) if name in self._json else table.c[name]
-                   for name in self.names]
-        self._statement = select(*columns).where(table.c.id == bindparam("job_id"))
+        columns = [table.c[name] for name in self.names]
+        stored = [
+            (cast(column, Text) if isinstance(column.type, JSON) else type_coerce(column, NullType())).label(
+                f"stored_{column.name}"
+            )
+            for column in columns
+        ]
+        where = table.c.id == bindparam("job_id")
+        self._load = select(*stored, *columns).where(where)
+        compiled = select(*stored).where(where).compile(dialect=dialect)
+        self._sql = str(compiled)
+        self._positional = compiled.positional
 
-    def read(self, connection: Connection, job_id: str) -> tuple[Any, ...] | None:
-        """The stored values in the order of ``names``, or None when no job has the id."""
-        row = connection.execute(self._statement, {"job_id": job_id}).first()
+    def stored(self, dbapi_connection: Any, job_id: str) -> tuple[Any, ...] | None:
+        """The row's values in the order of ``names``, as the driver returns them; None when no job has the id.
+
+        ``dbapi_connection``: a pooled driver connection (``Engine.raw_connection()``).
+        """
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(self._sql, (job_id,) if self._positional else {"job_id": job_id})
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
         return None if row is None else tuple(row)
 
-    def decode(self, stored: Sequence[Any]) -> dict[str, Any]:
-        """``name -> value`` with the JSON columns parsed, as the ORM would load them."""
-        return {
-            name: json.loads(value) if name in self._json and value is not None else value
-            for name, value in zip(self.names, stored)
-        }
+    def load(self, connection: Connection, job_id: str) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """(:meth:`stored` values, ``name -> value`` as the ORM loads it), or None when no job has the id."""
+        row = connection.execute(self._load, {"job_id": job_id}).first()
+        if row is None:
+            return None
+        count = len(self.names)
+        return tuple(row[:count]), dict(zip(self.names, row[count:]))
 
 
 def create_job(

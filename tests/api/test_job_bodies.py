@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy.dialects import sqlite
 
 from api import jobs
 from api.deps import JobBodies
@@ -103,20 +104,42 @@ def test_sqlite_is_read_on_the_event_loop_and_a_server_in_the_threadpool(app, da
     assert app.state.job_bodies.on_event_loop is database_url.startswith("sqlite")
 
 
-def test_stored_reader_gives_json_as_text_and_decodes_it(app, session) -> None:  # type: ignore[no-untyped-def]
+def test_stored_reader_reads_through_the_driver_and_loads_as_the_orm(app, session) -> None:  # type: ignore[no-untyped-def]
     job_id = _new_job(session)
-    reader = StoredJobReader(["id", "status", "spec", "metrics"])
-    with app.state.engine.connect() as connection:
-        stored = reader.read(connection, job_id)
-        assert reader.read(connection, "no-such-job") is None
-    assert stored is not None and stored[:2] == (job_id, "queued") and stored[3] is None
-    assert isinstance(stored[2], str)
-    assert reader.decode(stored) == {"id": job_id, "status": "queued", "spec": SPEC, "metrics": None}
+    assert jobs.claim_job(session, job_id, "host:1")
+    engine = app.state.engine
+    reader = StoredJobReader(["id", "status", "spec", "metrics", "started_at", "cancel_requested"], engine.dialect)
+    dbapi_connection = engine.raw_connection()
+    try:
+        stored = reader.stored(dbapi_connection, job_id)
+        assert reader.stored(dbapi_connection, "no-such-job") is None
+    finally:
+        dbapi_connection.close()
+    with engine.connect() as connection:
+        loaded = reader.load(connection, job_id)
+        assert reader.load(connection, "no-such-job") is None
+    assert stored is not None and loaded is not None
+    assert stored[:2] == (job_id, "running") and isinstance(stored[2], str) and stored[3] is None
+    assert loaded[0] == stored  # the same values, so that an unchanged row is recognised
+    row = session.get(Job, job_id)
+    assert loaded[1] == {"id": job_id, "status": "running", "spec": SPEC, "metrics": None,
+                         "started_at": row.started_at, "cancel_requested": False}
+    assert loaded[1]["started_at"].tzinfo is not None
+
+
+def test_an_unchanged_row_is_not_serialised_again(app, session) -> None:  # type: ignore[no-untyped-def]
+    bodies = JobBodies(app.state.engine)
+    job_id = _new_job(session)
+    first = bodies.get(job_id)
+    assert bodies.get(job_id) is first
+    jobs.request_cancel(session, job_id)
+    changed = bodies.get(job_id)
+    assert changed is not first and changed == _orm_body(session, job_id)
 
 
 def test_stored_reader_refuses_names_that_are_not_columns() -> None:
     with pytest.raises(ValueError, match="not columns of the jobs table: colour, size"):
-        StoredJobReader(["id", "colour", "size"])
+        StoredJobReader(["id", "colour", "size"], sqlite.dialect())
 
 
 def test_every_jobout_field_is_a_jobs_column() -> None:
