@@ -1,0 +1,445 @@
+"""The reference EmbedSeg 0.2.5 trained and applied as its 2D example notebooks do, under a CPU-time budget.
+
+Used by ``bench_quality.py``. Every step calls the reference's own functions:
+
+- data: ``preprocess_data.split_train_val`` (validation images held out with its fixed seed),
+  ``get_data_properties``, the notebooks' crop-size rule (mean object extent + 5 standard
+  deviations, rounded up to 8) and ``generate_crops.process`` (medoid centres, min-max-percentile
+  1-99.8 normalisation, ``one_hot`` False);
+- training: ``create_dataset_dict`` / ``create_model_dict`` / ``create_loss_dict`` /
+  ``create_configs`` with the notebooks' values (batch 16, virtual multiplier 1, ``n_epochs`` 200,
+  default loss weights) and ``train.begin_training`` itself (Adam 5e-4, weight decay 1e-4, its poly
+  decay, validation IoU every epoch, ``best_iou_model.pth``);
+- inference: ``create_test_configs_dict`` and ``test.begin_evaluating`` (fg 0.5, seed 0.9, the data's
+  minimum object size, TTA by ``apply_tta_2d``), whose predictions are read back for scoring.
+
+Deviations, all forced by running on one CPU thread with current libraries: data-loader workers 0
+(so that the loading counts in the process CPU time), device ``cpu`` (the reference's TTA moves
+tensors with a hard-coded ``.cuda()``, sent to the CPU here), and stand-ins for ``torchvision`` and
+``pycocotools`` (which cannot be installed beside the CPU build of torch) and for two names newer
+``tifffile``/``matplotlib`` releases dropped (``tifffile.imsave``, ``matplotlib.rcsetup.interactive_bk``).
+The budget is enforced through the ``tqdm`` wrapper the reference puts around its data loaders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import numbers
+import os
+import random
+import shutil
+import sys
+import time
+import types
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROJECT = "bench"
+CENTER = "medoid"
+CROP_N_SIGMA = 5
+NORM = "min-max-percentile"
+VAL_FRACTION = 0.15
+NOTEBOOK_EPOCHS = 200
+BATCH_SIZE = 16
+
+
+# --------------------------------------------------------------------------------------------
+# stand-ins and compatibility names
+
+
+def _stand_in_module(name: str, provides: str) -> types.ModuleType:
+    """A module whose missing attributes raise a clear error instead of an AttributeError deep inside."""
+    module = types.ModuleType(name)
+
+    def missing(attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        raise RuntimeError(
+            f"{name}.{attr} was called, but the quality benchmark replaces {name} with a stand-in that "
+            f"only provides {provides}; this code path of the reference is not supported here"
+        )
+
+    module.__getattr__ = missing  # type: ignore[method-assign]
+    return module
+
+
+class _RandomRotation:
+    """The part of ``torchvision.transforms.RandomRotation`` the reference's 2D/3D flips use.
+
+    The reference subclasses it, overrides ``__call__`` and only uses ``degrees`` and
+    ``get_params`` (which draws one angle from torch's generator, as torchvision does).
+    """
+
+    def __init__(self, degrees: float | tuple[float, float], *args: Any, **kwargs: Any) -> None:
+        if args or kwargs:
+            raise RuntimeError("the RandomRotation stand-in only accepts `degrees`")
+        if isinstance(degrees, numbers.Number):
+            if degrees < 0:
+                raise ValueError("degrees must be non-negative")
+            self.degrees = [-float(degrees), float(degrees)]
+        else:
+            low, high = degrees
+            self.degrees = [float(low), float(high)]
+
+    @staticmethod
+    def get_params(degrees: list[float]) -> float:
+        import torch
+
+        return float(torch.empty(1).uniform_(float(degrees[0]), float(degrees[1])).item())
+
+    def __call__(self, sample: Any) -> Any:
+        raise RuntimeError("the RandomRotation stand-in does not rotate images; the reference overrides __call__")
+
+
+class _Compose:
+    """``torchvision.transforms.Compose``: apply the transforms in order."""
+
+    def __init__(self, transforms: list[Callable[[Any], Any]]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, sample: Any) -> Any:
+        for transform in self.transforms:
+            sample = transform(sample)
+        return sample
+
+
+def _install_stand_ins() -> list[str]:
+    """Put stand-ins for missing ``torchvision`` / ``pycocotools`` into ``sys.modules``; returns their names."""
+    installed = []
+    if importlib.util.find_spec("torchvision") is None:
+        provides = "transforms.RandomRotation (degrees, get_params) and transforms.Compose"
+        tv = _stand_in_module("torchvision", provides)
+        tv.__path__ = []  # a package, so that submodule imports resolve through sys.modules
+        tv_transforms = _stand_in_module("torchvision.transforms", provides)
+        tv_transforms.__path__ = []
+        inner = _stand_in_module("torchvision.transforms.transforms", provides)
+        inner.RandomRotation = _RandomRotation
+        inner.Compose = _Compose
+        tv_transforms.transforms = inner
+        tv_transforms.RandomRotation = _RandomRotation
+        tv_transforms.Compose = _Compose
+        tv.transforms = tv_transforms
+        sys.modules.update(
+            {"torchvision": tv, "torchvision.transforms": tv_transforms, "torchvision.transforms.transforms": inner}
+        )
+        installed.append("torchvision")
+    if importlib.util.find_spec("pycocotools") is None:
+        provides = "nothing (run-length encoded crops, rle_encode=True, are not used)"
+        coco = _stand_in_module("pycocotools", provides)
+        coco.__path__ = []
+        mask = _stand_in_module("pycocotools.mask", provides)
+        coco.mask = mask
+        sys.modules.update({"pycocotools": coco, "pycocotools.mask": mask})
+        installed.append("pycocotools")
+    return installed
+
+
+def _compatibility_names() -> list[str]:
+    """Names the reference imports that newer tifffile / matplotlib releases removed (same meaning)."""
+    added = []
+    import tifffile
+
+    if not hasattr(tifffile, "imsave"):
+        tifffile.imsave = tifffile.imwrite
+        added.append("tifffile.imsave = tifffile.imwrite")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.rcsetup as rcsetup
+
+    if not hasattr(rcsetup, "interactive_bk"):
+        from matplotlib.backends import BackendFilter, backend_registry
+
+        rcsetup.interactive_bk = backend_registry.list_builtin(BackendFilter.INTERACTIVE)
+        added.append("matplotlib.rcsetup.interactive_bk")
+    return added
+
+
+def import_reference(folder: str) -> types.SimpleNamespace:
+    """Import the reference's modules from ``folder`` (the parent of ``EmbedSeg/``)."""
+    stand_ins = _install_stand_ins()
+    compat = _compatibility_names()
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    with contextlib.redirect_stdout(sys.stderr):
+        import EmbedSeg.test as ref_test
+        import EmbedSeg.train as ref_train
+        import EmbedSeg.utils.test_time_augmentation as ref_tta
+        from EmbedSeg.utils import create_dicts, generate_crops, preprocess_data
+    return types.SimpleNamespace(
+        train=ref_train,
+        test=ref_test,
+        tta=ref_tta,
+        create_dicts=create_dicts,
+        generate_crops=generate_crops,
+        preprocess_data=preprocess_data,
+        stand_ins=stand_ins,
+        compat=compat,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# budget
+
+
+class BudgetStop(Exception):  # noqa: N818 - a stop signal
+    """Raised inside the reference's training loop when the CPU budget is spent."""
+
+
+class ReferenceBudget:
+    """Replaces ``EmbedSeg.train.tqdm``: times every training batch and epoch in process CPU seconds.
+
+    A training epoch starts only while the previous epoch's CPU time still fits in what is left
+    of the budget; within an epoch, a batch starts only while the previous batch's time fits.
+    """
+
+    def __init__(self, train_module: types.ModuleType, start: float, budget_s: float) -> None:
+        self.module = train_module
+        self.start = start
+        self.budget_s = budget_s
+        self.step_s: list[float] = []
+        self.epoch_s: list[float] = []
+        self.epoch_train_s: list[float] = []
+        self.epoch_val_s: list[float] = []
+        self.epoch_starts: list[float] = []
+        self.epochs_completed = 0
+        self.first_epoch_estimate: int | None = None
+        self.stop_reason = "completed"
+
+    def now(self) -> float:
+        return time.process_time() - self.start
+
+    def __call__(self, iterable: Iterable[Any], *args: Any, **kwargs: Any) -> Iterable[Any]:
+        if iterable is getattr(self.module, "train_dataset_it", None):
+            return self._train(iterable)
+        if iterable is getattr(self.module, "val_dataset_it", None):
+            return self._val(iterable)
+        return iterable
+
+    def _train(self, loader: Iterable[Any]) -> Iterator[Any]:
+        t = self.now()
+        if self.epoch_starts:
+            cost = t - self.epoch_starts[-1]
+            self.epoch_s.append(cost)
+            if self.first_epoch_estimate is None:
+                fit = len(self.epoch_starts) + int(max(0.0, self.budget_s - t) // cost)
+                self.first_epoch_estimate = min(NOTEBOOK_EPOCHS, fit)
+                print(f"[budget] first epoch took {cost:.1f} CPU s: about {self.first_epoch_estimate} epochs fit "
+                      f"(n_epochs stays the notebook's {NOTEBOOK_EPOCHS}; each epoch starts only if the "
+                      f"previous epoch's CPU time fits)", flush=True)  # fmt: skip
+            if t + cost > self.budget_s:
+                self.stop_reason = "next epoch does not fit"
+                raise BudgetStop(self.stop_reason)
+        self.epoch_starts.append(t)
+        previous = t
+        last_step = 0.0
+        iterator = iter(loader)
+        while True:
+            if previous + last_step > self.budget_s:
+                self.stop_reason = "budget spent within an epoch"
+                raise BudgetStop(self.stop_reason)
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                break
+            yield batch
+            t = self.now()
+            last_step = t - previous
+            self.step_s.append(last_step)
+            previous = t
+        self.epoch_train_s.append(previous - self.epoch_starts[-1])
+
+    def _val(self, loader: Iterable[Any]) -> Iterator[Any]:
+        t0 = self.now()
+        yield from loader
+        self.epoch_val_s.append(self.now() - t0)
+        self.epochs_completed += 1
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def _layout(data_dir: Path, names: list[str], target: Path) -> str:
+    """Copy image/mask pairs into ``target`` (the reference reads folders); masks as uint16. Returns the data type."""
+    import tifffile
+
+    (target / "images").mkdir(parents=True, exist_ok=True)
+    (target / "masks").mkdir(parents=True, exist_ok=True)
+    data_type = "8-bit"
+    for name in names:
+        shutil.copy(data_dir / "images" / f"{name}.tif", target / "images" / f"{name}.tif")
+        image = tifffile.imread(data_dir / "images" / f"{name}.tif")
+        if image.dtype.itemsize > 1:
+            data_type = "16-bit"
+        mask = tifffile.imread(data_dir / "masks" / f"{name}.tif")
+        if mask.dtype == np.uint16:
+            shutil.copy(data_dir / "masks" / f"{name}.tif", target / "masks" / f"{name}.tif")
+        else:
+            if mask.min() < 0 or mask.max() > np.iinfo(np.uint16).max:
+                raise ValueError(f"mask {name} has ids outside uint16, which the reference reads masks as")
+            tifffile.imwrite(target / "masks" / f"{name}.tif", mask.astype(np.uint16))
+    return data_type
+
+
+def seed_all(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_reference(
+    ref: types.SimpleNamespace,
+    data_dir: Path,
+    train_names: list[str],
+    test_names: list[str],
+    seed: int,
+    budget_s: float,
+    work: Path,
+) -> dict[str, Any]:
+    """Prepare the data, make the crops and train under ``budget_s`` CPU seconds; returns a record."""
+    import torch
+
+    pp, gc, cd = ref.preprocess_data, ref.generate_crops, ref.create_dicts
+    data_root = work / "data"
+    crops_root = work / "crops"
+    save_dir = work / "experiment"
+    for folder in (data_root, crops_root, save_dir):
+        if folder.exists():
+            shutil.rmtree(folder)
+    download = data_root / PROJECT / "download"
+    data_type = _layout(data_dir, train_names, download / "train")
+    _layout(data_dir, test_names, download / "test")
+
+    start = time.process_time()
+    # the notebooks' split: int(0.15 * n) validation images, the reference's fixed seed (at least one here)
+    n_val = max(1, int(VAL_FRACTION * len(train_names)))
+    pp.split_train_val(data_dir=str(data_root), project_name=PROJECT, train_val_name="train",
+                       subset=n_val, by_fraction=False)  # fmt: skip
+    seed_all(seed)  # split_train_val reseeds numpy with its own seed
+    val_names = sorted(p.stem for p in (data_root / PROJECT / "val" / "images").glob("*.tif"))
+    props = pp.get_data_properties(str(data_root), PROJECT, train_val_name=["train", "val"], test_name=["test"],
+                                   mode="2d", one_hot=False, process_k=None)  # fmt: skip
+    props["data_type"] = data_type
+    crop_size = int(np.maximum(
+        pp.round_up_8(props["avg_object_size_y"] + CROP_N_SIGMA * props["stdev_object_size_y"]),
+        pp.round_up_8(props["avg_object_size_x"] + CROP_N_SIGMA * props["stdev_object_size_x"]),
+    ))  # fmt: skip
+    crops_dir = crops_root / PROJECT
+    for subset in ("train", "val"):
+        image_names = sorted((data_root / PROJECT / subset / "images").glob("*.tif"))
+        mask_names = sorted((data_root / PROJECT / subset / "masks").glob("*.tif"))
+        for image_path, mask_path in zip(image_names, mask_names):
+            gc.process(str(image_path), str(mask_path), str(crops_dir), subset, crop_size, CENTER,
+                       one_hot=False, norm=NORM, data_type=data_type)  # fmt: skip
+    prep_s = time.process_time() - start
+    train_size = len(os.listdir(crops_dir / "train" / "images"))
+    val_size = len(os.listdir(crops_dir / "val" / "images")) if (crops_dir / "val" / "images").exists() else 0
+    print(f"[reference] crop size {crop_size}, {train_size} training and {val_size} validation crops, "
+          f"data preparation {prep_s:.1f} CPU s", flush=True)  # fmt: skip
+
+    train_dict = cd.create_dataset_dict(data_dir=str(crops_root), project_name=PROJECT, center=CENTER,
+                                        size=train_size, batch_size=BATCH_SIZE, one_hot=False, type="train",
+                                        workers=0)  # fmt: skip
+    val_dict = cd.create_dataset_dict(data_dir=str(crops_root), project_name=PROJECT, center=CENTER,
+                                      size=val_size, batch_size=BATCH_SIZE, one_hot=False, type="val",
+                                      workers=0)  # fmt: skip
+    model_dict = cd.create_model_dict(input_channels=1)
+    loss_dict = cd.create_loss_dict()
+    configs = cd.create_configs(n_epochs=NOTEBOOK_EPOCHS, one_hot=False, resume_path=None, save_dir=str(save_dir),
+                                n_y=int(props["n_y"]), n_x=int(props["n_x"]), device="cpu")  # fmt: skip
+
+    budget = ReferenceBudget(ref.train, start, budget_s)
+    ref.train.tqdm = budget
+    try:
+        ref.train.begin_training(train_dict, val_dict, model_dict, loss_dict, configs)
+    except BudgetStop:
+        pass
+    train_s = time.process_time() - start
+
+    best = save_dir / "best_iou_model.pth"
+    last = save_dir / "checkpoint.pth"
+    checkpoint = best if best.exists() else (last if last.exists() else None)
+    best_iou = None
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        best_iou = float(state.get("best_iou", 0.0))
+    return {
+        "cpu_s": train_s,
+        "prep_cpu_s": prep_s,
+        "steps": len(budget.step_s),
+        "steps_per_epoch": train_size // BATCH_SIZE,  # its training loader drops the last partial batch
+        "epochs": budget.epochs_completed,
+        "stopped": budget.stop_reason,
+        "first_epoch_estimate": budget.first_epoch_estimate,
+        "n_epochs": NOTEBOOK_EPOCHS,
+        "step_s": budget.step_s,
+        "epoch_s": budget.epoch_s,
+        "epoch_train_s": budget.epoch_train_s,
+        "epoch_val_s": budget.epoch_val_s,
+        "checkpoint": str(checkpoint.relative_to(work)) if checkpoint else None,
+        "checkpoint_kind": "best_iou" if checkpoint == best else ("last" if checkpoint else None),
+        "best_val_iou": best_iou,
+        "val_names": val_names,
+        "crop_size": crop_size,
+        "train_crops": train_size,
+        "val_crops": val_size,
+        "min_object_size": int(props["min_object_size"]),
+        "n_y": int(props["n_y"]),
+        "n_x": int(props["n_x"]),
+        "data_type": data_type,
+        "stand_ins": ref.stand_ins,
+        "compat": ref.compat,
+    }
+
+
+@contextlib.contextmanager
+def _cuda_to(device: Any) -> Iterator[None]:
+    """``Tensor.cuda()`` sends tensors to ``device`` (the reference's TTA hard-codes ``.cuda()``)."""
+    import torch
+
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self.to(device)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original  # type: ignore[method-assign]
+
+
+def predict_reference(
+    ref: types.SimpleNamespace, record: dict[str, Any], work: Path, tta: bool
+) -> tuple[dict[str, np.ndarray], float | None, float]:
+    """Segment the test images with ``begin_evaluating``; returns predictions by name, its own AP0.5, CPU s."""
+    import tifffile
+    import torch
+
+    out = work / f"inference_tta{int(tta)}"
+    if out.exists():
+        shutil.rmtree(out)
+    configs = ref.create_dicts.create_test_configs_dict(
+        data_dir=str(work / "data" / PROJECT), checkpoint_path=str(work / record["checkpoint"]), tta=tta,
+        ap_val=0.5, min_object_size=record["min_object_size"], save_dir=str(out), norm=NORM,
+        data_type=record["data_type"], one_hot=False, n_y=record["n_y"], n_x=record["n_x"], cluster_fast=True,
+        device="cpu", num_workers=0,
+    )  # fmt: skip
+    t0 = time.process_time()
+    with _cuda_to(torch.device("cpu")):
+        result = ref.test.begin_evaluating(configs)
+    cpu_s = time.process_time() - t0
+    own = result.get("AP_dsb_05")
+    predictions = {p.stem: tifffile.imread(p) for p in sorted((out / "predictions").glob("*.tif"))}
+    return predictions, (float(own) if own is not None and math.isfinite(own) else None), cpu_s
+
+
+def save_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
