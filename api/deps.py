@@ -89,25 +89,28 @@ class JobBodies:
         self._lock = threading.Lock()
 
     def get(self, job_id: str) -> bytes | None:
-        """The job's body (UTF-8 JSON), or None when no job has the id."""
+        """The job's body (UTF-8 JSON), or None when no job has the id.
+
+        Database errors are raised as SQLAlchemy raises them (``OperationalError``: 503).
+        """
         dbapi_connection = self.engine.raw_connection()
         try:
             stored = self.reader.stored(dbapi_connection, job_id)
+            if stored is None:
+                return self._forget(job_id)
+        except self.engine.dialect.loaded_dbapi.Error:
+            stored = ()  # a driver error: the load below meets it again and raises it the SQLAlchemy way
         finally:
             dbapi_connection.close()
         with self._lock:
             cached = self._bodies.get(job_id)
-            if stored is not None and cached is not None and cached[0] == stored:
+            if cached is not None and cached[0] == stored:
                 self._bodies.move_to_end(job_id)
                 return cached[1]
-        loaded = None
-        if stored is not None:
-            with self.engine.connect() as connection:
-                loaded = self.reader.load(connection, job_id)
+        with self.engine.connect() as connection:
+            loaded = self.reader.load(connection, job_id)
         if loaded is None:
-            with self._lock:
-                self._bodies.pop(job_id, None)
-            return None
+            return self._forget(job_id)
         stored, values = loaded
         body = JobOut.model_validate(values).model_dump_json().encode()
         with self._lock:
@@ -116,6 +119,10 @@ class JobBodies:
             while len(self._bodies) > self.size:
                 self._bodies.popitem(last=False)
         return body
+
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            self._bodies.pop(job_id, None)
 
     def __len__(self) -> int:
         return len(self._bodies)

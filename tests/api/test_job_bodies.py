@@ -145,3 +145,16 @@ def test_stored_reader_refuses_names_that_are_not_columns() -> None:
 def test_every_jobout_field_is_a_jobs_column() -> None:
     # JobBodies reads exactly JobOut's fields from the jobs table: a new JobOut field needs its column.
     assert set(JobOut.model_fields) <= set(Job.__table__.columns.keys())
+
+
+def test_a_database_error_answers_503_as_for_every_route(client, app, session, database_url) -> None:  # type: ignore[no-untyped-def]
+    if not database_url.startswith("sqlite"):
+        pytest.skip("a missing table is an OperationalError on SQLite only")
+    job_id = _new_job(session)
+    assert client.get(f"{API}/jobs/{job_id}").status_code == 200
+    session.close()
+    with app.state.engine.begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE jobs RENAME TO jobs_elsewhere")
+    response = client.get(f"{API}/jobs/{job_id}")
+    assert response.status_code == 503
+    assert response.json() == {"detail": "database unavailable; retry later"}
