@@ -17,6 +17,7 @@ import torch
 
 from core.device import resolve_device
 from core.tiling import Progress, predict_tiled
+from core.tta import DEFAULT_BATCH as TTA_BATCH
 from core.tta import SeedCombine
 
 Normalization = Callable[[np.ndarray], np.ndarray] | Mapping[str, Any] | str | None
@@ -91,9 +92,9 @@ def predict_raw(
     normalization: Normalization = None,
     overlap: float = 0.25,
     amp: bool = False,
-    seed_combine: SeedCombine | str = SeedCombine.max_in_foreground,
+    seed_combine: SeedCombine | str = SeedCombine.local_max_mean,
     fg_thresh: float = 0.5,
-    tta_batch_size: int = 8,
+    tta_batch_size: int = TTA_BATCH,
     progress: Progress | None = None,
 ) -> np.ndarray:
     """Raw network outputs ``(2*D + 1, *S)`` float32 (numpy, CPU) for ``image``.

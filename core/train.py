@@ -31,6 +31,7 @@ from core.centers import CenterMode
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.device import resolve_device
 from core.options import Option
+from core.tiling import context_tile
 
 logger = logging.getLogger(__name__)
 
@@ -600,7 +601,7 @@ def train(
         [np.asarray(mk) for mk in val_masks_l],
         step=step,
         min_size=int(props.min_object_size),
-        tile=tuple(int(c) for c in props.crop_shape),
+        tile=context_tile(props.crop_shape),
         batch_size=batch,
         device=device,
     )

@@ -7,9 +7,13 @@ moved back, the offset channels are re-oriented and re-signed (channels x, y[, z
 channels are permuted (never negated) and the seed logit is left as it is.
 
 The passes are combined on raw outputs: offsets and sigma are averaged (before ``tanh`` and
-``exp``). Averaging the seed logits as well flattens seed peaks that the passes place on
-neighbouring pixels, so by default (:attr:`SeedCombine.max_in_foreground`) the foreground is
-decided by the mean logit, and inside it the seed score is the largest over the passes.
+``exp``). Averaging the seed logits as well (the reference's rule, :attr:`SeedCombine.mean`)
+flattens seed peaks that the passes place on neighbouring pixels, so that whole objects fall
+under the seed threshold. By default (:attr:`SeedCombine.local_max_mean`) the foreground is the
+mean seed probability over the passes, and inside it the seed score is the mean over the passes
+of each pass's largest probability in a 3-pixel neighbourhood (per axis): a peak on which all
+passes agree to within a pixel keeps its height, while one confident pass alone does not make a
+seed. (Inside the foreground this widens every peak by a pixel even when the passes agree.)
 """
 
 from __future__ import annotations
@@ -24,6 +28,12 @@ import torch
 
 from core.options import Option
 
+DEFAULT_BATCH = 8
+"""Transformed images run through the network at once."""
+LOCAL_MAX_WINDOW = 3
+"""Side of the neighbourhood (pixels per axis) of each pass's local seed maximum."""
+_PROBABILITY_EPS = 1e-6
+
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 """Maps ``(B, C_in, *S)`` to raw outputs ``(B, 2*D + 1, *S)`` on the same device."""
 
@@ -31,6 +41,8 @@ Predictor = Callable[[torch.Tensor], torch.Tensor]
 class SeedCombine(Option):
     """How the seed logits of the passes are combined."""
 
+    local_max_mean = "local_max_mean"
+    """Mean probability; inside its foreground, the mean of the passes' 3-pixel local maxima."""
     mean = "mean"
     """Plain mean of the logits (what the reference does)."""
     max_in_foreground = "max_in_foreground"
@@ -157,16 +169,17 @@ def predict_tta(
     predictor: Predictor,
     x: torch.Tensor,
     *,
-    seed_combine: SeedCombine | str = SeedCombine.max_in_foreground,
+    seed_combine: SeedCombine | str = SeedCombine.local_max_mean,
     fg_thresh: float = 0.5,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH,
     transform_set: Sequence[Transform] | None = None,
 ) -> torch.Tensor:
     """Raw outputs ``(B, 2*D + 1, *S)`` float32 of ``predictor`` combined over all TTA transforms.
 
     ``x`` is ``(B, C_in, *S)`` on the predictor's device. Transformed images of the same shape
     (even / odd ``k``) run together, at most ``batch_size`` images per call. ``fg_thresh`` is the
-    foreground threshold on ``sigmoid(seed logit)`` used by :attr:`SeedCombine.max_in_foreground`.
+    foreground threshold on the seed probability used by :attr:`SeedCombine.local_max_mean` and
+    :attr:`SeedCombine.max_in_foreground`.
     ``transform_set`` defaults to :func:`transforms`.
     """
     combine = SeedCombine.parse(seed_combine)
@@ -181,8 +194,10 @@ def predict_tta(
     if any(t.spatial_dims != d for t in chosen):
         raise ValueError(f"every transform must have spatial_dims = {d} for an input of shape {tuple(x.shape)}")
     n_batch = x.shape[0]
+    seed_shape = (n_batch, 1, *x.shape[2:])
     total: torch.Tensor | None = None
-    seed_max: torch.Tensor | None = None
+    seed_extra: torch.Tensor | None = None  # per pixel: sum of local maxima, or largest logit
+    prob_total: torch.Tensor | None = None
     for odd in (False, True):
         jobs = [(t, b) for t in chosen if t.swaps_yx == odd for b in range(n_batch)]
         for chunk in _chunks(jobs, batch_size):
@@ -192,15 +207,36 @@ def predict_tta(
                 raise ValueError(f"predictor returned {raw.shape[1]} channels, expected {2 * d + 1}")
             if total is None:
                 total = torch.zeros((n_batch, 2 * d + 1, *x.shape[2:]), dtype=torch.float32, device=raw.device)
-                seed_max = torch.full((n_batch, 1, *x.shape[2:]), -math.inf, dtype=torch.float32, device=raw.device)
+                if combine is SeedCombine.max_in_foreground:
+                    seed_extra = torch.full(seed_shape, -math.inf, dtype=torch.float32, device=raw.device)
+                elif combine is SeedCombine.local_max_mean:
+                    seed_extra = torch.zeros(seed_shape, dtype=torch.float32, device=raw.device)
+                    prob_total = torch.zeros(seed_shape, dtype=torch.float32, device=raw.device)
             for i, (t, b) in enumerate(chunk):
                 back = t.undo_output(raw[i : i + 1])
                 total[b : b + 1] += back
-                seed_max[b : b + 1] = torch.maximum(seed_max[b : b + 1], back[:, 2 * d :])
-    assert total is not None and seed_max is not None
-    mean = total / len(chosen)
+                seed = back[:, 2 * d :]
+                if combine is SeedCombine.max_in_foreground:
+                    seed_extra[b : b + 1] = torch.maximum(seed_extra[b : b + 1], seed)
+                elif combine is SeedCombine.local_max_mean:
+                    probability = torch.sigmoid(seed)
+                    prob_total[b : b + 1] += probability
+                    seed_extra[b : b + 1] += _local_max(probability)
+    assert total is not None
+    n = len(chosen)
+    mean = total / n
     if combine is SeedCombine.max_in_foreground:
         seed_mean = mean[:, 2 * d :]
         threshold = math.log(fg_thresh / (1.0 - fg_thresh))
-        mean[:, 2 * d :] = torch.where(seed_mean > threshold, seed_max, seed_mean)
+        mean[:, 2 * d :] = torch.where(seed_mean > threshold, seed_extra, seed_mean)
+    elif combine is SeedCombine.local_max_mean:
+        probability = prob_total / n
+        combined = torch.where(probability > fg_thresh, seed_extra / n, probability)
+        mean[:, 2 * d :] = torch.logit(combined.clamp(_PROBABILITY_EPS, 1.0 - _PROBABILITY_EPS))
     return mean
+
+
+def _local_max(probability: torch.Tensor) -> torch.Tensor:
+    """Largest value in the 3-pixel neighbourhood (per axis) of every pixel of ``(B, 1, *S)``."""
+    pool = torch.nn.functional.max_pool2d if probability.dim() == 4 else torch.nn.functional.max_pool3d
+    return pool(probability, LOCAL_MAX_WINDOW, stride=1, padding=LOCAL_MAX_WINDOW // 2)

@@ -93,7 +93,14 @@ def test_predict_tta_on_equivariant_toy_is_the_plain_prediction(spatial, combine
     out = predict_tta(equivariant_toy, x, seed_combine=combine, batch_size=5)
     assert out.dtype == torch.float32
     assert out.shape == (2, 2 * len(spatial) + 1, *spatial)
-    assert (out.double() - equivariant_toy(x)).abs().max().item() <= 1e-5
+    plain = equivariant_toy(x)
+    d = len(spatial)
+    assert (out[:, : 2 * d].double() - plain[:, : 2 * d]).abs().max().item() <= 1e-5
+    probability = torch.sigmoid(plain[:, 2 * d :])
+    if combine is SeedCombine.local_max_mean:  # inside the foreground: the 3-pixel local maximum
+        pool = torch.nn.functional.max_pool2d if d == 2 else torch.nn.functional.max_pool3d
+        probability = torch.where(probability > 0.5, pool(probability, 3, stride=1, padding=1), probability)
+    assert (torch.sigmoid(out[:, 2 * d :]).double() - probability).abs().max().item() <= 1e-5
 
 
 def test_predict_tta_batches_by_shape_group():
@@ -123,26 +130,69 @@ def shifted_seed_toy(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def test_seed_peaks_survive_by_default():
-    x = torch.zeros(1, 1, 17, 17)
-    x[0, 0, 8, 8] = 1.0
+def _disagreeing_passes(x: torch.Tensor) -> list[torch.Tensor]:
     passes = [t.undo_output(shifted_seed_toy(t.apply_image(x))) for t in transforms(2)]
     peaks = {tuple(int(v) for v in np.unravel_index(int(torch.argmax(p[0, 4])), (17, 17))) for p in passes}
     assert len(peaks) == 4  # the passes disagree on the peak pixel
     assert all(torch.sigmoid(p[0, 4]).max() > 0.9 for p in passes)
+    return passes
 
+
+@pytest.mark.parametrize("combine", ["local_max_mean", "max_in_foreground"])
+def test_seed_peaks_survive(combine):
+    x = torch.zeros(1, 1, 17, 17)
+    x[0, 0, 8, 8] = 1.0
+    _disagreeing_passes(x)
     mean = predict_tta(shifted_seed_toy, x, seed_combine="mean")
-    assert torch.sigmoid(mean[0, 4]).max() < 0.9
-    robust = predict_tta(shifted_seed_toy, x)
+    assert torch.sigmoid(mean[0, 4]).max() < 0.9  # the reference's rule loses the object
+    robust = predict_tta(shifted_seed_toy, x, seed_combine=combine)
     assert torch.sigmoid(robust[0, 4]).max() >= 0.9
-    # the foreground decision is the mean's
+    # the foreground decision is the mean's, and outside it the seed map is the mean's
     assert torch.equal(robust[0, 4] > 0, mean[0, 4] > 0)
-    assert torch.equal(robust[0, 4][mean[0, 4] <= 0], mean[0, 4][mean[0, 4] <= 0])
+    outside = mean[0, 4] <= 0
+    assert torch.allclose(torch.sigmoid(robust[0, 4][outside]), torch.sigmoid(mean[0, 4][outside]), atol=1e-6)
+    # offsets and sigma are the plain mean whatever the seed rule
+    assert torch.equal(robust[0, :4], mean[0, :4])
+
+
+def test_local_max_mean_is_the_default_and_matches_a_hand_computation():
+    x = torch.zeros(1, 1, 17, 17)
+    x[0, 0, 8, 8] = 1.0
+    passes = torch.cat(_disagreeing_passes(x))  # (8, 5, 17, 17)
+    probability = torch.sigmoid(passes[:, 4])
+    def local_max(p: torch.Tensor) -> torch.Tensor:  # (17, 17) -> (17, 17), 3 x 3 neighbourhood, by loops
+        return torch.stack([
+            torch.stack([p[max(0, y - 1) : y + 2, max(0, x - 1) : x + 2].max() for x in range(17)]) for y in range(17)
+        ])
+
+    mean_probability = probability.mean(0)
+    passes_peaks = torch.stack([local_max(probability[p]) for p in range(8)]).mean(0)
+    expected = torch.where(mean_probability > 0.5, passes_peaks, mean_probability)
+    out = predict_tta(shifted_seed_toy, x)
+    assert torch.allclose(torch.sigmoid(out[0, 4]), expected.clamp(1e-6, 1 - 1e-6), atol=1e-6)
+    # every pass has its 0.95 peak next to the centre: all agree to within a pixel there
+    assert torch.sigmoid(out[0, 4, 8, 8]).item() == pytest.approx(0.95, abs=1e-6)
+
+
+def test_one_confident_pass_alone_does_not_make_a_seed():
+    def lone_peak_toy(x: torch.Tensor) -> torch.Tensor:
+        out = torch.full((x.shape[0], 5, *x.shape[2:]), 0.0)
+        out[:, 4] = math.log(0.7 / 0.3)  # foreground everywhere, p = 0.7
+        for i in range(x.shape[0]):
+            if x[i, 0, 0, 0] > 0:  # only the untransformed pass sees its marker in the corner
+                out[i, 4, 5, 5] = math.log(0.99 / 0.01)
+        return out
+
+    x = torch.zeros(1, 1, 16, 16)
+    x[0, 0, 0, 0] = 1.0
+    robust = predict_tta(lone_peak_toy, x)
+    assert torch.sigmoid(robust[0, 4]).max() < 0.9
+    assert torch.sigmoid(predict_tta(lone_peak_toy, x, seed_combine="max_in_foreground")[0, 4]).max() > 0.9
 
 
 def test_bad_options_raise():
     x = blob_image((8, 8))
-    with pytest.raises(ValueError, match="valid choices: mean, max_in_foreground"):
+    with pytest.raises(ValueError, match="valid choices: local_max_mean, mean, max_in_foreground"):
         predict_tta(equivariant_toy, x, seed_combine="median")
     with pytest.raises(ValueError, match="fg_thresh"):
         predict_tta(equivariant_toy, x, fg_thresh=1.0)
