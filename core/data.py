@@ -6,6 +6,7 @@ images (0 = background), ``S`` = (Y, X) or (Z, Y, X).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,7 +94,8 @@ def _settings(normalization: NormalizationSettings | NormalizationMode | str) ->
 
 
 class CropDataset(torch.utils.data.Dataset):
-    """Object-centred training crops (one per object), normalised once, augmented on the fly.
+    """Object-centred training crops (one per object) and optional randomly placed crops,
+    normalised once, augmented on the fly.
 
     Items are dicts:
 
@@ -103,7 +105,11 @@ class CropDataset(torch.utils.data.Dataset):
       (``center_mode``) of the visible part of each object; ``center_ids`` int64 (K,) their ids.
 
     With ``augment`` a random rot90/flip is drawn per item from ``(seed, epoch, index)`` (see
-    :meth:`set_epoch`), so results do not depend on data-loader workers. Raises ``ValueError``
+    :meth:`set_epoch`), so results do not depend on data-loader workers. ``random_fraction``
+    adds, per image, that fraction of its object count (at least one) of crops placed uniformly
+    at random, redrawn every epoch: object-centred crops alone never show the network a
+    crop-sized stretch of empty background, and on wide empty areas an untaught network can
+    answer with a spurious seed of huge bandwidth that swallows the image. Raises ``ValueError``
     when no crop can be made (no object in any mask) unless ``allow_empty``.
     """
 
@@ -120,6 +126,7 @@ class CropDataset(torch.utils.data.Dataset):
         normalization: NormalizationSettings | NormalizationMode | str = NormalizationMode.percentile,
         ignore: Sequence[np.ndarray | None] | None = None,
         fraction: float = 1.0,
+        random_fraction: float = 0.0,
         allow_empty: bool = False,
     ) -> None:
         images, masks = list(images), list(masks)
@@ -133,6 +140,8 @@ class CropDataset(torch.utils.data.Dataset):
             raise ValueError(f"crop_shape needs 2 or 3 values (array order), got {self.crop_shape}")
         if any(s < 1 for s in self.crop_shape):
             raise ValueError(f"crop_shape values must be positive, got {self.crop_shape}")
+        if not 0.0 <= random_fraction <= 10.0:
+            raise ValueError(f"random_fraction must be in [0, 10], got {random_fraction}")
         self.center_mode = CenterMode.parse(center_mode)
         self.anisotropy = float(anisotropy)
         self.augment = bool(augment)
@@ -143,6 +152,7 @@ class CropDataset(torch.utils.data.Dataset):
         self.masks: ArrayList = []
         self.ignore: list[np.ndarray | None] = []
         self.windows: list[CropWindow] = []
+        self._random_images: list[int] = []
         rng = np.random.default_rng([self.seed, 1])
         channels: int | None = None
         dims = self.spatial_dims
@@ -170,7 +180,10 @@ class CropDataset(torch.utils.data.Dataset):
             self.images.append(self.normalization.apply(image, channel_axis=0))
             self.masks.append(mask)
             self.ignore.append(ign)
-            self.windows.extend(object_windows(mask, self.crop_shape, image_index=i, fraction=fraction, rng=rng))
+            windows = object_windows(mask, self.crop_shape, image_index=i, fraction=fraction, rng=rng)
+            self.windows.extend(windows)
+            if random_fraction > 0 and windows:
+                self._random_images.extend([i] * max(1, int(math.ceil(random_fraction * len(windows)))))
         if not self.windows and not allow_empty:
             if not masks:
                 raise ValueError("no images given: nothing to make training crops from")
@@ -183,7 +196,24 @@ class CropDataset(torch.utils.data.Dataset):
         self._whole: dict[int, tuple[dict[int, np.ndarray], dict[int, int]]] = {}
 
     def __len__(self) -> int:
+        return len(self.windows) + len(self._random_images)
+
+    @property
+    def n_object_crops(self) -> int:
+        """Number of object-centred crops (the first items; randomly placed crops follow)."""
         return len(self.windows)
+
+    def window(self, index: int) -> CropWindow:
+        """Window of item ``index``: its object's, or a random position drawn from ``(seed, epoch, index)``."""
+        if index < len(self.windows):
+            return self.windows[index]
+        i = self._random_images[index - len(self.windows)]
+        shape = self.masks[i].shape
+        rng = np.random.default_rng([self.seed, self.epoch, index, 2])
+        start = tuple(
+            int(rng.integers(0, n - c + 1)) if n >= c else -((c - n) // 2) for n, c in zip(shape, self.crop_shape)
+        )
+        return CropWindow(i, start, self.crop_shape)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the augmentation draws of epoch ``epoch``."""
@@ -191,9 +221,12 @@ class CropDataset(torch.utils.data.Dataset):
 
     def crop(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Non-augmented crop ``index``: image, labels, ignore, center ids, centres (numpy)."""
-        window = self.windows[index]
+        window = self.window(index)
         i = window.image_index
         image, labels, ignore = extract_crop(self.images[i], self.masks[i], window, self.ignore[i])
+        if index >= len(self.windows):
+            ids, centers = self._crop_centers(i, labels, window.start)
+            return image, labels, ignore, ids, centers
         if index not in self._centers:
             self._centers[index] = self._crop_centers(i, labels, window.start)
         ids, centers = self._centers[index]

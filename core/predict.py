@@ -92,7 +92,7 @@ def predict_raw(
     normalization: Normalization = None,
     overlap: float = 0.25,
     amp: bool = False,
-    seed_combine: SeedCombine | str = SeedCombine.local_max_mean,
+    seed_combine: SeedCombine | str = SeedCombine.rescaled_mean,
     fg_thresh: float = 0.5,
     tta_batch_size: int = TTA_BATCH,
     progress: Progress | None = None,

@@ -5,6 +5,9 @@
 validates on fixed validation crops (loss and oracle IoU) and on the whole validation images
 (AP_dsb at IoU 0.5 after clustering), and keeps two files: the best model (by the selection
 metric) at ``out_path`` and the last state next to it (``<name>.last<suffix>``) for resuming.
+The best model's batch-norm statistics are re-estimated on the whole training images
+(:func:`core.calibration.calibrate_batch_norm`), and validation on whole images uses that
+network, so that what is validated is what is saved and used.
 
 Robustness: the best model is chosen by the real validation AP of clustered predictions, never
 among degenerate models (no predicted object, collapsed seed map); epochs of a small training
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.calibration import calibrate_batch_norm
 from core.centers import CenterMode
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.device import resolve_device
@@ -41,6 +45,9 @@ EFFECTIVE_BATCH = {2: 16, 3: 16}
 DEFAULT_BATCH = {2: 16, 3: 2}
 MAX_BATCH_VOXELS = {2: 16 * 256 * 256, 3: 2 * 32 * 136 * 136}
 """Largest number of crop voxels in one forward pass; bigger crops lower the batch and raise m."""
+
+DEFAULT_RANDOM_CROPS = 0.25
+"""Randomly placed training crops per object-centred crop (see :class:`core.data.CropDataset`)."""
 
 MIN_STEPS_PER_EPOCH = 10
 """A small training set repeats its crops so that an epoch has at least this many optimiser steps."""
@@ -95,7 +102,8 @@ class TrainConfig:
     (every axis) or a tuple in array order, each a multiple of 8. ``max_time_minutes`` bounds
     the wall-clock time. ``samples_per_epoch`` ``None`` uses every training crop once, repeated
     so that an epoch has at least 10 optimiser steps. ``voxel_size`` (array order) overrides the
-    files' metadata and sets the anisotropy.
+    files' metadata and sets the anisotropy. ``random_crops`` adds that many randomly placed crops
+    per object-centred crop (redrawn every epoch), so the network also learns wide empty background.
     """
 
     spatial_dims: int
@@ -118,6 +126,7 @@ class TrainConfig:
     deterministic: bool = False
     num_workers: int = 0
     samples_per_epoch: int | None = None
+    random_crops: float = DEFAULT_RANDOM_CROPS
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
@@ -155,6 +164,9 @@ class TrainConfig:
             raise ValueError(f"val_every must be at least 1, got {self.val_every}")
         if int(self.in_channels) < 1:
             raise ValueError(f"in_channels must be at least 1, got {self.in_channels}")
+        if not 0.0 <= float(self.random_crops) <= 10.0:
+            raise ValueError(f"random_crops must be between 0 and 10 (crops per object crop), got {self.random_crops}")
+        self.random_crops = float(self.random_crops)
         if int(self.num_workers) < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if self.voxel_size is not None:
@@ -576,6 +588,7 @@ def train(
         augment=True,
         seed=config.seed,
         normalization=props.normalization,
+        random_fraction=config.random_crops,
     )
     if len(train_set) == 0:
         raise ValueError("the training masks hold no object: nothing to train on")
@@ -636,10 +649,12 @@ def train(
             best_epoch = best.get("epoch")
             best_metrics = dict(best.get("metrics") or {})
 
-    def payload(epoch_done: int, metrics: dict[str, Any], kind: str) -> dict[str, Any]:
+    def payload(
+        epoch_done: int, metrics: dict[str, Any], kind: str, model: torch.nn.Module | None = None
+    ) -> dict[str, Any]:
         return {
             "kind": kind,
-            "state_dict": net.state_dict(),
+            "state_dict": (model or net).state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if amp else None,
             "epoch": epoch_done,
@@ -723,12 +738,17 @@ def train(
             return False
         return answer is not False
 
+    def calibrated() -> torch.nn.Module:
+        return calibrate_batch_norm(net, train_set.images, device=device, seed=config.seed)
+
     def validate(epoch_done: int, with_images: bool) -> _Validation:
         nonlocal last_val, best_key, best_seen, best_epoch, best_metrics, last_val_time, val_seconds
         t0 = time.monotonic()
         val = validator.on_crops(net, loss_fn, amp)
+        model = None  # the network as it is saved and used: batch norm calibrated on whole images
         if with_images and validator.images:
-            validator.on_images(net, val)
+            model = calibrated()
+            validator.on_images(model, val)
         last_val = val
         last_val_time = time.monotonic()
         if with_images:
@@ -749,7 +769,7 @@ def train(
             best_seen = key if best_seen is None else max(best_seen, key)
         if key is not None and _replaces_best(config.selection_metric, key, best_key, best_seen, val.n_gt):
             best_key, best_epoch, best_metrics = key, epoch_done, metrics
-            save(out_path, payload(epoch_done, metrics, "best"))
+            save(out_path, payload(epoch_done, metrics, "best", model or calibrated()))
             record["best"] = True
         if history and history[-1].get("epoch") == epoch_done:
             history[-1].update(record)
@@ -863,7 +883,7 @@ def train(
             metrics = dict(history[-1]) if history else {}
             metrics["degenerate"] = True
             best_epoch, best_metrics = epochs_done, metrics
-            save(out_path, payload(epochs_done, metrics, "best"))
+            save(out_path, payload(epochs_done, metrics, "best", calibrated()))
             logger.warning("no validated state predicted any object; the final state was saved as the model")
     save(last_path, payload(epochs_done, dict(history[-1]) if history else {}, "last"))
     notify(epochs_done, 0, f"training {stopped} after {epochs_done} epoch(s); best epoch {best_epoch}")

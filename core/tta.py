@@ -9,11 +9,12 @@ channels are permuted (never negated) and the seed logit is left as it is.
 The passes are combined on raw outputs: offsets and sigma are averaged (before ``tanh`` and
 ``exp``). Averaging the seed logits as well (the reference's rule, :attr:`SeedCombine.mean`)
 flattens seed peaks that the passes place on neighbouring pixels, so that whole objects fall
-under the seed threshold. By default (:attr:`SeedCombine.local_max_mean`) the foreground is the
-mean seed probability over the passes, and inside it the seed score is the mean over the passes
-of each pass's largest probability in a 3-pixel neighbourhood (per axis): a peak on which all
-passes agree to within a pixel keeps its height, while one confident pass alone does not make a
-seed. (Inside the foreground this widens every peak by a pixel even when the passes agree.)
+under the seed threshold. By default (:attr:`SeedCombine.rescaled_mean`) the seed map is the mean
+probability over the passes, rescaled inside its foreground so that its local maxima (5 pixels
+per axis) are as high as the mean of the passes' own local maxima there: peaks on which the
+passes agree to within two pixels keep their height, one confident pass alone does not make a
+seed, and passes that agree exactly give their common map unchanged. (Measured on five trained
+2D models: AP0.5 with TTA at least that without, and at least that of the plain mean.)
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from core.options import Option
 
 DEFAULT_BATCH = 8
 """Transformed images run through the network at once."""
-LOCAL_MAX_WINDOW = 3
-"""Side of the neighbourhood (pixels per axis) of each pass's local seed maximum."""
+LOCAL_MAX_WINDOW = 5
+"""Side of the neighbourhood (pixels per axis) over which seed peaks are compared."""
 _PROBABILITY_EPS = 1e-6
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -41,8 +42,8 @@ Predictor = Callable[[torch.Tensor], torch.Tensor]
 class SeedCombine(Option):
     """How the seed logits of the passes are combined."""
 
-    local_max_mean = "local_max_mean"
-    """Mean probability; inside its foreground, the mean of the passes' 3-pixel local maxima."""
+    rescaled_mean = "rescaled_mean"
+    """Mean probability, its local peaks inside the foreground raised to the mean of the passes' peaks."""
     mean = "mean"
     """Plain mean of the logits (what the reference does)."""
     max_in_foreground = "max_in_foreground"
@@ -169,7 +170,7 @@ def predict_tta(
     predictor: Predictor,
     x: torch.Tensor,
     *,
-    seed_combine: SeedCombine | str = SeedCombine.local_max_mean,
+    seed_combine: SeedCombine | str = SeedCombine.rescaled_mean,
     fg_thresh: float = 0.5,
     batch_size: int = DEFAULT_BATCH,
     transform_set: Sequence[Transform] | None = None,
@@ -178,7 +179,7 @@ def predict_tta(
 
     ``x`` is ``(B, C_in, *S)`` on the predictor's device. Transformed images of the same shape
     (even / odd ``k``) run together, at most ``batch_size`` images per call. ``fg_thresh`` is the
-    foreground threshold on the seed probability used by :attr:`SeedCombine.local_max_mean` and
+    foreground threshold on the seed probability used by :attr:`SeedCombine.rescaled_mean` and
     :attr:`SeedCombine.max_in_foreground`.
     ``transform_set`` defaults to :func:`transforms`.
     """
@@ -209,7 +210,7 @@ def predict_tta(
                 total = torch.zeros((n_batch, 2 * d + 1, *x.shape[2:]), dtype=torch.float32, device=raw.device)
                 if combine is SeedCombine.max_in_foreground:
                     seed_extra = torch.full(seed_shape, -math.inf, dtype=torch.float32, device=raw.device)
-                elif combine is SeedCombine.local_max_mean:
+                elif combine is SeedCombine.rescaled_mean:
                     seed_extra = torch.zeros(seed_shape, dtype=torch.float32, device=raw.device)
                     prob_total = torch.zeros(seed_shape, dtype=torch.float32, device=raw.device)
             for i, (t, b) in enumerate(chunk):
@@ -218,7 +219,7 @@ def predict_tta(
                 seed = back[:, 2 * d :]
                 if combine is SeedCombine.max_in_foreground:
                     seed_extra[b : b + 1] = torch.maximum(seed_extra[b : b + 1], seed)
-                elif combine is SeedCombine.local_max_mean:
+                elif combine is SeedCombine.rescaled_mean:
                     probability = torch.sigmoid(seed)
                     prob_total[b : b + 1] += probability
                     seed_extra[b : b + 1] += _local_max(probability)
@@ -229,14 +230,15 @@ def predict_tta(
         seed_mean = mean[:, 2 * d :]
         threshold = math.log(fg_thresh / (1.0 - fg_thresh))
         mean[:, 2 * d :] = torch.where(seed_mean > threshold, seed_extra, seed_mean)
-    elif combine is SeedCombine.local_max_mean:
+    elif combine is SeedCombine.rescaled_mean:
         probability = prob_total / n
-        combined = torch.where(probability > fg_thresh, seed_extra / n, probability)
+        peaks = _local_max(probability).clamp_min(_PROBABILITY_EPS)
+        combined = torch.where(probability > fg_thresh, probability * (seed_extra / n) / peaks, probability)
         mean[:, 2 * d :] = torch.logit(combined.clamp(_PROBABILITY_EPS, 1.0 - _PROBABILITY_EPS))
     return mean
 
 
 def _local_max(probability: torch.Tensor) -> torch.Tensor:
-    """Largest value in the 3-pixel neighbourhood (per axis) of every pixel of ``(B, 1, *S)``."""
+    """Largest value in the :data:`LOCAL_MAX_WINDOW` neighbourhood (per axis) of every pixel of ``(B, 1, *S)``."""
     pool = torch.nn.functional.max_pool2d if probability.dim() == 4 else torch.nn.functional.max_pool3d
     return pool(probability, LOCAL_MAX_WINDOW, stride=1, padding=LOCAL_MAX_WINDOW // 2)

@@ -99,6 +99,42 @@ def test_centres_are_those_of_the_visible_part(data_dir):
     assert cut > 0  # some objects are cut by their neighbours' crops
 
 
+def test_random_crops_are_redrawn_every_epoch_with_their_visible_centres(data_dir):
+    image, mask = load(data_dir, "cells2d_bbbc007", "f96_17_17P1_POS0006_D_1UL")
+    n_objects = len(np.unique(mask)) - 1
+    ds = CropDataset([image, image[60:80, 120:160]], [mask, mask[60:80, 120:160]], crop_shape=(32, 32), augment=False,
+                     random_fraction=0.25, seed=3)
+    small_objects = len(np.unique(mask[60:80, 120:160])) - 1
+    assert ds.n_object_crops == n_objects + small_objects
+    # per image a quarter of its object crops, rounded up
+    assert len(ds) == ds.n_object_crops + int(np.ceil(0.25 * n_objects)) + int(np.ceil(0.25 * small_objects))
+    first = ds.n_object_crops
+    starts = set()
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        window = ds.window(first)
+        assert window.image_index == 0 and window.object_id == 0
+        assert all(0 <= s <= n - 32 for s, n in zip(window.start, mask.shape))
+        starts.add(window.start)
+        item = ds[first]
+        full = mask[window.start[0] : window.start[0] + 32, window.start[1] : window.start[1] + 32]
+        np.testing.assert_array_equal(item["labels"].numpy(), full)
+        ids, cents = object_centers(full, CenterMode.medoid)
+        np.testing.assert_array_equal(item["center_ids"].numpy(), ids)
+        np.testing.assert_array_equal(item["centers"].numpy(), cents.astype(np.float32))
+        assert ds.window(first) == window  # the same draw within an epoch
+    assert len(starts) == 4
+    # the 20 x 40 image is smaller than the crop along Y: its random crops are centred and padded there
+    last = ds.window(len(ds) - 1)
+    assert last.image_index == 1 and last.start[0] == -6 and 0 <= last.start[1] <= 8
+    assert ds[len(ds) - 1]["ignore"].numpy()[:6].all()
+    # object crops are unchanged by the option
+    plain = CropDataset([image], [mask], crop_shape=(32, 32), augment=False)
+    assert len(plain) == n_objects and plain.windows == ds.windows[:n_objects]
+    with pytest.raises(ValueError, match="random_fraction must be in"):
+        CropDataset([image], [mask], crop_shape=(32, 32), random_fraction=-1)
+
+
 @pytest.mark.parametrize("mode", list(CenterMode))
 def test_3d_crop_centres_equal_a_direct_computation(data_dir, mode):
     image, mask = load(data_dir, "nuclei3d_synthetic", "synthetic_img3d")

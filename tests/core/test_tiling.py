@@ -150,8 +150,7 @@ def test_tiled_tta_with_invariant_predictor():
 
     image = np.random.default_rng(0).random((1, 30, 45)).astype(np.float32)
     plain = predict_tiled(pointwise, image, tile=(16, 16), device="cpu")
-    options = {"batch_size": 3, "seed_combine": "mean"}  # the default widens seed peaks inside the foreground
-    tta = predict_tiled(pointwise, image, tile=(16, 16), device="cpu", tta=True, tta_options=options)
+    tta = predict_tiled(pointwise, image, tile=(16, 16), device="cpu", tta=True, tta_options={"batch_size": 3})
     np.testing.assert_allclose(tta, plain, atol=1e-6)
     np.testing.assert_allclose(plain[3], image[0] ** 2, atol=1e-6)
 
