@@ -159,17 +159,6 @@ class TrainedModel:
         value = self.properties.get("min_object_size")
         return int(value) if value is not None else DEFAULT_MIN_OBJECT_SIZE
 
-    @property
-    def context_tile(self) -> tuple[int, ...] | None:
-        """Tile shape (array order) of the ``"auto"`` tiling: :func:`core.tiling.context_tile` of the
-        training crop shape, if known."""
-        from core.tiling import context_tile
-
-        crop = self.properties.get("crop_shape")
-        if not crop or len(crop) != self.spatial_dims:
-            return None
-        return context_tile(crop)
-
     def normalize(self, image: np.ndarray) -> np.ndarray:
         """Normalise one channel ``(*S)`` as the training images were (float32, same shape)."""
         return self.normalization.apply(np.asarray(image)).astype(np.float32, copy=False)
@@ -215,20 +204,15 @@ class TrainedModel:
         """Segment one image: ``(*S)`` or ``(C, *S)`` → int32 labels ``(*S)`` (0 = background).
 
         Uses the model's own step, normalisation and minimum object size; ``tta`` averages the
-        8 (2D) or 16 (3D) flips/rotations; ``tile`` is ``"auto"`` (windows of :attr:`context_tile`,
-        smaller where the device's free memory asks for it; from free memory alone when the crop
-        shape is unknown), a tile shape in array order, or ``None`` (whole image).
+        8 (2D) or 16 (3D) flips/rotations; ``tile`` is ``"auto"`` (the whole image when it fits the
+        device's free memory, else the largest windows that do: the batch-norm statistics of a
+        trained model are estimated on whole images, see :mod:`core.calibration`), a tile shape in
+        array order, or ``None`` (whole image).
         """
         from core.predict import segment
 
         prepared = self.prepare(image)
         target = self.device if device is None else resolve_device(device)
-        if tile == "auto" and self.context_tile is not None:
-            from core.tiling import auto_tile_shape
-            from core.tta import DEFAULT_BATCH as TTA_BATCH
-
-            fits = auto_tile_shape(prepared.shape[1:], device=target, batch=TTA_BATCH if tta else 1)
-            tile = tuple(min(c, f) for c, f in zip(self.context_tile, fits))
         if target != self.device:
             self.net.to(target)
             self.device = target

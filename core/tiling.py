@@ -25,8 +25,6 @@ BYTES_PER_VOXEL = {2: 400, 3: 256}
 """Measured inference memory of the network per input voxel and batch item (float32), with margin."""
 MIN_AUTO_TILE = 32
 MAX_AUTO_VOXELS = 1 << 24
-CONTEXT_FACTOR = 2
-"""A trained model predicts in windows of this many times its training crop shape per axis."""
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 """Maps ``(B, C_in, *T)`` (every size a multiple of 8) to ``(B, C_out, *T)`` on the same device."""
@@ -36,18 +34,6 @@ Progress = Callable[[int, int], "bool | None"]
 
 class PredictionCancelled(RuntimeError):
     """Raised when a progress callback asks to stop."""
-
-
-def context_tile(crop_shape: Sequence[int]) -> tuple[int, ...]:
-    """Window shape (array order) for a model trained on crops of ``crop_shape``: twice the crop per axis.
-
-    The network's dilated blocks only learned the context of a training crop; on much larger
-    windows their responses can run away (one object swallowing the image). Windows of the crop
-    shape itself cut objects at many window borders, where offsets lack context (on the DSB
-    nuclei split: AP0.75 0.31 in 64² windows, 0.49 in 128² windows, same AP0.5); twice the crop
-    keeps every window's centre in a context like training.
-    """
-    return tuple(CONTEXT_FACTOR * int(c) for c in crop_shape)
 
 
 def round_up(n: int, multiple: int = SIZE_MULTIPLE) -> int:

@@ -35,7 +35,6 @@ from core.centers import CenterMode
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.device import resolve_device
 from core.options import Option
-from core.tiling import context_tile
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +345,7 @@ class _Validator:
         *,
         step: tuple[float, ...],
         min_size: int,
-        tile: tuple[int, ...],
+        tile: Sequence[int] | str | None,
         batch_size: int,
         device: torch.device,
     ) -> None:
@@ -414,7 +413,7 @@ class _Validator:
                 image,
                 step=self.step,
                 tta=False,
-                tile=self.tile,  # the windows a saved model segments in (TrainedModel.context_tile)
+                tile=self.tile,  # as a saved model segments: whole images where memory allows
                 fg_thresh=FG_THRESHOLD,
                 seed_thresh=SEED_THRESHOLD,
                 min_size=self.min_size,
@@ -614,7 +613,7 @@ def train(
         [np.asarray(mk) for mk in val_masks_l],
         step=step,
         min_size=int(props.min_object_size),
-        tile=context_tile(props.crop_shape),
+        tile="auto",
         batch_size=batch,
         device=device,
     )

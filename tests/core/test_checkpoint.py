@@ -173,9 +173,8 @@ def test_prepare_checks_channels_and_normalises() -> None:
         model.prepare(np.zeros((2, 2, 8, 8)))
 
 
-def test_auto_tiling_uses_twice_the_training_crop_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_segment_passes_the_tiling_on(monkeypatch: pytest.MonkeyPatch) -> None:
     import core.predict
-    import core.tiling
 
     payload, net = _payload()
     seen: list[object] = []
@@ -188,19 +187,9 @@ def test_auto_tiling_uses_twice_the_training_crop_shape(monkeypatch: pytest.Monk
     props = dict(payload["properties"], crop_shape=[24, 32])
     model = TrainedModel(net=net, spatial_dims=2, in_channels=1, step=step_for(2), device=torch.device("cpu"),
                          properties=props)  # fmt: skip
-    assert model.context_tile == (48, 64)  # twice the training crop
     image = np.zeros((100, 120), dtype=np.float32)
     model.segment(image, tta=False)
     model.segment(image, tta=False, tile=(16, 16))
     model.segment(image, tta=False, tile=None)
-    model.segment(image[:40, :56], tta=False)  # never larger than the image
-    assert seen == [(48, 64), (16, 16), None, (40, 56)]
-    # where the device's free memory asks for smaller windows, they are smaller
-    monkeypatch.setattr(core.tiling, "available_memory", lambda device=None: 1 << 20)
-    model.segment(image, tta=True)
-    assert seen[-1] == (32, 32)
-    no_crop = TrainedModel(net=net, spatial_dims=2, in_channels=1, step=step_for(2), device=torch.device("cpu"),
-                           properties=payload["properties"])  # fmt: skip
-    assert no_crop.context_tile is None
-    no_crop.segment(image, tta=False)
-    assert seen[-1] == "auto"
+    # "auto" is the whole image where memory allows (as the batch-norm statistics were estimated)
+    assert seen == ["auto", (16, 16), None]

@@ -3,7 +3,7 @@
 Data: ``tests/data/nuclei2d_dsb`` (512 x 512, 125 nuclei). Split: rows 0-383 are given to
 :func:`core.train.train` (which holds out its last 58 rows for validation, by its spatial split of a
 single image); rows 384-511 (36 nuclei, some cut by the split) are never seen in training and are
-segmented with the saved best model (in its default windows, twice the training crop; without and
+segmented with the saved best model (whole, its default where memory allows; without and
 with TTA) and scored with AP_dsb at IoU 0.5. The same model also segments the whole image at once
 and in 3 x 3 overlapping 256 x 256 tiles; the two label images must agree (AP0.5 >= 0.99 between them).
 
