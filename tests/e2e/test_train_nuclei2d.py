@@ -12,9 +12,9 @@ on the CPU, no time limit (so the result does not depend on the machine's speed)
 2.5 minutes on an idle 2-core machine.
 
 Measured (torch 2.13 CPU, batch norm calibrated on the training image, random crops, rescaled-mean
-TTA): held-out AP0.5 = 0.587 for seed 0 (37 objects predicted for 36 annotated), 0.763 with TTA;
-tiled vs whole image 0.993 (137 / 138 objects). Earlier versions of the pipeline gave 0.65-0.74 for
-seeds 0-2 on this split. The floor, 0.45, is set well below all of them.
+TTA, whole-image prediction): held-out AP0.5 = 0.574 for seed 0 (38 objects predicted for 36
+annotated), 0.763 with TTA; tiled vs whole image 0.993 (137 / 138 objects). Earlier versions of the
+pipeline gave 0.65-0.74 for seeds 0-2 on this split. The floor, 0.45, is set well below all of them.
 """
 
 from __future__ import annotations
