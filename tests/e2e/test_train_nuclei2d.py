@@ -22,7 +22,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from core.checkpoint import load_model
 from core.io import read_tiff
@@ -39,25 +38,20 @@ TILED_AGREEMENT = 0.99  # AP0.5 between the labels of the whole image and those 
 
 
 @pytest.mark.slow
-def test_train_on_top_segment_bottom(data_dir: Path, tmp_path: Path) -> None:
+def test_train_on_top_segment_bottom(data_dir: Path, tmp_path: Path, one_torch_thread: None) -> None:
     name = "dsb2018_img2d.tif"
     image = read_tiff(data_dir / "nuclei2d_dsb" / "images" / name).data
     mask = read_tiff(data_dir / "nuclei2d_dsb" / "masks" / name).data
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        config = TrainConfig(spatial_dims=2, epochs=EPOCHS, samples_per_epoch=SAMPLES_PER_EPOCH, seed=0, device="cpu")
-        result = train(image[:SPLIT_ROW], mask[:SPLIT_ROW], config, out_path=tmp_path / "nuclei.pt")
-        assert result.stopped == "completed" and result.epochs_completed == EPOCHS
-        assert not result.best_metrics["degenerate"]
+    config = TrainConfig(spatial_dims=2, epochs=EPOCHS, samples_per_epoch=SAMPLES_PER_EPOCH, seed=0, device="cpu")
+    result = train(image[:SPLIT_ROW], mask[:SPLIT_ROW], config, out_path=tmp_path / "nuclei.pt")
+    assert result.stopped == "completed" and result.epochs_completed == EPOCHS
+    assert not result.best_metrics["degenerate"]
 
-        model = load_model(result.model_path, device="cpu")
-        labels = model.segment(image[SPLIT_ROW:], tta=False)
-        labels_tta = model.segment(image[SPLIT_ROW:], tta=True)
-        whole = model.segment(image, tta=False, tile=None)
-        tiled = model.segment(image, tta=False, tile=WIDE_TILE)
-    finally:
-        torch.set_num_threads(threads)
+    model = load_model(result.model_path, device="cpu")
+    labels = model.segment(image[SPLIT_ROW:], tta=False)
+    labels_tta = model.segment(image[SPLIT_ROW:], tta=True)
+    whole = model.segment(image, tta=False, tile=None)
+    tiled = model.segment(image, tta=False, tile=WIDE_TILE)
     agreement = average_precision(whole, tiled, (0.5,))
     print(f"tiled {WIDE_TILE} vs whole image: AP0.5 {agreement.ap[0]:.3f} ({agreement.n_gt} / {agreement.n_pred})")
     assert agreement.ap[0] >= TILED_AGREEMENT

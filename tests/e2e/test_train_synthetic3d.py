@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from core.checkpoint import load_model
 from core.io import read_tiff
@@ -31,20 +30,17 @@ SPLIT_ROW = 46
 
 
 @pytest.mark.slow
-def test_train_3d_learns_and_segments_the_held_out_part(data_dir: Path, tmp_path: Path) -> None:
+def test_train_3d_learns_and_segments_the_held_out_part(
+    data_dir: Path, tmp_path: Path, one_torch_thread: None
+) -> None:
     name = "synthetic_img3d.tif"
     image = read_tiff(data_dir / "nuclei3d_synthetic" / "images" / name).data
     mask = read_tiff(data_dir / "nuclei3d_synthetic" / "masks" / name).data
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        config = TrainConfig(spatial_dims=3, epochs=12, samples_per_epoch=40, crop_size=(16, 24, 24), batch_size=4,
-                             virtual_batch=1, seed=0, device="cpu")  # fmt: skip
-        result = train(image[:, :SPLIT_ROW], mask[:, :SPLIT_ROW], config, out_path=tmp_path / "nuclei3d.pt")
-        model = load_model(result.model_path, device="cpu")
-        labels = model.segment(image[:, SPLIT_ROW:], tta=False, tile=None)
-    finally:
-        torch.set_num_threads(threads)
+    config = TrainConfig(spatial_dims=3, epochs=12, samples_per_epoch=40, crop_size=(16, 24, 24), batch_size=4,
+                         virtual_batch=1, seed=0, device="cpu")  # fmt: skip
+    result = train(image[:, :SPLIT_ROW], mask[:, :SPLIT_ROW], config, out_path=tmp_path / "nuclei3d.pt")
+    model = load_model(result.model_path, device="cpu")
+    labels = model.segment(image[:, SPLIT_ROW:], tta=False, tile=None)
 
     assert result.stopped == "completed" and result.epochs_completed == 12
     epochs = [h for h in result.history if "loss" in h]
