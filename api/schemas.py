@@ -136,6 +136,7 @@ class TrainSpec(BaseModel):
     center: Center = Center.medoid
     voxel_size: list[float] | None = None
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    amp: bool = False
     name: str | None = Field(None, max_length=255)
 
     @field_validator("crop_size", mode="before")

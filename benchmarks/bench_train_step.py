@@ -10,7 +10,7 @@ resident memory (``ru_maxrss``) is its own.
 Usage::
 
     EMBEDSEG_REFERENCE=/path/to/folder/containing/EmbedSeg python benchmarks/bench_train_step.py \
-        [--repeats 7] [--threads N] [--device cpu|cuda]
+        [--repeats 7] [--threads N] [--device cpu|cuda] [--amp]
 
 Prints per shape: the median step time of each (``--repeats`` timed steps after 2 warm-up steps),
 the first step's loss of each, the peak RSS of each process, and the ratios ours / reference
@@ -77,7 +77,7 @@ def _reference_modules(folder: str, dims: int, shape: tuple[int, ...]):
     return net, loss
 
 
-def worker(impl: str, dims_key: str, repeats: int, reference: str, device_name: str) -> dict:
+def worker(impl: str, dims_key: str, repeats: int, reference: str, device_name: str, amp: bool = False) -> dict:
     """Run in a subprocess: time ``repeats`` training steps and report the peak RSS."""
     import contextlib
     import io
@@ -121,17 +121,23 @@ def worker(impl: str, dims_key: str, repeats: int, reference: str, device_name: 
             with contextlib.redirect_stdout(io.StringIO()):
                 return loss_fn(raw, labels_d, (labels_d > 0).long(), center_images_d).mean()
 
+    torch.backends.cudnn.benchmark = True  # as both trainings set it
     net.to(device).train()
     loss_fn.to(device)
     images_d = images.to(device)
     labels_d = labels.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=5e-4, weight_decay=1e-4)
+    mixed = amp and impl == "ours" and device.type == "cuda"  # as core.train runs on CUDA
+    scaler = torch.amp.GradScaler("cuda", enabled=mixed)
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(net(images_d))
-        loss.backward()
-        optimizer.step()
+        with torch.autocast(device_type=device.type, enabled=mixed):
+            raw = net(images_d)
+        loss = loss_of(raw.float())
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return float(loss.detach())
@@ -159,6 +165,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", default="2d,3d")
+    parser.add_argument("--amp", action="store_true", help="ours with float16 autocast on CUDA, as core.train runs")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "DIMS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.reference:
@@ -170,16 +177,22 @@ def main() -> None:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        print(json.dumps(worker(args.worker[0], args.worker[1], args.repeats, args.reference, args.device)))
+        print(json.dumps(worker(args.worker[0], args.worker[1], args.repeats, args.reference, args.device, args.amp)))
         return
 
-    print(f"train step, device {args.device}, median of {args.repeats} steps, threads {args.threads or 'default'}")
+    amp_note = ", ours with amp" if args.amp else ""
+    print(
+        f"train step, device {args.device}{amp_note}, median of {args.repeats} steps, "
+        f"threads {args.threads or 'default'}"
+    )
     for dims_key in args.shapes.split(","):
         batch, shape = SHAPES[dims_key]
         results = {}
         for impl in ("reference", "ours"):
             cmd = [sys.executable, __file__, "--worker", impl, dims_key, "--repeats", str(args.repeats),
                    "--reference", args.reference, "--device", args.device]  # fmt: skip
+            if args.amp:
+                cmd.append("--amp")
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -224,6 +224,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         center=args.center,
         seed=args.seed,
         device=args.device,
+        amp=args.amp,
         val_fraction=args.val_fraction,
         selection_metric=args.selection_metric,
         voxel_size=voxel,
@@ -403,6 +404,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--selection-metric", choices=("ap_dsb", "oracle_iou"), default="ap_dsb")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", action="store_true", help="mixed precision on CUDA (for GPUs without TF32)")
     p.add_argument("--voxel-size", type=_voxel_size, metavar="Z,Y,X", help="overrides the files' voxel size")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue from the .last checkpoint of an earlier run")
     p.set_defaults(func=cmd_train)

@@ -229,10 +229,8 @@ def predict_tiled(
         x = x.to(device=dev, dtype=torch.float32, non_blocking=True).unsqueeze(0)
         y = run(pad_to_multiple(x))
         y = y[(slice(None), slice(None), *(slice(0, t) for t in tile_shape))].float()
-        if total == 1:  # one window: its weights are all 1
-            if output is None:
-                output = np.empty((y.shape[1], *spatial), dtype=np.float32)
-            output[...] = y[0].cpu().numpy()
+        if total == 1:  # one window: its weights are all 1, and its output is the result
+            output = np.ascontiguousarray(y[0].cpu().numpy())
         else:
             weight = None
             for axis, (_, w) in enumerate(window):

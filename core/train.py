@@ -103,6 +103,8 @@ class TrainConfig:
     so that an epoch has at least 10 optimiser steps. ``voxel_size`` (array order) overrides the
     files' metadata and sets the anisotropy. ``random_crops`` adds that many randomly placed crops
     per object-centred crop (redrawn every epoch), so the network also learns wide empty background.
+    ``amp`` trains with float16 autocast on CUDA (ignored on the CPU); off by default, as on GPUs
+    with TF32 tensor cores this small network trains faster in float32 than with autocast's casts.
     """
 
     spatial_dims: int
@@ -117,7 +119,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     seed: int = 0
     device: str = "auto"
-    amp: bool = True
+    amp: bool = False
     selection_metric: SelectionMetric = SelectionMetric.ap_dsb
     val_every: int = 1
     voxel_size: tuple[float, ...] | None = None

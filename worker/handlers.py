@@ -163,6 +163,7 @@ def run_train(context: JobContext) -> JobOutcome:
         "center": spec.center.value,
         "seed": spec.seed,
         "device": "auto",
+        "amp": spec.amp,
         "in_channels": channels.pop(),
         "voxel_size": tuple(voxel_size) if voxel_size else None,
     }

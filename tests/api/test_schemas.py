@@ -28,7 +28,7 @@ def test_train_defaults() -> None:
     assert spec.model_dump(mode="json") == {
         "image_ids": ["a"], "mask_ids": ["b"], "val_image_ids": None, "val_mask_ids": None, "val_fraction": None,
         "dims": 2, "epochs": 200, "max_time_minutes": None, "batch_size": None, "crop_size": "auto", "lr": 0.0005,
-        "center": "medoid", "voxel_size": None, "seed": 0, "name": None,
+        "center": "medoid", "voxel_size": None, "seed": 0, "amp": False, "name": None,
     }
     assert spec.volume_roles() == [("a", "image"), ("b", "mask")]
     full = TrainSpec(image_ids=["a"], mask_ids=["b"], val_image_ids=["c"], val_mask_ids=["d"], dims=3, crop_size=64,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from core import cli
+from core.checkpoint import load_model
 from core.io import read_tiff, write_labels, write_tiff
 from core.synthetic import random_labels, render_image
 
@@ -48,6 +49,7 @@ def test_train_predict_evaluate_end_to_end(tmp_path: Path, capsys: pytest.Captur
     assert "training a 2D model on 3 image(s): img0, img1, img2" in out.out
     assert "crop shape: 32 x 32 (YX) (set by user)" in out.out  # the data-derived parameters are shown
     assert f"saved {model}" in out.out
+    assert load_model(model, device="cpu").config["amp"] is False  # float32 unless --amp
 
     pred_dir = tmp_path / "pred"
     code = cli.main(["predict", "--model", str(model), "--out", str(pred_dir), "--no-tta", "--tile", "none",
@@ -73,11 +75,12 @@ def test_train_resume_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixt
     images, masks = _write_dataset(tmp_path, n=2)
     model = tmp_path / "m.pt"
     base = ["train", "--images", str(images), "--masks", str(masks), "--out", str(model), "--crop-size", "32",
-            "--batch-size", "2", "--samples-per-epoch", "4", "--device", "cpu"]  # fmt: skip
+            "--batch-size", "2", "--samples-per-epoch", "4", "--device", "cpu", "--amp"]  # fmt: skip
     assert cli.main([*base, "--epochs", "1"]) == 0
     assert cli.main([*base, "--epochs", "2", "--resume", str(tmp_path / "m.last.pt")]) == 0
     out = capsys.readouterr().out
     assert "2 epoch(s), completed" in out
+    assert load_model(model, device="cpu").config["amp"] is True
 
 
 def _hand_built(folder: Path) -> tuple[Path, Path]:

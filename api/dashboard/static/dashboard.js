@@ -679,6 +679,7 @@ function trainBody(form) {
     val_fraction: optionalNumber(form, "val_fraction"),
     voxel_size: voxel ? numbers(voxel) : undefined,
     seed: Number(form.get("seed") || 0),
+    amp: form.get("amp") === "on",
     name: String(form.get("name") || "").trim() || undefined,
   };
   return body;

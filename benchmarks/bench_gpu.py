@@ -1,0 +1,261 @@
+"""CUDA checks and figures: clustering on the GPU against the CPU and the reference, mixed-precision
+training on real 2D data, a GPU-trained model segmenting on the CPU, and GPU memory of tiled prediction.
+
+Needs a CUDA device. Sections (each one reports and the script goes on if one fails):
+
+* ``cluster``: ``core.cluster`` on CUDA and on the CPU for the cases of ``bench_clustering.py``
+  (2D 512x512, 3D 64x256x256, 3D noisy); whether the labels are identical up to relabelling, and the
+  median times of ours on CUDA, ours on the CPU and the reference's ``Cluster`` / ``Cluster_3d`` on CUDA.
+* ``train``: ``core.train.train`` with ``device="auto"`` (mixed precision on, off or both: ``--amp``) on the
+  images of ``--data`` for ``--train-seconds`` of wall-clock time; every 4th sorted name is held
+  apart. Prints steps, seconds per step, and held-out AP0.5 / mAP (0.5..0.9) with and without TTA on
+  CUDA; then loads the checkpoint on the CPU and reports AP0.5 of the CPU labels against the CUDA
+  labels (the same model must give the same objects on both devices).
+* ``tiling``: peak CUDA memory (``torch.cuda.max_memory_allocated``) of a random-weight 3D network
+  predicting one tile-sized volume whole, a volume of 2x the tile per axis in tiles, and that volume
+  whole; and the largest difference between the tiled and the whole raw output.
+
+    EMBEDSEG_REFERENCE=/path/to/folder/with/EmbedSeg python benchmarks/bench_gpu.py \
+        [--data tests/data/cells2d_bbbc007] [--train-seconds 60] [--sections cluster,train,tiling]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_clustering import STEP, load_reference, same_up_to_relabelling  # noqa: E402
+from bench_quality import list_names, read_pairs, score, split_names  # noqa: E402
+
+from core.clustering import cluster  # noqa: E402
+from core.device import resolve_device  # noqa: E402
+from core.metrics import average_precision  # noqa: E402
+from core.synthetic import perfect_raw, random_labels  # noqa: E402
+
+DEVICE = torch.device("cuda")
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_mib(base: int = 0) -> float:
+    """Peak CUDA memory allocated since the last reset, above ``base`` bytes (0 on the CPU)."""
+    return (torch.cuda.max_memory_allocated() - base) / 2**20 if DEVICE.type == "cuda" else 0.0
+
+
+def median_wall(fn, repeats: int):
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls after one warm-up call, and its result."""
+    out = fn()
+    _sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def section_cluster(args: argparse.Namespace) -> None:
+    Cluster, Cluster_3d = load_reference(args.reference)
+    cuda = DEVICE
+    shape2 = (512, 512)
+    labels2 = random_labels(shape2, 50, (8, 20), seed=0)
+    shape3 = (64, 256, 256)
+    step3 = (2.0 * STEP, STEP, STEP)
+    labels3 = random_labels(shape3, 100, [(4, 8), (8, 16), (8, 16)], seed=1)
+    noisy_kw = dict(offset_noise=1.0, sigma_noise=0.02, seed_noise=0.5, seed_background=-3.0,
+                    background_seed_noise=1.5, background_sigma=1.3)  # fmt: skip
+    cases = [
+        ("2D 512x512, 50 objects", perfect_raw(labels2, STEP, offset_noise=0.3, seed=0), STEP, 2,
+         Cluster(shape2[0], shape2[1], STEP * (shape2[0] - 1), STEP * (shape2[1] - 1), device=str(cuda))),
+        ("3D 64x256x256, 100 objects", perfect_raw(labels3, step3, offset_noise=0.3, seed=1), step3, 3, None),
+        ("3D 64x256x256, noisy", perfect_raw(labels3, step3, seed=2, **noisy_kw), step3, 3, None),
+    ]  # fmt: skip
+    ref3 = Cluster_3d(
+        shape3[0], shape3[1], shape3[2],
+        step3[0] * (shape3[0] - 1), step3[1] * (shape3[1] - 1), step3[2] * (shape3[2] - 1), device=str(cuda),
+    )  # fmt: skip
+    for name, raw, step, n_sigma, ref in cases:
+        _cluster_case(name, raw, step, n_sigma, ref or ref3, args.repeats)
+
+
+def _cluster_case(name: str, raw: np.ndarray, step, n_sigma: int, ref, repeats: int) -> None:
+    cuda = DEVICE
+    raw_gpu = torch.from_numpy(raw).to(cuda)
+    raw_cpu = torch.from_numpy(raw)
+    t_gpu, ours_gpu = median_wall(lambda: cluster(raw_gpu, step=step, min_size=36), repeats)
+    t_cpu, ours_cpu = median_wall(lambda: cluster(raw_cpu, step=step, min_size=36, device="cpu"), repeats)
+    t_ref, ref_out = median_wall(
+        lambda: ref.cluster(raw_gpu, n_sigma=n_sigma, seed_thresh=0.9, fg_thresh=0.5, min_object_size=36),
+        repeats,
+    )
+    ref_labels = ref_out.cpu().numpy().astype(np.int32)
+    res = average_precision(ref_labels, ours_gpu, thresholds=[0.5, 0.9])
+    print(
+        f"{name}: objects ours cuda {int(ours_gpu.max())}, ours cpu {int(ours_cpu.max())}, "
+        f"reference cuda {int(ref_labels.max())}\n"
+        f"  cuda labels identical to cpu labels (up to relabelling): {same_up_to_relabelling(ours_cpu, ours_gpu)}\n"
+        f"  ours vs reference: AP0.5 {res.at(0.5).ap:.4f}, AP0.9 {res.at(0.9).ap:.4f}, identical: "
+        f"{same_up_to_relabelling(ref_labels, ours_gpu)}\n"
+        f"  wall: ours cuda {t_gpu * 1e3:.1f} ms, ours cpu {t_cpu * 1e3:.1f} ms, reference cuda "
+        f"{t_ref * 1e3:.1f} ms, reference / ours (cuda) {t_ref / t_gpu:.1f}x",
+        flush=True,
+    )
+
+
+class _Steps:
+    """Progress callback that records the training's steps and epochs."""
+
+    def __init__(self) -> None:
+        self.last = None
+        self.total = 0
+
+    def __call__(self, p) -> bool:
+        self.last = p
+        self.total = p.epoch * p.steps_per_epoch + p.step
+        return True
+
+
+def section_train(args: argparse.Namespace) -> None:
+    data = Path(args.data)
+    names = list_names(data)
+    train_names, test_names = split_names(names, None)
+    images, masks = read_pairs(data, train_names)
+    test_images, test_masks = read_pairs(data, test_names)
+    print(f"device auto -> {resolve_device('auto')}; {len(train_names)} training images, {len(test_names)} test images")
+    for amp in {"on": [True], "off": [False], "both": [True, False]}[args.amp]:
+        _train_and_score(args, amp, images, masks, test_images, test_masks, test_names)
+
+
+def _train_and_score(args, amp: bool, images, masks, test_images, test_masks, test_names) -> None:
+    from core.checkpoint import load_model
+    from core.train import TrainConfig, train
+
+    config = TrainConfig(
+        spatial_dims=2, epochs=10**6, max_time_minutes=args.train_seconds / 60.0, seed=args.seed, amp=amp
+    )
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model.pt"
+        steps = _Steps()
+        t0 = time.perf_counter()
+        result = train(images, masks, config, out_path=out, progress=steps)
+        wall = time.perf_counter() - t0
+        p = steps.last
+        print(
+            f"amp {'on' if amp else 'off'}: trained {wall:.1f} s wall: epoch {p.epoch}, {steps.total} steps, "
+            f"{wall / max(steps.total, 1):.3f} s per step (validation included), best epoch {result.best_epoch} "
+            f"{result.best_metrics}, stopped: {result.stopped}, peak CUDA "
+            f"{_peak_mib():.0f} MiB",
+            flush=True,
+        )
+        model = load_model(out, device="auto")
+        print(f"checkpoint loaded on {model.device}; amp in config: {model.config.get('amp')}")
+        labels_gpu = {}
+        for tta in (False, True):
+            t0 = time.perf_counter()
+            preds = [model.segment(im, tta=tta) for im in test_images]
+            dt = time.perf_counter() - t0
+            s = score(test_masks, preds, test_names)
+            labels_gpu[tta] = preds
+            print(
+                f"held-out ({'TTA' if tta else 'no TTA'}, cuda): AP0.5 {s['ap50']:.3f}, mAP {s['mean_ap']:.3f}, "
+                f"{dt / len(test_images):.2f} s per image",
+                flush=True,
+            )
+        cpu_model = load_model(out, device="cpu")
+        t0 = time.perf_counter()
+        cpu_preds = [cpu_model.segment(im, tta=False) for im in test_images]
+        dt = time.perf_counter() - t0
+        agree = [average_precision(g, c, thresholds=[0.5]).at(0.5).ap for g, c in zip(labels_gpu[False], cpu_preds)]
+        s = score(test_masks, cpu_preds, test_names)
+        print(
+            f"GPU-trained checkpoint on the cpu: AP0.5 {s['ap50']:.3f}, mAP {s['mean_ap']:.3f}, "
+            f"{dt / len(test_images):.2f} s per image; cpu labels vs cuda labels AP0.5 per image "
+            f"{', '.join(f'{a:.3f}' for a in agree)}",
+            flush=True,
+        )
+
+
+def section_tiling(args: argparse.Namespace) -> None:
+    from core.erfnet import BranchedERFNet
+    from core.predict import predict_raw
+
+    cuda = DEVICE
+    tile = (32, 128, 128)
+    torch.manual_seed(0)
+    net = BranchedERFNet(3).to(cuda).eval()
+    rng = np.random.default_rng(0)
+    small = rng.random(tile).astype(np.float32)
+    large = rng.random(tuple(2 * t for t in tile)).astype(np.float32)
+    rows = {}
+    for name, image, tiling in (("one tile, whole", small, None), ("8x volume, tiled", large, tile),
+                                ("8x volume, whole", large, None)):  # fmt: skip
+        base = 0
+        if cuda.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        raw = predict_raw(net, image, device=cuda, tile=tiling)
+        _sync()
+        dt = time.perf_counter() - t0
+        peak = _peak_mib(base)
+        rows[name] = raw
+        print(
+            f"{name:18} {'x'.join(map(str, image.shape)):>12}: peak CUDA above the model {peak:8.0f} MiB, {dt:.2f} s",
+            flush=True,
+        )
+    diff = float(np.abs(rows["8x volume, tiled"] - rows["8x volume, whole"]).max())
+    print(f"max |tiled - whole| raw output on the 8x volume: {diff:.3g}", flush=True)
+
+
+SECTIONS = {"cluster": section_cluster, "train": section_train, "tiling": section_tiling}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", default=os.environ.get("EMBEDSEG_REFERENCE"))
+    parser.add_argument("--data", default=str(ROOT / "tests" / "data" / "cells2d_bbbc007"))
+    parser.add_argument("--train-seconds", type=float, default=60.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--amp", choices=("on", "off", "both"), default="on", help="mixed-precision training")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--device", default="cuda", help="cuda (default); cpu only to try the script out")
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = resolve_device(args.device)
+    name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, {name}, CUDA {torch.version.cuda}", flush=True)
+    failed = []
+    for name in args.sections.split(","):
+        print(f"\n== {name}", flush=True)
+        try:
+            SECTIONS[name](args)
+        except Exception:  # report and go on with the other sections
+            traceback.print_exc()
+            failed.append(name)
+    if failed:
+        sys.exit(f"failed sections: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
