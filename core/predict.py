@@ -18,7 +18,7 @@ import torch
 from core.device import resolve_device
 from core.tiling import Progress, predict_tiled
 from core.tta import DEFAULT_BATCH as TTA_BATCH
-from core.tta import SeedCombine
+from core.tta import TTACombine
 
 Normalization = Callable[[np.ndarray], np.ndarray] | Mapping[str, Any] | str | None
 """``None``: the image is already normalised (float); a callable applied to each channel ``(*S)``;
@@ -92,7 +92,7 @@ def predict_raw(
     normalization: Normalization = None,
     overlap: float = 0.25,
     amp: bool = False,
-    seed_combine: SeedCombine | str = SeedCombine.rescaled_mean,
+    combine: TTACombine | str = TTACombine.median,
     fg_thresh: float = 0.5,
     tta_batch_size: int = TTA_BATCH,
     progress: Progress | None = None,
@@ -104,7 +104,7 @@ def predict_raw(
     network runs (default: where the model's parameters are; the model is moved there otherwise).
     ``tile``: window shape in array order, ``"auto"`` (from free device memory) or ``None`` (whole
     image); windows are reflect-padded to multiples of 8 and cropped back. ``tta`` combines the
-    8 / 16 transforms per window (``seed_combine``, ``fg_thresh`` and ``tta_batch_size`` as in
+    8 / 16 transforms per window (``combine``, ``fg_thresh`` and ``tta_batch_size`` as in
     :func:`core.tta.predict_tta`). ``amp`` uses float16 autocast on CUDA. ``progress(done, total)``
     is called per window; returning ``False`` raises :class:`core.tiling.PredictionCancelled`.
     The model runs in eval mode without gradients; its training mode is restored afterwards.
@@ -139,7 +139,7 @@ def predict_raw(
                 overlap=overlap,
                 device=dev,
                 tta=tta,
-                tta_options={"seed_combine": seed_combine, "fg_thresh": fg_thresh, "batch_size": tta_batch_size},
+                tta_options={"combine": combine, "fg_thresh": fg_thresh, "batch_size": tta_batch_size},
                 progress=progress,
             )
     finally:
@@ -160,12 +160,14 @@ def segment(
     progress: Progress | None = None,
     normalization: Normalization = None,
     amp: bool = False,
+    combine: TTACombine | str = TTACombine.median,
 ) -> np.ndarray:
     """Instance labels ``S`` int32 (0 = background) of ``image`` (shapes as in :func:`predict_raw`).
 
     ``step``: embedding length of one pixel step per array axis (default
     :func:`core.embedding.step_for`); ``fg_thresh``, ``seed_thresh``, ``min_size`` go to
-    :func:`core.clustering.cluster`, which runs on the same device as the network.
+    :func:`core.clustering.cluster`, which runs on the same device as the network. ``combine``
+    is the rule that merges the TTA passes (:class:`core.tta.TTACombine`).
     """
     from core.clustering import cluster
     from core.embedding import step_for
@@ -179,6 +181,7 @@ def segment(
         tile=tile,
         normalization=normalization,
         amp=amp,
+        combine=combine,
         fg_thresh=fg_thresh,
         progress=progress,
     )

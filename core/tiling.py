@@ -205,9 +205,11 @@ def predict_tiled(
     options = dict(tta_options or {})
     batch = 1
     if tta:
-        from core.tta import DEFAULT_BATCH, predict_tta
+        from core.tta import DEFAULT_BATCH, TTACombine, combine_bytes_per_voxel, predict_tta
 
-        batch = int(options.get("batch_size", DEFAULT_BATCH))
+        # the passes' combination holds memory of its own: count it as extra images of the batch
+        extra = combine_bytes_per_voxel(len(spatial), options.get("combine", TTACombine.median))
+        batch = int(options.get("batch_size", DEFAULT_BATCH)) + math.ceil(extra / BYTES_PER_VOXEL[len(spatial)])
 
         def run(x: torch.Tensor) -> torch.Tensor:
             return predict_tta(predictor, x, **options)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.tta import SeedCombine, Transform, predict_tta, transforms
+from core.tta import Transform, TTACombine, predict_tta, transforms
 
 
 def equivariant_toy(x: torch.Tensor) -> torch.Tensor:
@@ -87,10 +87,10 @@ def test_undo_signs_3d_z_flip():
 
 
 @pytest.mark.parametrize("spatial", [(16, 24), (8, 16, 24)])
-@pytest.mark.parametrize("combine", list(SeedCombine))
+@pytest.mark.parametrize("combine", list(TTACombine))
 def test_predict_tta_on_equivariant_toy_is_the_plain_prediction(spatial, combine):
     x = torch.cat([blob_image(spatial, 1), blob_image(spatial, 2)])
-    out = predict_tta(equivariant_toy, x, seed_combine=combine, batch_size=5)
+    out = predict_tta(equivariant_toy, x, combine=combine, batch_size=5)
     assert out.dtype == torch.float32
     assert out.shape == (2, 2 * len(spatial) + 1, *spatial)
     assert (out.double() - equivariant_toy(x)).abs().max().item() <= 1e-5
@@ -136,9 +136,9 @@ def test_seed_peaks_survive(combine):
     x = torch.zeros(1, 1, 17, 17)
     x[0, 0, 8, 8] = 1.0
     _disagreeing_passes(x)
-    mean = predict_tta(shifted_seed_toy, x, seed_combine="mean")
+    mean = predict_tta(shifted_seed_toy, x, combine="mean")
     assert torch.sigmoid(mean[0, 4]).max() < 0.9  # the reference's rule loses the object
-    robust = predict_tta(shifted_seed_toy, x, seed_combine=combine)
+    robust = predict_tta(shifted_seed_toy, x, combine=combine)
     assert torch.sigmoid(robust[0, 4]).max() >= 0.9
     # the foreground decision is the mean's, and outside it the seed map is the mean's
     assert torch.equal(robust[0, 4] > 0, mean[0, 4] > 0)
@@ -148,7 +148,7 @@ def test_seed_peaks_survive(combine):
     assert torch.equal(robust[0, :4], mean[0, :4])
 
 
-def test_rescaled_mean_is_the_default_and_matches_a_hand_computation():
+def test_rescaled_mean_matches_a_hand_computation():
     x = torch.zeros(1, 1, 17, 17)
     x[0, 0, 8, 8] = 1.0
     passes = torch.cat(_disagreeing_passes(x))  # (8, 5, 17, 17)
@@ -163,10 +163,53 @@ def test_rescaled_mean_is_the_default_and_matches_a_hand_computation():
     passes_peaks = torch.stack([local_max(probability[p]) for p in range(8)]).mean(0)
     expected = torch.where(mean_probability > 0.5, mean_probability * passes_peaks / local_max(mean_probability),
                            mean_probability)
-    out = predict_tta(shifted_seed_toy, x)
+    out = predict_tta(shifted_seed_toy, x, combine="rescaled_mean")
     assert torch.allclose(torch.sigmoid(out[0, 4]), expected.clamp(1e-6, 1 - 1e-6), atol=1e-6)
     # every pass has its 0.95 peak next to the centre: the mean's peaks there are raised to 0.95
     assert torch.sigmoid(out[0, 4]).max().item() == pytest.approx(0.95, abs=1e-5)
+
+
+def test_median_is_the_default_and_matches_a_hand_computation():
+    x = torch.zeros(1, 1, 17, 17)
+    x[0, 0, 8, 8] = 1.0
+    passes = torch.cat(_disagreeing_passes(x))  # (8, 5, 17, 17)
+
+    def local_max(p: torch.Tensor) -> torch.Tensor:  # (17, 17) -> (17, 17), 5 x 5 neighbourhood, by loops
+        return torch.stack([
+            torch.stack([p[max(0, y - 2) : y + 3, max(0, x - 2) : x + 3].max() for x in range(17)]) for y in range(17)
+        ])
+
+    ordered = passes.sort(dim=0).values[3]  # lower median of 8 values, per channel and pixel
+    probability = torch.sigmoid(ordered[4])
+    pass_peaks = torch.stack([local_max(torch.sigmoid(passes[p, 4])) for p in range(8)]).sort(dim=0).values[3]
+    expected = torch.where(probability > 0.5, probability * pass_peaks / local_max(probability), probability)
+    out = predict_tta(shifted_seed_toy, x)
+    assert torch.equal(out[0, :4], ordered[:4])
+    assert torch.allclose(torch.sigmoid(out[0, 4]), expected.clamp(1e-6, 1 - 1e-6), atol=1e-6)
+    # the median alone is 0.6 at every peak (each peak pixel is high in 2 of 8 passes); raised to 0.95
+    assert torch.sigmoid(ordered[4]).max().item() == pytest.approx(0.6, abs=1e-6)
+    assert torch.sigmoid(out[0, 4]).max().item() == pytest.approx(0.95, abs=1e-5)
+
+
+def test_median_ignores_a_pass_that_places_the_centre_far_off():
+    """Seven passes agree on offsets and bandwidth; one points every pixel elsewhere with a huge sigma."""
+
+    def one_wild_pass(x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], 5, *x.shape[2:])
+        out[:, 2:4] = 1.0  # sigma channels
+        out[:, 4] = 3.0
+        for i in range(x.shape[0]):
+            if x[i, 0, 0, 0] > 0:  # the untransformed pass sees the marker in its corner
+                out[i, :2] = 0.8
+                out[i, 2:4] = -2.0
+        return out
+
+    x = torch.zeros(1, 1, 16, 16)
+    x[0, 0, 0, 0] = 1.0
+    median = predict_tta(one_wild_pass, x)
+    assert torch.equal(median[0, :4], torch.cat([torch.zeros(2, 16, 16), torch.ones(2, 16, 16)]))
+    mean = predict_tta(one_wild_pass, x, combine="mean")
+    assert mean[0, :2].abs().max() > 0.09 and mean[0, 2:4].max() < 0.63  # the mean moves with the wild pass
 
 
 def test_one_confident_pass_alone_does_not_make_a_seed():
@@ -182,13 +225,13 @@ def test_one_confident_pass_alone_does_not_make_a_seed():
     x[0, 0, 0, 0] = 1.0
     robust = predict_tta(lone_peak_toy, x)
     assert torch.sigmoid(robust[0, 4]).max() < 0.9
-    assert torch.sigmoid(predict_tta(lone_peak_toy, x, seed_combine="max_in_foreground")[0, 4]).max() > 0.9
+    assert torch.sigmoid(predict_tta(lone_peak_toy, x, combine="max_in_foreground")[0, 4]).max() > 0.9
 
 
 def test_bad_options_raise():
     x = blob_image((8, 8))
-    with pytest.raises(ValueError, match="valid choices: rescaled_mean, mean, max_in_foreground"):
-        predict_tta(equivariant_toy, x, seed_combine="median")
+    with pytest.raises(ValueError, match="valid choices: median, rescaled_mean, mean, max_in_foreground"):
+        predict_tta(equivariant_toy, x, combine="average")
     with pytest.raises(ValueError, match="fg_thresh"):
         predict_tta(equivariant_toy, x, fg_thresh=1.0)
     with pytest.raises(ValueError, match="k must be"):

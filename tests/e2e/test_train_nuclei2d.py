@@ -11,10 +11,11 @@ Budget: 24 epochs x 10 optimiser steps of 16 crops (64 x 64, data-derived), seed
 on the CPU, no time limit (so the result does not depend on the machine's speed): 240 steps, about
 2.5 minutes on an idle 2-core machine.
 
-Measured (torch 2.13 CPU, batch norm calibrated on the training image, random crops, rescaled-mean
-TTA, whole-image prediction): held-out AP0.5 = 0.574 for seed 0 (38 objects predicted for 36
-annotated), 0.763 with TTA; tiled vs whole image 0.993 (137 / 138 objects). Earlier versions of the
-pipeline gave 0.65-0.74 for seeds 0-2 on this split. The floor, 0.45, is set well below all of them.
+Measured (torch 2.13 CPU, batch norm calibrated on the training image, random crops, median TTA,
+whole-image prediction), seed 0: held-out AP0.5 0.464 without TTA (46 objects predicted for 36
+annotated), 0.684 with TTA (28 predicted); tiled vs whole image 0.993 (145 / 146 objects). The same
+code gave 0.574 without TTA on another 2-core machine (float reductions differ between CPUs), and
+seed 1 gives 0.714 / 0.750. With TTA, what users get by default, the floor is 0.60; without it 0.40.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from core.train import TrainConfig, train
 EPOCHS = 24
 SAMPLES_PER_EPOCH = 160
 SPLIT_ROW = 384
-AP50_FLOOR = 0.45
+AP50_FLOOR = 0.40
+AP50_TTA_FLOOR = 0.60
 TTA_TOLERANCE = 0.05  # test-time augmentation must not cost more than about one object of 36
 WIDE_TILE = (256, 256)  # 3 x 3 overlapping windows over the whole 512 x 512 image (125 nuclei)
 TILED_AGREEMENT = 0.99  # AP0.5 between the labels of the whole image and those of its tiles
@@ -63,3 +65,4 @@ def test_train_on_top_segment_bottom(data_dir: Path, tmp_path: Path, one_torch_t
     score_tta = average_precision(mask[SPLIT_ROW:], labels_tta, (0.5,))
     print(f"held-out AP0.5 with TTA {score_tta.ap[0]:.3f} ({score_tta.n_pred} predicted)")
     assert score_tta.ap[0] >= score.ap[0] - TTA_TOLERANCE
+    assert score_tta.ap[0] >= AP50_TTA_FLOOR, f"held-out AP0.5 with TTA {score_tta.ap[0]:.3f} < {AP50_TTA_FLOOR}"
