@@ -8,6 +8,15 @@ spurious seed with an enormous bandwidth swallows the image (on BBBC007 cells: e
 above 500 instead of about 50, one object per image, AP0.5 0.0). Re-estimating the statistics on
 whole training images, with the weights unchanged, removes that mismatch (AP0.5 0.0 → 0.80 on the
 same model).
+
+Whole-image statistics alone cost precision at object boundaries, though: they describe mostly
+background, while the weights were fitted under the statistics of object-centred crops. The saved
+statistics are therefore an equal mixture of the two distributions (:data:`KEEP_TRAINING`): on
+three BBBC007 models trained for 15 CPU-minutes (same weights each), AP0.5 / mean AP(0.5-0.9)
+on held-apart images went from 0.855 / 0.700, 0.778 / 0.658, 0.905 / 0.722 (whole images only)
+to 0.910 / 0.780, 0.805 / 0.689, 0.889 / 0.703, and with TTA from 0.900 / 0.754, 0.922 / 0.809,
+0.911 / 0.731 to 0.944 / 0.816, 0.955 / 0.835, 0.927 / 0.807; the crop statistics alone gave
+0.919 / 0.817 on the first model but let objects swallow whole images on the other two (0.366, 0.595).
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from core.tiling import auto_tile_shape, axis_starts, pad_to_multiple
 
 MAX_WINDOWS = 64
 """Most forward passes spent on one calibration (a seeded subset of windows beyond that)."""
+KEEP_TRAINING = 0.5
+"""Weight of the training-time (crop) statistics in the calibrated ones; the rest is from whole images."""
 
 
 def _windows(shape: Sequence[int], tile: Sequence[int]) -> list[tuple[slice, ...]]:
@@ -40,15 +51,21 @@ def calibrate_batch_norm(
     device: torch.device,
     seed: int = 0,
     max_windows: int = MAX_WINDOWS,
+    keep: float = KEEP_TRAINING,
 ) -> nn.Module:
-    """A copy of ``net`` whose batch-norm running statistics are the average over ``images``.
+    """A copy of ``net`` whose batch-norm running statistics are re-estimated on ``images``.
 
     ``images`` are normalised ``(C, *S)`` float32 arrays. Each is run whole (reflect-padded to a
     multiple of 8) when it fits the device's free memory, else in non-overlapping windows of the
     largest shape that fits; at most ``max_windows`` passes (a subset seeded by ``seed``). Batch
     norm layers see the images in training mode with a cumulative average; dropout stays off.
-    ``net`` itself is not changed. Returns the copy in eval mode, on ``device``.
+    The result is the mixture of two distributions: ``keep`` of ``net``'s own statistics and
+    ``1 - keep`` of those over ``images`` (means mixed linearly; variances as a mixture's, i.e. plus
+    ``keep * (1 - keep)`` times the squared difference of the means). ``keep = 0`` gives the
+    images' statistics alone. ``net`` itself is not changed. Returns the copy in eval mode, on ``device``.
     """
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must lie in [0, 1], got {keep}")
     calibrated = copy.deepcopy(net).to(device)
     norms = [m for m in calibrated.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or not images:
@@ -62,6 +79,7 @@ def calibrate_batch_norm(
         chosen = np.random.default_rng([seed, 11]).choice(len(windows), max_windows, replace=False)
         windows = [windows[int(i)] for i in np.sort(chosen)]
     calibrated.eval()
+    own = [(norm.running_mean.clone(), norm.running_var.clone()) for norm in norms]
     momenta = []
     for norm in norms:
         momenta.append(norm.momentum)
@@ -76,5 +94,10 @@ def calibrate_batch_norm(
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
             norm.eval()
+    if keep > 0.0:
+        for norm, (mean, var) in zip(norms, own):
+            gap = (mean - norm.running_mean) ** 2
+            norm.running_mean.mul_(1.0 - keep).add_(keep * mean)
+            norm.running_var.mul_(1.0 - keep).add_(keep * var + keep * (1.0 - keep) * gap)
     return calibrated
 

@@ -5,8 +5,8 @@
 validates on fixed validation crops (loss and oracle IoU) and on the whole validation images
 (AP_dsb at IoU 0.5 after clustering), and keeps two files: the best model (by the selection
 metric) at ``out_path`` and the last state next to it (``<name>.last<suffix>``) for resuming.
-The best model's batch-norm statistics are re-estimated on the whole training images
-(:func:`core.calibration.calibrate_batch_norm`), and validation on whole images uses that
+The best model's batch-norm statistics are re-estimated as an equal mixture of the training crops'
+and the whole training images' (:func:`core.calibration.calibrate_batch_norm`), and validation on whole images uses that
 network, so that what is validated is what is saved and used.
 
 Robustness: the best model is chosen by the real validation AP of clustered predictions, never
