@@ -11,11 +11,11 @@ Budget: 24 epochs x 10 optimiser steps of 16 crops (64 x 64, data-derived), seed
 on the CPU, no time limit (so the result does not depend on the machine's speed): 240 steps, about
 2.5 minutes on an idle 2-core machine.
 
-Measured (torch 2.13 CPU, batch norm calibrated on the training image, random crops, median TTA,
-whole-image prediction), seed 0: held-out AP0.5 0.464 without TTA (46 objects predicted for 36
-annotated), 0.684 with TTA (28 predicted); tiled vs whole image 0.993 (145 / 146 objects). The same
-code gave 0.574 without TTA on another 2-core machine (float reductions differ between CPUs), and
-seed 1 gives 0.714 / 0.750. With TTA, what users get by default, the floor is 0.60; without it 0.40.
+Measured (torch 2.13 CPU, batch-norm statistics half crops' half whole image's, random crops,
+median TTA, whole-image prediction), seed 0: held-out AP0.5 0.540 without TTA (41 objects predicted
+for 36 annotated), 0.757 with TTA (29 predicted); tiled vs whole image 0.992 (131 / 132 objects).
+Earlier versions of the pipeline gave 0.46-0.57 without TTA on this seed (float reductions also
+differ between CPUs). With TTA, what users get by default, the floor is 0.60; without it 0.40.
 """
 
 from __future__ import annotations
