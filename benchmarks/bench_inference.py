@@ -6,7 +6,7 @@ loaded into ours with ``core.erfnet.load_reference_state_dict``. Ours runs ``cor
 TTA its ``apply_tta_3d`` 16 times with a running mean, as its ``test.py`` does. Prints voxels/s
 and process CPU seconds (medians of ``--repeats``), the ratios reference time / ours, and the
 largest absolute difference between the raw outputs (without TTA; with TTA for offsets and
-sigma, which both average).
+sigma, which the reference averages and ours takes the median of).
 
     EMBEDSEG_REFERENCE=/path/to/folder/with/EmbedSeg python benchmarks/bench_inference.py
 """
@@ -121,9 +121,9 @@ def main() -> None:
         w_ours, c_ours, out_ours = timed(ours_run, args.repeats)
         name = "TTA x16" if tta else "no TTA"
         rows.append((name, shape, int(np.prod(shape)), w_ref, w_ours, c_ref, c_ours))
-        if tta:  # offsets and sigma are averaged by both; the seed channel is combined differently
+        if tta:  # the reference averages the passes, ours takes their median (core.tta.TTACombine)
             diff = float(np.abs(out_ref[:6] - out_ours[:6]).max())
-            print(f"max |offsets, sigma ours - reference| with TTA: {diff:.3g}")
+            print(f"max |offsets, sigma ours (median) - reference (mean)| with TTA: {diff:.3g}")
         else:
             print(f"max |raw ours - raw reference| without TTA: {float(np.abs(out_ref - out_ours).max()):.3g} "
                   f"(outputs up to {float(np.abs(out_ref).max()):.3g})")
