@@ -215,19 +215,18 @@ def predict_tta(
     n, n_batch, channels = len(chosen), x.shape[0], 2 * d + 1
     if x.device.type == "cpu":
         batch_size = max(1, min(batch_size, CPU_BATCH_VOXELS // max(1, math.prod(x.shape[2:]))))
-    index = {id(t): j for j, t in enumerate(chosen)}
     combiner: _Combiner | None = None
     for odd in (False, True):
-        jobs = [(t, b) for t in chosen if t.swaps_yx == odd for b in range(n_batch)]
+        jobs = [(j, t, b) for j, t in enumerate(chosen) if t.swaps_yx == odd for b in range(n_batch)]
         for chunk in _chunks(jobs, batch_size):
-            batch = torch.cat([t.apply_image(x[b : b + 1]) for t, b in chunk], dim=0)
+            batch = torch.cat([t.apply_image(x[b : b + 1]) for _, t, b in chunk], dim=0)
             raw = predictor(batch).float()
             if raw.shape[1] != channels:
                 raise ValueError(f"predictor returned {raw.shape[1]} channels, expected {channels}")
             if combiner is None:
                 combiner = _Combiner(rule, n, (n_batch, channels, *x.shape[2:]), raw.device)
-            for i, (t, b) in enumerate(chunk):
-                combiner.add(index[id(t)], b, t.undo_output(raw[i : i + 1]))
+            for i, (j, t, b) in enumerate(chunk):
+                combiner.add(j, b, t.undo_output(raw[i : i + 1]))
     assert combiner is not None
     return combiner.result(fg_thresh)
 
