@@ -114,34 +114,41 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
 
-    shape2 = (512, 512)
-    labels2 = random_labels(shape2, 50, (8, 20), seed=0)
-    raw2 = perfect_raw(labels2, STEP, offset_noise=0.3, seed=0)
-    ref2 = Cluster(shape2[0], shape2[1], STEP * (shape2[0] - 1), STEP * (shape2[1] - 1), device="cpu")
-    if "2d" in cases:
-        run_case("2D 512x512, 50 objects", raw2, STEP, ref2, 2, args.repeats, 36)
+    for name, labels, raw, step, n_sigma, ref in clustering_cases(Cluster, Cluster_3d, "cpu", cases):
+        if name.endswith("noisy"):
+            spurious = int(((raw[-1] >= np.log(9.0)) & (labels == 0)).sum())
+            print(f"noisy case: {spurious} seed candidates on background (each one a seed whose proposal is rejected)")
+        run_case(name, raw, step, ref, n_sigma, args.repeats, 36)
 
+
+def clustering_cases(Cluster, Cluster_3d, device: str, cases=("2d", "3d", "noisy")):  # noqa: N803 - reference classes
+    """Yield (name, labels, raw output, step, n_sigma, reference clusterer on ``device``) for the chosen cases:
+    2D 512x512 with 50 objects; 3D 64x256x256 with 100 objects (anisotropy 2); the same 3D labels
+    with noise (spurious foreground and seed candidates that are rejected)."""
+    if "2d" in cases:
+        shape2 = (512, 512)
+        labels2 = random_labels(shape2, 50, (8, 20), seed=0)
+        ref2 = Cluster(shape2[0], shape2[1], STEP * (shape2[0] - 1), STEP * (shape2[1] - 1), device=device)
+        yield "2D 512x512, 50 objects", labels2, perfect_raw(labels2, STEP, offset_noise=0.3, seed=0), STEP, 2, ref2
+    if "3d" not in cases and "noisy" not in cases:
+        return
     shape3 = (64, 256, 256)
     step3 = (2.0 * STEP, STEP, STEP)  # anisotropy 2
     labels3 = random_labels(shape3, 100, [(4, 8), (8, 16), (8, 16)], seed=1)
     ref3 = Cluster_3d(
         shape3[0], shape3[1], shape3[2],
         step3[0] * (shape3[0] - 1), step3[1] * (shape3[1] - 1), step3[2] * (shape3[2] - 1),
-        device="cpu",
-    )
+        device=device,
+    )  # fmt: skip
     if "3d" in cases:
         raw3 = perfect_raw(labels3, step3, offset_noise=0.3, seed=1)
-        run_case("3D 64x256x256, 100 objects", raw3, step3, ref3, 3, args.repeats, 36)
-
-    if "noisy" not in cases:
-        return
-    noisy = perfect_raw(
-        labels3, step3, offset_noise=1.0, sigma_noise=0.02, seed_noise=0.5,
-        seed_background=-3.0, background_seed_noise=1.5, background_sigma=1.3, seed=2,
-    )
-    spurious = int(((noisy[-1] >= np.log(9.0)) & (labels3 == 0)).sum())
-    print(f"noisy case: {spurious} seed candidates on background (each one a seed whose proposal is rejected)")
-    run_case("3D 64x256x256, 100 objects, noisy", noisy, step3, ref3, 3, args.repeats, 36)
+        yield "3D 64x256x256, 100 objects", labels3, raw3, step3, 3, ref3
+    if "noisy" in cases:
+        noisy = perfect_raw(
+            labels3, step3, offset_noise=1.0, sigma_noise=0.02, seed_noise=0.5,
+            seed_background=-3.0, background_seed_noise=1.5, background_sigma=1.3, seed=2,
+        )  # fmt: skip
+        yield "3D 64x256x256, 100 objects, noisy", labels3, noisy, step3, 3, ref3
 
 
 if __name__ == "__main__":

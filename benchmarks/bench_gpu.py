@@ -37,13 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_clustering import STEP, load_reference, same_up_to_relabelling  # noqa: E402
+from bench_clustering import clustering_cases, load_reference, same_up_to_relabelling  # noqa: E402
 from bench_quality import list_names, read_pairs, score, split_names  # noqa: E402
 
 from core.clustering import cluster  # noqa: E402
 from core.device import resolve_device  # noqa: E402
 from core.metrics import average_precision  # noqa: E402
-from core.synthetic import perfect_raw, random_labels  # noqa: E402
 
 DEVICE = torch.device("cuda")
 
@@ -73,26 +72,8 @@ def median_wall(fn, repeats: int):
 
 def section_cluster(args: argparse.Namespace) -> None:
     Cluster, Cluster_3d = load_reference(args.reference)
-    cuda = DEVICE
-    shape2 = (512, 512)
-    labels2 = random_labels(shape2, 50, (8, 20), seed=0)
-    shape3 = (64, 256, 256)
-    step3 = (2.0 * STEP, STEP, STEP)
-    labels3 = random_labels(shape3, 100, [(4, 8), (8, 16), (8, 16)], seed=1)
-    noisy_kw = dict(offset_noise=1.0, sigma_noise=0.02, seed_noise=0.5, seed_background=-3.0,
-                    background_seed_noise=1.5, background_sigma=1.3)  # fmt: skip
-    cases = [
-        ("2D 512x512, 50 objects", perfect_raw(labels2, STEP, offset_noise=0.3, seed=0), STEP, 2,
-         Cluster(shape2[0], shape2[1], STEP * (shape2[0] - 1), STEP * (shape2[1] - 1), device=str(cuda))),
-        ("3D 64x256x256, 100 objects", perfect_raw(labels3, step3, offset_noise=0.3, seed=1), step3, 3, None),
-        ("3D 64x256x256, noisy", perfect_raw(labels3, step3, seed=2, **noisy_kw), step3, 3, None),
-    ]  # fmt: skip
-    ref3 = Cluster_3d(
-        shape3[0], shape3[1], shape3[2],
-        step3[0] * (shape3[0] - 1), step3[1] * (shape3[1] - 1), step3[2] * (shape3[2] - 1), device=str(cuda),
-    )  # fmt: skip
-    for name, raw, step, n_sigma, ref in cases:
-        _cluster_case(name, raw, step, n_sigma, ref or ref3, args.repeats)
+    for name, _, raw, step, n_sigma, ref in clustering_cases(Cluster, Cluster_3d, str(DEVICE)):
+        _cluster_case(name, raw, step, n_sigma, ref, args.repeats)
 
 
 def _cluster_case(name: str, raw: np.ndarray, step, n_sigma: int, ref, repeats: int) -> None:
