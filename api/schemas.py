@@ -137,6 +137,12 @@ class TrainSpec(BaseModel):
     voxel_size: list[float] | None = None
     seed: int = Field(0, ge=0, le=2**32 - 1)
     amp: bool = False
+    min_object_size: int | None = Field(
+        None, ge=0, le=10**9, description="override the data-derived minimum object size (pixels)"
+    )
+    foreground_weight: float | None = Field(
+        None, gt=0, le=1000, description="override the data-derived foreground weight of the seed loss"
+    )
     name: str | None = Field(None, max_length=255)
 
     @field_validator("crop_size", mode="before")
@@ -201,6 +207,10 @@ class PredictSpec(BaseModel):
     volume_ids: list[VolumeId] = Field(min_length=1, max_length=MAX_IDS)
     tta: bool = False
     tile: Literal["auto"] | list[int] = "auto"
+    min_size: int | None = Field(
+        None, ge=0, le=10**9,
+        description="objects need more pixels than this (default: the model's minimum object size)",
+    )
     gt_ids: list[VolumeId] | None = Field(None, max_length=MAX_IDS)
 
     @field_validator("tile", mode="before")

@@ -200,10 +200,12 @@ class TrainedModel:
         progress: Callable[..., Any] | None = None,
         fg_thresh: float = 0.5,
         seed_thresh: float = 0.9,
+        min_size: int | None = None,
     ) -> np.ndarray:
         """Segment one image: ``(*S)`` or ``(C, *S)`` → int32 labels ``(*S)`` (0 = background).
 
-        Uses the model's own step, normalisation and minimum object size; ``tta`` averages the
+        Uses the model's own step, normalisation and minimum object size (``min_size`` overrides
+        the latter: objects need more than that many pixels); ``tta`` combines the
         8 (2D) or 16 (3D) flips/rotations; ``tile`` is ``"auto"`` (the whole image when it fits the
         device's free memory, else the largest windows that do: the batch-norm statistics of a
         trained model are estimated on whole images, see :mod:`core.calibration`), a tile shape in
@@ -224,7 +226,7 @@ class TrainedModel:
             tile=tile,
             fg_thresh=fg_thresh,
             seed_thresh=seed_thresh,
-            min_size=self.min_object_size,
+            min_size=self.min_object_size if min_size is None else min_size,
             device=target,
             progress=progress,
         )

@@ -90,14 +90,22 @@ def _thresholds(text: str) -> tuple[float, ...]:
     return values
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, least: int, kind: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "positive")
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0, "non-negative")
 
 
 def _positive_float(text: str) -> float:
@@ -229,6 +237,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         selection_metric=args.selection_metric,
         voxel_size=voxel,
         in_channels=channels.pop(),
+        min_object_size=args.min_object_size,
+        foreground_weight=args.foreground_weight,
     )
     print(f"training a {dims}D model on {len(images)} image(s): {', '.join(names[:5])}{' …' if len(names) > 5 else ''}")
     bar = _progress_bar(total=1000, unit="‰", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
@@ -300,7 +310,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         tile = args.tile
         if isinstance(tile, tuple) and len(tile) != model.spatial_dims:
             raise CommandError(f"--tile needs {model.spatial_dims} sizes for a {model.spatial_dims}D model, got {tile}")
-        labels = model.segment(volume.data, tta=args.tta, tile=tile)
+        labels = model.segment(volume.data, tta=args.tta, tile=tile, min_size=args.min_size)
         target = out_dir / path.name
         write_labels(target, labels, voxel_size=volume.voxel_size)
         print(f"{path.name}: {int(labels.max())} object(s) -> {target}")
@@ -406,6 +416,10 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="mixed precision on CUDA (for GPUs without TF32)")
     p.add_argument("--voxel-size", type=_voxel_size, metavar="Z,Y,X", help="overrides the files' voxel size")
+    p.add_argument("--min-object-size", type=_non_negative_int, metavar="PIXELS",
+                   help="overrides the data-derived minimum object size")  # fmt: skip
+    p.add_argument("--foreground-weight", type=_positive_float, metavar="W",
+                   help="overrides the data-derived foreground weight of the seed loss")  # fmt: skip
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue from the .last checkpoint of an earlier run")
     p.set_defaults(func=cmd_train)
 
@@ -417,6 +431,8 @@ def _add_predict(sub: Any) -> None:
     p.add_argument("--tta", dest="tta", action="store_true", default=True, help="test-time augmentation (default)")
     p.add_argument("--no-tta", dest="tta", action="store_false", help="no test-time augmentation")
     p.add_argument("--tile", type=_tile, default="auto", help="auto, none, or Y,X / Z,Y,X tile sizes")
+    p.add_argument("--min-size", type=_non_negative_int, metavar="PIXELS",
+                   help="objects need more pixels than this (default: the model's minimum object size)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
     p.set_defaults(func=cmd_predict)

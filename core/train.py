@@ -105,6 +105,8 @@ class TrainConfig:
     per object-centred crop (redrawn every epoch), so the network also learns wide empty background.
     ``amp`` trains with float16 autocast on CUDA (ignored on the CPU); off by default, as on GPUs
     with TF32 tensor cores this small network trains faster in float32 than with autocast's casts.
+    ``min_object_size`` and ``foreground_weight`` override the data-derived values
+    (:class:`core.hyperparams.DataProperties`); ``None`` keeps the data's.
     """
 
     spatial_dims: int
@@ -128,6 +130,8 @@ class TrainConfig:
     num_workers: int = 0
     samples_per_epoch: int | None = None
     random_crops: float = DEFAULT_RANDOM_CROPS
+    min_object_size: int | None = None
+    foreground_weight: float | None = None
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
@@ -175,6 +179,14 @@ class TrainConfig:
             if len(vs) != self.spatial_dims or any(not v > 0 for v in vs):
                 raise ValueError(f"voxel_size needs {self.spatial_dims} positive values (array order), got {vs}")
             self.voxel_size = vs
+        if self.min_object_size is not None:
+            if int(self.min_object_size) < 0 or int(self.min_object_size) != self.min_object_size:
+                raise ValueError(f"min_object_size must be a whole number >= 0, got {self.min_object_size}")
+            self.min_object_size = int(self.min_object_size)
+        if self.foreground_weight is not None:
+            if not (math.isfinite(float(self.foreground_weight)) and float(self.foreground_weight) > 0):
+                raise ValueError(f"foreground_weight must be a positive number, got {self.foreground_weight}")
+            self.foreground_weight = float(self.foreground_weight)
         resolve_device(self.device)  # refuses unknown names and CUDA without a GPU
 
     def to_dict(self) -> dict[str, Any]:
@@ -572,6 +584,8 @@ def train(
             spatial_dims=dims,
             voxel_size=vs,
             crop_shape=None if config.crop_size == "auto" else config.crop_size,
+            min_object_size=config.min_object_size,
+            foreground_weight=config.foreground_weight,
         )
     description = props.describe()
     logger.info("data-derived parameters:\n%s", description)

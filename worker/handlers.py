@@ -164,6 +164,8 @@ def run_train(context: JobContext) -> JobOutcome:
         "seed": spec.seed,
         "device": "auto",
         "amp": spec.amp,
+        "min_object_size": spec.min_object_size,
+        "foreground_weight": spec.foreground_weight,
         "in_channels": channels.pop(),
         "voxel_size": tuple(voxel_size) if voxel_size else None,
     }
@@ -271,7 +273,7 @@ def run_predict(context: JobContext) -> JobOutcome:
             return reporter.update(progress=0.95 * (i + done / max(total, 1)) / n, stage=stage)
 
         try:
-            labels = model.segment(image, tta=spec.tta, tile=tile, progress=on_tile)
+            labels = model.segment(image, tta=spec.tta, tile=tile, progress=on_tile, min_size=spec.min_size)
         except PredictionCancelled:
             raise JobCancelled(context.job_id) from None
         voxel = row.voxel_size if row.voxel_size and len(row.voxel_size) == labels.ndim else None

@@ -383,12 +383,17 @@ def test_train_job_takes_the_voxel_size_from_the_image_and_registers_a_model(cli
     mask_id = upload(client, tiff_bytes(labels), kind="labels").json()["id"]
     job = client.post(f"{API}/jobs/train", json={"image_ids": [image_id], "mask_ids": [mask_id], "epochs": 1,
                                                  "crop_size": 32, "batch_size": 2, "max_time_minutes": 0.2,
-                                                 "amp": True}).json()
+                                                 "amp": True, "min_object_size": 20,
+                                                 "foreground_weight": 4.5}).json()
     assert run_job(job["id"], settings=fast) == "succeeded", client.get(f"{API}/jobs/{job['id']}").json()["error"]
     body = client.get(f"{API}/jobs/{job['id']}").json()
     model = client.get(f"{API}/models/{body['result']['model_id']}").json()
     assert model["config"]["voxel_size"] == [0.5, 0.5] and model["config"]["crop_size"] == [32, 32]
     assert model["config"]["amp"] is True  # the spec's option reaches the training (a no-op on the CPU)
+    # the overrides replace the data-derived values and are marked as set by the user
+    properties = model["data_properties"]
+    assert properties["min_object_size"] == 20 and properties["foreground_weight"] == 4.5
+    assert {"min_object_size", "foreground_weight"} <= set(properties["overrides"])
     assert model["source_job_id"] == job["id"] and model["name"] == f"model of job {job['id'][:8]}"
     assert model["metrics"]["stopped"] in ("completed", "time_budget") and model["metrics"]["history"]
     assert body["metrics"]["epochs_total"] == 1 and body["metrics"]["best_epoch"] == model["metrics"]["best_epoch"]

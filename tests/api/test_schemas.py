@@ -28,7 +28,8 @@ def test_train_defaults() -> None:
     assert spec.model_dump(mode="json") == {
         "image_ids": ["a"], "mask_ids": ["b"], "val_image_ids": None, "val_mask_ids": None, "val_fraction": None,
         "dims": 2, "epochs": 200, "max_time_minutes": None, "batch_size": None, "crop_size": "auto", "lr": 0.0005,
-        "center": "medoid", "voxel_size": None, "seed": 0, "amp": False, "name": None,
+        "center": "medoid", "voxel_size": None, "seed": 0, "amp": False, "min_object_size": None,
+        "foreground_weight": None, "name": None,
     }
     assert spec.volume_roles() == [("a", "image"), ("b", "mask")]
     full = TrainSpec(image_ids=["a"], mask_ids=["b"], val_image_ids=["c"], val_mask_ids=["d"], dims=3, crop_size=64,
@@ -66,6 +67,12 @@ def test_train_defaults() -> None:
          "val_fraction: Input should be less than 1"),
         ({"image_ids": ["a"], "mask_ids": ["b"], "learning_rate": 0.1},
          "learning_rate: Extra inputs are not permitted"),
+        ({"image_ids": ["a"], "mask_ids": ["b"], "min_object_size": -1},
+         "min_object_size: Input should be greater than or equal to 0"),
+        ({"image_ids": ["a"], "mask_ids": ["b"], "min_object_size": 2.5},
+         "min_object_size: Input should be a valid integer, got a number with a fractional part"),
+        ({"image_ids": ["a"], "mask_ids": ["b"], "foreground_weight": 0},
+         "foreground_weight: Input should be greater than 0"),
     ],
 )
 def test_train_spec_messages(values, expected) -> None:  # type: ignore[no-untyped-def]
@@ -78,7 +85,10 @@ def test_predict_spec() -> None:
     spec = PredictSpec(model_id="m", volume_ids=["a", "b"], gt_ids=["c", "d"], tile=[64, 128])
     assert spec.volume_roles() == [("a", "input"), ("b", "input"), ("c", "gt"), ("d", "gt")]
     assert PredictSpec(model_id="m", volume_ids=["a"]).model_dump(mode="json") == {
-        "model_id": "m", "volume_ids": ["a"], "tta": False, "tile": "auto", "gt_ids": None}
+        "model_id": "m", "volume_ids": ["a"], "tta": False, "tile": "auto", "min_size": None, "gt_ids": None}
+    assert PredictSpec(model_id="m", volume_ids=["a"], min_size=0).min_size == 0
+    assert message(PredictSpec, model_id="m", volume_ids=["a"], min_size=-5) == (
+        "min_size: Input should be greater than or equal to 0")
     assert message(PredictSpec, model_id="m", volume_ids=["a"], gt_ids=["c", "d"]) == (
         "gt_ids has 2 volumes but volume_ids has 1; give one ground-truth mask per volume, in the same order")
     assert message(PredictSpec, model_id="m", volume_ids=["a"], tile="big") == (

@@ -178,9 +178,11 @@ def test_segment_passes_the_tiling_on(monkeypatch: pytest.MonkeyPatch) -> None:
 
     payload, net = _payload()
     seen: list[object] = []
+    sizes: list[object] = []
 
-    def fake_segment(net, image, *, tile, **kwargs):  # records what segment() receives
+    def fake_segment(net, image, *, tile, min_size, **kwargs):  # records what segment() receives
         seen.append(tile)
+        sizes.append(min_size)
         return np.zeros(image.shape[1:], dtype=np.int32)
 
     monkeypatch.setattr(core.predict, "segment", fake_segment)
@@ -190,6 +192,8 @@ def test_segment_passes_the_tiling_on(monkeypatch: pytest.MonkeyPatch) -> None:
     image = np.zeros((100, 120), dtype=np.float32)
     model.segment(image, tta=False)
     model.segment(image, tta=False, tile=(16, 16))
-    model.segment(image, tta=False, tile=None)
+    model.segment(image, tta=False, tile=None, min_size=7)
     # "auto" is the whole image where memory allows (as the batch-norm statistics were estimated)
     assert seen == ["auto", (16, 16), None]
+    # the model's own minimum object size unless the caller gives one
+    assert sizes == [props["min_object_size"]] * 2 + [7]

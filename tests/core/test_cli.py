@@ -42,14 +42,18 @@ def test_train_predict_evaluate_end_to_end(tmp_path: Path, capsys: pytest.Captur
     model = tmp_path / "model.pt"
     code = cli.main(["train", "--images", str(images), "--masks", str(masks), "--out", str(model),
                      "--epochs", "1", "--crop-size", "32", "--batch-size", "2", "--samples-per-epoch", "8",
-                     "--device", "cpu", "--seed", "1"])  # fmt: skip
+                     "--device", "cpu", "--seed", "1", "--min-object-size", "5",
+                     "--foreground-weight", "3"])  # fmt: skip
     out = capsys.readouterr()
     assert code == 0, out.err
     assert model.is_file() and (tmp_path / "model.last.pt").is_file()
     assert "training a 2D model on 3 image(s): img0, img1, img2" in out.out
     assert "crop shape: 32 x 32 (YX) (set by user)" in out.out  # the data-derived parameters are shown
+    assert "min object size: 5 (set by user)" in out.out and "foreground weight: 3 (set by user)" in out.out
     assert f"saved {model}" in out.out
-    assert load_model(model, device="cpu").config["amp"] is False  # float32 unless --amp
+    trained = load_model(model, device="cpu")
+    assert trained.config["amp"] is False  # float32 unless --amp
+    assert trained.min_object_size == 5 and trained.properties["foreground_weight"] == 3.0
 
     pred_dir = tmp_path / "pred"
     code = cli.main(["predict", "--model", str(model), "--out", str(pred_dir), "--no-tta", "--tile", "none",
@@ -61,6 +65,13 @@ def test_train_predict_evaluate_end_to_end(tmp_path: Path, capsys: pytest.Captur
     assert written.data.shape == (40, 40) and np.issubdtype(written.data.dtype, np.integer)
     assert written.voxel_size == pytest.approx((0.5, 0.5))
     assert "img0.tif:" in out.out and "object(s)" in out.out
+
+    # --min-size overrides the model's minimum object size: nothing in a 40 x 40 image has 1600 pixels
+    code = cli.main(["predict", "--model", str(model), "--out", str(tmp_path / "none"), "--no-tta", "--tile", "none",
+                     "--device", "cpu", "--min-size", "1600", str(images / "img0.tif")])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert read_tiff(tmp_path / "none" / "img0.tif").data.max() == 0
 
     code = cli.main(["evaluate", str(masks / "img0.tif"), str(pred_dir / "img0.tif"), "--json"])
     out = capsys.readouterr()

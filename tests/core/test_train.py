@@ -80,6 +80,10 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
         ("lr", -1.0, "lr must be positive"),
         ("voxel_size", (1.0,), "voxel_size needs 2 positive values"),
         ("device", "tpu", "unknown device 'tpu'"),
+        ("min_object_size", -1, "min_object_size must be a whole number >= 0, got -1"),
+        ("min_object_size", 2.5, "min_object_size must be a whole number >= 0, got 2.5"),
+        ("foreground_weight", 0.0, "foreground_weight must be a positive number, got 0.0"),
+        ("foreground_weight", float("nan"), "foreground_weight must be a positive number, got nan"),
     ],
 )
 def test_config_refuses_bad_values(field: str, value, message: str) -> None:
@@ -273,7 +277,8 @@ def test_best_checkpoint_has_the_best_validation_ap(tmp_path: Path) -> None:
 def test_train_3d_with_explicit_validation_and_voxel_size(tmp_path: Path) -> None:
     images, masks = _data_3d()
     config = TrainConfig(spatial_dims=3, epochs=1, crop_size=(16, 32, 32), batch_size=2, virtual_batch=1,
-                         samples_per_epoch=4, device="cpu", voxel_size=(2.0, 1.0, 1.0))  # fmt: skip
+                         samples_per_epoch=4, device="cpu", voxel_size=(2.0, 1.0, 1.0), min_object_size=10,
+                         foreground_weight=7.5)  # fmt: skip
     result = train(images[:1], masks[:1], config, out_path=tmp_path / "m3.pt",
                    val_images=images[1:], val_masks=masks[1:])  # fmt: skip
     assert result.epochs_completed == 1
@@ -282,6 +287,9 @@ def test_train_3d_with_explicit_validation_and_voxel_size(tmp_path: Path) -> Non
     assert model.spatial_dims == 3
     assert model.step == pytest.approx((2.0 / 1023, 1 / 1023, 1 / 1023))
     assert model.properties["anisotropy"] == 2.0
+    # the overrides replace the data-derived values (and are stored as set by the user)
+    assert model.min_object_size == 10 and model.properties["foreground_weight"] == 7.5
+    assert {"min_object_size", "foreground_weight"} <= set(model.properties["overrides"])
     labels = model.segment(images[1], tta=False, tile=None)
     assert labels.shape == (16, 32, 32) and labels.dtype == np.int32
 

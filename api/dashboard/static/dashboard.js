@@ -680,6 +680,8 @@ function trainBody(form) {
     voxel_size: voxel ? numbers(voxel) : undefined,
     seed: Number(form.get("seed") || 0),
     amp: form.get("amp") === "on",
+    min_object_size: optionalNumber(form, "min_object_size"),
+    foreground_weight: optionalNumber(form, "foreground_weight"),
     name: String(form.get("name") || "").trim() || undefined,
   };
   return body;
@@ -694,6 +696,7 @@ function predictBody(form) {
     volume_ids: chosen.map(([volume]) => volume),
     tta: form.get("tta") === "on",
     tile: tile === "auto" ? "auto" : numbers(tile),
+    min_size: optionalNumber(form, "min_size"),
     gt_ids: gt.some(Boolean) ? gt : undefined,
   };
 }
