@@ -1,9 +1,10 @@
 """Sliding-window prediction of raw network outputs (method.md §11.3).
 
-A volume is cut into overlapping tiles (25 % overlap by default); every tile is padded to a
-multiple of 8, predicted on the device (optionally with test-time augmentation), weighted by a
-cosine ramp over its overlaps with neighbouring tiles and added into one float32 output array
-on the CPU. The weights are separable and normalised per axis, so they sum to one at every
+A volume is cut into overlapping tiles (25 % overlap by default) that start at multiples of 8 (the
+network's sampling grid); every tile is padded to a multiple of 8, predicted on the device
+(optionally with test-time augmentation), weighted over its overlaps with neighbouring tiles (0 next
+to its own border, a ``sin²`` ramp in the middle of the overlap) and added into one float32 output
+array on the CPU. The weights are separable and normalised per axis, so they sum to one at every
 pixel and no volume-sized weight array is needed: peak memory grows with the tile, not
 with the volume (apart from the input and the output).
 """
@@ -127,35 +128,55 @@ def auto_tile_shape(
 
 
 def axis_starts(size: int, tile: int, overlap: float) -> list[int]:
-    """Start indices of the windows along one axis (the last window ends at ``size``)."""
+    """Start indices of the windows along one axis, all multiples of :data:`SIZE_MULTIPLE`.
+
+    The network downsamples by 8, so a window that starts elsewhere would see the image on another
+    sampling grid than the whole image does, and its outputs would differ everywhere, not only near
+    its borders. Consecutive windows overlap by at least ``overlap`` of the tile; the last window
+    reaches the end of the axis and may run past it by less than 8 (that part is reflect-padded,
+    as the whole image is).
+    """
     if tile >= size:
         return [0]
-    stride = max(1, tile - int(round(overlap * tile)))
+    step = SIZE_MULTIPLE if tile % SIZE_MULTIPLE == 0 else 1
+    stride = max(step, (tile - int(round(overlap * tile))) // step * step)
     starts = list(range(0, size - tile, stride))
-    starts.append(size - tile)
+    last = -(-(size - tile) // step) * step
+    if last > starts[-1]:
+        starts.append(last)
     return starts
 
 
-def axis_weights(size: int, tile: int, starts: Sequence[int], overlap: float) -> list[np.ndarray]:
-    """Per-window 1-D weights along one axis, normalised so that they sum to 1 at every index.
+def axis_weights(size: int, tile: int, starts: Sequence[int]) -> list[np.ndarray]:
+    """Per-window 1-D weights along one axis (window ``i`` covers ``starts[i]`` to
+    ``min(starts[i] + tile, size)``), normalised so that they sum to 1 at every index.
 
-    A window has weight 1 except on sides shared with a neighbour, where it rises as
-    ``sin²`` over the nominal overlap.
+    Where two windows overlap, each one's weight is 0 on the outer quarter of the overlap (its
+    outputs next to its own border, where it lacks the context the other window has), rises as
+    ``sin²`` over the middle half and is 1 on the inner quarter.
     """
-    ramp_len = int(round(overlap * tile)) if len(starts) > 1 else 0
-    ramp = np.sin(0.5 * np.pi * (np.arange(ramp_len) + 0.5) / max(ramp_len, 1)) ** 2
+    ends = [min(start + tile, size) for start in starts]
     raw = []
-    for start in starts:
-        w = np.ones(tile, dtype=np.float64)
-        if ramp_len and start > 0:
-            w[:ramp_len] *= ramp
-        if ramp_len and start + tile < size:
-            w[tile - ramp_len :] *= ramp[::-1]
+    for i, (start, end) in enumerate(zip(starts, ends)):
+        w = np.ones(end - start, dtype=np.float64)
+        if i > 0 and ends[i - 1] > start:
+            w[: ends[i - 1] - start] *= _ramp(ends[i - 1] - start)
+        if i + 1 < len(starts) and end > starts[i + 1]:
+            w[starts[i + 1] - start :] *= _ramp(end - starts[i + 1])[::-1]
         raw.append(w)
     total = np.zeros(size, dtype=np.float64)
-    for start, w in zip(starts, raw):
-        total[start : start + tile] += w
-    return [w / total[start : start + tile] for start, w in zip(starts, raw)]
+    for start, end, w in zip(starts, ends, raw):
+        total[start:end] += w
+    return [w / total[start:end] for start, end, w in zip(starts, ends, raw)]
+
+
+def _ramp(length: int) -> np.ndarray:
+    """Rising weights over an overlap of ``length``: 0 on the first quarter, ``sin²`` on the middle
+    half, 1 on the last quarter."""
+    quarter = length // 4
+    middle = length - 2 * quarter
+    rise = np.sin(0.5 * np.pi * (np.arange(middle) + 0.5) / max(middle, 1)) ** 2
+    return np.concatenate([np.zeros(quarter), rise, np.ones(quarter)])
 
 
 def _tile_shape(
@@ -220,17 +241,17 @@ def predict_tiled(
     per_axis = []
     for n, t in zip(spatial, tile_shape):
         starts = axis_starts(n, t, overlap)
-        per_axis.append(list(zip(starts, axis_weights(n, t, starts, overlap))))
+        per_axis.append(list(zip(starts, axis_weights(n, t, starts))))
     windows = list(product(*per_axis))
     total = len(windows)
     output: np.ndarray | None = None
     for done, window in enumerate(windows, start=1):
-        region = tuple(slice(start, start + t) for (start, _), t in zip(window, tile_shape))
+        region = tuple(slice(start, start + len(w)) for start, w in window)
         chunk = image[(slice(None), *region)]
         x = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(chunk))
         x = x.to(device=dev, dtype=torch.float32, non_blocking=True).unsqueeze(0)
         y = run(pad_to_multiple(x))
-        y = y[(slice(None), slice(None), *(slice(0, t) for t in tile_shape))].float()
+        y = y[(slice(None), slice(None), *(slice(0, len(w)) for _, w in window))].float()
         if total == 1:  # one window: its weights are all 1, and its output is the result
             output = np.ascontiguousarray(y[0].cpu().numpy())
         else:

@@ -262,9 +262,9 @@ class _Combiner:
 
     def result(self, fg_thresh: float) -> torch.Tensor:
         if self.rule is TTACombine.median:
-            out = self.passes.median(dim=0).values
+            out = _median(self.passes)
             seeds = self.passes[:, :, -1:]
-            pass_peaks = torch.stack([_local_max(torch.sigmoid(s)) for s in seeds]).median(dim=0).values
+            pass_peaks = _median(torch.stack([_local_max(torch.sigmoid(s)) for s in seeds]))
             del self.passes
             out[:, -1:] = _rescaled_peaks(torch.sigmoid(out[:, -1:]), pass_peaks, fg_thresh)
             return out
@@ -275,6 +275,15 @@ class _Combiner:
         elif self.rule is TTACombine.rescaled_mean:
             mean[:, -1:] = _rescaled_peaks(self.prob_total / self.n, self.extra / self.n, fg_thresh)
         return mean
+
+
+def _median(values: torch.Tensor) -> torch.Tensor:
+    """Median over dim 0; for an even count the mean of the two middle values (``torch.median``
+    returns the lower one, which would bias every channel downwards where the passes disagree)."""
+    n = values.shape[0]
+    if n % 2:
+        return values.median(dim=0).values
+    return 0.5 * (values.kthvalue(n // 2, dim=0).values + values.kthvalue(n // 2 + 1, dim=0).values)
 
 
 def _rescaled_peaks(probability: torch.Tensor, pass_peaks: torch.Tensor, fg_thresh: float) -> torch.Tensor:

@@ -69,7 +69,7 @@ def test_windows_are_tile_sized_not_volume_sized():
     predictor = Recorder()
     predict_tiled(predictor, np.zeros((1, 40, 160, 160), np.float32), tile=(16, 32, 32), device="cpu")
     assert {s[2:] for s in predictor.shapes} == {(16, 32, 32)}
-    assert len(predictor.shapes) == 3 * 7 * 7  # starts 0, 12, 24 along Z; 0, 24, ..., 120, 128 along Y and X
+    assert len(predictor.shapes) == 4 * 7 * 7  # starts 0, 8, 16, 24 along Z; 0, 24, ..., 120, 128 along Y and X
 
 
 def test_tensor_input_and_whole_image_window():
@@ -80,8 +80,8 @@ def test_tensor_input_and_whole_image_window():
     np.testing.assert_allclose(out[:2], image.numpy() + 1, atol=1e-6)
 
 
-def test_blending_down_weights_window_borders():
-    """Outputs within 2 px of a window border are off by 1: at the seams they barely count."""
+def test_blending_ignores_window_borders():
+    """Outputs within 2 px of a window border are off by 1: at the seams they do not count at all."""
 
     def border_biased(x: torch.Tensor) -> torch.Tensor:
         out = x.clone()
@@ -91,24 +91,39 @@ def test_blending_down_weights_window_borders():
 
     image = coordinate_image((8, 96))[1:]
     error = predict_tiled(border_biased, image, tile=(8, 32), device="cpu")[0] - image[0]
-    assert np.all(error[:, 2:-2] >= 0) and np.all(error[:, 2:-2] <= 0.1)
-    assert error[:, 23:27].max() > 0  # seams exist at 24..25 and 30..31: window borders count a little
+    # windows start at 0, 24, 48, 64 (multiples of 8, the last one ending at 96): 8-px overlaps
+    # whose outer quarters (2 px next to each window border) have weight 0
+    np.testing.assert_allclose(error[:, 2:-2], 0.0, atol=2e-5)
     np.testing.assert_allclose(error[:, :2], 1.0, atol=1e-6)  # the volume border is a border of every window
     np.testing.assert_allclose(error[:, -2:], 1.0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("size", "tile"), [(37, 16), (100, 64), (64, 64), (9, 8)])
-def test_axis_weights_sum_to_one(size, tile):
-    starts = axis_starts(size, tile, 0.25)
-    assert starts[0] == 0 and starts[-1] == size - tile
-    weights = axis_weights(size, tile, starts, 0.25)
+@pytest.mark.parametrize(
+    ("size", "tile", "overlap"),
+    [(37, 16, 0.25), (100, 64, 0.25), (64, 64, 0.25), (9, 8, 0.25), (512, 256, 0.45), (500, 256, 0.25),
+     (203, 24, 0.4), (61, 16, 0.0), (20, 13, 0.25)],
+)
+def test_axis_windows_are_aligned_and_weights_sum_to_one(size, tile, overlap):
+    starts = axis_starts(size, tile, overlap)
+    assert starts[0] == 0 and starts == sorted(set(starts))
+    if tile % 8 == 0:  # on the network's sampling grid, the last window reaching the end (within 7 px)
+        assert all(s % 8 == 0 for s in starts)
+        assert size - 8 < starts[-1] + tile if tile < size else starts == [0]
+    else:
+        assert starts[-1] + tile >= size
+    for a, b in zip(starts, starts[1:]):  # consecutive windows overlap by the asked fraction (stride >= 8)
+        assert a + tile - b >= min(round(overlap * tile), tile - 8)
+    weights = axis_weights(size, tile, starts)
     total = np.zeros(size)
     for s, w in zip(starts, weights):
-        assert w.shape == (tile,) and (w > 0).all()
-        total[s : s + tile] += w
+        assert w.shape == (min(tile, size - s),) and (w >= 0).all()
+        total[s : s + len(w)] += w
     np.testing.assert_allclose(total, 1.0, rtol=1e-12)
     if len(starts) > 1:
-        assert weights[0][0] == 1.0 and weights[0][-1] < 0.2  # ramps only where a neighbour overlaps
+        overlap_01 = starts[0] + tile - starts[1]
+        assert weights[0][0] == 1.0  # weights fall only where a neighbour overlaps
+        if overlap_01 >= 4:  # the outer quarter of an overlap does not count
+            assert weights[0][-(overlap_01 // 4) :].max() == 0.0
 
 
 def test_reflect_pad_matches_numpy():
@@ -132,7 +147,7 @@ def test_progress_can_cancel():
         calls.append(done)
         return done < 2
 
-    with pytest.raises(PredictionCancelled, match="after 2 of 9 tiles"):
+    with pytest.raises(PredictionCancelled, match="after 2 of 16 tiles"):
         predict_tiled(Recorder(), np.zeros((1, 40, 40), np.float32), tile=(16, 16), device="cpu",
                       progress=stop_after_two)
     assert calls == [1, 2]

@@ -12,10 +12,11 @@ on the CPU, no time limit (so the result does not depend on the machine's speed)
 2.5 minutes on an idle 2-core machine.
 
 Measured (torch 2.13 CPU, batch-norm statistics half crops' half whole image's, random crops,
-median TTA, whole-image prediction), seed 0: held-out AP0.5 0.540 without TTA (41 objects predicted
-for 36 annotated), 0.757 with TTA (29 predicted); tiled vs whole image 0.992 (131 / 132 objects).
-Earlier versions of the pipeline gave 0.46-0.57 without TTA on this seed (float reductions also
-differ between CPUs). With TTA, what users get by default, the floor is 0.60; without it 0.40.
+median TTA, whole-image prediction), seed 0: held-out AP0.5 0.549 without TTA (43 objects predicted
+for 36 annotated), 0.757 with TTA (29 predicted); tiled vs whole image 0.993 (137 / 138 objects;
+0.950 before tiles started on the network's 8-pixel sampling grid and ignored the outer quarter of
+their overlaps). Earlier versions of the pipeline gave 0.46-0.57 without TTA on this seed (float
+reductions also differ between CPUs). With TTA, what users get by default, the floor is 0.60; without it 0.40.
 """
 
 from __future__ import annotations
