@@ -401,6 +401,41 @@ def test_train_job_takes_the_voxel_size_from_the_image_and_registers_a_model(cli
     assert ("warnings" in body["metrics"]) == bool(model["metrics"]["best"].get("degenerate"))
 
 
+def test_predict_job_min_size_overrides_the_models_minimum_object_size(client, session, settings, fast,
+                                                                      tmp_path) -> None:
+    """A network whose seed map is high everywhere: clustering tiles the image into small objects
+    (about 100 pixels each, bandwidth e^10 at zero offsets); min_size above that leaves none."""
+    import torch
+
+    from core.checkpoint import build_network, save_checkpoint
+
+    net = build_network(2, 1)
+    with torch.no_grad():
+        net.decoders[1].output_conv.weight.zero_()
+        net.decoders[1].output_conv.bias.fill_(10.0)
+    path = save_checkpoint(tmp_path / "seeds.pt", {
+        "state_dict": net.state_dict(), "spatial_dims": 2, "in_channels": 1, "step": [1 / 1023, 1 / 1023],
+        "config": {"in_channels": 1}, "properties": {"min_object_size": 4},
+    })
+    LocalStorage(settings.storage_path).put_file("models/seeds.pt", path)
+    model = Model(name="seeds", spatial_dims=2, config={"in_channels": 1}, storage_key="models/seeds.pt",
+                  size_bytes=path.stat().st_size)
+    session.add(model)
+    session.commit()
+    image = upload(client, tiff_bytes(np.random.default_rng(2).integers(0, 200, (48, 64)).astype(np.uint8))).json()
+
+    counts = {}
+    for min_size in (None, 1000):
+        body = {"model_id": model.id, "volume_ids": [image["id"]], "tile": "auto"}
+        if min_size is not None:
+            body["min_size"] = min_size
+        job = client.post(f"{API}/jobs/predict", json=body).json()
+        assert run_job(job["id"], settings=fast) == "succeeded", client.get(f"{API}/jobs/{job['id']}").json()["error"]
+        (volume,) = client.get(f"{API}/jobs/{job['id']}").json()["metrics"]["volumes"]
+        counts[min_size] = volume["n_objects"]
+    assert counts[None] >= 10 and counts[1000] == 0, counts
+
+
 def test_predict_job_on_a_3d_volume_keeps_its_voxel_size(client, session, settings, fast, tmp_path) -> None:
     from core.checkpoint import build_network, save_checkpoint
 
