@@ -261,15 +261,22 @@ def test_a_redelivered_message_takes_over_from_a_lost_worker(session, fast, eval
 @pytest.fixture
 def tiny_model(session, settings, tmp_path: Path) -> str:
     """An untrained 2D model stored like a trained one."""
-    from core.checkpoint import build_network, save_checkpoint
+    from core.checkpoint import build_network
 
-    path = save_checkpoint(tmp_path / "net.pt", {
-        "state_dict": build_network(2, 1).state_dict(), "spatial_dims": 2, "in_channels": 1,
-        "step": [1 / 1023, 1 / 1023], "config": {"in_channels": 1}, "properties": {"min_object_size": 4},
+    return _store_model(session, settings, tmp_path, "tiny", build_network(2, 1), [1 / 1023, 1 / 1023])
+
+
+def _store_model(session, settings, tmp_path: Path, name: str, net, step: list[float]) -> str:  # type: ignore[no-untyped-def]
+    """Save ``net`` as a checkpoint (minimum object size 4), put it in storage and register it; its id."""
+    from core.checkpoint import save_checkpoint
+
+    dims = len(step)
+    path = save_checkpoint(tmp_path / f"{name}.pt", {
+        "state_dict": net.state_dict(), "spatial_dims": dims, "in_channels": 1, "step": step,
+        "config": {"in_channels": 1}, "properties": {"min_object_size": 4},
     })
-    storage = LocalStorage(settings.storage_path)
-    storage.put_file("models/tiny.pt", path)
-    model = Model(name="tiny", spatial_dims=2, config={"in_channels": 1}, storage_key="models/tiny.pt",
+    LocalStorage(settings.storage_path).put_file(f"models/{name}.pt", path)
+    model = Model(name=name, spatial_dims=dims, config={"in_channels": 1}, storage_key=f"models/{name}.pt",
                   size_bytes=path.stat().st_size)
     session.add(model)
     session.commit()
@@ -407,26 +414,18 @@ def test_predict_job_min_size_overrides_the_models_minimum_object_size(client, s
     (about 100 pixels each, bandwidth e^10 at zero offsets); min_size above that leaves none."""
     import torch
 
-    from core.checkpoint import build_network, save_checkpoint
+    from core.checkpoint import build_network
 
     net = build_network(2, 1)
     with torch.no_grad():
         net.decoders[1].output_conv.weight.zero_()
         net.decoders[1].output_conv.bias.fill_(10.0)
-    path = save_checkpoint(tmp_path / "seeds.pt", {
-        "state_dict": net.state_dict(), "spatial_dims": 2, "in_channels": 1, "step": [1 / 1023, 1 / 1023],
-        "config": {"in_channels": 1}, "properties": {"min_object_size": 4},
-    })
-    LocalStorage(settings.storage_path).put_file("models/seeds.pt", path)
-    model = Model(name="seeds", spatial_dims=2, config={"in_channels": 1}, storage_key="models/seeds.pt",
-                  size_bytes=path.stat().st_size)
-    session.add(model)
-    session.commit()
+    model_id = _store_model(session, settings, tmp_path, "seeds", net, [1 / 1023, 1 / 1023])
     image = upload(client, tiff_bytes(np.random.default_rng(2).integers(0, 200, (48, 64)).astype(np.uint8))).json()
 
     counts = {}
     for min_size in (None, 1000):
-        body = {"model_id": model.id, "volume_ids": [image["id"]], "tile": "auto"}
+        body = {"model_id": model_id, "volume_ids": [image["id"]], "tile": "auto"}
         if min_size is not None:
             body["min_size"] = min_size
         job = client.post(f"{API}/jobs/predict", json=body).json()
@@ -437,20 +436,12 @@ def test_predict_job_min_size_overrides_the_models_minimum_object_size(client, s
 
 
 def test_predict_job_on_a_3d_volume_keeps_its_voxel_size(client, session, settings, fast, tmp_path) -> None:
-    from core.checkpoint import build_network, save_checkpoint
+    from core.checkpoint import build_network
 
-    path = save_checkpoint(tmp_path / "net3d.pt", {
-        "state_dict": build_network(3, 1).state_dict(), "spatial_dims": 3, "in_channels": 1,
-        "step": [2 / 1023, 1 / 1023, 1 / 1023], "properties": {"min_object_size": 4},
-    })
-    LocalStorage(settings.storage_path).put_file("models/tiny3d.pt", path)
-    model = Model(name="tiny3d", spatial_dims=3, config={"in_channels": 1}, storage_key="models/tiny3d.pt",
-                  size_bytes=path.stat().st_size)
-    session.add(model)
-    session.commit()
+    model_id = _store_model(session, settings, tmp_path, "tiny3d", build_network(3, 1), [2 / 1023, 1 / 1023, 1 / 1023])
     volume = np.random.default_rng(1).integers(0, 255, (8, 24, 32)).astype(np.uint8)
     image = upload(client, tiff_bytes(volume), axes="ZYX", voxel_size="2.0,0.5,0.5").json()
-    job = client.post(f"{API}/jobs/predict", json={"model_id": model.id, "volume_ids": [image["id"]]}).json()
+    job = client.post(f"{API}/jobs/predict", json={"model_id": model_id, "volume_ids": [image["id"]]}).json()
     assert run_job(job["id"], settings=fast) == "succeeded", client.get(f"{API}/jobs/{job['id']}").json()["error"]
     labels_id = client.get(f"{API}/jobs/{job['id']}").json()["result"]["labels"][image["id"]]
     labels = client.get(f"{API}/volumes/{labels_id}").json()
