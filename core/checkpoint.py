@@ -159,6 +159,15 @@ class TrainedModel:
         value = self.properties.get("min_object_size")
         return int(value) if value is not None else DEFAULT_MIN_OBJECT_SIZE
 
+    @property
+    def max_seed_radius(self) -> tuple[float, ...] | None:
+        """Clustering's seed radius limit from the training objects' extents (``None`` when not stored)."""
+        from core.hyperparams import max_seed_radius
+
+        if not self.properties.get("n_objects", 1):
+            return None
+        return max_seed_radius(self.properties.get("extent_mean"), self.properties.get("extent_std"))
+
     def normalize(self, image: np.ndarray) -> np.ndarray:
         """Normalise one channel ``(*S)`` as the training images were (float32, same shape)."""
         return self.normalization.apply(np.asarray(image)).astype(np.float32, copy=False)
@@ -204,8 +213,9 @@ class TrainedModel:
     ) -> np.ndarray:
         """Segment one image: ``(*S)`` or ``(C, *S)`` → int32 labels ``(*S)`` (0 = background).
 
-        Uses the model's own step, normalisation and minimum object size (``min_size`` overrides
-        the latter: objects need more than that many pixels); ``tta`` combines the
+        Uses the model's own step, normalisation, minimum object size (``min_size`` overrides
+        the latter: objects need more than that many pixels) and seed radius limit
+        (:attr:`max_seed_radius`); ``tta`` combines the
         8 (2D) or 16 (3D) flips/rotations; ``tile`` is ``"auto"`` (the whole image when it fits the
         device's free memory, else the largest windows that do: the batch-norm statistics of a
         trained model are estimated on whole images, see :mod:`core.calibration`), a tile shape in
@@ -227,6 +237,7 @@ class TrainedModel:
             fg_thresh=fg_thresh,
             seed_thresh=seed_thresh,
             min_size=self.min_object_size if min_size is None else min_size,
+            max_radius=self.max_seed_radius,
             device=target,
             progress=progress,
         )

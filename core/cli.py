@@ -162,6 +162,10 @@ def match_by_name(first: Path, second: Path, names: tuple[str, str]) -> list[tup
     return [(name, a[name], b[name]) for name in sorted(a)]
 
 
+def _fmt_metric(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _read(path: Path) -> Any:
     from core.io import read_tiff
 
@@ -255,7 +259,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if info.loss is not None:
             post["loss"] = f"{info.loss:.4f}"
         if info.val_ap is not None:
-            post["val AP"] = f"{info.val_ap:.3f}"
+            post["val AP0.5"] = f"{info.val_ap:.3f}"
+        if info.val_map is not None:
+            post["val mAP"] = f"{info.val_map:.3f}"
         bar.set_postfix(post, refresh=False)
         return True
 
@@ -273,10 +279,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     best = result.best_metrics
-    ap = best.get("val_ap")
     print(
-        f"saved {result.model_path} (best epoch {result.best_epoch}, val AP0.5 "
-        f"{'n/a' if ap is None else f'{ap:.3f}'}); last state {result.last_path}; "
+        f"saved {result.model_path} (best epoch {result.best_epoch}, val AP0.5 {_fmt_metric(best.get('val_ap'))}, "
+        f"val mean AP {_fmt_metric(best.get('val_map'))}); last state {result.last_path}; "
         f"{result.epochs_completed} epoch(s), {result.stopped}, {result.elapsed_s / 60:.1f} min"
     )
     return 0
@@ -411,7 +416,9 @@ def _add_train(sub: Any) -> None:
                    help="crops per epoch (default: every crop, repeated to at least 10 optimiser steps)")  # fmt: skip
     p.add_argument("--crop-size", type=_crop_size, default="auto", help="auto or a multiple of 8")
     p.add_argument("--center", choices=("medoid", "approximate_medoid", "centroid"), default="medoid")
-    p.add_argument("--selection-metric", choices=("ap_dsb", "oracle_iou"), default="ap_dsb")
+    p.add_argument("--selection-metric", choices=("mean_ap", "ap_dsb", "oracle_iou"), default="mean_ap",
+                   help="best state by validation mean AP over the IoU thresholds (default), AP at 0.5 "
+                        "(ap_dsb) or oracle IoU")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", action="store_true", help="mixed precision on CUDA (for GPUs without TF32)")

@@ -14,6 +14,13 @@ The procedure is the reference's ``Cluster.cluster`` / ``Cluster_3d.cluster``:
    ``min_size`` pixels and more than half of them are still unclustered (the seed itself no longer
    counts as unclustered); accepted or not, its pixels leave the unclustered set.
 
+One guard is added, off by default: with ``max_radius``, a pixel whose Gaussian reaches farther than
+that many pixels from its centre along some axis (``sqrt(ln 2 / lambda_a) / step_a > max_radius_a``)
+is no seed; it stays foreground and may join another seed's proposal. Sigma is supervised only inside
+objects, and a network can emit a near-zero precision on a spurious foreground pixel (seen at image
+borders and in blank background after short trainings); as the first seed, such a pixel's proposal
+holds the whole foreground and the image comes out as one object.
+
 Instead of rescanning the whole foreground for every seed:
 
 * seed candidates (logit >= logit(seed_thresh)) are ordered by (logit descending, raster index), lazily:
@@ -234,6 +241,7 @@ def cluster(
     min_size: int = 36,
     min_mask_sum: int = 0,
     min_unclustered_sum: int = 0,
+    max_radius: float | Sequence[float] | None = None,
     device: torch.device | str | None = None,
 ) -> np.ndarray:
     """Cluster a raw network output into instance labels.
@@ -244,6 +252,8 @@ def cluster(
     scalar (the reference's ``pixel / (grid - 1)``). ``min_size``: a proposal needs more than this many
     pixels. ``min_mask_sum``: cluster only when the foreground has more pixels than this;
     ``min_unclustered_sum``: stop once this many or fewer foreground pixels are unclustered.
+    ``max_radius``: pixels per array axis (or one for all); seeds whose Gaussian reaches farther are
+    skipped (module docstring); ``None`` keeps the reference's procedure exactly.
     ``device``: where to compute (default: the input tensor's device; for numpy input CUDA when present).
     Returns int32 labels of shape ``S`` (0 = background, objects 1..K in order of discovery).
     Raises ``ValueError`` for a bad shape, dtype, threshold, or NaN offsets/sigma on the foreground.
@@ -258,10 +268,20 @@ def cluster(
             raise ValueError(f"{name} must be an integer >= 0, got {value}")
     xp, data, spatial = _prepare(raw, device)
     h = normalize_step(step, len(spatial))
+    floor = None if max_radius is None else _sigma_floor(max_radius, h)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         labels = _cluster(xp, data, spatial, h, _logit(fg_thresh), _logit(seed_thresh),
-                          int(min_size), int(min_mask_sum), int(min_unclustered_sum))
+                          int(min_size), int(min_mask_sum), int(min_unclustered_sum), floor)
     return labels.reshape(spatial)
+
+
+def _sigma_floor(max_radius: float | Sequence[float], h: tuple[float, ...]) -> tuple[float, ...]:
+    """Smallest raw sigma per array axis whose radius ``sqrt(ln 2 / exp(10 sigma)) / h`` fits ``max_radius``."""
+    radius = (float(max_radius),) * len(h) if np.ndim(max_radius) == 0 else tuple(float(r) for r in max_radius)
+    if len(radius) != len(h) or any(not (math.isfinite(r) and r > 0.0) for r in radius):
+        raise ValueError(f"max_radius must be one positive pixel count or one per spatial axis ({len(h)}), "
+                         f"got {max_radius}")  # fmt: skip
+    return tuple((math.log(_LN2) - 2.0 * math.log(r * step)) / 10.0 for r, step in zip(radius, h))
 
 
 def _cluster(
@@ -274,6 +294,7 @@ def _cluster(
     min_size: int,
     min_mask_sum: int,
     min_unclustered_sum: int,
+    sigma_floor: tuple[float, ...] | None = None,
 ) -> np.ndarray:
     dims = len(spatial)
     labels = np.zeros(int(np.prod(spatial)), dtype=np.int32)
@@ -284,6 +305,14 @@ def _cluster(
         return labels
     q_fg = q_all[fg_index]
     cand = xp.nonzero(q_fg >= seed_logit)  # positions in F, ascending
+    sigma = [data[2 * dims - 1 - a] for a in range(dims)]  # sigma channel of array axis a
+    if sigma_floor is not None and int(cand.shape[0]):
+        at = fg_index[cand]
+        keep = None
+        for s, low in zip(sigma, sigma_floor):
+            ok = xp.f64(s[at]) >= low
+            keep = ok if keep is None else keep & ok
+        cand = cand[keep]
     n_cand = int(cand.shape[0])
     if n_cand == 0:
         return labels
@@ -295,7 +324,6 @@ def _cluster(
         emb[a] = xp.tanh(xp.f64(data[dims - 1 - a][fg_index])) + xp.f64(index[a]) * h[a]
     if any(xp.any_nan(e) for e in emb):
         raise ValueError("raw contains NaN offsets on foreground pixels")
-    sigma = [data[2 * dims - 1 - a] for a in range(dims)]  # sigma channel of array axis a
 
     # embedding-space cell index over F
     e_min = [float(e.min()) for e in emb]

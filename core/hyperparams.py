@@ -9,6 +9,8 @@
 | | :data:`MAX_CROP_VOXELS` | |
 | ``anisotropy`` | voxel_z / voxel_x; voxel_y must equal voxel_x | 1.0 |
 | ``step`` | :func:`core.embedding.step_for` | |
+| ``max_seed_radius`` | per axis ``mean + 5 * std`` of the object extents, at least 4 (clustering guard, | none |
+| | see :func:`core.clustering.cluster`) | |
 """
 
 from __future__ import annotations
@@ -30,7 +32,22 @@ DEFAULT_CROP_SHAPE = {2: (256, 256), 3: (32, 128, 128)}
 MAX_CROP_VOXELS = {2: 512 * 512, 3: 2 * 32 * 136 * 136}
 """Largest automatic crop (voxels): the crop of one sample must fit beside a batch on a GPU."""
 MIN_CROP_SIDE = 8
+MIN_SEED_RADIUS = 4.0
+"""Smallest data-derived seed radius limit (pixels)."""
 _VOXEL_RTOL = 1e-6
+
+
+def max_seed_radius(
+    extent_mean: Sequence[float] | None, extent_std: Sequence[float] | None
+) -> tuple[float, ...] | None:
+    """Farthest reach (pixels per array axis) of a seed's Gaussian that clustering accepts.
+
+    ``mean + 5 * std`` of the training objects' extents: a proposal reaching farther from its centre
+    would be twice as wide as a large training object. ``None`` without extent statistics.
+    """
+    if not extent_mean or not extent_std or len(extent_mean) != len(extent_std):
+        return None
+    return tuple(max(MIN_SEED_RADIUS, float(m) + 5.0 * float(s)) for m, s in zip(extent_mean, extent_std))
 
 
 def round_up_8(value: float) -> int:
@@ -204,6 +221,11 @@ class DataProperties:
         """The normalisation options as one object (for :func:`core.normalization.normalize`)."""
         return NormalizationSettings(self.normalization, self.p_low, self.p_high)
 
+    @property
+    def max_seed_radius(self) -> tuple[float, ...] | None:
+        """Clustering's seed radius limit for this data (:func:`max_seed_radius`)."""
+        return max_seed_radius(self.extent_mean, self.extent_std) if self.n_objects else None
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form (lists, strings), as stored in a checkpoint."""
         data = asdict(self)
@@ -247,6 +269,7 @@ class DataProperties:
             f"foreground weight: {self.foreground_weight:.3g}{mark('foreground_weight')}",
             f"voxel size: {voxel}; anisotropy: {self.anisotropy:.4g}{mark('anisotropy')}",
             f"step (embedding units per pixel): {per_axis(self.step, '{:.6g}')}",
+            f"largest seed radius (pixels): {per_axis(self.max_seed_radius or ())}",
             f"normalization: {self.normalization.value}"
             + (f" (P{self.p_low:g}-P{self.p_high:g})" if self.normalization is NormalizationMode.percentile else ""),
         ]

@@ -156,6 +156,7 @@ def segment(
     fg_thresh: float = 0.5,
     seed_thresh: float = 0.9,
     min_size: int = 36,
+    max_radius: float | Sequence[float] | None = None,
     device: torch.device | str | None = None,
     progress: Progress | None = None,
     normalization: Normalization = None,
@@ -165,7 +166,7 @@ def segment(
     """Instance labels ``S`` int32 (0 = background) of ``image`` (shapes as in :func:`predict_raw`).
 
     ``step``: embedding length of one pixel step per array axis (default
-    :func:`core.embedding.step_for`); ``fg_thresh``, ``seed_thresh``, ``min_size`` go to
+    :func:`core.embedding.step_for`); ``fg_thresh``, ``seed_thresh``, ``min_size``, ``max_radius`` go to
     :func:`core.clustering.cluster`, which runs on the same device as the network. ``combine``
     is the rule that merges the TTA passes (:class:`core.tta.TTACombine`).
     """
@@ -193,6 +194,7 @@ def segment(
         fg_thresh=fg_thresh,
         seed_thresh=seed_thresh,
         min_size=min_size,
+        max_radius=max_radius,
         device=where,
     )
     return np.asarray(labels, dtype=np.int32)

@@ -179,7 +179,7 @@ def run_train(context: JobContext) -> JobOutcome:
         epoch_end = info.step == 0 and info.epoch >= 1 and (not epochs or epochs[-1]["epoch"] < info.epoch)
         if epoch_end:
             epochs.append(json_safe({"epoch": info.epoch, "loss": info.loss, "val_iou": info.val_iou,
-                                     "val_ap": info.val_ap}))
+                                     "val_ap": info.val_ap, "val_map": info.val_map}))
         return reporter.update(
             progress=0.97 * info.fraction,
             stage=f"training epoch {min(info.epoch + (0 if info.step == 0 else 1), info.epochs)}/{info.epochs}",
@@ -196,7 +196,7 @@ def run_train(context: JobContext) -> JobOutcome:
     history = json_safe(result.history)
     metrics = {
         "epochs": [
-            {key: record.get(key) for key in ("epoch", "loss", "val_loss", "val_iou", "val_ap")}
+            {key: record.get(key) for key in ("epoch", "loss", "val_loss", "val_iou", "val_ap", "val_map")}
             for record in history
         ],
         "epochs_total": spec.epochs,

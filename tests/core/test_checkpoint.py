@@ -179,14 +179,16 @@ def test_segment_passes_the_tiling_on(monkeypatch: pytest.MonkeyPatch) -> None:
     payload, net = _payload()
     seen: list[object] = []
     sizes: list[object] = []
+    radii: list[object] = []
 
-    def fake_segment(net, image, *, tile, min_size, **kwargs):  # records what segment() receives
+    def fake_segment(net, image, *, tile, min_size, max_radius, **kwargs):  # records what segment() receives
         seen.append(tile)
         sizes.append(min_size)
+        radii.append(max_radius)
         return np.zeros(image.shape[1:], dtype=np.int32)
 
     monkeypatch.setattr(core.predict, "segment", fake_segment)
-    props = dict(payload["properties"], crop_shape=[24, 32])
+    props = dict(payload["properties"], crop_shape=[24, 32], n_objects=5, extent_mean=[6.0, 8.0], extent_std=[1.0, 2.0])
     model = TrainedModel(net=net, spatial_dims=2, in_channels=1, step=step_for(2), device=torch.device("cpu"),
                          properties=props)  # fmt: skip
     image = np.zeros((100, 120), dtype=np.float32)
@@ -197,3 +199,9 @@ def test_segment_passes_the_tiling_on(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen == ["auto", (16, 16), None]
     # the model's own minimum object size unless the caller gives one
     assert sizes == [props["min_object_size"]] * 2 + [7]
+    # the seed radius limit from the training objects' extents (mean + 5 std per axis)
+    assert radii == [(11.0, 18.0)] * 3
+    older = TrainedModel(net=net, spatial_dims=2, in_channels=1, step=step_for(2), device=torch.device("cpu"),
+                         properties=payload["properties"])  # fmt: skip
+    older.segment(image, tta=False)
+    assert radii[-1] is None  # a checkpoint without extent statistics clusters as the reference does

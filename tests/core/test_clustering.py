@@ -15,7 +15,8 @@ from core.synthetic import perfect_raw, random_labels
 H = 1.0 / 1023.0
 
 
-def naive_cluster(raw, step, fg_thresh=0.5, seed_thresh=0.9, min_size=36, min_mask_sum=0, min_unclustered_sum=0):
+def naive_cluster(raw, step, fg_thresh=0.5, seed_thresh=0.9, min_size=36, min_mask_sum=0, min_unclustered_sum=0,
+                  max_radius=None):
     """The procedure written out one seed at a time over the whole foreground (float64)."""
     dims = raw.ndim - 1
     shape = raw.shape[1:]
@@ -34,8 +35,13 @@ def naive_cluster(raw, step, fg_thresh=0.5, seed_thresh=0.9, min_size=36, min_ma
     next_id = 1
     seed_logit = math.log(seed_thresh / (1 - seed_thresh))
     order = np.argsort(-qf, kind="stable")
+    if max_radius is not None:  # seeds whose 0.5-level radius exceeds max_radius pixels on some axis never seed
+        reach = np.sqrt(math.log(2) / lam) / np.asarray(step, dtype=np.float64)[:, None]
+        order = order[(reach[:, order] <= np.asarray(max_radius, dtype=np.float64)[:, None]).all(axis=0)]
     while unclustered.sum() > min_unclustered_sum:
         free = order[unclustered[order]]
+        if free.size == 0:
+            break
         seed = free[0]
         if qf[seed] < seed_logit:
             break
@@ -190,6 +196,47 @@ def test_wide_and_narrow_bandwidths_match_the_procedure():
                                           naive_cluster(raw, (H, H, H), min_size=min_size, **kwargs))
 
 
+def test_max_radius_keeps_a_spurious_wide_seed_from_swallowing_the_image():
+    labels = random_labels((128, 160), 14, (5, 12), seed=0)
+    raw = perfect_raw(labels, H)
+    spot = tuple(int(i[0]) for i in np.nonzero(labels == 0))
+    raw[4][spot] = 9.0  # the strongest seed of the image, on background ...
+    raw[2:4, spot[0], spot[1]] = -3.0  # ... with a near-zero precision: its Gaussian covers everything
+    swallowed = cluster(raw, step=H)
+    assert np.unique(swallowed).size == 2  # background and one object over the whole foreground
+    guarded = cluster(raw, step=H, max_radius=40)
+    assert guarded[spot] == 0  # foreground without a seed of its own, far from every object
+    guarded[spot] = 0
+    assert average_precision(labels, guarded, thresholds=[0.5, 0.9]).ap == [1.0, 1.0]
+    # objects whose Gaussians fit the limit are untouched by it
+    assert np.array_equal(cluster(perfect_raw(labels, H), step=H, max_radius=(40, 40)),
+                          cluster(perfect_raw(labels, H), step=H))  # fmt: skip
+    # a limit tighter than the objects' own reach leaves them without seeds
+    assert not cluster(perfect_raw(labels, H), step=H, max_radius=1.0).any()
+
+
+@pytest.mark.parametrize("dims, seed", [(2, 5), (3, 6)])
+def test_max_radius_matches_the_procedure(dims, seed):
+    shape = (40, 48) if dims == 2 else (10, 20, 24)
+    step = (H, H) if dims == 2 else (2 * H, H, H)
+    raw = random_raw(shape, seed, sigma_range=(-0.2, 1.2))
+    limit = (6.0, 6.0) if dims == 2 else (5.0, 10.0, 10.0)  # z steps are twice as long
+    expected = naive_cluster(raw, step, min_size=5, max_radius=limit)
+    assert expected.max() > 3
+    assert not np.array_equal(expected, naive_cluster(raw, step, min_size=5))  # the limit changes the result
+    np.testing.assert_array_equal(cluster(raw, step=step, min_size=5, max_radius=limit), expected)
+    np.testing.assert_array_equal(
+        cluster(torch.from_numpy(raw), step=step, min_size=5, max_radius=limit, device="cpu"), expected
+    )
+    ops = _TorchOps(torch.device("cpu"))
+    data = torch.from_numpy(raw).reshape(raw.shape[0], -1)
+    from core.clustering import _sigma_floor
+
+    floor = _sigma_floor(limit, step)
+    got = _cluster(ops, data, shape, step, 0.0, math.log(9.0), 5, 0, 0, floor)
+    np.testing.assert_array_equal(got.reshape(shape), expected)
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_torch_path_equals_numpy_path(dims):
     """The torch code path (used on CUDA) gives the same labels as the numpy path, here on the CPU."""
@@ -248,6 +295,8 @@ def test_empty_inputs_give_zeros():
         (np.zeros((5, 8, 8), np.float32), {"fg_thresh": 1.0}, r"fg_thresh must be in \[0, 1\)"),
         (np.zeros((5, 8, 8), np.float32), {"seed_thresh": -0.1}, r"seed_thresh must be in \[0, 1\)"),
         (np.zeros((5, 8, 8), np.float32), {"min_size": -1}, "min_size must be an integer >= 0"),
+        (np.zeros((5, 8, 8), np.float32), {"max_radius": 0}, "max_radius must be one positive pixel count"),
+        (np.zeros((5, 8, 8), np.float32), {"max_radius": (4, 4, 4)}, r"or one per spatial axis \(2\)"),
     ],
 )
 def test_bad_inputs_raise(raw, kwargs, message):

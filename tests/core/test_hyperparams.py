@@ -9,7 +9,13 @@ import pytest
 from scipy import ndimage
 
 from core.embedding import step_for
-from core.hyperparams import DataProperties, anisotropy_from_voxel_size, round_up_8
+from core.hyperparams import (
+    MIN_SEED_RADIUS,
+    DataProperties,
+    anisotropy_from_voxel_size,
+    max_seed_radius,
+    round_up_8,
+)
 from core.io import read_tiff
 from core.normalization import NormalizationMode, NormalizationSettings
 
@@ -35,6 +41,15 @@ def test_2d_statistics_and_crop_rule():
     assert p.n_objects == 3 and p.n_images == 1
     assert p.max_object_size == 100 and p.mean_object_size == pytest.approx(189 / 3)
     assert p.anisotropy == 1.0 and p.step == step_for(2)
+    # clustering's seed radius limit: mean + 5 std of the extents per axis (y 5 + 5 * 2.94, x 9.33 + 5 * 7.13)
+    assert p.max_seed_radius == pytest.approx(tuple(ext.mean(0) + 5 * ext.std(0)))
+    assert "largest seed radius (pixels): Y 19.7, X 45.0" in p.describe()
+
+
+def test_max_seed_radius_rule():
+    assert max_seed_radius([1.0, 0.0], [0.0, 0.0]) == (MIN_SEED_RADIUS, MIN_SEED_RADIUS)
+    assert max_seed_radius([3.0, 10.0, 10.0], [0.5, 2.0, 1.0]) == (5.5, 20.0, 15.0)
+    assert max_seed_radius(None, None) is None and max_seed_radius([], []) is None  # older checkpoints
 
 
 def test_3d_foreground_weight_anisotropy_and_z_crop():
@@ -75,6 +90,7 @@ def test_no_objects_gives_defaults():
     p3 = DataProperties.from_masks([np.zeros((5, 30, 30), np.uint8)], spatial_dims=3)
     assert p3.foreground_weight == 10.0 and p3.crop_shape == (32, 128, 128)
     assert "0 object(s)" in p3.describe()
+    assert p.max_seed_radius is None and p3.max_seed_radius is None  # no objects: clustering keeps no limit
 
 
 def test_overrides_and_describe():

@@ -74,7 +74,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
         ("crop_size", "big", "crop_size must be 'auto'"),
         ("crop_size", (32, 32, 32), "crop_size needs 2 values"),
         ("center", "middle", "unknown center mode 'middle'; valid choices: medoid, approximate_medoid, centroid"),
-        ("selection_metric", "loss", "unknown selection metric 'loss'; valid choices: ap_dsb, oracle_iou"),
+        ("selection_metric", "loss", "unknown selection metric 'loss'; valid choices: mean_ap, ap_dsb, oracle_iou"),
         ("val_fraction", 1.0, "val_fraction must be between 0 and 1"),
         ("val_every", 0, "val_every must be at least 1"),
         ("lr", -1.0, "lr must be positive"),
@@ -119,6 +119,7 @@ def test_selection_ignores_degenerate_states() -> None:
     assert collapsed.degenerate()
     assert _selection_key(SelectionMetric.oracle_iou, collapsed) is None
     assert _selection_key(SelectionMetric.ap_dsb, collapsed) is None
+    assert _selection_key(SelectionMetric.mean_ap, collapsed) is None
     weak_seeds = _Validation(loss=0.5, oracle_iou=0.8, seed_max=0.85)  # crops only: no seed reaches 0.9
     assert weak_seeds.degenerate() and _selection_key(SelectionMetric.oracle_iou, weak_seeds) is None
     good = _Validation(loss=0.5, oracle_iou=0.6, seed_max=0.99, ap=0.7, n_pred=9, n_gt=10)
@@ -126,6 +127,20 @@ def test_selection_ignores_degenerate_states() -> None:
     assert _selection_key(SelectionMetric.ap_dsb, good) > _selection_key(SelectionMetric.ap_dsb, better_iou)
     assert _selection_key(SelectionMetric.oracle_iou, better_iou) > _selection_key(SelectionMetric.oracle_iou, good)
     assert _selection_key(SelectionMetric.ap_dsb, _Validation(oracle_iou=0.9, seed_max=0.99)) is None  # no AP yet
+    assert _selection_key(SelectionMetric.mean_ap, _Validation(oracle_iou=0.9, seed_max=0.99)) is None
+
+
+def test_mean_ap_selection_prefers_precise_masks_over_one_more_match() -> None:
+    # a state that matches one more object at IoU 0.5 but draws looser masks loses to the precise one
+    lucky = _Validation(loss=0.5, oracle_iou=0.8, seed_max=0.99, ap=0.97, mean_ap=0.80, n_pred=187, n_gt=187)
+    precise = _Validation(loss=0.5, oracle_iou=0.8, seed_max=0.99, ap=0.95, mean_ap=0.85, n_pred=187, n_gt=187)
+    metric = SelectionMetric.mean_ap
+    assert TrainConfig(spatial_dims=2).selection_metric is metric
+    assert _selection_key(metric, precise) > _selection_key(metric, lucky)
+    assert _selection_key(SelectionMetric.ap_dsb, lucky) > _selection_key(SelectionMetric.ap_dsb, precise)
+    key = _selection_key(metric, lucky)
+    assert key is not None and not _replaces_best(metric, key, _selection_key(metric, precise),
+                                                  _selection_key(metric, precise), 187)  # fmt: skip
 
 
 def test_ap_selection_keeps_the_latest_state_within_noise_of_the_best() -> None:
@@ -179,6 +194,7 @@ def test_train_2d_writes_best_and_last_checkpoints(tmp_path: Path) -> None:
     assert [h["epoch"] for h in epochs] == [1, 2]
     assert all(np.isfinite(h["loss"]) and h["loss"] > 0 for h in epochs)
     assert all(h["val_ap"] is not None and 0.0 <= h["val_ap"] <= 1.0 for h in epochs)
+    assert all(h["val_map"] is not None and 0.0 <= h["val_map"] <= h["val_ap"] for h in epochs)
     assert all(0.0 <= h["val_iou"] <= 1.0 for h in epochs)
     assert epochs[1]["lr"] == pytest.approx(5e-4 * 0.5**0.9)  # (1 - e/E)^0.9 at e = 1, E = 2
 
@@ -203,7 +219,8 @@ def test_train_2d_writes_best_and_last_checkpoints(tmp_path: Path) -> None:
     fractions = [p.fraction for p in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert [p.message.split(":")[0] for p in seen if p.message.startswith("epoch")] == ["epoch 1/2", "epoch 2/2"]
-    assert seen[-1].val_ap is not None and seen[-1].val_iou is not None and seen[-1].eta_s == 0.0
+    assert seen[-1].val_ap is not None and seen[-1].val_map is not None and seen[-1].val_iou is not None
+    assert seen[-1].eta_s == 0.0
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path: Path) -> None:
@@ -263,12 +280,13 @@ def test_time_budget_stops_cleanly_and_keeps_the_best(tmp_path: Path) -> None:
 def test_best_checkpoint_has_the_best_validation_ap(tmp_path: Path) -> None:
     images, masks = _data_2d(n=4)
     result = train(images, masks, _config(epochs=3), out_path=tmp_path / "m.pt")
-    validated = [h for h in result.history if h.get("val_ap") is not None and not h["degenerate"]]
+    validated = [h for h in result.history if h.get("val_map") is not None and not h["degenerate"]]
     if validated:
-        best_ap = max(h["val_ap"] for h in validated)
+        best_map = max(h["val_map"] for h in validated)
         n_gt = validated[0]["val_gt_objects"]
         assert n_gt == 4  # one of the four images (4 objects each) is held out
-        assert result.best_metrics["val_ap"] >= best_ap - ap_tolerance(n_gt) - 1e-12
+        assert all(h["val_map"] <= h["val_ap"] + 1e-12 for h in validated)  # AP falls as the threshold rises
+        assert result.best_metrics["val_map"] >= best_map - ap_tolerance(n_gt) - 1e-12
         assert load_model(result.model_path, device="cpu").metrics == result.best_metrics
     else:  # nothing usable yet: the final state is kept and flagged
         assert result.best_metrics["degenerate"] is True

@@ -329,7 +329,8 @@ function modelSummary(model) {
   const best = metrics.best || {};
   const parts = [];
   if (Number.isFinite(best.val_iou)) parts.push(`val IoU ${formatNumber(best.val_iou)}`);
-  if (Number.isFinite(best.val_ap)) parts.push(`val AP ${formatNumber(best.val_ap)}`);
+  if (Number.isFinite(best.val_ap)) parts.push(`val AP0.5 ${formatNumber(best.val_ap)}`);
+  if (Number.isFinite(best.val_map)) parts.push(`val mAP ${formatNumber(best.val_map)}`);
   if (Number.isFinite(metrics.epochs_completed)) parts.push(`${metrics.epochs_completed} epochs`);
   return parts.join(" · ");
 }
