@@ -420,8 +420,9 @@ def main() -> None:
         else:
             props = r["properties"]
             print(f"  ours seed {r['seed']}: crop {props.get('crop_shape')}, min object size "
-                  f"{props.get('min_object_size')}, best validation {r['best_metrics'].get('val_ap')} AP0.5 / "
-                  f"{r['best_metrics'].get('val_iou')} IoU")  # fmt: skip
+                  f"{props.get('min_object_size')}, best validation (epoch {r['best_epoch']}) AP0.5 "
+                  f"{r['best_metrics'].get('val_ap')} / mean AP {r['best_metrics'].get('val_map')} / "
+                  f"oracle IoU {r['best_metrics'].get('val_iou')}")  # fmt: skip
     _timing(results)
     _verdict(results)
 
