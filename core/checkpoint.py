@@ -164,9 +164,8 @@ class TrainedModel:
         """Clustering's seed radius limit from the training objects' extents (``None`` when not stored)."""
         from core.hyperparams import max_seed_radius
 
-        if not self.properties.get("n_objects", 1):
-            return None
-        return max_seed_radius(self.properties.get("extent_mean"), self.properties.get("extent_std"))
+        props = self.properties
+        return max_seed_radius(props.get("extent_mean"), props.get("extent_std"), props.get("n_objects"))
 
     def normalize(self, image: np.ndarray) -> np.ndarray:
         """Normalise one channel ``(*S)`` as the training images were (float32, same shape)."""

@@ -38,14 +38,14 @@ _VOXEL_RTOL = 1e-6
 
 
 def max_seed_radius(
-    extent_mean: Sequence[float] | None, extent_std: Sequence[float] | None
+    extent_mean: Sequence[float] | None, extent_std: Sequence[float] | None, n_objects: int | None = None
 ) -> tuple[float, ...] | None:
     """Farthest reach (pixels per array axis) of a seed's Gaussian that clustering accepts.
 
     ``mean + 5 * std`` of the training objects' extents: a proposal reaching farther from its centre
-    would be twice as wide as a large training object. ``None`` without extent statistics.
+    would be twice as wide as a large training object. ``None`` without extent statistics or objects.
     """
-    if not extent_mean or not extent_std or len(extent_mean) != len(extent_std):
+    if n_objects == 0 or not extent_mean or not extent_std or len(extent_mean) != len(extent_std):
         return None
     return tuple(max(MIN_SEED_RADIUS, float(m) + 5.0 * float(s)) for m, s in zip(extent_mean, extent_std))
 
@@ -224,7 +224,7 @@ class DataProperties:
     @property
     def max_seed_radius(self) -> tuple[float, ...] | None:
         """Clustering's seed radius limit for this data (:func:`max_seed_radius`)."""
-        return max_seed_radius(self.extent_mean, self.extent_std) if self.n_objects else None
+        return max_seed_radius(self.extent_mean, self.extent_std, self.n_objects)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form (lists, strings), as stored in a checkpoint."""

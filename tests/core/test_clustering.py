@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.clustering import _cluster, _NumpyOps, _TorchOps, cluster
+from core.clustering import _cluster, _NumpyOps, _sigma_floor, _TorchOps, cluster
 from core.metrics import average_precision
 from core.synthetic import perfect_raw, random_labels
 
@@ -230,8 +230,6 @@ def test_max_radius_matches_the_procedure(dims, seed):
     )
     ops = _TorchOps(torch.device("cpu"))
     data = torch.from_numpy(raw).reshape(raw.shape[0], -1)
-    from core.clustering import _sigma_floor
-
     floor = _sigma_floor(limit, step)
     got = _cluster(ops, data, shape, step, 0.0, math.log(9.0), 5, 0, 0, floor)
     np.testing.assert_array_equal(got.reshape(shape), expected)
