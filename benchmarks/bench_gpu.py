@@ -11,12 +11,16 @@ Needs a CUDA device. Sections (each one reports and the script goes on if one fa
   apart. Prints steps, seconds per step, and held-out AP0.5 / mAP (0.5..0.9) with and without TTA on
   CUDA; then loads the checkpoint on the CPU and reports AP0.5 of the CPU labels against the CUDA
   labels (the same model must give the same objects on both devices).
+* ``train3d``: ``core.train.train`` in 3D on ``tests/data/nuclei3d_synthetic`` (rows 0-45 of Y; rows 46-60
+  held apart) for ``--train-seconds`` per ``--batch3d`` setting (``BxM`` or ``auto``); prints optimiser
+  steps, seconds per step and AP on the held-apart rows with and without TTA.
 * ``tiling``: peak CUDA memory (``torch.cuda.max_memory_allocated``) of a random-weight 3D network
   predicting one tile-sized volume whole, a volume of 2x the tile per axis in tiles, and that volume
   whole; and the largest difference between the tiled and the whole raw output.
 
     EMBEDSEG_REFERENCE=/path/to/folder/with/EmbedSeg python benchmarks/bench_gpu.py \
-        [--data tests/data/cells2d_bbbc007] [--train-seconds 60] [--sections cluster,train,tiling]
+        [--data tests/data/cells2d_bbbc007] [--train-seconds 60] [--sections cluster,train,train3d,tiling] \
+        [--batch3d auto,16x1]
 """
 
 from __future__ import annotations
@@ -70,6 +74,10 @@ def median_wall(fn, repeats: int):
     return statistics.median(times), out
 
 
+GUARD_RADIUS = 12.0
+"""Seed radius limit (pixels) of the guarded clustering run, below the largest Gaussians of the cases."""
+
+
 def section_cluster(args: argparse.Namespace) -> None:
     Cluster, Cluster_3d = load_reference(args.reference)
     for name, _, raw, step, n_sigma, ref in clustering_cases(Cluster, Cluster_3d, str(DEVICE)):
@@ -88,10 +96,14 @@ def _cluster_case(name: str, raw: np.ndarray, step, n_sigma: int, ref, repeats: 
     )
     ref_labels = ref_out.cpu().numpy().astype(np.int32)
     res = average_precision(ref_labels, ours_gpu, thresholds=[0.5, 0.9])
+    guard = dict(step=step, min_size=36, max_radius=GUARD_RADIUS)
+    guarded = [cluster(r, device=d, **guard) for r, d in ((raw_gpu, cuda), (raw_cpu, "cpu"))]
     print(
         f"{name}: objects ours cuda {int(ours_gpu.max())}, ours cpu {int(ours_cpu.max())}, "
         f"reference cuda {int(ref_labels.max())}\n"
         f"  cuda labels identical to cpu labels (up to relabelling): {same_up_to_relabelling(ours_cpu, ours_gpu)}\n"
+        f"  with max_radius {GUARD_RADIUS}: objects cuda {int(guarded[0].max())}, cpu {int(guarded[1].max())}, "
+        f"identical: {same_up_to_relabelling(guarded[1], guarded[0])}\n"
         f"  ours vs reference: AP0.5 {res.at(0.5).ap:.4f}, AP0.9 {res.at(0.9).ap:.4f}, identical: "
         f"{same_up_to_relabelling(ref_labels, ours_gpu)}\n"
         f"  wall: ours cuda {t_gpu * 1e3:.1f} ms, ours cpu {t_cpu * 1e3:.1f} ms, reference cuda "
@@ -175,6 +187,54 @@ def _train_and_score(args, amp: bool, images, masks, test_images, test_masks, te
         )
 
 
+SPLIT_ROW_3D = 46
+"""Rows of the 3D volume's Y axis given to training; the rest are segmented (as in the 3D e2e test)."""
+
+
+def section_train3d(args: argparse.Namespace) -> None:
+    """3D training on the synthetic nuclei volume, one run per ``--batch3d`` setting (``BxM``: physical
+    batch B, virtual multiplier M; ``auto`` for the library's choice), each for ``--train-seconds``."""
+    from core.checkpoint import load_model
+    from core.io import read_tiff
+    from core.train import TrainConfig, choose_batch, train
+
+    folder = ROOT / "tests" / "data" / "nuclei3d_synthetic"
+    name = "synthetic_img3d.tif"
+    image = read_tiff(folder / "images" / name).data
+    mask = read_tiff(folder / "masks" / name).data
+    test_image, test_mask = image[:, SPLIT_ROW_3D:], mask[:, SPLIT_ROW_3D:]
+    for setting in args.batch3d.split(","):
+        batch, m = (None, None) if setting == "auto" else (int(v) for v in setting.split("x"))
+        config = TrainConfig(spatial_dims=3, epochs=10**6, max_time_minutes=args.train_seconds / 60.0,
+                             seed=args.seed, batch_size=batch, virtual_batch=m)  # fmt: skip
+        if DEVICE.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "model.pt"
+            steps = _Steps()
+            t0 = time.perf_counter()
+            result = train(image[:, :SPLIT_ROW_3D], mask[:, :SPLIT_ROW_3D], config, out_path=out, progress=steps)
+            wall = time.perf_counter() - t0
+            model = load_model(out, device="auto")
+            chosen = "x".join(map(str, choose_batch(3, model.properties["crop_shape"], batch, m)))
+            print(
+                f"3D batch {setting} -> {chosen}, crops {model.properties['crop_shape']}: {wall:.1f} s wall, "
+                f"epoch {steps.last.epoch}, {steps.total} optimiser steps, {wall / max(steps.total, 1):.3f} s per step "
+                f"(validation included), best epoch {result.best_epoch} {result.best_metrics}, "
+                f"peak CUDA {_peak_mib():.0f} MiB",
+                flush=True,
+            )
+            for tta in (False, True):
+                labels = model.segment(test_image, tta=tta, tile=None)
+                res = average_precision(test_mask, labels)
+                print(
+                    f"  held-out rows ({'TTA' if tta else 'no TTA'}): AP0.5 {res.at(0.5).ap:.3f}, mean AP "
+                    f"{float(np.mean(res.ap)):.3f}, {int(labels.max())} objects for "
+                    f"{len(np.unique(test_mask)) - 1}",
+                    flush=True,
+                )
+
+
 def section_tiling(args: argparse.Namespace) -> None:
     from core.erfnet import BranchedERFNet
     from core.predict import predict_raw
@@ -208,7 +268,7 @@ def section_tiling(args: argparse.Namespace) -> None:
     print(f"max |tiled - whole| raw output on the 8x volume: {diff:.3g}", flush=True)
 
 
-SECTIONS = {"cluster": section_cluster, "train": section_train, "tiling": section_tiling}
+SECTIONS = {"cluster": section_cluster, "train": section_train, "train3d": section_train3d, "tiling": section_tiling}
 
 
 def main() -> None:
@@ -219,6 +279,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--amp", choices=("on", "off", "both"), default="on", help="mixed-precision training")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch3d", default="auto,16x1", help="train3d settings: BxM or auto, comma-separated")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--device", default="cuda", help="cuda (default); cpu only to try the script out")
     args = parser.parse_args()

@@ -8,7 +8,8 @@ are scored by this project's ``core.metrics`` for both (identical metric code).
   (``--test-names`` overrides). Each implementation then holds out its own validation images from
   the rest, as its users would.
 - Ours: ``core.train.train`` with ``TrainConfig(spatial_dims=2, epochs=10**6, seed=s, device="cpu")``
-  and every other option at its default (data-derived crop size, ...). ``--ours-budget callback``
+  and every other option at its default (data-derived crop size, ...) unless ``--ours-option
+  KEY=VALUE`` sets it (repeatable, e.g. ``random_crops=1.0``). ``--ours-budget callback``
   (default): the progress callback stops training on the budget. ``--ours-budget clock``: the
   project's own budget handling (``max_time_minutes``: learning-rate decay over the budget,
   validation cadence, stopping in time to validate) with ``core.train``'s clock reading process CPU
@@ -159,6 +160,20 @@ class _OursProgress:
         return True
 
 
+def ours_options(items: list[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as ``TrainConfig`` overrides; values are read as JSON where they parse."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            sys.exit(f"--ours-option takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def _ours_train(args: argparse.Namespace, seed: int, run: Path, train_names: list[str]) -> dict[str, Any]:
     import core.train as core_train
     from core.train import TrainConfig, train
@@ -169,6 +184,7 @@ def _ours_train(args: argparse.Namespace, seed: int, run: Path, train_names: lis
     if args.ours_budget == "clock":
         core_train.time = types.SimpleNamespace(monotonic=time.process_time)  # its budget clock: CPU time
         extra["max_time_minutes"] = args.minutes
+    extra.update(ours_options(args.ours_option))
     config = TrainConfig(spatial_dims=2, epochs=OURS_EPOCHS, seed=seed, device="cpu", **extra)
     start = time.process_time()
     progress = _OursProgress(start, budget_s, stop_epochs=args.ours_budget == "callback")
@@ -190,6 +206,7 @@ def _ours_train(args: argparse.Namespace, seed: int, run: Path, train_names: lis
         "properties": result.properties,
         "config": config.to_dict(),
         "budget_mode": args.ours_budget,
+        "ours_options": ours_options(args.ours_option),
     }
 
 
@@ -210,15 +227,18 @@ def _ours_predict(args: argparse.Namespace, run: Path, record: dict[str, Any], t
 
 
 def _check_record(record: dict[str, Any], args: argparse.Namespace, test_names: list[str], path: Path) -> None:
-    """Refuse to reuse a run made with another budget, split or (ours) budget handling."""
+    """Refuse to reuse a run made with another budget, split or (ours) budget handling or options."""
     mode = record.get("budget_mode", args.ours_budget)
+    options = record.get("ours_options", {}) if "budget_mode" in record else ours_options(args.ours_option)
     if (
         abs(record["budget_s"] - args.minutes * 60.0) > 1e-6
         or record["test_names"] != test_names
         or (mode != args.ours_budget)
+        or options != ours_options(args.ours_option)
     ):
         sys.exit(f"{path} was made with a budget of {record['budget_s'] / 60:g} CPU min, test images "
-                 f"{record['test_names']} and --ours-budget {mode}; use another --out for other settings")  # fmt: skip
+                 f"{record['test_names']}, --ours-budget {mode} and ours options {options}; "
+                 "use another --out for other settings")  # fmt: skip
 
 
 def worker(args: argparse.Namespace, impl: str, seed: int) -> None:
@@ -277,6 +297,8 @@ def _launch(args: argparse.Namespace, impl: str, seed: int, log: Path) -> tuple[
            "--out", str(args.out), "--minutes", str(args.minutes), "--ours-budget", args.ours_budget]  # fmt: skip
     if args.test_names:
         cmd += ["--test-names", args.test_names]
+    for item in args.ours_option or []:
+        cmd += ["--ours-option", item]
     if args.reference:
         cmd += ["--reference", args.reference]
     env = dict(os.environ, **ONE_THREAD, PYTHONPATH=str(ROOT))
@@ -351,6 +373,8 @@ def main() -> None:
                         help="folder containing EmbedSeg/ (default: $EMBEDSEG_REFERENCE)")  # fmt: skip
     parser.add_argument("--ours-budget", choices=("callback", "clock"), default="callback",
                         help="how ours keeps to the budget (see the description)")  # fmt: skip
+    parser.add_argument("--ours-option", action="append", metavar="KEY=VALUE",
+                        help="TrainConfig field for ours, e.g. random_crops=1.0 (repeatable; values read as JSON)")
     parser.add_argument("--rescore", action="store_true", help="segment and score again from saved checkpoints")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -41,12 +41,14 @@ from core.options import Option
 
 logger = logging.getLogger(__name__)
 
-EFFECTIVE_BATCH = {2: 16, 3: 16}
-"""batch × virtual multiplier: 16 × 1 in 2D, 2 × 8 in 3D (method.md §9)."""
+EFFECTIVE_BATCH = 16
+"""batch × virtual multiplier m (method.md §9): one forward pass of 16 crops where they fit
+:data:`MAX_BATCH_VOXELS`, else a smaller batch accumulated over m passes."""
 
-DEFAULT_BATCH = {2: 16, 3: 2}
 MAX_BATCH_VOXELS = {2: 16 * 256 * 256, 3: 2 * 32 * 136 * 136}
-"""Largest number of crop voxels in one forward pass; bigger crops lower the batch and raise m."""
+"""Largest number of crop voxels in one forward pass: 16 × 256² in 2D; 2 × 32 × 136² in 3D, which
+gives the paper's 2 × 8 for its 3D crops and 16 × 1 for small ones (24 × 48² crops: 4.6× faster
+optimiser steps than 2 × 8 on a GPU, benchmarks/bench_gpu.py ``train3d``)."""
 
 DEFAULT_RANDOM_CROPS = 0.25
 """Randomly placed training crops per object-centred crop (see :class:`core.data.CropDataset`)."""
@@ -105,13 +107,13 @@ def _parse_shape(value: Any, spatial_dims: int, name: str) -> tuple[int, ...] | 
 class TrainConfig:
     """Options of :func:`train`; every field is validated on construction.
 
-    ``batch_size``/``virtual_batch`` ``None`` choose batch × m = 16 (2D: 16 × 1, 3D: 2 × 8),
-    lowering the batch for large crops. ``crop_size`` is ``"auto"`` (data-derived), one int
-    (every axis) or a tuple in array order, each a multiple of 8. ``max_time_minutes`` bounds
-    the wall-clock time. ``samples_per_epoch`` ``None`` uses every training crop once, repeated
-    so that an epoch has at least 10 optimiser steps. ``voxel_size`` (array order) overrides the
-    files' metadata and sets the anisotropy. ``random_crops`` adds that many randomly placed crops
-    per object-centred crop (redrawn every epoch), so the network also learns wide empty background.
+    ``batch_size``/``virtual_batch`` ``None`` choose batch × m = 16 (16 × 1; for large crops a smaller
+    batch and a larger m, e.g. 2 × 8 for 3D crops of 32 × 136²). ``crop_size`` is ``"auto"`` (data-
+    derived), one int (every axis) or a tuple in array order, each a multiple of 8. ``max_time_minutes``
+    bounds the wall-clock time. ``samples_per_epoch`` ``None`` uses every training crop once, repeated
+    so that an epoch has at least 10 optimiser steps. ``voxel_size`` (array order) overrides the files'
+    metadata and sets the anisotropy. ``random_crops`` adds that many randomly placed crops per object-
+    centred crop (redrawn every epoch), so the network also learns wide empty background.
     ``amp`` trains with float16 autocast on CUDA (ignored on the CPU); off by default, as on GPUs
     with TF32 tensor cores this small network trains faster in float32 than with autocast's casts.
     ``min_object_size`` and ``foreground_weight`` override the data-derived values
@@ -288,15 +290,15 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 def choose_batch(
     spatial_dims: int, crop_shape: Sequence[int], batch_size: int | None, virtual_batch: int | None
 ) -> tuple[int, int]:
-    """Batch size and virtual multiplier m so that batch × m = 16 (2D 16 × 1, 3D 2 × 8).
+    """Batch size and virtual multiplier m so that batch × m = 16.
 
-    Large crops lower the automatic batch (and raise m) so that one forward pass holds at most
-    :data:`MAX_BATCH_VOXELS` voxels.
+    The automatic batch starts at 16 and halves (raising m) until one forward pass holds at most
+    :data:`MAX_BATCH_VOXELS` voxels: 16 × 1 for small crops, 2 × 8 for 3D crops of 32 × 136².
     """
-    effective = EFFECTIVE_BATCH[spatial_dims]
+    effective = EFFECTIVE_BATCH
     if batch_size is None:
         voxels = int(np.prod(crop_shape))
-        batch = DEFAULT_BATCH[spatial_dims]
+        batch = EFFECTIVE_BATCH
         while batch > 1 and batch * voxels > MAX_BATCH_VOXELS[spatial_dims]:
             batch //= 2
     else:
