@@ -125,6 +125,19 @@ class _Steps:
         return True
 
 
+def _timed_train(images, masks, config, out: Path):
+    """``core.train.train`` to ``out`` with a step-counting callback and the peak CUDA memory reset first;
+    returns the result, the callback and the wall-clock seconds."""
+    from core.train import train
+
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    steps = _Steps()
+    t0 = time.perf_counter()
+    result = train(images, masks, config, out_path=out, progress=steps)
+    return result, steps, time.perf_counter() - t0
+
+
 def section_train(args: argparse.Namespace) -> None:
     data = Path(args.data)
     names = list_names(data)
@@ -138,19 +151,14 @@ def section_train(args: argparse.Namespace) -> None:
 
 def _train_and_score(args, amp: bool, images, masks, test_images, test_masks, test_names) -> None:
     from core.checkpoint import load_model
-    from core.train import TrainConfig, train
+    from core.train import TrainConfig
 
     config = TrainConfig(
         spatial_dims=2, epochs=10**6, max_time_minutes=args.train_seconds / 60.0, seed=args.seed, amp=amp
     )
-    if DEVICE.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model.pt"
-        steps = _Steps()
-        t0 = time.perf_counter()
-        result = train(images, masks, config, out_path=out, progress=steps)
-        wall = time.perf_counter() - t0
+        result, steps, wall = _timed_train(images, masks, config, out)
         p = steps.last
         print(
             f"amp {'on' if amp else 'off'}: trained {wall:.1f} s wall: epoch {p.epoch}, {steps.total} steps, "
@@ -196,7 +204,7 @@ def section_train3d(args: argparse.Namespace) -> None:
     batch B, virtual multiplier M; ``auto`` for the library's choice), each for ``--train-seconds``."""
     from core.checkpoint import load_model
     from core.io import read_tiff
-    from core.train import TrainConfig, choose_batch, train
+    from core.train import TrainConfig, choose_batch
 
     folder = ROOT / "tests" / "data" / "nuclei3d_synthetic"
     name = "synthetic_img3d.tif"
@@ -207,14 +215,9 @@ def section_train3d(args: argparse.Namespace) -> None:
         batch, m = (None, None) if setting == "auto" else (int(v) for v in setting.split("x"))
         config = TrainConfig(spatial_dims=3, epochs=10**6, max_time_minutes=args.train_seconds / 60.0,
                              seed=args.seed, batch_size=batch, virtual_batch=m)  # fmt: skip
-        if DEVICE.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "model.pt"
-            steps = _Steps()
-            t0 = time.perf_counter()
-            result = train(image[:, :SPLIT_ROW_3D], mask[:, :SPLIT_ROW_3D], config, out_path=out, progress=steps)
-            wall = time.perf_counter() - t0
+            result, steps, wall = _timed_train(image[:, :SPLIT_ROW_3D], mask[:, :SPLIT_ROW_3D], config, out)
             model = load_model(out, device="auto")
             chosen = "x".join(map(str, choose_batch(3, model.properties["crop_shape"], batch, m)))
             print(
