@@ -45,6 +45,9 @@ EFFECTIVE_BATCH = 16
 """batch × virtual multiplier m (method.md §9): one forward pass of 16 crops where they fit
 :data:`MAX_BATCH_VOXELS`, else a smaller batch accumulated over m passes."""
 
+MIN_CONTEXT_BATCH = 2
+"""Fewest crops per step when crops are enlarged for context (batch-norm statistics need more than one)."""
+
 MAX_BATCH_VOXELS = {2: 16 * 256 * 256, 3: 2 * 32 * 136 * 136}
 """Largest number of crop voxels in one forward pass: 16 × 256² in 2D; 2 × 32 × 136² in 3D, which
 gives the paper's 2 × 8 for its 3D crops and 16 × 1 for small ones (24 × 48² crops: 4.6× faster
@@ -107,13 +110,14 @@ def _parse_shape(value: Any, spatial_dims: int, name: str) -> tuple[int, ...] | 
 class TrainConfig:
     """Options of :func:`train`; every field is validated on construction.
 
-    ``batch_size``/``virtual_batch`` ``None`` choose batch × m = 16 (16 × 1; for large crops a smaller
-    batch and a larger m, e.g. 2 × 8 for 3D crops of 32 × 136²). ``crop_size`` is ``"auto"`` (data-
-    derived), one int (every axis) or a tuple in array order, each a multiple of 8. ``max_time_minutes``
-    bounds the wall-clock time. ``samples_per_epoch`` ``None`` uses every training crop once, repeated
-    so that an epoch has at least 10 optimiser steps. ``voxel_size`` (array order) overrides the files'
-    metadata and sets the anisotropy. ``random_crops`` adds that many randomly placed crops per object-
-    centred crop (redrawn every epoch), so the network also learns wide empty background.
+    ``batch_size``/``virtual_batch`` ``None`` choose batch × m (:func:`choose_batch`: 16 × 1; fewer
+    crops for crops enlarged for context; for large crops a smaller batch and a larger m). ``crop_size``
+    is ``"auto"`` (data- derived), one int (every axis) or a tuple in array order, each a multiple of 8.
+    ``max_time_minutes`` bounds the wall-clock time. ``samples_per_epoch`` ``None`` uses every training
+    crop once, repeated so that an epoch has at least 10 optimiser steps. ``voxel_size`` (array order)
+    overrides the files' metadata and sets the anisotropy. ``random_crops`` adds that many randomly
+    placed crops per object- centred crop (redrawn every epoch), so the network also learns wide empty
+    background.
     ``amp`` trains with float16 autocast on CUDA (ignored on the CPU); off by default, as on GPUs
     with TF32 tensor cores this small network trains faster in float32 than with autocast's casts.
     ``min_object_size`` and ``foreground_weight`` override the data-derived values
@@ -288,17 +292,28 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def choose_batch(
-    spatial_dims: int, crop_shape: Sequence[int], batch_size: int | None, virtual_batch: int | None
+    spatial_dims: int,
+    crop_shape: Sequence[int],
+    batch_size: int | None,
+    virtual_batch: int | None,
+    object_crop_shape: Sequence[int] | None = None,
 ) -> tuple[int, int]:
-    """Batch size and virtual multiplier m so that batch × m = 16.
+    """Batch size and virtual multiplier m: batch × m crops per optimiser step.
 
-    The automatic batch starts at 16 and halves (raising m) until one forward pass holds at most
+    16 crops per step, or, where the crop was enlarged for context beyond ``object_crop_shape``
+    (:data:`core.hyperparams.MIN_CONTEXT_SIDE`), as many fewer as the crop is larger (16 × 48²
+    becomes 4 × 96²; at least :data:`MIN_CONTEXT_BATCH`), so a step costs what it did. The automatic
+    batch starts there and halves (raising m) until one forward pass holds at most
     :data:`MAX_BATCH_VOXELS` voxels: 16 × 1 for small crops, 2 × 8 for 3D crops of 32 × 136².
     """
     effective = EFFECTIVE_BATCH
+    if object_crop_shape is not None:
+        ratio = float(np.prod(object_crop_shape)) / float(np.prod(crop_shape))
+        if ratio < 1.0:
+            effective = min(EFFECTIVE_BATCH, max(MIN_CONTEXT_BATCH, round(EFFECTIVE_BATCH * ratio)))
     if batch_size is None:
         voxels = int(np.prod(crop_shape))
-        batch = EFFECTIVE_BATCH
+        batch = effective
         while batch > 1 and batch * voxels > MAX_BATCH_VOXELS[spatial_dims]:
             batch //= 2
     else:
@@ -619,7 +634,7 @@ def train(
 
     crop_shape = tuple(int(s) for s in props.crop_shape)
     step = tuple(float(h) for h in props.step)
-    batch, m = choose_batch(dims, crop_shape, config.batch_size, config.virtual_batch)
+    batch, m = choose_batch(dims, crop_shape, config.batch_size, config.virtual_batch, props.object_crop_shape)
 
     train_set = CropDataset(
         train_images,

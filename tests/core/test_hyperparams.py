@@ -35,7 +35,9 @@ def test_2d_statistics_and_crop_rule():
     np.testing.assert_allclose(p.extent_mean, ext.mean(0))
     np.testing.assert_allclose(p.extent_std, ext.std(0))
     # x: mean 9.33, std 7.13 -> 45.0 -> 48; y: mean 5, std 2.94 -> 19.7 -> 24; Y = X = the larger
-    assert p.crop_shape == (48, 48)
+    assert p.object_crop_shape == (48, 48)
+    assert p.crop_shape == (96, 96)  # enlarged for context (the image is 100 x 120)
+    assert "crop shape: 96 x 96 (YX); objects need 48 x 48, enlarged for context" in p.describe()
     assert p.min_object_size == 9
     assert p.foreground_weight == 10.0
     assert p.n_objects == 3 and p.n_images == 1
@@ -69,7 +71,20 @@ def test_3d_foreground_weight_anisotropy_and_z_crop():
     z = round_up_8(ext[:, 0].mean() + 5 * ext[:, 0].std())
     yx = max(round_up_8(ext[:, 1].mean() + 5 * ext[:, 1].std()), round_up_8(ext[:, 2].mean() + 5 * ext[:, 2].std()))
     yx = min(yx, 40)
-    assert p.crop_shape == (z, yx, yx)
+    assert p.crop_shape == p.object_crop_shape == (z, yx, yx)  # 3D: no enlargement for context
+
+
+def test_context_crop_is_capped_by_the_largest_image():
+    m = np.zeros((40, 64), dtype=np.int32)
+    m[5:10, 5:10] = 1
+    m[20:26, 30:35] = 2
+    p = DataProperties.from_masks([m], spatial_dims=2)
+    assert p.object_crop_shape == (8, 8)
+    assert p.crop_shape == (64, 64)  # at least 96 for context, but no larger than the image's 64
+    big = np.zeros((40, 400), dtype=np.int32)
+    big[:30, :150] = 1  # an object wider than the context minimum: its crop is kept
+    q = DataProperties.from_masks([big], spatial_dims=2)
+    assert q.crop_shape == q.object_crop_shape and q.crop_shape[0] >= 152
 
 
 def test_crop_is_capped_by_image_size_and_memory():
@@ -97,13 +112,16 @@ def test_overrides_and_describe():
     m = boxes_2d()
     p = DataProperties.from_masks([m], spatial_dims=2, crop_shape=64, min_object_size=20, foreground_weight=3.0)
     assert p.crop_shape == (64, 64) and p.min_object_size == 20 and p.foreground_weight == 3.0
+    assert p.object_crop_shape == (64, 64)  # the user's crop is used as it is
     assert set(p.overrides) == {"crop_shape", "min_object_size", "foreground_weight"}
     text = p.describe()
     assert "crop shape: 64 x 64 (YX) (set by user)" in text
     assert "min object size: 20 (set by user)" in text
     assert "3 object(s)" in text and "normalization: percentile (P1-P99.8)" in text
     q = p.with_overrides(crop_shape=(32, 32), normalization="meanstd")
-    assert q.crop_shape == (32, 32) and q.normalization is NormalizationMode.meanstd
+    assert q.crop_shape == q.object_crop_shape == (32, 32) and q.normalization is NormalizationMode.meanstd
+    auto = DataProperties.from_masks([m], spatial_dims=2).with_overrides(crop_shape=128)
+    assert auto.crop_shape == auto.object_crop_shape == (128, 128)
     assert "normalization" in q.overrides
     m3 = np.zeros((4, 16, 16), dtype=np.int32)
     m3[1:3, 4:8, 4:8] = 1
@@ -122,8 +140,11 @@ def test_dict_round_trip_is_json():
     q = DataProperties.from_dict(data)
     assert q == p
     assert q.normalization_settings == NormalizationSettings("percentile", 2.0, 99.8)
+    assert q.object_crop_shape == (48, 48) and q.crop_shape == (96, 96)
     with pytest.raises(ValueError, match="unknown data properties: grid"):
         DataProperties.from_dict({**data, "grid": 1024})
+    older = {k: v for k, v in data.items() if k != "object_crop_shape"}  # a checkpoint from before the field
+    assert DataProperties.from_dict(older).object_crop_shape == (96, 96)
 
 
 def test_voxel_size_rules():

@@ -110,6 +110,12 @@ def test_choose_batch_keeps_an_effective_batch_of_16() -> None:
     assert choose_batch(3, (32, 136, 136), None, None) == (2, 8)  # the paper's 3D crops: its 2 x 8
     assert choose_batch(3, (24, 48, 48), None, None) == (16, 1)  # small 3D crops: one pass of 16
     assert choose_batch(3, (32, 64, 64), None, None) == (8, 2)
+    # crops enlarged for context: as many fewer crops per step as each is larger, at least 2
+    assert choose_batch(2, (96, 96), None, None, (48, 48)) == (4, 1)
+    assert choose_batch(2, (96, 96), None, None, (80, 80)) == (11, 1)
+    assert choose_batch(2, (96, 96), None, None, (16, 16)) == (2, 1)
+    assert choose_batch(2, (128, 128), None, None, (128, 128)) == (16, 1)
+    assert choose_batch(2, (96, 96), 8, None, (48, 48)) == (8, 1)
     assert choose_batch(2, (512, 512), None, None) == (4, 4)  # large crops: smaller batch, larger m
     assert choose_batch(3, (48, 256, 256), None, None) == (1, 16)
     assert choose_batch(2, (64, 64), 4, None) == (4, 4)
