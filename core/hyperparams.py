@@ -38,10 +38,9 @@ MIN_CONTEXT_SIDE = {2: 96, 3: 0}
 """Smallest automatic training crop side in Y and X. An object-sized 2D crop of 48² is a 6 × 6 map at
 the encoder's 1/8 scale, far less context than a whole image gives the same layers at prediction;
 models trained on such crops sometimes put seeds with wide bandwidths on large dim, out-of-focus
-regions of whole images. On BBBC007 (15 CPU-minutes, seeds 0/1, ``benchmarks/bench_quality.py
---ours-option crop_size=96 --ours-option batch_size=4``) 96² crops, 4 per step, gave held-out AP0.5
-0.956 / 0.939 where 48² crops, 16 per step, gave 0.941 / 0.718 with the same seeds. 3D keeps the
-object crop (not measured)."""
+regions of whole images. On BBBC007 (15 CPU-minutes, seeds 0/1/2, ``benchmarks/bench_quality.py``)
+96² crops, 4 per step, gave held-out AP0.5 0.956 / 0.939 / 0.931 where 48² crops, 16 per step, gave
+0.941 / 0.718 / 0.940 with the same seeds. 3D keeps the object crop (not measured)."""
 MIN_SEED_RADIUS = 4.0
 """Smallest data-derived seed radius limit (pixels)."""
 _VOXEL_RTOL = 1e-6

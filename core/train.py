@@ -112,11 +112,11 @@ class TrainConfig:
 
     ``batch_size``/``virtual_batch`` ``None`` choose batch × m (:func:`choose_batch`: 16 × 1; fewer
     crops for crops enlarged for context; for large crops a smaller batch and a larger m). ``crop_size``
-    is ``"auto"`` (data- derived), one int (every axis) or a tuple in array order, each a multiple of 8.
+    is ``"auto"`` (data-derived), one int (every axis) or a tuple in array order, each a multiple of 8.
     ``max_time_minutes`` bounds the wall-clock time. ``samples_per_epoch`` ``None`` uses every training
     crop once, repeated so that an epoch has at least 10 optimiser steps. ``voxel_size`` (array order)
     overrides the files' metadata and sets the anisotropy. ``random_crops`` adds that many randomly
-    placed crops per object- centred crop (redrawn every epoch), so the network also learns wide empty
+    placed crops per object-centred crop (redrawn every epoch), so the network also learns wide empty
     background.
     ``amp`` trains with float16 autocast on CUDA (ignored on the CPU); off by default, as on GPUs
     with TF32 tensor cores this small network trains faster in float32 than with autocast's casts.
