@@ -310,7 +310,7 @@ def choose_batch(
     if object_crop_shape is not None:
         ratio = float(np.prod(object_crop_shape)) / float(np.prod(crop_shape))
         if ratio < 1.0:
-            effective = min(EFFECTIVE_BATCH, max(MIN_CONTEXT_BATCH, round(EFFECTIVE_BATCH * ratio)))
+            effective = max(MIN_CONTEXT_BATCH, round(EFFECTIVE_BATCH * ratio))
     if batch_size is None:
         voxels = int(np.prod(crop_shape))
         batch = effective

@@ -244,3 +244,15 @@ def test_bad_options_raise():
         Transform(2, flip_z=True)
     with pytest.raises(ValueError, match="spatial_dims = 3"):
         predict_tta(equivariant_toy, blob_image((8, 8, 8)), transform_set=transforms(2))
+
+
+def test_median_of_an_even_count_is_the_mean_of_the_middle_values_across_blocks(monkeypatch) -> None:
+    import core.tta as tta
+
+    monkeypatch.setattr(tta, "MEDIAN_BLOCK", 16 * 7)  # 7 pixels per block: several blocks, a short last one
+    torch.manual_seed(3)
+    values = torch.randn(16, 2, 5, 6)
+    expected = 0.5 * (values.kthvalue(8, dim=0).values + values.kthvalue(9, dim=0).values)
+    assert torch.equal(tta._median(values), expected)
+    odd = values[:15]
+    assert torch.equal(tta._median(odd), odd.median(dim=0).values)
