@@ -1,13 +1,22 @@
 """Quality at an equal CPU budget: this project's training against the reference EmbedSeg 0.2.5's.
 
-Both implementations train on the same real 2D images for the same process CPU time (default 15
-CPU-minutes, one torch thread each), for each seed, and segment the same held-apart images, which
-are scored by this project's ``core.metrics`` for both (identical metric code).
+Both implementations train on the same real 2D images or 3D stacks (``--dims``) for the same process
+CPU time (default 15 CPU-minutes, one torch thread each), for each seed, and segment the same
+held-apart images, which are scored by this project's ``core.metrics`` for both (identical metric code).
 
 - Split: image names sorted; every 4th (the 1st, 5th, 9th, ...) is held apart for testing
-  (``--test-names`` overrides). Each implementation then holds out its own validation images from
-  the rest, as its users would.
-- Ours: ``core.train.train`` with ``TrainConfig(spatial_dims=2, epochs=10**6, seed=s, device="cpu")``
+  (``--test-names`` overrides), unless some names start with ``test_``: then those are the test
+  images and names starting with ``val_`` the validation images (as in the few-slice 3D stand-ins
+  of ``tests/data``). ``--test-names`` / ``--val-names`` take comma-separated names or shell patterns
+  (``'test_*'``). With validation images named, both implementations validate on exactly those;
+  otherwise each holds out its own from the rest, as its users would.
+- 3D (``--dims 3``): the voxel size (Z, Y, X) comes from ``--voxel-size`` or else the files' metadata
+  (all files must agree; none stated means isotropic). Ours gets it as ``TrainConfig.voxel_size``;
+  the reference gets Z / X as its ``anisotropy_factor`` and runs its 3D notebooks' pipeline, with
+  its crops capped at the depth of its loss grid (the test stacks' depth rounded up to 8) and stacks
+  thinner than a crop padded to the crop's depth for crop generation only (a 5-slice stack becomes
+  8 slices for 8-slice crops); see ``reference_training.py``. Scores use the 3D thresholds.
+- Ours: ``core.train.train`` with ``TrainConfig(spatial_dims=D, epochs=10**6, seed=s, device="cpu")``
   and every other option at its default (data-derived crop size, ...) unless ``--ours-option
   KEY=VALUE`` sets it (repeatable, e.g. ``random_crops=1.0``). ``--ours-budget callback``
   (default): the progress callback stops training on the budget. ``--ours-budget clock``: the
@@ -15,22 +24,26 @@ are scored by this project's ``core.metrics`` for both (identical metric code).
   validation cadence, stopping in time to validate) with ``core.train``'s clock reading process CPU
   time; the callback still stops at the budget. Test images are segmented through the checkpoint's
   ``TrainedModel.segment`` (default tiling), without and with TTA.
-- Reference: ``benchmarks/reference_training.py`` runs its 2D notebooks' pipeline with its own
-  functions (split, data properties, crops, ``begin_training``, ``begin_evaluating``); see there.
+- Reference: ``benchmarks/reference_training.py`` runs its 2D or 3D notebooks' pipeline with its
+  own functions (split, data properties, crops, ``begin_training``, ``begin_evaluating``); see there.
 - Budget: ``time.process_time()`` of the training process (one thread, data loading in-process),
   counted from the start of data preparation (ours: the ``train`` call; reference: its split, data
   properties and crop generation) to the end of training, validation and checkpoint saving
   included. Under ``callback`` both follow one rule: an epoch starts only while the previous
   epoch's CPU time fits in what is left, a batch only while the previous batch's time fits.
-- Score: AP_dsb at IoU 0.50, 0.55 ... 0.90 per test image (``core.metrics.average_precision``),
-  averaged over the test images (images with neither objects nor predictions left out);
-  "mAP" is the mean of the 9 thresholds. Target: every seed of ours has AP0.5 and mAP at least the
-  reference's best seed (checked without and with TTA).
+- Score: AP_dsb per test image (``core.metrics.average_precision``) at IoU 0.50, 0.55 ... 0.90 in 2D,
+  0.1, 0.2 ... 0.9 in 3D (``core.metrics.default_thresholds``), averaged over the test images (images
+  with neither objects nor predictions left out); "mAP" is the mean of the 9 thresholds, "AP0.5" the
+  value at IoU 0.5. The table also gives each run's optimiser steps and median CPU seconds per step.
+  Target: every seed of ours has AP0.5 and mAP at least the reference's best seed (checked without
+  and with TTA).
 
 Usage::
 
     EMBEDSEG_REFERENCE=/path/to/folder/with/EmbedSeg python benchmarks/bench_quality.py \
         --data DIR --out runs/ [--minutes 15] [--seeds 0,1,2] [--jobs 2] [--impl both]
+    EMBEDSEG_REFERENCE=... python benchmarks/bench_quality.py --dims 3 \
+        --data tests/data/nuclei3d_fewslice_synthetic --out runs3d/ [--voxel-size 1.0,0.2,0.2]
 
 ``DIR`` holds ``images/<name>.tif`` and ``masks/<name>.tif``. Each (implementation, seed) run keeps
 its JSON records, checkpoint and predictions under ``--out``; runs whose ``result.json`` exists are
@@ -40,6 +53,7 @@ skipped (``--rescore`` re-segments and re-scores them from their checkpoints).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import statistics
@@ -58,7 +72,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-DEFAULT_DATA = ROOT / "tests" / "data" / "cells2d_bbbc007"
+DEFAULT_DATA = {
+    2: ROOT / "tests" / "data" / "cells2d_bbbc007",
+    3: ROOT / "tests" / "data" / "nuclei3d_fewslice_synthetic",
+}
 OURS_EPOCHS = 10**6
 """Epochs given to ours: far more than fit, so that the budget ends training."""
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"}
@@ -76,19 +93,48 @@ def list_names(data: Path) -> list[str]:
     return names
 
 
-def split_names(names: list[str], test_names: str | None) -> tuple[list[str], list[str]]:
-    """(training names, test names): every 4th sorted name is a test image unless ``test_names`` are given."""
-    if test_names:
-        test = [n.strip() for n in test_names.split(",") if n.strip()]
-        unknown = sorted(set(test) - set(names))
-        if unknown:
-            sys.exit(f"--test-names not in the data folder: {', '.join(unknown)}")
-    else:
-        test = names[::4]
-    train = [n for n in names if n not in test]
-    if len(train) < 2 or not test:
-        sys.exit(f"need at least 2 training images and 1 test image, got {len(train)} and {len(test)}")
-    return train, test
+def _select(names: list[str], patterns: str, option: str) -> list[str]:
+    """The names matching any of the comma-separated names or shell patterns (sorted order)."""
+    wanted = [p.strip() for p in patterns.split(",") if p.strip()]
+    unmatched = [p for p in wanted if not fnmatch.filter(names, p)]
+    if unmatched:
+        sys.exit(f"{option} not in the data folder: {', '.join(unmatched)}")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in wanted)]
+
+
+def split_names(
+    names: list[str], test_names: str | None, val_names: str | None = None
+) -> tuple[list[str], list[str] | None, list[str]]:
+    """(training names, validation names or None, test names); see the module docstring for the rule."""
+    if test_names is None and any(n.startswith("test_") for n in names):
+        test_names = "test_*"
+        if val_names is None and any(n.startswith("val_") for n in names):
+            val_names = "val_*"
+    test = _select(names, test_names, "--test-names") if test_names else names[::4]
+    val = _select(names, val_names, "--val-names") if val_names else None
+    if val and set(val) & set(test):
+        sys.exit(f"images both in validation and test: {', '.join(sorted(set(val) & set(test)))}")
+    train = [n for n in names if n not in test and n not in (val or [])]
+    if len(train) < (1 if val else 2) or not test:
+        need = 1 if val else 2
+        sys.exit(f"need at least {need} training image(s) and 1 test image, got {len(train)} and {len(test)}")
+    return train, val, test
+
+
+def voxel_size_of(data: Path, names: list[str], given: str | None) -> list[float] | None:
+    """The voxel size (Z, Y, X) from ``given`` ("Z,Y,X") or else the files' common metadata (None: not stated)."""
+    from core.io import inspect_tiff
+
+    if given:
+        values = [float(v) for v in given.split(",")]
+        if len(values) != 3 or not all(v > 0 for v in values):
+            sys.exit(f"--voxel-size takes three positive numbers Z,Y,X, got {given!r}")
+        return values
+    stated = {inspect_tiff(data / "images" / f"{n}.tif").voxel_size for n in names}
+    if len(stated) > 1:
+        sys.exit(f"the images state different voxel sizes {sorted(map(str, stated))}; pass --voxel-size Z,Y,X")
+    found = stated.pop()
+    return [float(v) for v in found] if found is not None else None
 
 
 def read_pairs(data: Path, names: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -100,16 +146,21 @@ def read_pairs(data: Path, names: list[str]) -> tuple[list[np.ndarray], list[np.
 
 
 def score(gts: list[np.ndarray], preds: list[np.ndarray], names: list[str]) -> dict[str, Any]:
-    """AP_dsb per threshold (0.50..0.90) as the mean over test images; ``mean_ap`` over the thresholds."""
-    from core.metrics import THRESHOLDS_2D, evaluate_dataset
+    """AP_dsb per threshold (2D 0.50..0.90, 3D 0.1..0.9) as the mean over test images; ``ap50`` at IoU 0.5,
+    ``mean_ap`` over the thresholds."""
+    from core.metrics import default_thresholds, evaluate_dataset
 
-    result = evaluate_dataset(list(zip(gts, preds)), THRESHOLDS_2D, names=names)
+    thresholds = default_thresholds(gts[0].ndim)
+    at50 = thresholds.index(0.5)
+    result = evaluate_dataset(list(zip(gts, preds)), thresholds, names=names)
     return {
         "thresholds": result.thresholds,
         "ap": result.ap,
-        "ap50": result.ap[0],
+        "ap50": result.ap[at50],
         "mean_ap": float(np.mean(result.ap)),
-        "images": {im.name: {"ap50": im.results[0].ap, "n_gt": im.n_gt, "n_pred": im.n_pred} for im in result.images},
+        "images": {
+            im.name: {"ap50": im.results[at50].ap, "n_gt": im.n_gt, "n_pred": im.n_pred} for im in result.images
+        },
     }
 
 
@@ -174,21 +225,27 @@ def ours_options(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _ours_train(args: argparse.Namespace, seed: int, run: Path, train_names: list[str]) -> dict[str, Any]:
+def _ours_train(
+    args: argparse.Namespace, seed: int, run: Path, train_names: list[str], val_names: list[str] | None
+) -> dict[str, Any]:
     import core.train as core_train
     from core.train import TrainConfig, train
 
     images, masks = read_pairs(Path(args.data), train_names)
+    val_images, val_masks = read_pairs(Path(args.data), val_names) if val_names else (None, None)
     budget_s = args.minutes * 60.0
     extra: dict[str, Any] = {}
     if args.ours_budget == "clock":
         core_train.time = types.SimpleNamespace(monotonic=time.process_time)  # its budget clock: CPU time
         extra["max_time_minutes"] = args.minutes
+    if args.dims == 3 and args.voxel_size:
+        extra["voxel_size"] = tuple(args.voxel_size)
     extra.update(ours_options(args.ours_option))
-    config = TrainConfig(spatial_dims=2, epochs=OURS_EPOCHS, seed=seed, device="cpu", **extra)
+    config = TrainConfig(spatial_dims=args.dims, epochs=OURS_EPOCHS, seed=seed, device="cpu", **extra)
     start = time.process_time()
     progress = _OursProgress(start, budget_s, stop_epochs=args.ours_budget == "callback")
-    result = train(images, masks, config, out_path=run / "model.pt", progress=progress)
+    result = train(images, masks, config, out_path=run / "model.pt", progress=progress,
+                   val_images=val_images, val_masks=val_masks)  # fmt: skip
     cpu_s = time.process_time() - start
     return {
         "cpu_s": cpu_s,
@@ -226,18 +283,29 @@ def _ours_predict(args: argparse.Namespace, run: Path, record: dict[str, Any], t
     return predictions, None, time.process_time() - t0
 
 
-def _check_record(record: dict[str, Any], args: argparse.Namespace, test_names: list[str], path: Path) -> None:
-    """Refuse to reuse a run made with another budget, split or (ours) budget handling or options."""
+def _setting(args: argparse.Namespace, val_names: list[str] | None) -> dict[str, Any]:
+    """What a run's record must share with the current options to be reused (beyond budget and split)."""
+    return {"dims": args.dims, "voxel_size": args.voxel_size if args.dims == 3 else None, "given_val_names": val_names}
+
+
+def _check_record(
+    record: dict[str, Any], args: argparse.Namespace, test_names: list[str], val_names: list[str] | None, path: Path
+) -> None:
+    """Refuse to reuse a run made with another budget, split, dimensionality, voxel size or (ours) budget
+    handling or options."""
     mode = record.get("budget_mode", args.ours_budget)
     options = record.get("ours_options", {}) if "budget_mode" in record else ours_options(args.ours_option)
+    setting = {"dims": record.get("dims", 2), "voxel_size": record.get("voxel_size"),
+               "given_val_names": record.get("given_val_names")}  # fmt: skip
     if (
         abs(record["budget_s"] - args.minutes * 60.0) > 1e-6
         or record["test_names"] != test_names
         or (mode != args.ours_budget)
         or options != ours_options(args.ours_option)
+        or setting != _setting(args, val_names)
     ):
         sys.exit(f"{path} was made with a budget of {record['budget_s'] / 60:g} CPU min, test images "
-                 f"{record['test_names']}, --ours-budget {mode} and ours options {options}; "
+                 f"{record['test_names']}, --ours-budget {mode}, ours options {options} and {setting}; "
                  "use another --out for other settings")  # fmt: skip
 
 
@@ -249,21 +317,25 @@ def worker(args: argparse.Namespace, impl: str, seed: int) -> None:
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
     data = Path(args.data)
-    train_names, test_names = split_names(list_names(data), args.test_names)
+    train_names, val_names, test_names = split_names(list_names(data), args.test_names, args.val_names)
     run = Path(args.out) / f"{impl}-seed{seed}"
     run.mkdir(parents=True, exist_ok=True)
     train_json = run / "train.json"
     ref = import_reference(args.reference) if impl == "reference" else None
     if train_json.exists():
         record = json.loads(train_json.read_text())
-        _check_record(record, args, test_names, train_json)
+        _check_record(record, args, test_names, val_names, train_json)
     else:
         if impl == "ours":
-            record = _ours_train(args, seed, run, train_names)
+            record = _ours_train(args, seed, run, train_names, val_names)
         else:
-            record = train_reference(ref, data, train_names, test_names, seed, args.minutes * 60.0, run / "work")
+            vs = args.voxel_size
+            record = train_reference(ref, data, train_names, test_names, seed, args.minutes * 60.0, run / "work",
+                                     dims=args.dims, val_names=val_names,
+                                     anisotropy=vs[0] / vs[2] if args.dims == 3 and vs else 1.0)  # fmt: skip
         record.update(impl=impl, seed=seed, budget_s=args.minutes * 60.0, train_names=train_names,
-                      test_names=test_names, torch_threads=torch.get_num_threads())  # fmt: skip
+                      test_names=test_names, torch_threads=torch.get_num_threads(),
+                      **_setting(args, val_names))  # fmt: skip
         save_json(train_json, record)
     print(f"[{impl} seed {seed}] trained: {record['steps']} steps, {record['epochs']} epochs, "
           f"{record['cpu_s'] / 60:.2f} CPU min, stopped: {record['stopped']}", flush=True)  # fmt: skip
@@ -294,9 +366,14 @@ def worker(args: argparse.Namespace, impl: str, seed: int) -> None:
 
 def _launch(args: argparse.Namespace, impl: str, seed: int, log: Path) -> tuple[str, int, int]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", impl, str(seed), "--data", str(args.data),
-           "--out", str(args.out), "--minutes", str(args.minutes), "--ours-budget", args.ours_budget]  # fmt: skip
+           "--out", str(args.out), "--minutes", str(args.minutes), "--ours-budget", args.ours_budget,
+           "--dims", str(args.dims)]  # fmt: skip
     if args.test_names:
         cmd += ["--test-names", args.test_names]
+    if args.val_names:
+        cmd += ["--val-names", args.val_names]
+    if args.voxel_size:
+        cmd += ["--voxel-size", ",".join(repr(v) for v in args.voxel_size)]
     for item in args.ours_option or []:
         cmd += ["--ours-option", item]
     if args.reference:
@@ -312,16 +389,19 @@ def _median(values: list[float]) -> float:
 
 
 def _table(results: list[dict[str, Any]]) -> None:
-    head = (f"{'impl':>9} {'seed':>4} {'steps':>6} {'epochs':>6} {'CPU min':>7} {'AP0.5':>6} {'mAP':>6} "
-            f"{'AP0.5 TTA':>9} {'mAP TTA':>7}  checkpoint / stop")  # fmt: skip
+    thresholds = results[0]["scores"]["plain"]["thresholds"]
+    print(f"AP_dsb over the test images; mAP: mean over IoU {thresholds[0]:g}..{thresholds[-1]:g} "
+          f"({len(thresholds)} thresholds); s/step: median CPU seconds per optimiser step")  # fmt: skip
+    head = (f"{'impl':>9} {'seed':>4} {'steps':>6} {'s/step':>7} {'epochs':>6} {'CPU min':>7} {'AP0.5':>6} "
+            f"{'mAP':>6} {'AP0.5 TTA':>9} {'mAP TTA':>7}  checkpoint / stop")  # fmt: skip
     print(head)
     print("-" * len(head))
     for r in results:
         plain, tta = r["scores"]["plain"], r["scores"]["tta"]
         chosen = f"best epoch {r['best_epoch']}" if r["impl"] == "ours" else f"{r['checkpoint_kind']}"
-        print(f"{r['impl']:>9} {r['seed']:>4} {r['steps']:>6} {r['epochs']:>6} {r['cpu_s'] / 60:>7.2f} "
-              f"{plain['ap50']:>6.3f} {plain['mean_ap']:>6.3f} {tta['ap50']:>9.3f} {tta['mean_ap']:>7.3f}  "
-              f"{chosen}; {r['stopped']}")  # fmt: skip
+        print(f"{r['impl']:>9} {r['seed']:>4} {r['steps']:>6} {_median(r['step_s']):>7.2f} {r['epochs']:>6} "
+              f"{r['cpu_s'] / 60:>7.2f} {plain['ap50']:>6.3f} {plain['mean_ap']:>6.3f} {tta['ap50']:>9.3f} "
+              f"{tta['mean_ap']:>7.3f}  {chosen}; {r['stopped']}")  # fmt: skip
 
 
 def _timing(results: list[dict[str, Any]]) -> None:
@@ -329,6 +409,9 @@ def _timing(results: list[dict[str, Any]]) -> None:
     for r in results:
         step = _median(r["step_s"])
         val = _median(r["epoch_val_s"])
+        if not step > 0:
+            print(f"  {r['impl']:>9} seed {r['seed']}: no complete training step")
+            continue
         plain, tta = r["scores"]["plain"]["predict_cpu_s"], r["scores"]["tta"]["predict_cpu_s"]
         print(f"  {r['impl']:>9} seed {r['seed']}: train step {step:.3f} s ({1 / step:.2f} steps/s), "
               f"{r.get('steps_per_epoch')} steps/epoch, epoch {_median(r['epoch_s']):.1f} s "
@@ -348,8 +431,10 @@ def _verdict(results: list[dict[str, Any]]) -> None:
         return
     print("\nverdict (target: every seed of ours >= the reference's best seed):")
     met = True
+    thresholds = results[0]["scores"]["plain"]["thresholds"]
+    map_name = f"mAP {thresholds[0]:g}-{thresholds[-1]:g}"
     for key, label in (("plain", "without TTA"), ("tta", "with TTA")):
-        for metric, name in (("ap50", "AP0.5"), ("mean_ap", "mAP 0.5-0.9")):
+        for metric, name in (("ap50", "AP0.5"), ("mean_ap", map_name)):
             o = [r["scores"][key][metric] for r in ours]
             f = [r["scores"][key][metric] for r in ref]
             ok = min(o) >= max(f)
@@ -357,13 +442,48 @@ def _verdict(results: list[dict[str, Any]]) -> None:
             print(f"  {label:>11} {name:>12}: ours worst {min(o):.3f} / mean {np.mean(o):.3f}; reference best "
                   f"{max(f):.3f} / mean {np.mean(f):.3f}; ratio worst/best {_ratio(min(o), max(f))}, mean/mean "
                   f"{_ratio(float(np.mean(o)), float(np.mean(f)))} -> {'met' if ok else 'NOT met'}")  # fmt: skip
-    print(f"  overall: {'TARGET MET' if met else 'TARGET NOT MET'}")
+    scores = [r["scores"][key][metric] for r in results for key in ("plain", "tta") for metric in ("ap50", "mean_ap")]
+    if not any(scores):
+        print("  overall: no verdict: every score is 0 (too short a budget to compare)")
+    else:
+        print(f"  overall: {'TARGET MET' if met else 'TARGET NOT MET'}")
+
+
+def _describe_data(
+    args: argparse.Namespace, data: Path
+) -> tuple[list[str], list[str] | None, list[str], list[np.ndarray]]:
+    """Split the data, resolve ``args.voxel_size`` (3D) and print both; returns the split and the test masks."""
+    names = list_names(data)
+    train_names, val_names, test_names = split_names(names, args.test_names, args.val_names)
+    print(f"data {data}: {len(names)} {'stacks' if args.dims == 3 else 'images'}")
+    print(f"  test (held apart): {', '.join(test_names)}")
+    if val_names:
+        print(f"  training: {', '.join(train_names)}; validation (both): {', '.join(val_names)}")
+    else:
+        print(f"  training + validation: {', '.join(train_names)}")
+    _, gts = read_pairs(data, test_names)
+    if any(g.ndim != args.dims for g in gts):
+        sys.exit(f"--dims {args.dims} but the test masks have shapes {[g.shape for g in gts]}")
+    args.voxel_size = voxel_size_of(data, names, args.voxel_size) if args.dims == 3 else None
+    if args.dims == 3:
+        vs = args.voxel_size
+        print(f"  voxel size (Z, Y, X): {vs or 'not stated (isotropic)'}; anisotropy Z/X "
+              f"{vs[0] / vs[2] if vs else 1.0:.3g}; stack shapes {sorted({g.shape for g in gts})} (test)")  # fmt: skip
+    return train_names, val_names, test_names, gts
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder with images/ and masks/ (2D TIFFs)")
-    parser.add_argument("--test-names", default=None, help="comma-separated test image names (default: every 4th)")
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2D images or 3D stacks")
+    parser.add_argument("--data", default=None, help="folder with images/ and masks/ (TIFFs; default: "
+                        "tests/data/cells2d_bbbc007 in 2D, tests/data/nuclei3d_fewslice_synthetic in 3D)")  # fmt: skip
+    parser.add_argument("--test-names", default=None,
+                        help="comma-separated test image names or patterns (default: see the description)")  # fmt: skip
+    parser.add_argument("--val-names", default=None,
+                        help="comma-separated validation image names or patterns, used by both (default: see the "
+                        "description)")  # fmt: skip
+    parser.add_argument("--voxel-size", default=None, metavar="Z,Y,X",
+                        help="3D voxel size (default: from the files' metadata); sets the anisotropy")  # fmt: skip
     parser.add_argument("--minutes", type=float, default=15.0, help="CPU minutes of training per run")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each one process, one thread)")
@@ -380,7 +500,9 @@ def main() -> None:
     args = parser.parse_args()
     if not args.minutes > 0:
         sys.exit("--minutes must be positive")
+    args.data = str(Path(args.data or DEFAULT_DATA[args.dims]).resolve())
     if args.worker:
+        args.voxel_size = [float(v) for v in args.voxel_size.split(",")] if args.voxel_size else None
         worker(args, args.worker[0], int(args.worker[1]))
         return
     impls = ["ours", "reference"] if args.impl == "both" else [args.impl]
@@ -388,15 +510,10 @@ def main() -> None:
         sys.exit("set EMBEDSEG_REFERENCE or pass --reference: the folder that contains the EmbedSeg package")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.out = str(Path(args.out or tempfile.mkdtemp(prefix="bench_quality_")).resolve())
-    args.data = str(Path(args.data).resolve())
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
     data = Path(args.data)
-    train_names, test_names = split_names(list_names(data), args.test_names)
-    print(f"data {data}: {len(train_names) + len(test_names)} images")
-    print(f"  test (held apart): {', '.join(test_names)}")
-    print(f"  training + validation: {', '.join(train_names)}")
-    _, gts = read_pairs(data, test_names)
+    train_names, val_names, test_names, gts = _describe_data(args, data)
     check = score(gts, [g.astype(np.int64) for g in gts], test_names)
     print(f"  scoring check, test masks against themselves: AP0.5 {check['ap50']:.3f}, mAP {check['mean_ap']:.3f}")
     print(f"budget {args.minutes:g} CPU min per run, seeds {seeds}, {args.jobs} run(s) at once, one thread each; "
@@ -409,7 +526,7 @@ def main() -> None:
             if args.rescore and (run / "result.json").exists():
                 (run / "result.json").unlink()
             if (run / "result.json").exists():
-                _check_record(json.loads((run / "result.json").read_text()), args, test_names, run)
+                _check_record(json.loads((run / "result.json").read_text()), args, test_names, val_names, run)
                 print(f"  {impl} seed {seed}: result exists, skipped")
                 continue
             run.mkdir(parents=True, exist_ok=True)
@@ -437,9 +554,11 @@ def main() -> None:
             own_tta = r["scores"]["tta"]["own_ap50"]
             fmt = "n/a" if own is None else f"{own:.3f}"
             fmt_tta = "n/a" if own_tta is None else f"{own_tta:.3f}"
+            padded = r.get("padded_for_crops")
             print(f"  reference seed {r['seed']}: its own test.py AP_dsb@0.5 {fmt} (TTA {fmt_tta}); "
                   f"validation images {', '.join(r['val_names'])}; crops {r['crop_size']} px, "
-                  f"{r['train_crops']} train / {r['val_crops']} val; first-epoch estimate "
+                  f"{r['train_crops']} train / {r['val_crops']} val"
+                  f"{f', stacks padded for crops to {padded}' if padded else ''}; first-epoch estimate "
                   f"{r['first_epoch_estimate']} epochs; best val IoU {r['best_val_iou']}")  # fmt: skip
         else:
             props = r["properties"]

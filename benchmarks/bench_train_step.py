@@ -1,6 +1,7 @@
 """Training step (forward + loss + backward + Adam step): this project against the reference (embedseg 0.2.5).
 
-Shapes: 2D batch 2 x 256 x 256 and 3D batch 1 x 32 x 128 x 128, one input channel, synthetic objects.
+Shapes: ``2d`` batch 2 x 256 x 256, ``3d`` batch 1 x 32 x 128 x 128 and ``3d-thin`` batch 4 x 8 x 136 x 136
+(the reference's 3D training batch on few-slice stacks), one input channel, synthetic objects.
 Both networks start from the same weights: the reference's after its ``init_output`` (as its training
 starts), imported with ``core.erfnet.load_reference_state_dict``. Both losses use the same step, 1/1023
 per pixel (the reference's loss is built with grid = crop extent and pixel = (grid - 1) / 1023), foreground
@@ -30,7 +31,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {"2d": (2, (256, 256)), "3d": (1, (32, 128, 128))}
+SHAPES = {"2d": (2, (256, 256)), "3d": (1, (32, 128, 128)), "3d-thin": (4, (8, 136, 136))}
+OBJECTS = {"2d": (40, (6.0, 14.0)), "3d": (30, [(3.0, 6.0), (6.0, 12.0), (6.0, 12.0)]),
+           "3d-thin": (4, [(2.0, 3.0), (14.0, 24.0), (14.0, 24.0)])}  # fmt: skip
 
 
 def _inputs(dims_key: str):
@@ -41,8 +44,7 @@ def _inputs(dims_key: str):
     from core.synthetic import random_labels, render_image
 
     batch, shape = SHAPES[dims_key]
-    n_objects = 40 if dims_key == "2d" else 30
-    radius = (6.0, 14.0) if dims_key == "2d" else [(3.0, 6.0), (6.0, 12.0), (6.0, 12.0)]
+    n_objects, radius = OBJECTS[dims_key]
     labels = np.stack([random_labels(shape, n_objects, radius, seed=b) for b in range(batch)])
     images = np.stack([render_image(lab, seed=b) for b, lab in enumerate(labels)])[:, None]
     centers, ids = [], []

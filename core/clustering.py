@@ -275,6 +275,22 @@ def cluster(
     return labels.reshape(spatial)
 
 
+def drop_fragments(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """``labels`` with every object of ``min_size`` pixels or fewer set to background (in place).
+
+    :func:`cluster` checks a proposal's size when it is accepted, but a later proposal may overwrite
+    most of an earlier object: the few pixels left of it are no object, and whether a pixel is
+    overwritten can turn on float rounding, so such remnants would make labels differ between
+    numerically equal predictions.
+    """
+    sizes = np.bincount(labels.ravel())
+    small = np.flatnonzero((sizes > 0) & (sizes <= int(min_size)))
+    small = small[small > 0]
+    if small.size:
+        labels[np.isin(labels, small)] = 0
+    return labels
+
+
 def _sigma_floor(max_radius: float | Sequence[float], h: tuple[float, ...]) -> tuple[float, ...]:
     """Smallest raw sigma per array axis whose radius ``sqrt(ln 2 / exp(10 sigma)) / h`` fits ``max_radius``."""
     radius = (float(max_radius),) * len(h) if np.ndim(max_radius) == 0 else tuple(float(r) for r in max_radius)

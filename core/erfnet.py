@@ -13,13 +13,23 @@ import torch
 from torch import nn
 
 from core.layers import Down, NonBottleneck1d, Up, conv_transpose_layer
+from core.tiling import NetworkStages
 
 SIZE_MULTIPLE = 8
 """Every spatial size fed to the network must be a multiple of this (three stride-2 stages)."""
 
 
+LOCAL_LAYERS = 7
+"""Encoder layers after the first that read a bounded neighbourhood: the downsamplers and the
+undilated blocks at 1/4 scale. The dilated blocks after them see the whole image at 1/8 scale."""
+ENCODE_HALO = 6
+"""Cells (8 pixels) around a cell that the local encoder reads: 47 pixels to each side."""
+DECODE_HALO = 4
+"""Cells around an output pixel's cell that the decoders read: 3 before it and 4 after it."""
+
+
 class Encoder(nn.Module):
-    """``(B, C_in, *S)`` → ``(B, 128, *S/8)``."""
+    """``(B, C_in, *S)`` → ``(B, 128, *S/8)``: :meth:`local` then :meth:`context`."""
 
     def __init__(self, spatial_dims: int, in_channels: int) -> None:
         super().__init__()
@@ -31,11 +41,21 @@ class Encoder(nn.Module):
             layers += [NonBottleneck1d(spatial_dims, 128, 0.3, d) for d in (2, 4, 8, 16)]
         self.layers = nn.ModuleList(layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def local(self, x: torch.Tensor) -> torch.Tensor:
+        """The full-resolution stages: ``(B, C_in, *S)`` → ``(B, 128, *S/8)``, bounded receptive field."""
         x = self.initial(x)
-        for layer in self.layers:
+        for layer in self.layers[:LOCAL_LAYERS]:
             x = layer(x)
         return x
+
+    def context(self, x: torch.Tensor) -> torch.Tensor:
+        """The dilated blocks at 1/8 scale: shape preserving, reading the whole grid."""
+        for layer in self.layers[LOCAL_LAYERS:]:
+            x = layer(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.context(self.local(x))
 
 
 class Decoder(nn.Module):
@@ -107,10 +127,18 @@ class BranchedERFNet(nn.Module):
                 "pad the input (core.predict pads and crops back automatically)"
             )
 
+    def decode(self, features: torch.Tensor) -> torch.Tensor:
+        """Both decoders on encoder features ``(B, 128, *S/8)``: raw outputs ``(B, 2*D + 1, *S)``."""
+        return torch.cat([decoder(features) for decoder in self.decoders], dim=1)
+
+    def stages(self) -> NetworkStages:
+        """The network split for exact tiled prediction (:func:`core.tiling.predict_tiled`)."""
+        return NetworkStages(encode=self.encoder.local, context=self.encoder.context, decode=self.decode,
+                             cell=SIZE_MULTIPLE, encode_halo=ENCODE_HALO, decode_halo=DECODE_HALO)  # fmt: skip
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        features = self.encoder(x)
-        return torch.cat([decoder(features) for decoder in self.decoders], dim=1)
+        return self.decode(self.encoder(x))
 
 
 def _reference_conv_name(spatial_dims: int, axis: int, half: int) -> str:

@@ -2,7 +2,7 @@
 
 | parameter | rule | without objects |
 | --- | --- | --- |
-| ``min_object_size`` | pixel count of the smallest object | 36 |
+| ``min_object_size`` | half the pixel count of the smallest whole object (:data:`MIN_SIZE_FRACTION`) | 36 |
 | ``foreground_weight`` | 2D: 10; 3D: mean over masks of #background / #foreground | 10 |
 | ``object_crop_shape`` | per axis ``round_up_8(mean + 5 * std)`` of the object extents (max − min), | 256² / 32×128² |
 | | Y = X = the larger, Z its own; at most the largest image (rounded up to 8); capped to | |
@@ -29,6 +29,13 @@ from core.embedding import step_for
 from core.normalization import NormalizationMode, NormalizationSettings
 
 DEFAULT_MIN_OBJECT_SIZE = 36
+MIN_SIZE_FRACTION = 0.5
+"""Predicted objects smaller than this fraction of the smallest whole training object are dropped.
+
+The smallest training object is one sample of the size distribution, not its lower end: unseen
+objects a little smaller than every training object are common, while a fragment split off an
+object (or a seed on background) is usually far smaller. Half the volume is about 0.8 of the
+object's extent in 3D and 0.7 in 2D."""
 DEFAULT_FOREGROUND_WEIGHT = 10.0
 DEFAULT_CROP_SHAPE = {2: (256, 256), 3: (32, 128, 128)}
 MAX_CROP_VOXELS = {2: 512 * 512, 3: 2 * 32 * 136 * 136}
@@ -337,12 +344,12 @@ class _MaskStatistics:
             self.bg_fg_ratios.append(float(counts[0]) / n_fg)
 
     def min_object_size(self) -> int:
-        """Smallest object not cut by an image border (a cut fragment says nothing of object size);
-        the smallest of all when every object touches a border."""
+        """:data:`MIN_SIZE_FRACTION` of the smallest object not cut by an image border (a cut
+        fragment says nothing of object size; the smallest of all when every object touches a border)."""
         if not self.sizes:
             return DEFAULT_MIN_OBJECT_SIZE
         whole = [size for size, inside in zip(self.sizes, self.interior) if inside]
-        return int(min(whole or self.sizes))
+        return max(1, int(MIN_SIZE_FRACTION * min(whole or self.sizes)))
 
     def foreground_weight(self) -> float:
         if self.dims == 2 or not self.bg_fg_ratios:

@@ -48,8 +48,39 @@ def channel_dropout(spatial_dims: int, p: float) -> nn.Module:
     return (nn.Dropout2d, nn.Dropout3d)[_check_dims(spatial_dims) - 2](p)
 
 
+class _AxisConv3d(nn.Conv3d):
+    """A ``(3, 1, 1)`` or ``(1, 1, 3)`` 3D convolution run on the CPU as a 2D one over a view of its input.
+
+    Along Z the volume is a ``(Z, Y·X)`` image, along X a ``(Z·Y, X)`` one; a length-3 kernel on one axis
+    never reaches across the merged axes, so the result is the 3D convolution's. The CPU's 2D kernels
+    are several times faster than its 3D ones on these shapes (``benchmarks/bench_train_step.py``).
+    """
+
+    def __init__(self, channels: int, axis: int, dilation: int) -> None:
+        def along(value: int, other: int) -> tuple[int, int, int]:
+            return (value if axis == 0 else other, value if axis == 1 else other, value if axis == 2 else other)
+
+        super().__init__(channels, channels, along(3, 1), padding=along(dilation, 0), dilation=along(dilation, 1))
+        self.axis = axis
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if x.device.type != "cpu" or self.axis == 1 or not x.is_contiguous():
+            return super()._conv_forward(x, weight, bias)
+        b, c, z, y, xs = x.shape
+        d = self.dilation[self.axis]
+        if self.axis == 0:
+            out = F.conv2d(x.view(b, c, z, y * xs), weight.view(*weight.shape[:2], 3, 1), bias,
+                           padding=(d, 0), dilation=(d, 1))  # fmt: skip
+        else:
+            out = F.conv2d(x.view(b, c, z * y, xs), weight.view(*weight.shape[:2], 1, 3), bias,
+                           padding=(0, d), dilation=(1, d))  # fmt: skip
+        return out.view(b, -1, z, y, xs)
+
+
 def axis_conv(spatial_dims: int, channels: int, axis: int, dilation: int = 1) -> nn.Module:
     """A length-3 convolution along one spatial ``axis`` (0 = first spatial axis), size preserving."""
+    if _check_dims(spatial_dims) == 3:
+        return _AxisConv3d(channels, axis, dilation)
     kernel = [1] * spatial_dims
     padding = [0] * spatial_dims
     dil = [1] * spatial_dims

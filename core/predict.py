@@ -1,14 +1,13 @@
 """Prediction: raw network outputs for a whole image or volume, and instance labels (method.md §7, §11.3).
 
-:func:`predict_raw` runs the network in eval mode without gradients, window by window
-(:mod:`core.tiling`), optionally with test-time augmentation (:mod:`core.tta`), and returns the
-stitched raw outputs on the CPU. :func:`segment` clusters them into int32 labels with
+:func:`predict_raw` runs the network in eval mode without gradients, block by block with the
+outputs of the whole image (:mod:`core.tiling`), optionally with test-time augmentation
+(:mod:`core.tta`), and returns the raw outputs on the CPU. :func:`segment` clusters them into int32 labels with
 :func:`core.clustering.cluster`.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -90,7 +89,6 @@ def predict_raw(
     tta: bool = False,
     tile: Sequence[int] | str | None = "auto",
     normalization: Normalization = None,
-    overlap: float = 0.25,
     amp: bool = False,
     combine: TTACombine | str = TTACombine.median,
     fg_thresh: float = 0.5,
@@ -102,11 +100,11 @@ def predict_raw(
     ``image``: ``(Y, X)`` / ``(Z, Y, X)``, optionally with a leading channel axis; float and already
     normalised unless ``normalization`` is given (see :data:`Normalization`). ``device``: where the
     network runs (default: where the model's parameters are; the model is moved there otherwise).
-    ``tile``: window shape in array order, ``"auto"`` (from free device memory) or ``None`` (whole
-    image); windows are reflect-padded to multiples of 8 and cropped back. ``tta`` combines the
-    8 / 16 transforms per window (``combine``, ``fg_thresh`` and ``tta_batch_size`` as in
+    ``tile``: block shape in array order, ``"auto"`` (from free device memory) or ``None`` (whole
+    image); it bounds memory only, the outputs are the whole image's (:mod:`core.tiling`). ``tta``
+    combines the 8 / 16 transforms (``combine``, ``fg_thresh`` and ``tta_batch_size`` as in
     :func:`core.tta.predict_tta`). ``amp`` uses float16 autocast on CUDA. ``progress(done, total)``
-    is called per window; returning ``False`` raises :class:`core.tiling.PredictionCancelled`.
+    is called per block; returning ``False`` raises :class:`core.tiling.PredictionCancelled`.
     The model runs in eval mode without gradients; its training mode is restored afterwards.
     """
     dims, channels = _model_dims(model)
@@ -118,28 +116,18 @@ def predict_raw(
         dev = resolve_device(device)
         if params is not None and params.device != dev:
             model.to(dev)
-    autocast = (
-        torch.autocast(device_type="cuda", dtype=torch.float16)
-        if amp and dev.type == "cuda"
-        else contextlib.nullcontext()
-    )
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with autocast:
-            return model(x)
-
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             return predict_tiled(
-                run,
+                model,
                 prepared,
                 tile=tile,
-                overlap=overlap,
                 device=dev,
                 tta=tta,
                 tta_options={"combine": combine, "fg_thresh": fg_thresh, "batch_size": tta_batch_size},
+                amp=amp,
                 progress=progress,
             )
     finally:
@@ -167,10 +155,11 @@ def segment(
 
     ``step``: embedding length of one pixel step per array axis (default
     :func:`core.embedding.step_for`); ``fg_thresh``, ``seed_thresh``, ``min_size``, ``max_radius`` go to
-    :func:`core.clustering.cluster`, which runs on the same device as the network. ``combine``
-    is the rule that merges the TTA passes (:class:`core.tta.TTACombine`).
+    :func:`core.clustering.cluster`, which runs on the same device as the network; objects that later
+    objects cut down to ``min_size`` pixels or fewer are dropped (:func:`core.clustering.drop_fragments`).
+    ``combine`` is the rule that merges the TTA passes (:class:`core.tta.TTACombine`).
     """
-    from core.clustering import cluster
+    from core.clustering import cluster, drop_fragments
     from core.embedding import step_for
 
     dims, _ = _model_dims(model)
@@ -197,4 +186,4 @@ def segment(
         max_radius=max_radius,
         device=where,
     )
-    return np.asarray(labels, dtype=np.int32)
+    return drop_fragments(np.asarray(labels, dtype=np.int32), min_size)

@@ -1,12 +1,25 @@
-"""Sliding-window prediction of raw network outputs (method.md §11.3).
+"""Memory-bounded prediction whose raw outputs do not depend on the tile size (method.md §11.3).
 
-A volume is cut into overlapping tiles (25 % overlap by default) that start at multiples of 8 (the
-network's sampling grid); every tile is padded to a multiple of 8, predicted on the device
-(optionally with test-time augmentation), weighted over its overlaps with neighbouring tiles (0 next
-to its own border, a ``sin²`` ramp in the middle of the overlap) and added into one float32 output
-array on the CPU. The weights are separable and normalised per axis, so they sum to one at every
-pixel and no volume-sized weight array is needed: peak memory grows with the tile, not
-with the volume (apart from the input and the output).
+The network is run in three stages (:class:`NetworkStages`): a local encoder from the full-resolution
+image down to a grid of cells (8 pixels per axis for the ERF-Net), a context stage on that cell grid
+whose receptive field spans the whole image, and local decoders back to full resolution. The
+rule is: every raw output is the one the network gives on the whole image.
+
+- The image is reflect-padded to a multiple of 8, centred (:func:`pad_to_multiple`), as a whole-image
+  prediction pads it.
+- The local encoder runs on blocks of ``tile`` (on the 8-pixel grid), each read with a halo of
+  :attr:`NetworkStages.encode_halo` cells that covers its receptive field; only the block's own
+  cells are kept. The assembled cell grid is what the whole image gives.
+- The context stage runs on the whole cell grid at once (1/64 of the pixels in 2D, 1/512 in 3D).
+- The decoders run block by block with a halo of :attr:`NetworkStages.decode_halo` cells.
+
+Convolutions zero-pad only at the image's true borders, which the blocks share with the whole
+image, so tiled and whole outputs are equal up to float rounding, for any model and any tile: the
+objects a user gets do not depend on a memory setting. With test-time augmentation the context
+grid of every pass is kept (small), and each block is decoded for every pass, brought back and
+combined (:class:`core.tta.PassCombiner`) with a margin of one cell for the seed-peak rule.
+Peak memory grows with the tile, the input, the output and the cell grids, not with the volume's
+activations at full resolution.
 """
 
 from __future__ import annotations
@@ -14,7 +27,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from itertools import product
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,10 +40,10 @@ SIZE_MULTIPLE = 8
 BYTES_PER_VOXEL = {2: 400, 3: 256}
 """Measured inference memory of the network per input voxel and batch item (float32), with margin."""
 MIN_AUTO_TILE = 32
+MIN_BLOCK = 64
+"""Smallest block side (pixels) of a tiled prediction: a smaller one would spend most of its work on halos."""
 MAX_AUTO_VOXELS = 1 << 24
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]
-"""Maps ``(B, C_in, *T)`` (every size a multiple of 8) to ``(B, C_out, *T)`` on the same device."""
 Progress = Callable[[int, int], "bool | None"]
 """Called as ``progress(tiles_done, tiles_total)`` after each tile; returning ``False`` cancels."""
 
@@ -64,9 +79,31 @@ def reflect_pad_end(x: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
     return x
 
 
+def padding_before(spatial: Sequence[int], multiple: int = SIZE_MULTIPLE) -> tuple[int, ...]:
+    """Pixels that :func:`pad_to_multiple` adds before the image on each axis: half the padding
+    (rounded down), the rest goes after it."""
+    return tuple((round_up(n, multiple) - int(n)) // 2 for n in spatial)
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
-    """Reflect-pad the spatial axes of ``(B, C, *S)`` at their end to multiples of ``multiple``."""
-    return reflect_pad_end(x, [round_up(s, multiple) for s in x.shape[2:]])
+    """Reflect-pad the spatial axes of ``(B, C, *S)`` to multiples of ``multiple``, centring the image.
+
+    Training crops of an image shorter than the crop (a 5-slice stack under 8-slice crops) hold it
+    centred between mirrored slices (:mod:`core.crops`); the network learns that layout, so a whole
+    image is padded the same way. :func:`crop_padding` takes the image's part of an output back.
+    """
+    spatial = x.shape[2:]
+    before = padding_before(spatial, multiple)
+    flipped = tuple(range(2, x.dim()))
+    x = torch.flip(reflect_pad_end(torch.flip(x, flipped), [n + b for n, b in zip(spatial, before)]), flipped)
+    return reflect_pad_end(x, [round_up(n, multiple) for n in spatial])
+
+
+def crop_padding(y: np.ndarray, spatial: Sequence[int], multiple: int = SIZE_MULTIPLE) -> np.ndarray:
+    """The part of ``y`` ``(C, *P)``, computed on :func:`pad_to_multiple`'s output, that covers the
+    image ``spatial`` (a view)."""
+    before = padding_before(spatial, multiple)
+    return y[(slice(None), *(slice(b, b + int(n)) for b, n in zip(before, spatial)))]
 
 
 def available_memory(device: torch.device | str | None = None) -> int:
@@ -147,38 +184,6 @@ def axis_starts(size: int, tile: int, overlap: float) -> list[int]:
     return starts
 
 
-def axis_weights(size: int, tile: int, starts: Sequence[int]) -> list[np.ndarray]:
-    """Per-window 1-D weights along one axis (window ``i`` covers ``starts[i]`` to
-    ``min(starts[i] + tile, size)``), normalised so that they sum to 1 at every index.
-
-    Where two windows overlap, each one's weight is 0 on the outer quarter of the overlap (its
-    outputs next to its own border, where it lacks the context the other window has), rises as
-    ``sin²`` over the middle half and is 1 on the inner quarter.
-    """
-    ends = [min(start + tile, size) for start in starts]
-    raw = []
-    for i, (start, end) in enumerate(zip(starts, ends)):
-        w = np.ones(end - start, dtype=np.float64)
-        if i > 0 and ends[i - 1] > start:
-            w[: ends[i - 1] - start] *= _ramp(ends[i - 1] - start)
-        if i + 1 < len(starts) and end > starts[i + 1]:
-            w[starts[i + 1] - start :] *= _ramp(end - starts[i + 1])[::-1]
-        raw.append(w)
-    total = np.zeros(size, dtype=np.float64)
-    for start, end, w in zip(starts, ends, raw):
-        total[start:end] += w
-    return [w / total[start:end] for start, end, w in zip(starts, ends, raw)]
-
-
-def _ramp(length: int) -> np.ndarray:
-    """Rising weights over an overlap of ``length``: 0 on the first quarter, ``sin²`` on the middle
-    half, 1 on the last quarter."""
-    quarter = length // 4
-    middle = length - 2 * quarter
-    rise = np.sin(0.5 * np.pi * (np.arange(middle) + 0.5) / max(middle, 1)) ** 2
-    return np.concatenate([np.zeros(quarter), rise, np.ones(quarter)])
-
-
 def _tile_shape(
     spatial: Sequence[int], tile: Sequence[int] | str | None, batch: int, device: torch.device
 ) -> list[int]:
@@ -198,75 +203,244 @@ def _tile_shape(
     return [min(round_up(t), n) for t, n in zip(tile, spatial)]
 
 
+
+Module = Callable[[torch.Tensor], torch.Tensor]
+Region = tuple[slice, ...]
+
+
+@dataclass(frozen=True)
+class NetworkStages:
+    """A network split for exact tiling: ``decode(context(encode(x)))`` equals its forward pass.
+
+    ``encode`` maps ``(B, C_in, *S)`` (sizes multiples of ``cell``) to ``(B, F, *S / cell)`` and
+    reads at most ``encode_halo`` cells beyond a cell's own pixels; ``context`` maps the cell grid to
+    a cell grid of the same shape and may read all of it; ``decode`` maps cells to ``(B, C_out, *S)``
+    and reads at most ``decode_halo`` cells around the cells of an output pixel.
+    """
+
+    encode: Module
+    context: Module
+    decode: Module
+    cell: int
+    encode_halo: int
+    decode_halo: int
+
+
+def network_stages(net: torch.nn.Module) -> NetworkStages:
+    """The stages of ``net`` (its ``stages()`` method); a network without one is a single stage run
+    on the whole image at once (its outputs cannot be tiled exactly)."""
+    stages = getattr(net, "stages", None)
+    if callable(stages):
+        return stages()
+
+    def identity(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    return NetworkStages(encode=net, context=identity, decode=identity, cell=1, encode_halo=0, decode_halo=0)
+
+
+def _blocks(cells: Sequence[int], block: Sequence[int]) -> list[Region]:
+    """Non-overlapping blocks of ``block`` cells covering a grid of ``cells`` (the last ones shorter)."""
+    per_axis = [[slice(s, min(s + b, n)) for s in range(0, n, b)] for n, b in zip(cells, block)]
+    return [tuple(r) for r in product(*per_axis)]
+
+
+def _grow(region: Region, by: int, cells: Sequence[int]) -> Region:
+    """``region`` widened by ``by`` cells on each side, clipped to the grid."""
+    return tuple(slice(max(0, r.start - by), min(n, r.stop + by)) for r, n in zip(region, cells))
+
+
+def _within(inner: Region, outer: Region, scale: int = 1) -> Region:
+    """``inner`` relative to ``outer``'s start, in units of ``scale`` pixels per cell."""
+    return tuple(slice((i.start - o.start) * scale, (i.stop - o.start) * scale) for i, o in zip(inner, outer))
+
+
+def _pixels(region: Region, scale: int) -> Region:
+    return tuple(slice(r.start * scale, r.stop * scale) for r in region)
+
+
+class _Staged:
+    """Runs :class:`NetworkStages` block by block on one device (optionally under float16 autocast)."""
+
+    def __init__(self, stages: NetworkStages, block: Sequence[int], amp: bool, progress: Progress | None) -> None:
+        self.stages, self.block, self.amp = stages, list(block), amp
+        self.progress, self.done, self.total = progress, 0, 0
+
+    def _run(self, module: Module, x: torch.Tensor) -> torch.Tensor:
+        if self.amp and x.device.type == "cuda":
+            with torch.autocast(device_type="cuda", dtype=torch.float16):
+                return module(x).float()
+        return module(x).float()
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.progress is not None and self.progress(self.done, self.total) is False:
+            raise PredictionCancelled(f"prediction cancelled after {self.done} of {self.total} tiles")
+
+    def blocks(self, cells: Sequence[int]) -> list[Region]:
+        return _blocks(cells, [min(b, n) for b, n in zip(self.block, cells)])
+
+    def context_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """The context stage's cell grid of ``x`` ``(B, C_in, *P)`` (``P`` multiples of the cell)."""
+        st = self.stages
+        cells = [n // st.cell for n in x.shape[2:]]
+        regions = self.blocks(cells)
+        if len(regions) == 1:
+            grid = self._run(st.encode, x)
+            self.tick()
+            return self._run(st.context, grid)
+        assembled: torch.Tensor | None = None
+        for region in regions:
+            outer = _grow(region, st.encode_halo, cells)
+            part = self._run(st.encode, x[(slice(None), slice(None), *_pixels(outer, st.cell))])
+            if assembled is None:
+                assembled = part.new_empty((*part.shape[:2], *cells))
+            assembled[(slice(None), slice(None), *region)] = part[(slice(None), slice(None), *_within(region, outer))]
+            del part
+            self.tick()
+        assert assembled is not None
+        return self._run(st.context, assembled)
+
+    def decode(self, grid: torch.Tensor, region: Region) -> torch.Tensor:
+        """Raw outputs ``(B, C_out, *region pixels)`` of the cells ``region`` of a context grid."""
+        st = self.stages
+        outer = _grow(region, st.decode_halo, grid.shape[2:])
+        out = self._run(st.decode, grid[(slice(None), slice(None), *outer)])
+        return out[(slice(None), slice(None), *_within(region, outer, st.cell))]
+
+
+def _transformed_region(transform: Any, region: Region, cells: Sequence[int]) -> Region:
+    """Where the cells ``region`` of a grid of ``cells`` lie after ``transform`` (a TTA transform)."""
+    mask = torch.zeros((1, 1, *cells), dtype=torch.bool)
+    index: tuple[Any, ...] = (0, 0, *region)
+    mask[index] = True
+    moved = transform.apply_image(mask)[0, 0]
+    spans = []
+    for axis in range(moved.dim()):
+        other = tuple(a for a in range(moved.dim()) if a != axis)
+        hit = torch.nonzero(moved.any(dim=other) if other else moved).flatten()
+        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(spans)
+
+
+def _store(output: np.ndarray | None, y: torch.Tensor, region: Region, cell: int, spatial: Sequence[int]) -> np.ndarray:
+    """Write the raw outputs ``y`` ``(C, *block pixels)`` of the cells ``region`` into ``output``
+    ``(C, *spatial)`` (created on first use), without the padding beyond ``spatial``."""
+    target = tuple(slice(r.start * cell, min(r.stop * cell, n)) for r, n in zip(region, spatial))
+    index: tuple[Any, ...] = (slice(None), *(slice(0, t.stop - t.start) for t in target))
+    if output is None:
+        if all(t.start == 0 and t.stop == n for t, n in zip(target, spatial)):  # one block: no copy
+            return np.ascontiguousarray(y[index].cpu().numpy())
+        output = np.empty((y.shape[0], *spatial), dtype=np.float32)
+    output[(slice(None), *target)] = y[index].cpu().numpy()
+    return output
+
+
+def _predict_plain(runner: _Staged, x: torch.Tensor, spatial: Sequence[int]) -> np.ndarray:
+    """Raw outputs of one padded image ``(1, C, *P)`` cropped to ``spatial``."""
+    cell = runner.stages.cell
+    regions = runner.blocks([n // cell for n in x.shape[2:]])
+    runner.total = 2 * len(regions)
+    grid = runner.context_grid(x)
+    output: np.ndarray | None = None
+    for region in regions:
+        output = _store(output, runner.decode(grid, region)[0], region, cell, spatial)
+        runner.tick()
+    assert output is not None
+    return output
+
+
+def _predict_tta(runner: _Staged, x: torch.Tensor, spatial: Sequence[int], options: dict[str, Any]) -> np.ndarray:
+    """Raw outputs of one padded image combined over the TTA passes, block by block, cropped to ``spatial``."""
+    from core.tta import CPU_BATCH_VOXELS, DEFAULT_BATCH, PassCombiner, TTACombine, transforms
+
+    rule = TTACombine.parse(options.get("combine", TTACombine.median))
+    fg_thresh = float(options.get("fg_thresh", 0.5))
+    if not 0.0 < fg_thresh < 1.0:
+        raise ValueError(f"fg_thresh must lie strictly between 0 and 1, got {fg_thresh}")
+    batch = int(options.get("batch_size", DEFAULT_BATCH))
+    if batch < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch}")
+    if x.device.type == "cpu":
+        batch = max(1, min(batch, CPU_BATCH_VOXELS // max(1, math.prod(x.shape[2:]))))
+    cell = runner.stages.cell
+    cells = [n // cell for n in x.shape[2:]]
+    chosen = transforms(len(spatial))
+    regions = runner.blocks(cells)
+    groups = [[j for j, t in enumerate(chosen) if t.swaps_yx == odd] for odd in (False, True)]
+    chunks = [g[i : i + batch] for g in groups for i in range(0, len(g), batch)]
+    runner.total = sum(len(runner.blocks(chosen[c[0]].transformed_shape(cells))) for c in chunks) + len(regions)
+    grids: list[torch.Tensor | None] = [None] * len(chosen)
+    for chunk in chunks:
+        found = runner.context_grid(torch.cat([chosen[j].apply_image(x) for j in chunk], dim=0))
+        for i, j in enumerate(chunk):
+            grids[j] = found[i : i + 1]
+        del found
+    output: np.ndarray | None = None
+    for region in regions:
+        outer = _grow(region, 1, cells)  # one cell of margin for the seed peaks' local maximum
+        combiner = None
+        for j, t in enumerate(chosen):
+            grid = grids[j]
+            assert grid is not None
+            back = t.undo_output(runner.decode(grid, _transformed_region(t, outer, cells)))
+            if combiner is None:
+                combiner = PassCombiner(rule, len(chosen), tuple(back.shape), back.device)
+            combiner.add(j, 0, back)
+        assert combiner is not None
+        inner: tuple[Any, ...] = (0, slice(None), *_within(region, outer, cell))
+        output = _store(output, combiner.result(fg_thresh)[inner], region, cell, spatial)
+        del combiner
+        runner.tick()
+    assert output is not None
+    return output
+
+
 def predict_tiled(
-    predictor: Predictor,
+    net: torch.nn.Module,
     image: np.ndarray | torch.Tensor,
     *,
     tile: Sequence[int] | str | None = "auto",
-    overlap: float = 0.25,
     device: torch.device | str | None = None,
     tta: bool = False,
-    tta_options: dict | None = None,
+    tta_options: dict[str, Any] | None = None,
+    amp: bool = False,
     progress: Progress | None = None,
 ) -> np.ndarray:
-    """Raw outputs ``(C_out, *S)`` float32 (numpy, CPU) of ``predictor`` over ``image`` ``(C_in, *S)``.
+    """Raw outputs ``(C_out, *S)`` float32 (numpy, CPU) of ``net`` over ``image`` ``(C_in, *S)``.
 
-    ``tile``: sizes in array order, ``"auto"`` (from the device's free memory) or ``None`` (one
-    window over the whole image). Windows overlap by ``overlap`` of the tile, are reflect-padded
-    to multiples of 8, run on ``device`` (through :func:`core.tta.predict_tta` when ``tta``, with
-    ``tta_options`` passed on) and are blended with cosine weights. ``progress(done, total)`` is
-    called after every tile; returning ``False`` raises :class:`PredictionCancelled`.
+    Equal, up to float rounding, to ``net`` run on the whole image (reflect-padded to a multiple of 8
+    by :func:`pad_to_multiple`), whatever ``tile`` is (module docstring). ``tile``: block shape in array order
+    (rounded up to the 8-pixel grid, at least :data:`MIN_BLOCK`), ``"auto"`` (from the device's
+    free memory) or ``None`` (one block). ``tta`` combines the 8 / 16 flips and rotations (``tta_options``: ``combine``,
+    ``fg_thresh``, ``batch_size``, as for :func:`core.tta.predict_tta`). ``amp`` runs the network
+    under float16 autocast on CUDA. ``progress(done, total)`` is called after every block and stage;
+    returning ``False`` raises :class:`PredictionCancelled`. ``net`` must be in eval mode; call
+    under ``torch.inference_mode()`` or ``torch.no_grad()``.
     """
     dev = resolve_device(device)
-    if not 0.0 <= overlap < 0.5:
-        raise ValueError(f"overlap must be in [0, 0.5), got {overlap}")
     if image.ndim not in (3, 4):
         raise ValueError(f"image must be (C, Y, X) or (C, Z, Y, X), got shape {tuple(image.shape)}")
     spatial = tuple(int(s) for s in image.shape[1:])
     options = dict(tta_options or {})
     batch = 1
     if tta:
-        from core.tta import DEFAULT_BATCH, TTACombine, combine_bytes_per_voxel, predict_tta
+        from core.tta import DEFAULT_BATCH, TTACombine, combine_bytes_per_voxel
 
         # the passes' combination holds memory of its own: count it as extra images of the batch
         extra = combine_bytes_per_voxel(len(spatial), options.get("combine", TTACombine.median))
         batch = int(options.get("batch_size", DEFAULT_BATCH)) + math.ceil(extra / BYTES_PER_VOXEL[len(spatial)])
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return predict_tta(predictor, x, **options)
-    else:
-        run = predictor
+    stages = network_stages(net)
     tile_shape = _tile_shape(spatial, tile, batch, dev)
-
-    per_axis = []
-    for n, t in zip(spatial, tile_shape):
-        starts = axis_starts(n, t, overlap)
-        per_axis.append(list(zip(starts, axis_weights(n, t, starts))))
-    windows = list(product(*per_axis))
-    total = len(windows)
-    output: np.ndarray | None = None
-    for done, window in enumerate(windows, start=1):
-        region = tuple(slice(start, start + len(w)) for start, w in window)
-        chunk = image[(slice(None), *region)]
-        x = chunk if isinstance(chunk, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(chunk))
-        x = x.to(device=dev, dtype=torch.float32, non_blocking=True).unsqueeze(0)
-        y = run(pad_to_multiple(x))
-        y = y[(slice(None), slice(None), *(slice(0, len(w)) for _, w in window))].float()
-        if total == 1:  # one window: its weights are all 1, and its output is the result
-            output = np.ascontiguousarray(y[0].cpu().numpy())
-        else:
-            weight = None
-            for axis, (_, w) in enumerate(window):
-                shape = [1] * len(tile_shape)
-                shape[axis] = -1
-                w_t = torch.as_tensor(w, dtype=torch.float32, device=y.device).view(shape)
-                weight = w_t if weight is None else weight * w_t
-            y = (y[0] * weight).cpu().numpy()
-            if output is None:
-                output = np.zeros((y.shape[0], *spatial), dtype=np.float32)
-            output[(slice(None), *region)] += y
-        del x, y
-        if progress is not None and progress(done, total) is False:
-            raise PredictionCancelled(f"prediction cancelled after {done} of {total} tiles")
-    assert output is not None
-    return output
+    chunk = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
+    x = pad_to_multiple(chunk.to(device=dev, dtype=torch.float32).unsqueeze(0))
+    if SIZE_MULTIPLE % stages.cell:
+        raise ValueError(f"the network's cell ({stages.cell} pixels) must divide {SIZE_MULTIPLE}")
+    block = [max(-(-t // stages.cell), MIN_BLOCK // stages.cell) for t in tile_shape]
+    if stages.cell == 1 and stages.encode_halo == stages.decode_halo == 0:  # one stage: the whole image
+        block = list(x.shape[2:])
+    runner = _Staged(stages, block, amp, progress)
+    padded = tuple(int(n) for n in x.shape[2:])
+    if tta:
+        return crop_padding(_predict_tta(runner, x, padded, options), spatial)
+    return crop_padding(_predict_plain(runner, x, padded), spatial)

@@ -53,6 +53,14 @@ MAX_BATCH_VOXELS = {2: 16 * 256 * 256, 3: 2 * 32 * 136 * 136}
 gives the paper's 2 × 8 for its 3D crops and 16 × 1 for small ones (24 × 48² crops: 4.6× faster
 optimiser steps than 2 × 8 on a GPU, benchmarks/bench_gpu.py ``train3d``)."""
 
+CPU_STEP_VOXELS_3D = 4 * 8 * 136 * 136
+"""Crop voxels of a 3D optimiser step on the CPU, where a step's time grows with its voxels: the
+reference's 3D batch of 4 crops of 8 × 136². More, smaller steps reach a useful model sooner in a
+CPU budget than few steps of 16 large crops."""
+
+CPU_CROPS_3D = (4, 16)
+"""Fewest and most crops of a 3D optimiser step on the CPU."""
+
 DEFAULT_RANDOM_CROPS = 0.25
 """Randomly placed training crops per object-centred crop (see :class:`core.data.CropDataset`)."""
 
@@ -297,22 +305,28 @@ def choose_batch(
     batch_size: int | None,
     virtual_batch: int | None,
     object_crop_shape: Sequence[int] | None = None,
+    device_type: str = "cuda",
 ) -> tuple[int, int]:
     """Batch size and virtual multiplier m: batch × m crops per optimiser step.
 
     16 crops per step, or, where the crop was enlarged for context beyond ``object_crop_shape``
     (:data:`core.hyperparams.MIN_CONTEXT_SIDE`), as many fewer as the crop is larger (16 × 48²
-    becomes 4 × 96²; at least :data:`MIN_CONTEXT_BATCH`), so a step costs what it did. The automatic
-    batch starts there and halves (raising m) until one forward pass holds at most
-    :data:`MAX_BATCH_VOXELS` voxels: 16 × 1 for small crops, 2 × 8 for 3D crops of 32 × 136².
+    becomes 4 × 96²; at least :data:`MIN_CONTEXT_BATCH`), so a step costs what it did. In 3D on the
+    CPU (``device_type`` ``"cpu"``) a step holds at most :data:`CPU_STEP_VOXELS_3D` crop voxels, and
+    4 to 16 crops (:data:`CPU_CROPS_3D`). The automatic batch starts there and halves (raising m)
+    until one forward pass holds at most :data:`MAX_BATCH_VOXELS` voxels: 16 × 1 for small crops,
+    2 × 8 for 3D crops of 32 × 136² on a GPU.
     """
+    voxels = int(np.prod(crop_shape))
     effective = EFFECTIVE_BATCH
     if object_crop_shape is not None:
-        ratio = float(np.prod(object_crop_shape)) / float(np.prod(crop_shape))
+        ratio = float(np.prod(object_crop_shape)) / float(voxels)
         if ratio < 1.0:
             effective = max(MIN_CONTEXT_BATCH, round(EFFECTIVE_BATCH * ratio))
+    if spatial_dims == 3 and device_type == "cpu":
+        low, high = CPU_CROPS_3D
+        effective = min(effective, max(low, min(high, CPU_STEP_VOXELS_3D // voxels)))
     if batch_size is None:
-        voxels = int(np.prod(crop_shape))
         batch = effective
         while batch > 1 and batch * voxels > MAX_BATCH_VOXELS[spatial_dims]:
             batch //= 2
@@ -634,7 +648,9 @@ def train(
 
     crop_shape = tuple(int(s) for s in props.crop_shape)
     step = tuple(float(h) for h in props.step)
-    batch, m = choose_batch(dims, crop_shape, config.batch_size, config.virtual_batch, props.object_crop_shape)
+    batch, m = choose_batch(
+        dims, crop_shape, config.batch_size, config.virtual_batch, props.object_crop_shape, device.type
+    )
 
     train_set = CropDataset(
         train_images,

@@ -218,7 +218,7 @@ def predict_tta(
     n, n_batch, channels = len(chosen), x.shape[0], 2 * d + 1
     if x.device.type == "cpu":
         batch_size = max(1, min(batch_size, CPU_BATCH_VOXELS // max(1, math.prod(x.shape[2:]))))
-    combiner: _Combiner | None = None
+    combiner: PassCombiner | None = None
     for odd in (False, True):
         jobs = [(j, t, b) for j, t in enumerate(chosen) if t.swaps_yx == odd for b in range(n_batch)]
         for chunk in _chunks(jobs, batch_size):
@@ -227,15 +227,18 @@ def predict_tta(
             if raw.shape[1] != channels:
                 raise ValueError(f"predictor returned {raw.shape[1]} channels, expected {channels}")
             if combiner is None:
-                combiner = _Combiner(rule, n, (n_batch, channels, *x.shape[2:]), raw.device)
+                combiner = PassCombiner(rule, n, (n_batch, channels, *x.shape[2:]), raw.device)
             for i, (j, t, b) in enumerate(chunk):
                 combiner.add(j, b, t.undo_output(raw[i : i + 1]))
     assert combiner is not None
     return combiner.result(fg_thresh)
 
 
-class _Combiner:
-    """Accumulates the back-transformed passes ``(1, C, *S)`` of a batch and combines them by ``rule``."""
+class PassCombiner:
+    """Accumulates the back-transformed passes ``(1, C, *S)`` of a batch and combines them by ``rule``.
+
+    ``add(j, b, back)`` stores pass ``j`` of batch item ``b``; ``result(fg_thresh)`` returns ``shape``.
+    """
 
     def __init__(self, rule: TTACombine, n: int, shape: tuple[int, ...], device: torch.device) -> None:
         self.rule, self.n = rule, n

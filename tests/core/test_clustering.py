@@ -321,3 +321,16 @@ def test_tied_seed_scores_resolved_by_lowest_index():
     for min_size in (0, 6):
         np.testing.assert_array_equal(cluster(raw, step=H, min_size=min_size),
                                       naive_cluster(raw, (H, H), min_size=min_size))
+
+
+def test_drop_fragments_removes_objects_at_or_below_the_minimum_size() -> None:
+    from core.clustering import drop_fragments
+
+    labels = np.zeros((6, 8), dtype=np.int32)
+    labels[0:3, 0:3] = 1  # 9 px
+    labels[4:6, 0:2] = 2  # 4 px: a remnant
+    labels[3:6, 4:8] = 4  # 12 px
+    out = drop_fragments(labels.copy(), 4)
+    assert sorted(np.unique(out).tolist()) == [0, 1, 4]
+    assert (out[4:6, 0:2] == 0).all() and (out[0:3, 0:3] == 1).all() and (out == 4).sum() == 12
+    np.testing.assert_array_equal(drop_fragments(labels.copy(), 3), labels)

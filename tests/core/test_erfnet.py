@@ -92,6 +92,23 @@ def test_non_bottleneck_axis_convs():
     assert block(torch.randn(1, 4, 8, 8, 8)).shape == (1, 4, 8, 8, 8)
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("dilation", [1, 2, 4])
+def test_3d_axis_conv_equals_the_plain_3d_convolution(axis: int, dilation: int) -> None:
+    torch.manual_seed(axis * 10 + dilation)
+    conv = axis_conv(3, 6, axis, dilation)
+    x = torch.randn(2, 6, 5, 9, 11, requires_grad=True)
+    out = conv(x)
+    plain = F.conv3d(x, conv.weight, conv.bias, padding=conv.padding, dilation=conv.dilation)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad((out * plain.detach()).sum(), (x, conv.weight, conv.bias))
+    plain_grads = torch.autograd.grad((plain * plain.detach()).sum(), (x, conv.weight, conv.bias))
+    for got, want in zip(grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    strided = x.detach().transpose(3, 4).contiguous().transpose(3, 4)  # not contiguous: the plain path
+    torch.testing.assert_close(conv(strided), plain.detach(), rtol=1e-5, atol=1e-5)
+
+
 def _to_reference_key(key: str, dims: int) -> str:
     key = key.replace("encoder.initial.", "encoder.initial_block.")
 

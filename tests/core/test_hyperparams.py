@@ -38,7 +38,7 @@ def test_2d_statistics_and_crop_rule():
     assert p.object_crop_shape == (48, 48)
     assert p.crop_shape == (96, 96)  # enlarged for context (the image is 100 x 120)
     assert "crop shape: 96 x 96 (YX); objects need 48 x 48, enlarged for context" in p.describe()
-    assert p.min_object_size == 9
+    assert p.min_object_size == 4  # half of the smallest object (9 px), rounded down
     assert p.foreground_weight == 10.0
     assert p.n_objects == 3 and p.n_images == 1
     assert p.max_object_size == 100 and p.mean_object_size == pytest.approx(189 / 3)
@@ -64,7 +64,7 @@ def test_3d_foreground_weight_anisotropy_and_z_crop():
     p = DataProperties.from_masks([a, b, empty], spatial_dims=3, voxel_size=(2.0, 0.5, 0.5))
     expected_w = np.mean([(32000 - 400) / 400, (32000 - 104) / 104])
     assert p.foreground_weight == pytest.approx(expected_w)
-    assert p.min_object_size == 100  # the 4-voxel object at the corner is cut by the border
+    assert p.min_object_size == 50  # half of 100: the 4-voxel object at the corner is cut by the border
     assert p.anisotropy == 4.0
     assert p.step == pytest.approx(step_for(3, 4.0))
     ext = np.array([[3, 9, 9], [1, 9, 4], [0, 1, 1]], dtype=float)
@@ -175,11 +175,11 @@ def test_min_object_size_ignores_objects_cut_by_the_border():
     m[10:20, 10:20] = 1  # 100 px inside
     m[0:2, 5:8] = 2  # 6 px fragment on the top border
     m[25:30, 27:30] = 3  # 15 px fragment in the corner
-    assert DataProperties.from_masks([m], spatial_dims=2).min_object_size == 100
+    assert DataProperties.from_masks([m], spatial_dims=2).min_object_size == 50
     only_cut = np.zeros((30, 30), dtype=np.uint16)
     only_cut[0:2, 5:8] = 2
     only_cut[25:30, 27:30] = 3
-    assert DataProperties.from_masks([only_cut], spatial_dims=2).min_object_size == 6
+    assert DataProperties.from_masks([only_cut], spatial_dims=2).min_object_size == 3
 
 
 def test_real_masks(data_dir):
@@ -190,10 +190,10 @@ def test_real_masks(data_dir):
     counts = np.bincount(m2.ravel())
     whole = [counts[i + 1] for i, sl in enumerate(slices)
              if sl is not None and all(0 < a.start and a.stop < n for a, n in zip(sl, m2.shape))]  # fmt: skip
-    assert 0 < len(whole) < 125 and p.min_object_size == min(whole)
+    assert 0 < len(whole) < 125 and p.min_object_size == min(whole) // 2
     # the top three quarters cut nuclei in two at row 384: the fragments do not set the size
     top = DataProperties.from_masks([m2[:384]], spatial_dims=2)
-    assert top.min_object_size >= min(whole)
+    assert top.min_object_size >= min(whole) // 2
     assert all(s % 8 == 0 and 16 <= s <= 512 for s in p.crop_shape)
     m3 = read_tiff(data_dir / "nuclei3d_synthetic" / "masks" / "synthetic_img3d.tif").data
     p3 = DataProperties.from_masks([m3], spatial_dims=3)

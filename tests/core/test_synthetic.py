@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from baseline import otsu_labels
 from scipy import ndimage
 
-from core.synthetic import object_geometry, perfect_raw, random_labels, render_image
+from core.io import read_tiff
+from core.metrics import average_precision
+from core.synthetic import (
+    anisotropic_nuclei_stack,
+    object_geometry,
+    perfect_raw,
+    random_labels,
+    render_confocal,
+    render_image,
+    touching_nuclei_labels,
+)
 
 H = 1.0 / 1023.0
 
@@ -123,3 +137,111 @@ def test_perfect_raw_background_sigma():
     labels = random_labels((32, 32), 2, (4, 6), seed=0)
     raw = perfect_raw(labels, H, background_sigma=1.25)
     assert np.all(raw[2:4][:, labels == 0] == np.float32(1.25))
+
+
+# --------------------------------------------------------------------------------------------
+# few-slice anisotropic nuclei
+
+
+def _touching_ids(labels: np.ndarray) -> set[int]:
+    """Labels that share a face (Z, Y or X neighbour) with another label, no background between."""
+    out: set[int] = set()
+    for axis in range(labels.ndim):
+        a, b = np.moveaxis(labels, axis, 0)[1:], np.moveaxis(labels, axis, 0)[:-1]
+        edge = (a != b) & (a > 0) & (b > 0)
+        out |= set(np.unique(a[edge]).tolist()) | set(np.unique(b[edge]).tolist())
+    return out
+
+
+@pytest.mark.parametrize("shape, n, seed", [((5, 192, 192), 6, 0), ((5, 192, 256), 8, 1), ((5, 256, 256), 10, 2)])
+def test_anisotropic_nuclei_stack_shape_dtype_and_objects(shape, n, seed):
+    image, labels = anisotropic_nuclei_stack(shape, n, seed)
+    assert image.shape == labels.shape == shape
+    assert image.dtype == np.uint8 and labels.dtype == np.int32
+    assert sorted(np.unique(labels).tolist()) == list(range(n + 1))
+    _, _, half = object_geometry(labels)
+    z_extent = 2 * half[:, 0]
+    assert np.all((z_extent >= 3) & (z_extent <= 5)), z_extent  # 3-5 of the 5 slices
+    widths = 2 * half[:, 1:].max(axis=1)
+    assert np.all(widths <= 2 * 46 + 1) and np.median(widths) >= 60, widths  # about 80 px wide
+    for k in range(1, n + 1):
+        assert ndimage.label(labels == k)[1] == 1
+    # most nuclei touch a neighbour: no background between them
+    assert len(_touching_ids(labels)) >= n - 2
+    # nuclei are brighter than the background they sit on
+    assert image[labels > 0].mean() > 2 * image[labels == 0].mean()
+
+
+def test_anisotropic_nuclei_stack_deterministic_and_seed_dependent():
+    a_img, a_lab = anisotropic_nuclei_stack((5, 128, 160), 3, seed=4)
+    b_img, b_lab = anisotropic_nuclei_stack((5, 128, 160), 3, seed=4)
+    c_img, c_lab = anisotropic_nuclei_stack((5, 128, 160), 3, seed=5)
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_lab, b_lab)
+    assert not np.array_equal(a_lab, c_lab) and not np.array_equal(a_img, c_img)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_otsu_and_connected_components_merge_touching_nuclei(seed):
+    """The failure the stand-in must reproduce: a global threshold plus connected components
+    cannot tell touching nuclei apart, so its AP0.5 against the true labels stays low."""
+    image, labels = anisotropic_nuclei_stack((5, 192, 192), 6, seed)
+    components = otsu_labels(image)
+    ap50 = average_precision(labels, components, [0.5]).results[0].ap
+    assert ap50 < 0.5
+    # the largest component holds several nuclei
+    largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
+    assert len(set(np.unique(labels[components == largest]).tolist()) - {0}) >= 3
+
+
+def test_render_confocal_background_and_axial_blur():
+    labels = np.zeros((5, 96, 96), dtype=np.int32)
+    labels[1:4, 30:66, 30:66] = 1
+    image = render_confocal(labels, seed=0, photons=1e6, read_noise=0.0).astype(np.float64)
+    assert np.array_equal(render_confocal(labels, seed=0), render_confocal(labels, seed=0))
+    inside = image[2, 40:56, 40:56].mean()
+    above = image[0, 40:56, 40:56].mean()  # one slice off the nucleus: light spread along Z
+    far = image[0, :12, :12].mean()
+    assert inside > above > far
+    # uneven background: the background differs between the corners, unless unevenness is 0
+    flat = render_confocal(labels, seed=0, photons=1e6, read_noise=0.0, unevenness=0.0).astype(np.float64)
+    ends = (slice(0, 16), slice(80, 96))
+    corners = np.array([[im[2, ys, xs].mean() for ys in ends for xs in ends] for im in (image, flat)])
+    assert np.ptp(corners[0]) > 1.0 and np.ptp(corners[1]) < 0.5
+
+
+def test_touching_nuclei_boundaries_are_dimmed():
+    labels = np.zeros((5, 64, 96), dtype=np.int32)
+    labels[1:4, 16:48, 8:48] = 1
+    labels[1:4, 16:48, 48:88] = 2
+    image = render_confocal(labels, seed=0, brightness=(0.8, 0.8), texture=0.0, photons=1e6, read_noise=0.0)
+    row = image[2, 32].astype(np.float64)
+    assert row[46:50].min() < 0.95 * row[30:40].mean()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"shape": (64, 64), "n_objects": 1}, r"\(Z, Y, X\)"),
+        ({"shape": (5, 64, 64), "n_objects": 0}, "n_objects"),
+        ({"shape": (5, 64, 64), "n_objects": 2, "overlap": (0.3, 0.1)}, "overlap"),
+        ({"shape": (5, 96, 96), "n_objects": 12}, "could not place nucleus"),
+    ],
+)
+def test_touching_nuclei_labels_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        touching_nuclei_labels(**kwargs, max_tries=50)
+
+
+def test_committed_fewslice_synthetic_standin_matches_its_generator(data_dir, monkeypatch):
+    """``tests/data/nuclei3d_fewslice_synthetic`` is what ``tests/data/make_standins.py`` writes."""
+    spec = importlib.util.spec_from_file_location("make_standins", Path(data_dir) / "make_standins.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    folder = Path(data_dir) / module.SYNTHETIC_SET
+    for name, (image, labels) in module.synthetic_stacks().items():
+        stored_image = read_tiff(folder / "images" / f"{name}.tif")
+        stored_labels = read_tiff(folder / "masks" / f"{name}.tif")
+        assert np.array_equal(stored_image.data, image) and np.array_equal(stored_labels.data, labels)
+        assert stored_image.voxel_size == pytest.approx(module.SYNTHETIC_VOXEL_UM)

@@ -1,4 +1,4 @@
-"""Sliding-window prediction: exact stitching with identity-like predictors, padding, memory, cancel."""
+"""Tiled prediction: raw outputs equal to the whole image's for any tile, memory bounds, cancel, padding."""
 
 from __future__ import annotations
 
@@ -6,168 +6,170 @@ import numpy as np
 import pytest
 import torch
 
+from core.erfnet import DECODE_HALO, ENCODE_HALO, BranchedERFNet
+from core.predict import predict_raw
 from core.tiling import (
     PredictionCancelled,
     auto_tile_shape,
     available_memory,
     axis_starts,
-    axis_weights,
+    crop_padding,
     pad_to_multiple,
+    padding_before,
     predict_tiled,
     reflect_pad_end,
 )
 
 
-class Recorder:
-    """``x -> [x + 1, 2 x]`` per input channel; checks and records the window shapes it sees."""
+def random_network(dims: int, seed: int = 0) -> BranchedERFNet:
+    """An ERF-Net in eval mode whose every layer matters: random weights, batch-norm statistics and output layer."""
+    torch.manual_seed(seed)
+    net = BranchedERFNet(dims).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    torch.nn.init.normal_(net.decoders[0].output_conv.weight, std=0.1)
+    return net
 
-    def __init__(self) -> None:
-        self.shapes: list[tuple[int, ...]] = []
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        assert all(s % 8 == 0 for s in x.shape[2:]), x.shape
-        self.shapes.append(tuple(x.shape))
-        return torch.cat([x + 1, 2 * x], dim=1)
-
-
-def coordinate_image(spatial: tuple[int, ...]) -> np.ndarray:
-    """One channel per axis holding that axis' index: any misplaced window shows."""
-    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in spatial], indexing="ij")
-    return np.stack(grids)
+def whole_forward(net: BranchedERFNet, image: np.ndarray) -> np.ndarray:
+    """The network's forward pass on the whole image, reflect-padded to multiples of 8 and cropped back."""
+    with torch.inference_mode():
+        out = net(pad_to_multiple(torch.from_numpy(image)[None]))[0]
+    return crop_padding(out.numpy(), image.shape[1:])
 
 
 CASES = [
-    ((37, 53), (16, 24)),  # tile smaller, sizes not multiples of 8
-    ((37, 53), (8, 8)),
-    ((37, 53), (37, 53)),  # tile equal
-    ((37, 53), (100, 100)),  # tile larger
-    ((64, 64), (32, 32)),
-    ((13, 30, 21), (8, 16, 8)),
-    ((13, 30, 21), (13, 30, 21)),
-    ((13, 30, 21), (40, 40, 40)),
-    ((5, 17, 40), (16, 16, 16)),
+    (2, (150, 203), (64, 72)),  # blocks far smaller than the receptive field, sizes not multiples of 8
+    (2, (150, 203), (150, 203)),
+    (2, (37, 53), (100, 100)),  # tile larger than the image
+    (3, (13, 70, 61), (8, 24, 16)),
+    (3, (5, 40, 48), (16, 16, 16)),  # fewer slices than one cell grid step needs: padded like the whole
 ]
 
 
-@pytest.mark.parametrize(("spatial", "tile"), CASES)
-def test_stitching_is_exact(spatial, tile):
-    image = coordinate_image(spatial)
-    predictor = Recorder()
-    seen = []
-    out = predict_tiled(predictor, image, tile=tile, device="cpu", progress=lambda d, t: seen.append((d, t)))
-    assert out.dtype == np.float32 and out.shape == (2 * len(spatial), *spatial)
-    np.testing.assert_allclose(out[: len(spatial)], image + 1, rtol=1e-6, atol=2e-5)
-    np.testing.assert_allclose(out[len(spatial) :], 2 * image, rtol=1e-6, atol=2e-5)
-    expected_tiles = int(np.prod([len(axis_starts(n, min(-(-t // 8) * 8, n), 0.25)) for n, t in zip(spatial, tile)]))
-    assert len(predictor.shapes) == expected_tiles
-    assert seen == [(i, expected_tiles) for i in range(1, expected_tiles + 1)]
-    for shape in predictor.shapes:  # windows never exceed the tile (rounded up to 8)
-        assert all(s <= max(-(-t // 8) * 8, -(-n // 8) * 8) for s, t, n in zip(shape[2:], tile, spatial))
+@pytest.mark.parametrize(("dims", "spatial", "tile"), CASES)
+def test_tiled_outputs_equal_the_whole_image(dims, spatial, tile):
+    net = random_network(dims)
+    image = np.random.default_rng(1).random((1, *spatial)).astype(np.float32)
+    seen: list[tuple[int, int]] = []
+    with torch.inference_mode():
+        out = predict_tiled(net, image, tile=tile, device="cpu", progress=lambda d, t: seen.append((d, t)))
+    assert out.dtype == np.float32 and out.shape == (2 * dims + 1, *spatial)
+    np.testing.assert_allclose(out, whole_forward(net, image), rtol=1e-5, atol=1e-5)
+    cells = [-(-n // 8) for n in spatial]
+    blocks = int(np.prod([-(-c // max(-(-t // 8), 8)) for c, t in zip(cells, tile)]))
+    assert seen == [(i, 2 * blocks) for i in range(1, 2 * blocks + 1)]  # one call per block and stage
 
 
-def test_windows_are_tile_sized_not_volume_sized():
-    predictor = Recorder()
-    predict_tiled(predictor, np.zeros((1, 40, 160, 160), np.float32), tile=(16, 32, 32), device="cpu")
-    assert {s[2:] for s in predictor.shapes} == {(16, 32, 32)}
-    assert len(predictor.shapes) == 4 * 7 * 7  # starts 0, 8, 16, 24 along Z; 0, 24, ..., 120, 128 along Y and X
+@pytest.mark.parametrize(("dims", "spatial", "tile"), [(2, (75, 150), (24, 40)), (3, (13, 37, 85), (8, 16, 16))])
+def test_tiled_tta_equals_whole_image_tta(dims, spatial, tile):
+    net = random_network(dims, seed=3)
+    image = np.random.default_rng(2).random((1, *spatial)).astype(np.float32)
+    with torch.inference_mode():
+        whole = predict_tiled(net, image, tile=None, device="cpu", tta=True)
+        tiled = predict_tiled(net, image, tile=tile, device="cpu", tta=True, tta_options={"batch_size": 3})
+    np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=1e-5)
+    plain = whole_forward(net, image)
+    assert np.abs(whole - plain).max() > 1e-3  # the passes of a random network disagree: TTA did something
 
 
-def test_tensor_input_and_whole_image_window():
-    image = torch.from_numpy(coordinate_image((20, 12)))
-    predictor = Recorder()
-    out = predict_tiled(predictor, image, tile=None, device="cpu")
-    assert predictor.shapes == [(1, 2, 24, 16)]
-    np.testing.assert_allclose(out[:2], image.numpy() + 1, atol=1e-6)
+@pytest.mark.parametrize("dims", [2, 3])
+def test_halos_cover_the_receptive_fields(dims):
+    """The gradient of one cell (one output pixel) reaches no farther than the declared halos."""
+    net = random_network(dims)
+    k = 20 if dims == 2 else 14
+    c = k // 2
+    x = torch.randn(1, 1, *([8 * k] * dims), requires_grad=True)
+    net.encoder.local(x)[(0, slice(None), *([c] * dims))].sum().backward()
+    reach = torch.nonzero(x.grad[0, 0] != 0)
+    assert reach.min().item() >= 8 * (c - ENCODE_HALO) and reach.max().item() < 8 * (c + 1 + ENCODE_HALO)
+    assert reach.min().item() < 8 * (c - ENCODE_HALO + 1)  # the halo is no wider than needed
+    for pixel in (8 * c, 8 * c + 7):  # first and last pixel of cell c
+        grid = torch.randn(1, 128, *([k] * dims), requires_grad=True)
+        net.decode(grid)[(0, slice(None), *([pixel] * dims))].sum().backward()
+        reach = torch.nonzero(grid.grad[0].abs().sum(0) != 0)
+        assert reach.min().item() >= c - DECODE_HALO and reach.max().item() <= c + DECODE_HALO
 
 
-def test_blending_ignores_window_borders():
-    """Outputs within 2 px of a window border are off by 1: at the seams they do not count at all."""
+def test_blocks_bound_the_full_resolution_work():
+    """The local stages never see more than a block and its halos, whatever the volume's size."""
+    net = random_network(3)
+    shapes: list[tuple[int, ...]] = []
+    local = net.encoder.local
 
-    def border_biased(x: torch.Tensor) -> torch.Tensor:
-        out = x.clone()
-        out[..., :2] += 1.0
-        out[..., -2:] += 1.0
-        return out
+    def recording(x: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(x.shape[2:]))
+        return local(x)
 
-    image = coordinate_image((8, 96))[1:]
-    error = predict_tiled(border_biased, image, tile=(8, 32), device="cpu")[0] - image[0]
-    # windows start at 0, 24, 48, 64 (multiples of 8, the last one ending at 96): 8-px overlaps
-    # whose outer quarters (2 px next to each window border) have weight 0
-    np.testing.assert_allclose(error[:, 2:-2], 0.0, atol=2e-5)
-    np.testing.assert_allclose(error[:, :2], 1.0, atol=1e-6)  # the volume border is a border of every window
-    np.testing.assert_allclose(error[:, -2:], 1.0, atol=1e-6)
-
-
-@pytest.mark.parametrize(
-    ("size", "tile", "overlap"),
-    [(37, 16, 0.25), (100, 64, 0.25), (64, 64, 0.25), (9, 8, 0.25), (512, 256, 0.45), (500, 256, 0.25),
-     (203, 24, 0.4), (61, 16, 0.0), (20, 13, 0.25)],
-)
-def test_axis_windows_are_aligned_and_weights_sum_to_one(size, tile, overlap):
-    starts = axis_starts(size, tile, overlap)
-    assert starts[0] == 0 and starts == sorted(set(starts))
-    if tile % 8 == 0:  # on the network's sampling grid, the last window reaching the end (within 7 px)
-        assert all(s % 8 == 0 for s in starts)
-        assert size - 8 < starts[-1] + tile if tile < size else starts == [0]
-    else:
-        assert starts[-1] + tile >= size
-    for a, b in zip(starts, starts[1:]):  # consecutive windows overlap by the asked fraction (stride >= 8)
-        assert a + tile - b >= min(round(overlap * tile), tile - 8)
-    weights = axis_weights(size, tile, starts)
-    total = np.zeros(size)
-    for s, w in zip(starts, weights):
-        assert w.shape == (min(tile, size - s),) and (w >= 0).all()
-        total[s : s + len(w)] += w
-    np.testing.assert_allclose(total, 1.0, rtol=1e-12)
-    if len(starts) > 1:
-        overlap_01 = starts[0] + tile - starts[1]
-        assert weights[0][0] == 1.0  # weights fall only where a neighbour overlaps
-        if overlap_01 >= 4:  # the outer quarter of an overlap does not count
-            assert weights[0][-(overlap_01 // 4) :].max() == 0.0
-
-
-def test_reflect_pad_matches_numpy():
-    for n, target in [(5, 8), (3, 16), (1, 8), (8, 8), (2, 7)]:
-        x = torch.arange(n, dtype=torch.float32).view(1, 1, n)
-        x2 = x.view(1, 1, n, 1).expand(1, 1, n, 3)
-        got = reflect_pad_end(x2, (target, 8))
-        if n > 1:
-            expected = np.pad(np.arange(n), (0, target - n), mode="reflect")
-        else:
-            expected = np.zeros(target)
-        assert got.shape == (1, 1, target, 8)
-        np.testing.assert_array_equal(got[0, 0, :, 0].numpy(), expected)
-    assert pad_to_multiple(torch.zeros(2, 3, 9, 16, 1)).shape == (2, 3, 16, 16, 8)
+    net.encoder.local = recording  # type: ignore[method-assign]
+    with torch.inference_mode():
+        predict_tiled(net, np.zeros((1, 8, 190, 190), np.float32), tile=(8, 8, 64), device="cpu")
+    assert len(shapes) == 3 * 3  # 24 cells per side in blocks of 8 (the smallest block side)
+    assert max(s[1] for s in shapes) == max(s[2] for s in shapes) == 8 * (8 + 2 * ENCODE_HALO)
+    assert max(s[0] for s in shapes) == 8
 
 
 def test_progress_can_cancel():
+    net = random_network(2)
     calls = []
 
     def stop_after_two(done: int, total: int) -> bool:
         calls.append(done)
         return done < 2
 
-    with pytest.raises(PredictionCancelled, match="after 2 of 16 tiles"):
-        predict_tiled(Recorder(), np.zeros((1, 40, 40), np.float32), tile=(16, 16), device="cpu",
-                      progress=stop_after_two)
+    with torch.inference_mode(), pytest.raises(PredictionCancelled, match="after 2 of 8 tiles"):
+        predict_tiled(net, np.zeros((1, 80, 80), np.float32), tile=(64, 64), device="cpu", progress=stop_after_two)
     assert calls == [1, 2]
 
     def boom(done: int, total: int) -> None:
         raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
-        predict_tiled(Recorder(), np.zeros((1, 40, 40), np.float32), tile=(16, 16), device="cpu", progress=boom)
+    with torch.inference_mode(), pytest.raises(KeyboardInterrupt):
+        predict_tiled(net, np.zeros((1, 80, 80), np.float32), tile=(64, 64), device="cpu", progress=boom)
 
 
-def test_tiled_tta_with_invariant_predictor():
-    def pointwise(x: torch.Tensor) -> torch.Tensor:  # offsets 0, sigma and seed depend on the pixel only
-        return torch.cat([torch.zeros_like(x), torch.zeros_like(x), x * x, x * x, x - 0.5], dim=1)
+def test_tensor_input_and_a_network_without_stages_runs_whole():
+    class Shapes(torch.nn.Module):
+        spatial_dims = 2
 
-    image = np.random.default_rng(0).random((1, 30, 45)).astype(np.float32)
-    plain = predict_tiled(pointwise, image, tile=(16, 16), device="cpu")
-    tta = predict_tiled(pointwise, image, tile=(16, 16), device="cpu", tta=True, tta_options={"batch_size": 3})
-    np.testing.assert_allclose(tta, plain, atol=1e-6)
-    np.testing.assert_allclose(plain[3], image[0] ** 2, atol=1e-6)
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[int, ...]] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen.append(tuple(x.shape))
+            return torch.cat([x + 1, 2 * x], dim=1)
+
+    image = torch.arange(20 * 12, dtype=torch.float32).view(1, 20, 12)
+    net = Shapes()
+    out = predict_tiled(net, image, tile=(8, 8), device="cpu")
+    assert net.seen == [(1, 1, 24, 16)]  # one pass over the padded image: its outputs cannot be tiled exactly
+    np.testing.assert_allclose(out[0], image[0].numpy() + 1)
+
+
+def test_segment_labels_do_not_depend_on_the_tile():
+    """Through predict_raw (normalisation, eval mode): tiled raw outputs equal the whole image's."""
+    net = random_network(2, seed=5)
+    image = np.random.default_rng(4).integers(0, 255, (90, 120)).astype(np.uint8)
+    whole = predict_raw(net, image, device="cpu", tile=None, normalization="percentile")
+    for tile in [(64, 64), (8, 120), "auto"]:
+        tiled = predict_raw(net, image, device="cpu", tile=tile, normalization="percentile")
+        np.testing.assert_allclose(tiled, whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("size", "tile"), [(37, 16), (100, 64), (64, 64), (9, 8), (61, 16), (20, 13)])
+def test_axis_windows_are_aligned_and_cover_the_axis(size, tile):
+    starts = axis_starts(size, tile, 0.0)
+    assert starts[0] == 0 and starts == sorted(set(starts))
+    if tile % 8 == 0:  # on the network's sampling grid, the last window reaching the end (within 7 px)
+        assert all(s % 8 == 0 for s in starts)
+        assert size - 8 < starts[-1] + tile if tile < size else starts == [0]
+    else:
+        assert starts[-1] + tile >= size
+    for a, b in zip(starts, starts[1:]):
+        assert b - a <= tile
 
 
 def test_auto_tile_shape():
@@ -184,12 +186,37 @@ def test_auto_tile_shape():
 
 
 def test_bad_arguments_raise():
+    net = random_network(2)
     image = np.zeros((1, 16, 16), np.float32)
     with pytest.raises(ValueError, match="tile needs 2 sizes"):
-        predict_tiled(Recorder(), image, tile=(8, 8, 8), device="cpu")
+        predict_tiled(net, image, tile=(8, 8, 8), device="cpu")
     with pytest.raises(ValueError, match="tile must be 'auto'"):
-        predict_tiled(Recorder(), image, tile="big", device="cpu")
-    with pytest.raises(ValueError, match="overlap"):
-        predict_tiled(Recorder(), image, tile=(8, 8), overlap=0.5, device="cpu")
+        predict_tiled(net, image, tile="big", device="cpu")
+    with pytest.raises(ValueError, match="tile sizes must be positive"):
+        predict_tiled(net, image, tile=(0, 8), device="cpu")
     with pytest.raises(ValueError, match="image must be"):
-        predict_tiled(Recorder(), np.zeros((16, 16), np.float32), device="cpu")
+        predict_tiled(net, np.zeros((16, 16), np.float32), device="cpu")
+
+
+def test_reflect_pad_matches_numpy():
+    for n, target in [(5, 8), (3, 16), (1, 8), (8, 8), (2, 7)]:
+        x = torch.arange(n, dtype=torch.float32).view(1, 1, n)
+        x2 = x.view(1, 1, n, 1).expand(1, 1, n, 3)
+        got = reflect_pad_end(x2, (target, 8))
+        if n > 1:
+            expected = np.pad(np.arange(n), (0, target - n), mode="reflect")
+        else:
+            expected = np.zeros(target)
+        assert got.shape == (1, 1, target, 8)
+        np.testing.assert_array_equal(got[0, 0, :, 0].numpy(), expected)
+    assert pad_to_multiple(torch.zeros(2, 3, 9, 16, 1)).shape == (2, 3, 16, 16, 8)
+
+
+def test_padding_centres_the_image_as_training_crops_do() -> None:
+    # a 5-slice stack sits between 1 mirrored slice before and 2 after, as in an 8-slice training crop
+    assert padding_before((5, 20, 30)) == (1, 2, 1)
+    volume = np.arange(5 * 3 * 2, dtype=np.float32).reshape(5, 3, 2)
+    padded = pad_to_multiple(torch.from_numpy(volume)[None, None])[0, 0].numpy()
+    expected = np.pad(volume, ((1, 2), (2, 3), (3, 3)), mode="reflect")
+    np.testing.assert_array_equal(padded, expected)
+    np.testing.assert_array_equal(crop_padding(padded[None], volume.shape)[0], volume)

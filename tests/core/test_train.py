@@ -122,6 +122,17 @@ def test_choose_batch_keeps_an_effective_batch_of_16() -> None:
     assert choose_batch(2, (64, 64), 3, 2) == (3, 2)
 
 
+def test_choose_batch_on_the_cpu_bounds_the_voxels_of_a_3d_step() -> None:
+    # few-slice stacks: 4 crops of 8 x 144², one pass (a step of 16 would take 4 times as long)
+    assert choose_batch(3, (8, 144, 144), None, None, device_type="cpu") == (4, 1)
+    assert choose_batch(3, (8, 144, 144), None, None, device_type="cuda") == (4, 4)
+    assert choose_batch(3, (32, 136, 136), None, None, device_type="cpu") == (2, 2)  # at least 4 crops
+    assert choose_batch(3, (16, 24, 24), None, None, device_type="cpu") == (16, 1)  # at most 16
+    assert choose_batch(3, (16, 64, 64), None, None, device_type="cpu") == (9, 1)  # 4 * 8 * 136² voxels
+    assert choose_batch(2, (256, 256), None, None, device_type="cpu") == (16, 1)  # 2D unchanged
+    assert choose_batch(3, (8, 144, 144), 2, None, device_type="cpu") == (2, 2)
+
+
 def test_selection_ignores_degenerate_states() -> None:
     collapsed = _Validation(loss=0.5, oracle_iou=0.9, seed_max=0.4, ap=0.0, n_pred=0, n_gt=10)
     assert collapsed.degenerate()

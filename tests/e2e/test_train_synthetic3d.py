@@ -78,8 +78,7 @@ def test_train_3d_recovers_the_objects_of_a_generated_volume(tmp_path: Path, one
     second and segment a third, never seen: 100 epochs x 10 steps of 4 crops of 16 x 24 x 24, seed 0,
     one CPU thread, about 3.5 minutes on a 2-core machine.
 
-    Measured (torch 2.13 CPU): AP0.5 on the unseen volume 0.833 (10 of 12 objects), 1.0 with TTA;
-    with training seed 1 instead, 1.0 and 1.0. Floors: 0.65 without TTA, 0.75 with TTA.
+    Floors: AP0.5 0.65 without TTA, 0.75 with TTA (measured figures: ``benchmarks/RESULTS.md``).
     """
     image, labels = _generated(0)
     val_image, val_labels = _generated(2)
