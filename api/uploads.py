@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from api.storage import PendingWrite, Storage
 
@@ -116,7 +116,12 @@ class ReceivedUpload:
 
 
 @dataclass
-class _State:
+class _Form:
+    """Parser callbacks and what they collected: the file part's bytes (buffered until flushed), the
+    text fields, and the first error found (raised by the caller between chunks)."""
+
+    file_field: str
+    max_bytes: int
     headers: dict[bytes, bytes] = field(default_factory=dict)
     header_field: bytearray = field(default_factory=bytearray)
     header_value: bytearray = field(default_factory=bytearray)
@@ -131,6 +136,107 @@ class _State:
     file_bytes: int = 0
     error: UploadRejected | None = None
     ended: bool = False
+
+    def on_part_begin(self) -> None:
+        self.headers.clear()
+        self.part_name = None
+        self.in_file = False
+        self.field_value.clear()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self.headers[bytes(self.header_field).lower()] = bytes(self.header_value)
+        self.header_field.clear()
+        self.header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self.headers.get(b"content-disposition", b""))
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        self.part_name = name
+        if name == self.file_field:
+            if self.file_seen:
+                self.error = self.error or UploadRejected(
+                    422, f"send exactly one file per request in the form field '{self.file_field}'"
+                )
+            self.in_file = True
+            self.file_seen = True
+            filename = options.get(b"filename")
+            self.filename = filename.decode("utf-8", "replace") if filename else None
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.error is not None:
+            return
+        if self.in_file:
+            size = end - start
+            self.file_bytes += size
+            if self.file_bytes > self.max_bytes:
+                self.error = too_large(self.max_bytes)
+                self.buffer.clear()
+                self.buffered = 0
+                return
+            self.buffer.append(data[start:end])
+            self.buffered += size
+        else:
+            self.field_value += data[start:end]
+            if len(self.field_value) > MAX_FIELD_BYTES:
+                self.error = UploadRejected(
+                    422, f"form field '{self.part_name}' is longer than {MAX_FIELD_BYTES} bytes"
+                )
+
+    def on_part_end(self) -> None:
+        if not self.in_file and self.part_name is not None and self.error is None:
+            self.fields[self.part_name] = bytes(self.field_value).decode("utf-8", "replace")
+        self.in_file = False
+
+    def on_end(self) -> None:
+        self.ended = True
+
+    def parser(self, boundary: bytes) -> MultipartParser:
+        names = ("on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
+                 "on_header_end", "on_headers_finished", "on_end")  # fmt: skip
+        return MultipartParser(boundary, {name: getattr(self, name) for name in names})
+
+    def take(self) -> bytes:
+        """The buffered file bytes, emptying the buffer."""
+        data = b"".join(self.buffer) if len(self.buffer) != 1 else self.buffer[0]
+        self.buffer.clear()
+        self.buffered = 0
+        return data
+
+    def check_complete(self) -> None:
+        """Raise the first error, or :class:`UploadRejected` for a body without end or without the file."""
+        if self.error is not None:
+            raise self.error
+        if not self.ended:
+            raise UploadRejected(400, "the multipart body ended early (no closing boundary); resend the request")
+        if not self.file_seen:
+            raise UploadRejected(
+                422,
+                f"no file in the form field '{self.file_field}'; send the TIFF as multipart/form-data in "
+                f"'{self.file_field}'",
+            )
+
+
+def _boundary(request: Request, max_bytes: int, file_field: str) -> bytes:
+    """The multipart boundary of ``request``; :class:`UploadRejected` for another content type, no
+    boundary or a declared length over ``max_bytes``."""
+    content_type, params = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data":
+        raise UploadRejected(
+            415, f"send the TIFF as multipart/form-data with the file in the form field '{file_field}'"
+        )
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise UploadRejected(400, "the multipart/form-data Content-Type has no boundary")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes + MULTIPART_SLACK:
+        raise too_large(max_bytes)
+    return boundary
 
 
 async def receive_upload(
@@ -147,102 +253,11 @@ async def receive_upload(
     Returns the pending (uncommitted) write and the text fields. Raises :class:`UploadRejected`
     (415 not multipart, 413 too large, 400 malformed, 422 missing or repeated file, long field).
     """
-    content_type, params = parse_options_header(request.headers.get("content-type", ""))
-    if content_type != b"multipart/form-data":
-        raise UploadRejected(
-            415, f"send the TIFF as multipart/form-data with the file in the form field '{file_field}'"
-        )
-    boundary = params.get(b"boundary")
-    if not boundary:
-        raise UploadRejected(400, "the multipart/form-data Content-Type has no boundary")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > max_bytes + MULTIPART_SLACK:
-        raise too_large(max_bytes)
-
-    state = _State()
+    boundary = _boundary(request, max_bytes, file_field)
+    state = _Form(file_field, max_bytes)
     pending = storage.begin_write(key)
-
-    def on_part_begin() -> None:
-        state.headers.clear()
-        state.part_name = None
-        state.in_file = False
-        state.field_value.clear()
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        state.header_field += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        state.header_value += data[start:end]
-
-    def on_header_end() -> None:
-        state.headers[bytes(state.header_field).lower()] = bytes(state.header_value)
-        state.header_field.clear()
-        state.header_value.clear()
-
-    def on_headers_finished() -> None:
-        _, options = parse_options_header(state.headers.get(b"content-disposition", b""))
-        name = options.get(b"name", b"").decode("utf-8", "replace")
-        state.part_name = name
-        if name == file_field:
-            if state.file_seen:
-                state.error = state.error or UploadRejected(
-                    422, f"send exactly one file per request in the form field '{file_field}'"
-                )
-            state.in_file = True
-            state.file_seen = True
-            filename = options.get(b"filename")
-            state.filename = filename.decode("utf-8", "replace") if filename else None
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        if state.error is not None:
-            return
-        if state.in_file:
-            size = end - start
-            state.file_bytes += size
-            if state.file_bytes > max_bytes:
-                state.error = too_large(max_bytes)
-                state.buffer.clear()
-                state.buffered = 0
-                return
-            state.buffer.append(data[start:end])
-            state.buffered += size
-        else:
-            state.field_value += data[start:end]
-            if len(state.field_value) > MAX_FIELD_BYTES:
-                state.error = UploadRejected(
-                    422, f"form field '{state.part_name}' is longer than {MAX_FIELD_BYTES} bytes"
-                )
-
-    def on_part_end() -> None:
-        if not state.in_file and state.part_name is not None and state.error is None:
-            state.fields[state.part_name] = bytes(state.field_value).decode("utf-8", "replace")
-        state.in_file = False
-
-    def on_end() -> None:
-        state.ended = True
-
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_end": on_end,
-        },
-    )
-
+    parser = state.parser(boundary)
     pipeline = _Pipeline(pending)
-
-    async def flush() -> None:
-        data = b"".join(state.buffer) if len(state.buffer) != 1 else state.buffer[0]
-        state.buffer.clear()
-        state.buffered = 0
-        await pipeline.put(data)
-
     try:
         async for chunk in request.stream():
             if chunk:
@@ -250,28 +265,17 @@ async def receive_upload(
             if state.error is not None:
                 raise state.error
             if state.buffered >= chunk_bytes:
-                await flush()
+                await pipeline.put(state.take())
         parser.finalize()
-        if state.error is not None:
-            raise state.error
-        if not state.ended:
-            raise UploadRejected(400, "the multipart body ended early (no closing boundary); resend the request")
-        if not state.file_seen:
-            raise UploadRejected(
-                422, f"no file in the form field '{file_field}'; send the TIFF as multipart/form-data in '{file_field}'"
-            )
+        state.check_complete()
         if state.buffered:
-            await flush()
+            await pipeline.put(state.take())
         await pipeline.finish()
         await run_in_threadpool(pending.close)
     except MultipartParseError as error:
         pipeline.stop()
         pending.abort()
         raise UploadRejected(400, f"malformed multipart body: {error}") from None
-    except (UploadRejected, ClientDisconnect):
-        pipeline.stop()
-        pending.abort()
-        raise
     except BaseException:
         pipeline.stop()
         pending.abort()

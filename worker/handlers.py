@@ -10,17 +10,20 @@ marks the job succeeded. They report progress through ``context.reporter`` and s
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from api.orm import JobKind, Model, Volume, VolumeKind, new_id
 from api.schemas import EvaluateSpec, PredictSpec, TrainSpec
 from api.storage import job_output_key
-from worker.progress import JobCancelled
-from worker.runner import Handler, JobContext, JobOutcome
+from worker.context import Handler, JobContext, JobOutcome
+from worker.progress import JobCancelled, JobReporter
+
+if TYPE_CHECKING:
+    from core.train import TrainConfig, TrainProgress, TrainResult
 
 CHUNK = 1024 * 1024
 
@@ -127,25 +130,10 @@ def prediction_warnings(model_metrics: dict[str, Any] | None, empty_volume_ids: 
 # --------------------------------------------------------------------------- train
 
 
-def run_train(context: JobContext) -> JobOutcome:
-    """Train a model on the spec's image/mask volumes; registers a model row with config, properties, metrics."""
-    from core.train import TrainConfig, TrainProgress, train
-
-    spec = TrainSpec.model_validate(context.spec)
-    reporter = context.reporter
-    reporter.update(progress=0.0, stage="loading data", force=True)
-    image_rows = load_volume_rows(context, spec.image_ids)
-    mask_rows = load_volume_rows(context, spec.mask_ids)
-    val_image_rows = load_volume_rows(context, spec.val_image_ids or [])
-    val_mask_rows = load_volume_rows(context, spec.val_mask_ids or [])
-    channels = {_channels(row) for row in image_rows + val_image_rows}
-    if len(channels) != 1:
-        raise ValueError(f"the images have different channel counts {sorted(channels)}; give images of one kind")
-    images = [read_volume(context, row) for row in image_rows]
-    masks = [read_volume(context, row) for row in mask_rows]
-    val_images = [read_volume(context, row) for row in val_image_rows] or None
-    val_masks = [read_volume(context, row) for row in val_mask_rows] or None
-    reporter.raise_if_cancelled(poll=True)
+def _train_config(spec: TrainSpec, context: JobContext, image_rows: list[Volume], in_channels: int) -> TrainConfig:
+    """The :class:`core.train.TrainConfig` of a train spec: the voxel size from the spec, else from the
+    first image that states one for the spec's dimensions; the time limit capped by the settings."""
+    from core.train import TrainConfig
 
     voxel_size = spec.voxel_size
     if voxel_size is None:
@@ -166,13 +154,16 @@ def run_train(context: JobContext) -> JobOutcome:
         "amp": spec.amp,
         "min_object_size": spec.min_object_size,
         "foreground_weight": spec.foreground_weight,
-        "in_channels": channels.pop(),
+        "in_channels": in_channels,
         "voxel_size": tuple(voxel_size) if voxel_size else None,
     }
     if spec.val_fraction is not None:
         options["val_fraction"] = spec.val_fraction
-    config = TrainConfig(**options)
+    return TrainConfig(**options)
 
+
+def _train_progress(reporter: JobReporter) -> Callable[[TrainProgress], bool]:
+    """A training progress callback that reports the stage, the fraction done and one record per epoch."""
     epochs: list[dict[str, Any]] = []
 
     def on_progress(info: TrainProgress) -> bool:
@@ -180,19 +171,20 @@ def run_train(context: JobContext) -> JobOutcome:
         if epoch_end:
             epochs.append(json_safe({"epoch": info.epoch, "loss": info.loss, "val_iou": info.val_iou,
                                      "val_ap": info.val_ap, "val_map": info.val_map}))
-        return reporter.update(
+        return bool(reporter.update(
             progress=0.97 * info.fraction,
             stage=f"training epoch {min(info.epoch + (0 if info.step == 0 else 1), info.epochs)}/{info.epochs}",
             eta_s=info.eta_s,
             metrics={"epochs": epochs, "epochs_total": info.epochs},
             force=epoch_end,
-        )
+        ))
 
-    reporter.update(stage="training", force=True)
-    model_file = context.scratch / "model.pt"
-    result = train(
-        images, masks, config, out_path=model_file, val_images=val_images, val_masks=val_masks, progress=on_progress,
-    )
+    return on_progress
+
+
+def _train_metrics(spec: TrainSpec, result: TrainResult) -> tuple[dict[str, Any], Any]:
+    """The job's final metrics (per-epoch records, best state, how training stopped, warnings) and the
+    JSON-safe history of a :class:`core.train.TrainResult`."""
     history = json_safe(result.history)
     metrics = {
         "epochs": [
@@ -209,6 +201,37 @@ def run_train(context: JobContext) -> JobOutcome:
     warnings = training_warnings(result.best_metrics, result.epochs_completed)
     if warnings:
         metrics["warnings"] = warnings
+    return metrics, history
+
+
+def run_train(context: JobContext) -> JobOutcome:
+    """Train a model on the spec's image/mask volumes; registers a model row with config, properties, metrics."""
+    from core.train import train
+
+    spec = TrainSpec.model_validate(context.spec)
+    reporter = context.reporter
+    reporter.update(progress=0.0, stage="loading data", force=True)
+    image_rows = load_volume_rows(context, spec.image_ids)
+    mask_rows = load_volume_rows(context, spec.mask_ids)
+    val_image_rows = load_volume_rows(context, spec.val_image_ids or [])
+    val_mask_rows = load_volume_rows(context, spec.val_mask_ids or [])
+    channels = {_channels(row) for row in image_rows + val_image_rows}
+    if len(channels) != 1:
+        raise ValueError(f"the images have different channel counts {sorted(channels)}; give images of one kind")
+    images = [read_volume(context, row) for row in image_rows]
+    masks = [read_volume(context, row) for row in mask_rows]
+    val_images = [read_volume(context, row) for row in val_image_rows] or None
+    val_masks = [read_volume(context, row) for row in val_mask_rows] or None
+    reporter.raise_if_cancelled(poll=True)
+    config = _train_config(spec, context, image_rows, channels.pop())
+
+    reporter.update(stage="training", force=True)
+    model_file = context.scratch / "model.pt"
+    result = train(
+        images, masks, config, out_path=model_file, val_images=val_images, val_masks=val_masks,
+        progress=_train_progress(reporter),
+    )
+    metrics, history = _train_metrics(spec, result)
     if result.stopped == "requested":
         cancelled = JobCancelled(context.job_id)
         cancelled.metrics = metrics  # type: ignore[attr-defined]

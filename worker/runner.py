@@ -18,8 +18,6 @@ import signal
 import socket
 import tempfile
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,9 +27,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import jobs
 from api.db import get_engine, make_sessionmaker
-from api.orm import Job, JobKind, JobStatus, Model, Volume, utcnow
+from api.orm import Job, JobKind, JobStatus, utcnow
 from api.settings import Settings, get_settings
 from api.storage import Storage, get_storage
+from worker.context import Handler, JobContext
+from worker.handlers import HANDLERS
 from worker.progress import JobCancelled, JobReporter
 
 log = logging.getLogger(__name__)
@@ -50,41 +50,6 @@ class WorkerShutdown(BaseException):  # noqa: N818 - like SystemExit
 def worker_name() -> str:
     """``hostname:pid`` of this process, recorded on the jobs it runs."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-@dataclass
-class JobContext:
-    """What a handler gets: the job's id, kind and validated spec, storage, progress and scratch space."""
-
-    job_id: str
-    kind: JobKind
-    spec: dict[str, Any]
-    settings: Settings
-    storage: Storage
-    sessions: sessionmaker[Session]
-    reporter: JobReporter
-    scratch: Path
-
-    def session(self) -> Session:
-        return self.sessions()
-
-
-@dataclass
-class JobOutcome:
-    """What a successful handler returns: ``result`` ids, final ``metrics`` and new rows to register."""
-
-    result: dict[str, Any]
-    metrics: dict[str, Any] | None = None
-    outputs: list[Volume | Model] = field(default_factory=list)
-
-
-Handler = Callable[[JobContext], JobOutcome]
-
-
-def _handlers() -> dict[JobKind, Handler]:
-    from worker.handlers import HANDLERS
-
-    return HANDLERS
 
 
 def _sessions_for(settings: Settings) -> sessionmaker[Session]:
@@ -219,7 +184,7 @@ def run_job(
         try:
             if cancel_early:
                 raise JobCancelled(job_id)
-            handler = (handlers or _handlers())[kind]
+            handler = (handlers or HANDLERS)[kind]
             context = JobContext(job_id, kind, spec, settings, storage, sessions, reporter, scratch)
             outcome = handler(context)
             reporter.stop()

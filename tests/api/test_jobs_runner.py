@@ -24,8 +24,9 @@ from api import jobs
 from api.orm import Job, JobKind, JobStatus, Model, Volume, VolumeKind, new_id, utcnow
 from api.storage import LocalStorage
 from core.io import read_tiff
+from worker.context import JobContext, JobOutcome
 from worker.progress import JobCancelled, JobReporter
-from worker.runner import JobContext, JobOutcome, recover_stale_jobs, run_job
+from worker.runner import recover_stale_jobs, run_job
 
 API = "/api/v1"
 

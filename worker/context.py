@@ -1,0 +1,44 @@
+"""What a job handler receives and returns (shared by :mod:`worker.runner` and :mod:`worker.handlers`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.orm import JobKind, Model, Volume
+from api.settings import Settings
+from api.storage import Storage
+from worker.progress import JobReporter
+
+
+@dataclass
+class JobContext:
+    """What a handler gets: the job's id, kind and validated spec, storage, progress and scratch space."""
+
+    job_id: str
+    kind: JobKind
+    spec: dict[str, Any]
+    settings: Settings
+    storage: Storage
+    sessions: sessionmaker[Session]
+    reporter: JobReporter
+    scratch: Path
+
+    def session(self) -> Session:
+        return self.sessions()
+
+
+@dataclass
+class JobOutcome:
+    """What a successful handler returns: ``result`` ids, final ``metrics`` and new rows to register."""
+
+    result: dict[str, Any]
+    metrics: dict[str, Any] | None = None
+    outputs: list[Volume | Model] = field(default_factory=list)
+
+
+Handler = Callable[[JobContext], JobOutcome]
