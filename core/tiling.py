@@ -352,17 +352,12 @@ def _predict_plain(runner: _Staged, x: torch.Tensor, spatial: Sequence[int]) -> 
 
 def _predict_tta(runner: _Staged, x: torch.Tensor, spatial: Sequence[int], options: dict[str, Any]) -> np.ndarray:
     """Raw outputs of one padded image combined over the TTA passes, block by block, cropped to ``spatial``."""
-    from core.tta import CPU_BATCH_VOXELS, DEFAULT_BATCH, PassCombiner, TTACombine, transforms
+    from core.tta import DEFAULT_BATCH, PassCombiner, TTACombine, pass_settings, transforms
 
-    rule = TTACombine.parse(options.get("combine", TTACombine.median))
     fg_thresh = float(options.get("fg_thresh", 0.5))
-    if not 0.0 < fg_thresh < 1.0:
-        raise ValueError(f"fg_thresh must lie strictly between 0 and 1, got {fg_thresh}")
-    batch = int(options.get("batch_size", DEFAULT_BATCH))
-    if batch < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch}")
-    if x.device.type == "cpu":
-        batch = max(1, min(batch, CPU_BATCH_VOXELS // max(1, math.prod(x.shape[2:]))))
+    rule, batch = pass_settings(
+        options.get("combine", TTACombine.median), fg_thresh, int(options.get("batch_size", DEFAULT_BATCH)), x
+    )
     cell = runner.stages.cell
     cells = [n // cell for n in x.shape[2:]]
     chosen = transforms(len(spatial))

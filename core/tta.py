@@ -182,6 +182,21 @@ def transforms(spatial_dims: int) -> list[Transform]:
     ]
 
 
+def pass_settings(
+    combine: TTACombine | str, fg_thresh: float, batch_size: int, x: torch.Tensor
+) -> tuple[TTACombine, int]:
+    """The checked combination rule and the passes run together on ``x`` ``(B, C, *S)``: at most
+    ``batch_size``, on the CPU also at most :data:`CPU_BATCH_VOXELS` voxels (one image at least)."""
+    rule = TTACombine.parse(combine)
+    if not 0.0 < fg_thresh < 1.0:
+        raise ValueError(f"fg_thresh must lie strictly between 0 and 1, got {fg_thresh}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if x.device.type == "cpu":
+        batch_size = max(1, min(batch_size, CPU_BATCH_VOXELS // max(1, math.prod(x.shape[2:]))))
+    return rule, batch_size
+
+
 def _chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -204,11 +219,7 @@ def predict_tta(
     rule (:class:`TTACombine`); ``fg_thresh`` is the foreground threshold on the seed probability
     inside which seed peaks are rescaled. ``transform_set`` defaults to :func:`transforms`.
     """
-    rule = TTACombine.parse(combine)
-    if not 0.0 < fg_thresh < 1.0:
-        raise ValueError(f"fg_thresh must lie strictly between 0 and 1, got {fg_thresh}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    rule, batch_size = pass_settings(combine, fg_thresh, batch_size, x)
     d = x.dim() - 2
     chosen = list(transform_set) if transform_set is not None else transforms(d)
     if not chosen:
@@ -216,8 +227,6 @@ def predict_tta(
     if any(t.spatial_dims != d for t in chosen):
         raise ValueError(f"every transform must have spatial_dims = {d} for an input of shape {tuple(x.shape)}")
     n, n_batch, channels = len(chosen), x.shape[0], 2 * d + 1
-    if x.device.type == "cpu":
-        batch_size = max(1, min(batch_size, CPU_BATCH_VOXELS // max(1, math.prod(x.shape[2:]))))
     combiner: PassCombiner | None = None
     for odd in (False, True):
         jobs = [(j, t, b) for j, t in enumerate(chosen) if t.swaps_yx == odd for b in range(n_batch)]
