@@ -312,16 +312,53 @@ def _cluster(
     min_unclustered_sum: int,
     sigma_floor: tuple[float, ...] | None = None,
 ) -> np.ndarray:
+    """Flat int32 labels of ``prod(spatial)`` pixels from channels ``data`` (C, N) on ``xp``'s device."""
     dims = len(spatial)
     labels = np.zeros(int(np.prod(spatial)), dtype=np.int32)
-    q_all = data[2 * dims]
+    sigma = [data[2 * dims - 1 - a] for a in range(dims)]  # sigma channel of array axis a
+    found = _foreground_and_candidates(xp, data[2 * dims], sigma, fg_logit, seed_logit,
+                                       min_mask_sum, min_unclustered_sum, sigma_floor)
+    if found is None:
+        return labels
+    fg_index, q_fg, cand = found
+    index = _CellIndex(xp, data, sigma, spatial, h, fg_index, cand)
+    cand_host = xp.host(cand)
+    queue = _SeedQueue(cand_host, xp.host(q_fg[cand]).astype(np.float64))
+    state = _Greedy(int(fg_index.shape[0]), min_size, min_unclustered_sum)
+    block_size = _BLOCK_START
+    while not state.done():
+        block = queue.next_block(state.unclustered, block_size)
+        if block is None:
+            break
+        centre, lam, r = index.seeds(xp.device(cand_host[block]))
+        alive = _first_unclustered(index.seed_distances(centre, lam))
+        live = block[alive]
+        keep = xp.device(np.flatnonzero(alive))
+        take, counts, members = index.gather([v[keep] for v in centre], [v[keep] for v in lam], [v[keep] for v in r])
+        state.accept(cand_host[live[:take]], counts, members)
+        block_size = _next_block_size(block_size, take, live.size, block.size)
+    labels[xp.host(fg_index)] = state.labels_fg
+    return labels
+
+
+def _foreground_and_candidates(
+    xp: Any,
+    q_all: Any,
+    sigma: list[Any],
+    fg_logit: float,
+    seed_logit: float,
+    min_mask_sum: int,
+    min_unclustered_sum: int,
+    sigma_floor: tuple[float, ...] | None,
+) -> tuple[Any, Any, Any] | None:
+    """(F raster indices, seed logits on F, seed candidates as ascending F positions), or ``None`` when
+    nothing is clustered: ``|F|`` at most ``min_mask_sum`` or ``min_unclustered_sum``, or no candidate."""
     fg_index = xp.nonzero(q_all > fg_logit)  # raster order
     n_fg = int(fg_index.shape[0])
     if n_fg <= min_mask_sum or n_fg <= min_unclustered_sum:
-        return labels
+        return None
     q_fg = q_all[fg_index]
     cand = xp.nonzero(q_fg >= seed_logit)  # positions in F, ascending
-    sigma = [data[2 * dims - 1 - a] for a in range(dims)]  # sigma channel of array axis a
     if sigma_floor is not None and int(cand.shape[0]):
         at = fg_index[cand]
         keep = None
@@ -329,63 +366,78 @@ def _cluster(
             ok = xp.f64(s[at]) >= low
             keep = ok if keep is None else keep & ok
         cand = cand[keep]
-    n_cand = int(cand.shape[0])
-    if n_cand == 0:
-        return labels
+    if int(cand.shape[0]) == 0:
+        return None
+    return fg_index, q_fg, cand
 
-    # embeddings of F per array axis, float64: tanh(offset) + index * h
-    emb: list[Any] = [None] * dims
-    index = xp.unravel(fg_index, spatial)
-    for a in range(dims):
-        emb[a] = xp.tanh(xp.f64(data[dims - 1 - a][fg_index])) + xp.f64(index[a]) * h[a]
-    if any(xp.any_nan(e) for e in emb):
-        raise ValueError("raw contains NaN offsets on foreground pixels")
 
-    # embedding-space cell index over F
-    e_min = [float(e.min()) for e in emb]
-    extent = [max(float(e.max()) - m, 0.0) for e, m in zip(emb, e_min)]
+class _CellIndex:
+    """Float64 embeddings of F and an embedding-space cell index over them, on ``xp``'s device."""
 
-    def seeds(pos: Any) -> tuple[list[Any], list[Any], list[Any]]:
+    def __init__(
+        self,
+        xp: Any,
+        data: Any,
+        sigma: list[Any],
+        spatial: tuple[int, ...],
+        h: tuple[float, ...],
+        fg_index: Any,
+        cand: Any,
+    ) -> None:
+        dims = len(spatial)
+        self.xp, self.sigma, self.fg_index, self.dims = xp, sigma, fg_index, dims
+        self.n_fg = int(fg_index.shape[0])
+        # embeddings of F per array axis, float64: tanh(offset) + index * h
+        index = xp.unravel(fg_index, spatial)
+        emb = [xp.tanh(xp.f64(data[dims - 1 - a][fg_index])) + xp.f64(index[a]) * h[a] for a in range(dims)]
+        if any(xp.any_nan(e) for e in emb):
+            raise ValueError("raw contains NaN offsets on foreground pixels")
+        self.emb = emb
+        self.e_min = [float(e.min()) for e in emb]
+        self.extent = [max(float(e.max()) - m, 0.0) for e, m in zip(emb, self.e_min)]
+        n_cand = int(cand.shape[0])
+        sample_r = self.seeds(cand[:: max(1, n_cand // 4096)])[2]
+        self.cell = [max(xp.median(r), ext / _MAX_CELLS_PER_AXIS, 1e-12) for r, ext in zip(sample_r, self.extent)]
+        self.n_cells = [min(int(ext // c) + 1, _MAX_CELLS_PER_AXIS + 1) for ext, c in zip(self.extent, self.cell)]
+        self.strides = [1] * dims
+        for a in range(dims - 2, -1, -1):
+            self.strides[a] = self.strides[a + 1] * self.n_cells[a + 1]
+        cell_id = None
+        for a in range(dims):
+            coord = xp.minimum(xp.maximum(xp.i64(xp.floor((emb[a] - self.e_min[a]) / self.cell[a])), 0),
+                               self.n_cells[a] - 1)
+            cell_id = coord * self.strides[a] if cell_id is None else cell_id + coord * self.strides[a]
+        self.sorted_ids, self.by_cell = xp.sort_ids(cell_id, self.strides[0] * self.n_cells[0])
+        self.emb_by_cell = [e[self.by_cell] for e in emb]  # embeddings in cell order: boxes read contiguous runs
+
+    def seeds(self, pos: Any) -> tuple[list[Any], list[Any], list[Any]]:
         """Centres, precisions and box half-widths of seeds at F positions ``pos``."""
-        centre = [e[pos] for e in emb]
-        lam = [xp.exp(xp.f64(s[fg_index[pos]]) * 10.0) for s in sigma]
+        xp = self.xp
+        centre = [e[pos] for e in self.emb]
+        lam = [xp.exp(xp.f64(s[self.fg_index[pos]]) * 10.0) for s in self.sigma]
         if any(xp.any_nan(v) for v in lam):
             raise ValueError("raw contains NaN sigma on foreground pixels")
         # half-widths of the box holding every pixel with sum_a lam_a d_a^2 < ln 2 (with a safety margin)
-        r = [xp.minimum(xp.sqrt(_LN2 / v) * (1.0 + 1e-9) + 1e-12, 2.0 * ext + 1.0) for v, ext in zip(lam, extent)]
+        r = [xp.minimum(xp.sqrt(_LN2 / v) * (1.0 + 1e-9) + 1e-12, 2.0 * ext + 1.0) for v, ext in zip(lam, self.extent)]
         return centre, lam, r
 
-    sample = cand[:: max(1, n_cand // 4096)]
-    sample_r = seeds(sample)[2]
-    cell = [max(xp.median(r), ext / _MAX_CELLS_PER_AXIS, 1e-12) for r, ext in zip(sample_r, extent)]
-    n_cells = [min(int(ext // c) + 1, _MAX_CELLS_PER_AXIS + 1) for ext, c in zip(extent, cell)]
-    strides = [1] * dims
-    for a in range(dims - 2, -1, -1):
-        strides[a] = strides[a + 1] * n_cells[a + 1]
-    cell_id = None
-    for a in range(dims):
-        coord = xp.minimum(xp.maximum(xp.i64(xp.floor((emb[a] - e_min[a]) / cell[a])), 0), n_cells[a] - 1)
-        cell_id = coord * strides[a] if cell_id is None else cell_id + coord * strides[a]
-    sorted_ids, by_cell = xp.sort_ids(cell_id, strides[0] * n_cells[0])
-    emb_by_cell = [e[by_cell] for e in emb]  # embeddings in cell order: boxes read contiguous runs
-
-    def seed_distances(centre: list[Any], lam: list[Any]) -> np.ndarray:
+    def seed_distances(self, centre: list[Any], lam: list[Any]) -> np.ndarray:
         """``inside[k, i]``: seed i lies in the proposal of seed k (same arithmetic as ``gather``)."""
         d2 = None
-        for a in range(dims):
+        for a in range(self.dims):
             diff = centre[a][None, :] - centre[a][:, None]
             term = lam[a][:, None] * (diff * diff)
             d2 = term if d2 is None else d2 + term
-        return xp.host(d2 < _LN2)
+        return self.xp.host(d2 < _LN2)
 
-    def gather(centre: list[Any], lam: list[Any], r: list[Any]) -> tuple[int, np.ndarray, np.ndarray]:
-        """Proposals of the first seeds (given by centre, precision, box half-width) whose boxes fit the
-        pair budget: (how many, member counts, member F positions grouped by seed)."""
-        nb = int(centre[0].shape[0])
+    def box_runs(self, centre: list[Any], r: list[Any]) -> tuple[Any, Any, Any, Any]:
+        """Contiguous runs of the cell-ordered F covering each seed's box (the whole of F for a box with more
+        than ``_MAX_RUNS`` runs): (runs per seed, owning seed, start and length of each run)."""
+        xp, dims = self.xp, self.dims
         lo, hi, width = [], [], []
         for a in range(dims):
-            lo_a = xp.maximum(xp.i64(xp.floor((centre[a] - r[a] - e_min[a]) / cell[a])), 0)
-            hi_a = xp.minimum(xp.i64(xp.floor((centre[a] + r[a] - e_min[a]) / cell[a])), n_cells[a] - 1)
+            lo_a = xp.maximum(xp.i64(xp.floor((centre[a] - r[a] - self.e_min[a]) / self.cell[a])), 0)
+            hi_a = xp.minimum(xp.i64(xp.floor((centre[a] + r[a] - self.e_min[a]) / self.cell[a])), self.n_cells[a] - 1)
             lo.append(lo_a)
             hi.append(hi_a)
             width.append(hi_a - lo_a + 1)
@@ -399,14 +451,21 @@ def _cluster(
         base = k * 0
         for a in range(dims - 2, -1, -1):  # unravel k over the leading axes of the box
             w = width[a][run_owner]
-            base = base + (lo[a][run_owner] + k % w) * strides[a]
+            base = base + (lo[a][run_owner] + k % w) * self.strides[a]
             k = k // w
-        start = xp.searchsorted(sorted_ids, base + lo[dims - 1][run_owner])
-        stop = xp.searchsorted(sorted_ids, base + hi[dims - 1][run_owner], right=True)
+        start = xp.searchsorted(self.sorted_ids, base + lo[dims - 1][run_owner])
+        stop = xp.searchsorted(self.sorted_ids, base + hi[dims - 1][run_owner], right=True)
         fs = full_scan[run_owner]
         start = xp.where(fs, start * 0, start)
-        stop = xp.where(fs, stop * 0 + n_fg, stop)
-        length = stop - start
+        stop = xp.where(fs, stop * 0 + self.n_fg, stop)
+        return rp, run_owner, start, stop - start
+
+    def gather(self, centre: list[Any], lam: list[Any], r: list[Any]) -> tuple[int, np.ndarray, np.ndarray]:
+        """Proposals of the first seeds (given by centre, precision, box half-width) whose boxes fit the
+        pair budget: (how many, member counts, member F positions grouped by seed)."""
+        xp = self.xp
+        nb = int(centre[0].shape[0])
+        rp, run_owner, start, length = self.box_runs(centre, r)
         pop = xp.host(xp.segment_sum(run_owner, length, nb))
         take = max(1, int(np.searchsorted(np.cumsum(pop), _PAIR_BUDGET, side="right")))
         if take < nb:
@@ -417,65 +476,92 @@ def _cluster(
         pair_pos = xp.arange(n_pairs) + xp.repeat_values(start - (xp.cumsum(length) - length), length, n_pairs)
         owner = xp.repeat_values(run_owner, length, n_pairs)
         d2 = None
-        for a in range(dims):  # fixed summation order, as in seed_distances
-            diff = emb_by_cell[a][pair_pos] - xp.repeat_values(centre[a][run_owner], length, n_pairs)
+        for a in range(self.dims):  # fixed summation order, as in seed_distances
+            diff = self.emb_by_cell[a][pair_pos] - xp.repeat_values(centre[a][run_owner], length, n_pairs)
             term = xp.repeat_values(lam[a][run_owner], length, n_pairs) * (diff * diff)
             d2 = term if d2 is None else d2 + term
         inside = d2 < _LN2
         counts = xp.bincount(owner[inside], take)
-        return take, xp.host(counts), xp.host(by_cell[pair_pos[inside]])
+        return take, xp.host(counts), xp.host(self.by_cell[pair_pos[inside]])
 
-    cand_host = xp.host(cand)
-    q_cand = xp.host(q_fg[cand]).astype(np.float64)
-    unclustered = np.ones(n_fg, dtype=bool)
-    n_unclustered = n_fg
-    labels_fg = np.zeros(n_fg, dtype=np.int32)
-    next_id = 1
-    remaining = np.arange(n_cand)  # candidate ids not yet resolved
-    is_sorted = False
-    n_blocks = 0
-    block_size = _BLOCK_START
-    while n_unclustered > min_unclustered_sum:
-        remaining = remaining[unclustered[cand_host[remaining]]]
+
+class _SeedQueue:
+    """Seed candidates in order (logit descending, raster index ascending), served lazily in blocks."""
+
+    def __init__(self, cand: np.ndarray, q_cand: np.ndarray) -> None:
+        self.cand, self.q_cand = cand, q_cand  # F positions and float64 seed logits of the candidates
+        self.remaining = np.arange(q_cand.size)  # candidate ids not yet resolved
+        self.is_sorted = False
+        self.n_blocks = 0
+
+    def next_block(self, unclustered: np.ndarray, block_size: int) -> np.ndarray | None:
+        """The next ``block_size`` candidate ids whose pixels are still ``unclustered`` (a mask over F), in
+        order; ``None`` when none is left."""
+        remaining = self.remaining = self.remaining[unclustered[self.cand[self.remaining]]]
         if remaining.size == 0:
-            break
-        if not is_sorted and (remaining.size <= block_size or n_blocks >= _SORT_AFTER_BLOCKS):
-            remaining = remaining[np.argsort(-q_cand[remaining], kind="stable")]
-            is_sorted = True
-        if is_sorted:
+            return None
+        q_cand = self.q_cand
+        if not self.is_sorted and (remaining.size <= block_size or self.n_blocks >= _SORT_AFTER_BLOCKS):
+            remaining = self.remaining = remaining[np.argsort(-q_cand[remaining], kind="stable")]
+            self.is_sorted = True
+        if self.is_sorted:
             block = remaining[:block_size]
         else:  # top block_size by (q descending, index ascending) without sorting everything
             q_rem = q_cand[remaining]
             kth = np.partition(q_rem, q_rem.size - block_size)[q_rem.size - block_size]
             top = remaining[q_rem >= kth]
             block = top[np.argsort(-q_cand[top], kind="stable")][:block_size]
-        n_blocks += 1
-        centre, lam, r = seeds(xp.device(cand_host[block]))
-        inside = seed_distances(centre, lam)
-        alive = np.ones(block.size, dtype=bool)
-        for k in range(block.size - 1):
-            if alive[k]:
-                alive[k + 1:] &= ~inside[k, k + 1:]
-        live = block[alive]
-        keep = xp.device(np.flatnonzero(alive))
-        take, counts, members = gather([v[keep] for v in centre], [v[keep] for v in lam], [v[keep] for v in r])
+        self.n_blocks += 1
+        return block
+
+
+def _first_unclustered(inside: np.ndarray) -> np.ndarray:
+    """Which seeds of a block are still unclustered on their turn, given ``inside[k, i]`` (seed i lies in
+    seed k's proposal): those in no proposal of an earlier such seed."""
+    alive = np.ones(inside.shape[0], dtype=bool)
+    for k in range(inside.shape[0] - 1):
+        if alive[k]:
+            alive[k + 1:] &= ~inside[k, k + 1:]
+    return alive
+
+
+def _next_block_size(block_size: int, take: int, n_live: int, n_block: int) -> int:
+    """Grow the block when all its live seeds fit one gather and most were live; shrink it when few were."""
+    if take == n_live and 2 * n_live > n_block:
+        return min(2 * block_size, _BLOCK_MAX)
+    if 8 * n_live < n_block:
+        return max(block_size // 2, _BLOCK_MIN)
+    return block_size
+
+
+class _Greedy:
+    """Host-side state of the greedy pass over F: unclustered pixels, labels, next object id."""
+
+    def __init__(self, n_fg: int, min_size: int, min_unclustered_sum: int) -> None:
+        self.min_size, self.min_unclustered_sum = min_size, min_unclustered_sum
+        self.unclustered = np.ones(n_fg, dtype=bool)
+        self.n_unclustered = n_fg
+        self.labels_fg = np.zeros(n_fg, dtype=np.int32)
+        self.next_id = 1
+
+    def done(self) -> bool:
+        """Whether few enough foreground pixels are unclustered to stop."""
+        return self.n_unclustered <= self.min_unclustered_sum
+
+    def accept(self, seeds: np.ndarray, counts: np.ndarray, members: np.ndarray) -> None:
+        """Run the accept/reject step, in order, for seeds (F positions) whose proposals are ``members``
+        grouped by seed with ``counts`` members each."""
+        unclustered = self.unclustered
         bounds = np.concatenate([[0], np.cumsum(counts)])
-        for j in range(take):
-            if n_unclustered <= min_unclustered_sum:
+        for j in range(seeds.size):
+            if self.done():
                 break
-            s = cand_host[live[j]]
-            unclustered[s] = False
-            n_unclustered -= 1
+            unclustered[seeds[j]] = False
+            self.n_unclustered -= 1
             prop = members[bounds[j]:bounds[j + 1]]
             fresh = int(np.count_nonzero(unclustered[prop]))
-            if prop.size > min_size and 2 * fresh > prop.size:
-                labels_fg[prop] = next_id
-                next_id += 1
+            if prop.size > self.min_size and 2 * fresh > prop.size:
+                self.labels_fg[prop] = self.next_id
+                self.next_id += 1
             unclustered[prop] = False
-            n_unclustered -= fresh
-        if take == live.size and 2 * live.size > block.size:
-            block_size = min(2 * block_size, _BLOCK_MAX)
-        elif 8 * live.size < block.size:
-            block_size = max(block_size // 2, _BLOCK_MIN)
-    labels[xp.host(fg_index)] = labels_fg
-    return labels
+            self.n_unclustered -= fresh
