@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +38,10 @@ from core.centers import CenterMode
 from core.checkpoint import load_checkpoint, save_checkpoint
 from core.device import resolve_device
 from core.options import Option
+
+if TYPE_CHECKING:
+    from core.data import CropDataset
+    from core.hyperparams import DataProperties
 
 logger = logging.getLogger(__name__)
 
@@ -588,37 +592,16 @@ def train(
     :class:`TrainProgress`; returning ``False`` or raising :class:`StopTraining` stops training
     after the state is saved.
     """
-    from core.data import CropDataset, collate_crops
-    from core.erfnet import BranchedERFNet
-    from core.hyperparams import DataProperties
-    from core.loss import EmbedSegLoss
-
     t_start = time.monotonic()
     if not isinstance(config, TrainConfig):
         raise TypeError("config must be a TrainConfig")
-    dims = config.spatial_dims
     out_path = Path(out_path)
     last_path = last_checkpoint_path(out_path)
     device = resolve_device(config.device)
     amp = bool(config.amp and device.type == "cuda")
     budget_s = float(config.max_time_minutes) * 60.0 if config.max_time_minutes else None
 
-    images_l = _as_array_list(images, "images")
-    masks_l = _as_array_list(masks, "masks")
-    _check_pairs(images_l, masks_l, dims, config.in_channels, "training")
-    if (val_images is None) != (val_masks is None):
-        raise ValueError("give both val_images and val_masks, or neither (then val_fraction is held out)")
-    if val_images is not None:
-        val_images_l = _as_array_list(val_images, "val_images")
-        val_masks_l = _as_array_list(val_masks, "val_masks")  # type: ignore[arg-type]
-        _check_pairs(val_images_l, val_masks_l, dims, config.in_channels, "validation")
-        train_images, train_masks = images_l, masks_l
-    else:
-        from core.data import split_train_val
-
-        (train_images, train_masks), (val_images_l, val_masks_l) = split_train_val(
-            images_l, masks_l, val_fraction=config.val_fraction, seed=config.seed, spatial_dims=dims
-        )
+    train_pairs, val_pairs = _training_pairs(images, masks, val_images, val_masks, config)
     vs = _resolve_voxel_size(voxel_size, config)
 
     resume: dict[str, Any] | None = None
@@ -631,30 +614,104 @@ def train(
         torch.backends.cudnn.deterministic = True
     seed_everything(config.seed)
 
-    # data-derived parameters (a resumed run keeps the ones it was started with)
-    if resume is not None and resume.get("properties"):
-        props = DataProperties.from_dict(resume["properties"])
-    else:
-        props = DataProperties.from_masks(
-            list(train_masks) + list(val_masks_l),
-            spatial_dims=dims,
-            voxel_size=vs,
-            crop_shape=None if config.crop_size == "auto" else config.crop_size,
-            min_object_size=config.min_object_size,
-            foreground_weight=config.foreground_weight,
-        )
+    props = _data_properties(resume, list(train_pairs[1]) + list(val_pairs[1]), config, vs)
     description = props.describe()
     logger.info("data-derived parameters:\n%s", description)
 
-    crop_shape = tuple(int(s) for s in props.crop_shape)
-    step = tuple(float(h) for h in props.step)
-    batch, m = choose_batch(
-        dims, crop_shape, config.batch_size, config.virtual_batch, props.object_crop_shape, device.type
+    run = _Run.build(
+        config,
+        props,
+        train_pairs,
+        val_pairs,
+        device=device,
+        amp=amp,
+        budget_s=budget_s,
+        out_path=out_path,
+        last_path=last_path,
+        t_start=t_start,
+        progress=progress,
+    )
+    if resume is not None:
+        run.restore(resume)
+    run.last_val_time = time.monotonic()
+    if run.start_epoch == 0:
+        run.notify(0, 0, "data-derived parameters:\n" + description)
+    run.train_epochs()
+    return run.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# the parts of a training run
+
+_Pairs = tuple[list[np.ndarray], list[np.ndarray]]
+"""Images and their label masks."""
+
+
+def _training_pairs(
+    images: Sequence[np.ndarray] | np.ndarray,
+    masks: Sequence[np.ndarray] | np.ndarray,
+    val_images: Sequence[np.ndarray] | None,
+    val_masks: Sequence[np.ndarray] | None,
+    config: TrainConfig,
+) -> tuple[_Pairs, _Pairs]:
+    """Checked training and validation pairs: the given validation pairs, or a seeded held-out part."""
+    dims = config.spatial_dims
+    images_l = _as_array_list(images, "images")
+    masks_l = _as_array_list(masks, "masks")
+    _check_pairs(images_l, masks_l, dims, config.in_channels, "training")
+    if (val_images is None) != (val_masks is None):
+        raise ValueError("give both val_images and val_masks, or neither (then val_fraction is held out)")
+    if val_images is not None:
+        val_images_l = _as_array_list(val_images, "val_images")
+        val_masks_l = _as_array_list(val_masks, "val_masks")  # type: ignore[arg-type]
+        _check_pairs(val_images_l, val_masks_l, dims, config.in_channels, "validation")
+        return (images_l, masks_l), (val_images_l, val_masks_l)
+    from core.data import split_train_val
+
+    (train_images, train_masks), (val_images_l, val_masks_l) = split_train_val(
+        images_l, masks_l, val_fraction=config.val_fraction, seed=config.seed, spatial_dims=dims
+    )
+    return (train_images, train_masks), (val_images_l, val_masks_l)
+
+
+def _data_properties(
+    resume: dict[str, Any] | None,
+    masks: list[np.ndarray],
+    config: TrainConfig,
+    voxel_size: tuple[float, ...] | None,
+) -> DataProperties:
+    """Data-derived parameters of all ``masks`` (a resumed run keeps the ones it was started with)."""
+    from core.hyperparams import DataProperties
+
+    if resume is not None and resume.get("properties"):
+        return DataProperties.from_dict(resume["properties"])
+    return DataProperties.from_masks(
+        masks,
+        spatial_dims=config.spatial_dims,
+        voxel_size=voxel_size,
+        crop_shape=None if config.crop_size == "auto" else config.crop_size,
+        min_object_size=config.min_object_size,
+        foreground_weight=config.foreground_weight,
     )
 
+
+def _datasets(
+    train_pairs: _Pairs,
+    val_pairs: _Pairs,
+    props: DataProperties,
+    config: TrainConfig,
+    *,
+    crop_shape: tuple[int, ...],
+    step: tuple[float, ...],
+    batch: int,
+    device: torch.device,
+) -> tuple[CropDataset, _Validator]:
+    """The training crops and the validator: fixed validation crops (a seeded subset) and whole images."""
+    from core.data import CropDataset
+
     train_set = CropDataset(
-        train_images,
-        train_masks,
+        train_pairs[0],
+        train_pairs[1],
         crop_shape=crop_shape,
         center_mode=config.center,
         anisotropy=props.anisotropy,
@@ -665,9 +722,10 @@ def train(
     )
     if len(train_set) == 0:
         raise ValueError("the training masks hold no object: nothing to train on")
+    val_images, val_masks = val_pairs
     val_set = CropDataset(
-        val_images_l,
-        val_masks_l,
+        val_images,
+        val_masks,
         crop_shape=crop_shape,
         center_mode=config.center,
         anisotropy=props.anisotropy,
@@ -680,11 +738,11 @@ def train(
     if len(val_index) > MAX_VAL_CROPS:
         val_index = np.sort(np.random.default_rng([config.seed, 7]).choice(val_index, MAX_VAL_CROPS, replace=False))
     val_crops = [val_set[int(i)] for i in val_index]
-    val_norm = [_normalized(image, props, dims) for image in val_images_l]
+    val_norm = [_normalized(image, props, config.spatial_dims) for image in val_images]
     validator = _Validator(
         val_crops,
         val_norm,
-        [np.asarray(mk) for mk in val_masks_l],
+        [np.asarray(mk) for mk in val_masks],
         step=step,
         min_size=int(props.min_object_size),
         max_radius=props.max_seed_radius,
@@ -692,54 +750,146 @@ def train(
         batch_size=batch,
         device=device,
     )
+    return train_set, validator
 
-    samples = config.samples_per_epoch or max(len(train_set), MIN_STEPS_PER_EPOCH * batch * m)
-    steps_per_epoch = max(1, samples // (batch * m))
-    samples = steps_per_epoch * batch * m
 
-    net = BranchedERFNet(dims, in_channels=config.in_channels).to(device)
-    loss_fn = EmbedSegLoss(dims, step, foreground_weight=float(props.foreground_weight))
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+@dataclass
+class _Run:
+    """One training run: what it trains with (fixed) and its state (history, best model, timings),
+    with the steps that change that state: epochs, validation, checkpoints and progress reports."""
 
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
+    config: TrainConfig
+    props: DataProperties
+    out_path: Path
+    last_path: Path
+    device: torch.device
+    amp: bool
+    budget_s: float | None
+    t_start: float
+    progress: ProgressCallback | None
+    step: tuple[float, ...]
+    batch: int
+    m: int
+    steps_per_epoch: int
+    samples: int
+    train_set: CropDataset
+    validator: _Validator
+    net: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+    epochs_done: int = 0
     best_key: tuple[float, ...] | None = None  # selection key of the saved best state
     best_seen: tuple[float, ...] | None = None  # largest key seen so far
     best_epoch: int | None = None
-    best_metrics: dict[str, Any] = {}
-    if resume is not None:
-        net.load_state_dict(resume["state_dict"])
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    save_seconds: float = 0.0  # longest checkpoint write
+    val_seconds: float | None = None  # duration of the last full validation
+    last_val: _Validation | None = None
+    last_loss: float | None = None
+    last_val_time: float = 0.0
+    evaluated_state: bool = True  # the state saved as best/last has been validated
+    stopped: str = "completed"
+    stop_requested: bool = False
+
+    @classmethod
+    def build(
+        cls,
+        config: TrainConfig,
+        props: DataProperties,
+        train_pairs: _Pairs,
+        val_pairs: _Pairs,
+        *,
+        device: torch.device,
+        amp: bool,
+        budget_s: float | None,
+        out_path: Path,
+        last_path: Path,
+        t_start: float,
+        progress: ProgressCallback | None,
+    ) -> _Run:
+        """Batch, datasets, validator, network, loss and optimiser of a new run (in this order: seeded)."""
+        from core.erfnet import BranchedERFNet
+        from core.loss import EmbedSegLoss
+
+        dims = config.spatial_dims
+        crop_shape = tuple(int(s) for s in props.crop_shape)
+        step = tuple(float(h) for h in props.step)
+        batch, m = choose_batch(
+            dims, crop_shape, config.batch_size, config.virtual_batch, props.object_crop_shape, device.type
+        )
+        train_set, validator = _datasets(
+            train_pairs, val_pairs, props, config, crop_shape=crop_shape, step=step, batch=batch, device=device
+        )
+
+        samples = config.samples_per_epoch or max(len(train_set), MIN_STEPS_PER_EPOCH * batch * m)
+        steps_per_epoch = max(1, samples // (batch * m))
+        samples = steps_per_epoch * batch * m
+
+        net = BranchedERFNet(dims, in_channels=config.in_channels).to(device)
+        return cls(
+            config=config,
+            props=props,
+            out_path=out_path,
+            last_path=last_path,
+            device=device,
+            amp=amp,
+            budget_s=budget_s,
+            t_start=t_start,
+            progress=progress,
+            step=step,
+            batch=batch,
+            m=m,
+            steps_per_epoch=steps_per_epoch,
+            samples=samples,
+            train_set=train_set,
+            validator=validator,
+            net=net,
+            loss_fn=EmbedSegLoss(dims, step, foreground_weight=float(props.foreground_weight)),
+            optimizer=torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay),
+            scaler=torch.amp.GradScaler("cuda", enabled=amp),
+        )
+
+    def restore(self, resume: dict[str, Any]) -> None:
+        """Continue from a checkpoint: weights, optimiser (and scaler) state, epoch, history and best model."""
+        self.net.load_state_dict(resume["state_dict"])
         if resume.get("optimizer"):
-            optimizer.load_state_dict(resume["optimizer"])
-        if resume.get("scaler") and amp:
-            scaler.load_state_dict(resume["scaler"])
-        start_epoch = int(resume.get("epoch", 0))
-        history = list(resume.get("history") or [])
+            self.optimizer.load_state_dict(resume["optimizer"])
+        if resume.get("scaler") and self.amp:
+            self.scaler.load_state_dict(resume["scaler"])
+        self.start_epoch = int(resume.get("epoch", 0))
+        self.epochs_done = self.start_epoch
+        self.history = list(resume.get("history") or [])
         best = resume.get("best") or {}
         if best.get("key") is not None:
-            best_key = tuple(best["key"])
-            best_seen = tuple(best.get("seen") or best["key"])
-            best_epoch = best.get("epoch")
-            best_metrics = dict(best.get("metrics") or {})
+            self.best_key = tuple(best["key"])
+            self.best_seen = tuple(best.get("seen") or best["key"])
+            self.best_epoch = best.get("epoch")
+            self.best_metrics = dict(best.get("metrics") or {})
+
+    # ------------------------------------------------------------------ checkpoints
 
     def payload(
-        epoch_done: int, metrics: dict[str, Any], kind: str, model: torch.nn.Module | None = None
+        self, epoch_done: int, metrics: dict[str, Any], kind: str, model: torch.nn.Module | None = None
     ) -> dict[str, Any]:
+        """Checkpoint contents: ``model`` (default: the network in training) and everything to resume."""
+        config = self.config
         return {
             "kind": kind,
-            "state_dict": (model or net).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if amp else None,
+            "state_dict": (model or self.net).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.amp else None,
             "epoch": epoch_done,
             "config": config.to_dict(),
-            "spatial_dims": dims,
+            "spatial_dims": config.spatial_dims,
             "in_channels": config.in_channels,
-            "step": list(step),
-            "properties": props.to_dict(),
-            "normalization": props.normalization_settings.to_dict(),
+            "step": list(self.step),
+            "properties": self.props.to_dict(),
+            "normalization": self.props.normalization_settings.to_dict(),
             "metrics": metrics,
-            "history": history,
+            "history": self.history,
             "seed": config.seed,
             "seeds": {
                 "python": config.seed,
@@ -748,86 +898,93 @@ def train(
                 "per_epoch": "numpy.random.SeedSequence([seed, epoch]) seeds torch, the crop order and augmentation",
             },
             "best": {
-                "key": list(best_key) if best_key else None,
-                "seen": list(best_seen) if best_seen else None,
-                "epoch": best_epoch,
-                "metrics": best_metrics,
+                "key": list(self.best_key) if self.best_key else None,
+                "seen": list(self.best_seen) if self.best_seen else None,
+                "epoch": self.best_epoch,
+                "metrics": self.best_metrics,
             },
-            "batch": {"batch_size": batch, "virtual_batch": m, "steps_per_epoch": steps_per_epoch},
+            "batch": {"batch_size": self.batch, "virtual_batch": self.m, "steps_per_epoch": self.steps_per_epoch},
         }
 
-    save_seconds = 0.0
-    val_seconds: float | None = None  # duration of the last full validation
-
-    def save(path: Path, data: dict[str, Any]) -> None:
-        nonlocal save_seconds
+    def save(self, path: Path, data: dict[str, Any]) -> None:
+        """Write a checkpoint, keeping the longest write time (reserved at the end of a budget)."""
         t0 = time.monotonic()
         save_checkpoint(path, data)
-        save_seconds = max(save_seconds, time.monotonic() - t0)
+        self.save_seconds = max(self.save_seconds, time.monotonic() - t0)
 
-    last_val: _Validation | None = None
-    last_loss: float | None = None
-    stopped = "completed"
-    epochs_done = start_epoch
-    last_val_time = time.monotonic()
-    evaluated_state = True  # the state saved as best/last has been validated
+    # ------------------------------------------------------------------ time and progress
 
-    def elapsed() -> float:
-        return time.monotonic() - t_start
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t_start
 
-    def fraction_done(epoch_float: float) -> float:
-        f = epoch_float / config.epochs
-        if budget_s:
-            f = max(f, elapsed() / budget_s)
+    def fraction_done(self, epoch_float: float) -> float:
+        f = epoch_float / self.config.epochs
+        if self.budget_s:
+            f = max(f, self.elapsed() / self.budget_s)
         return float(min(1.0, max(0.0, f)))
 
-    def eta(epoch_float: float) -> float | None:
-        done = epoch_float - start_epoch
+    def eta(self, epoch_float: float) -> float | None:
+        budget_s = self.budget_s
+        done = epoch_float - self.start_epoch
         if done <= 0:
-            return budget_s - elapsed() if budget_s else None
-        remaining = (config.epochs - epoch_float) * elapsed() / done
+            return budget_s - self.elapsed() if budget_s else None
+        remaining = (self.config.epochs - epoch_float) * self.elapsed() / done
         if budget_s:
-            remaining = min(remaining, max(0.0, budget_s - elapsed()))
+            remaining = min(remaining, max(0.0, budget_s - self.elapsed()))
         return float(remaining)
 
-    def notify(epoch: int, step_i: int, message: str = "") -> bool:
-        if progress is None:
+    def notify(self, epoch: int, step_i: int, message: str = "") -> bool:
+        """Report progress; ``False`` when the callback asks to stop."""
+        if self.progress is None:
             return True
-        epoch_float = epoch + step_i / steps_per_epoch
+        epoch_float = epoch + step_i / self.steps_per_epoch
+        last_val = self.last_val
         info = TrainProgress(
             epoch=epoch,
-            epochs=config.epochs,
+            epochs=self.config.epochs,
             step=step_i,
-            steps_per_epoch=steps_per_epoch,
-            loss=last_loss,
+            steps_per_epoch=self.steps_per_epoch,
+            loss=self.last_loss,
             val_iou=last_val.oracle_iou if last_val else None,
             val_ap=last_val.ap if last_val else None,
             val_map=last_val.mean_ap if last_val else None,
-            eta_s=eta(epoch_float),
-            fraction=fraction_done(epoch_float),
+            eta_s=self.eta(epoch_float),
+            fraction=self.fraction_done(epoch_float),
             message=message,
         )
         try:
-            answer = progress(info)
+            answer = self.progress(info)
         except StopTraining:
             return False
         return answer is not False
 
-    def calibrated() -> torch.nn.Module:
-        return calibrate_batch_norm(net, train_set.images, device=device, seed=config.seed)
+    def out_of_time(self, epoch_t0: float | None = None, steps: int = 0) -> bool:
+        """Under a budget: whether one more step (timed as the ``steps`` since ``epoch_t0``; none before an
+        epoch), a final validation and the final saves no longer fit (:func:`_out_of_time`)."""
+        if self.budget_s is None:
+            return False
+        elapsed_s = self.elapsed()
+        step_seconds = (time.monotonic() - epoch_t0) / steps if epoch_t0 is not None else 0.0
+        return _out_of_time(elapsed_s, self.budget_s, self.val_seconds, step_seconds, self.save_seconds)
 
-    def validate(epoch_done: int, with_images: bool) -> _Validation:
-        nonlocal last_val, best_key, best_seen, best_epoch, best_metrics, last_val_time, val_seconds
+    # ------------------------------------------------------------------ validation and the best model
+
+    def calibrated(self) -> torch.nn.Module:
+        """The network as it is saved and used: batch norm calibrated on the training images."""
+        return calibrate_batch_norm(self.net, self.train_set.images, device=self.device, seed=self.config.seed)
+
+    def validate(self, epoch_done: int, with_images: bool) -> _Validation:
+        """Validate the current state, record it in the history and save it if it becomes the best."""
         t0 = time.monotonic()
-        val = validator.on_crops(net, loss_fn, amp)
+        val = self.validator.on_crops(self.net, self.loss_fn, self.amp)
         model = None  # the network as it is saved and used: batch norm calibrated on whole images
-        if with_images and validator.images:
-            model = calibrated()
-            validator.on_images(model, val)
-        last_val = val
-        last_val_time = time.monotonic()
+        if with_images and self.validator.images:
+            model = self.calibrated()
+            self.validator.on_images(model, val)
+        self.last_val = val
+        self.last_val_time = time.monotonic()
         if with_images:
-            val_seconds = last_val_time - t0
+            self.val_seconds = self.last_val_time - t0
         record = {
             "epoch": epoch_done,
             "val_loss": val.loss,
@@ -839,48 +996,66 @@ def train(
             "val_gt_objects": val.n_gt,
             "degenerate": val.degenerate(),
         }
-        key = _selection_key(config.selection_metric, val)
+        metric = self.config.selection_metric
+        key = _selection_key(metric, val)
         metrics = {k: v for k, v in record.items() if k != "epoch"}
         if key is not None:
-            best_seen = key if best_seen is None else max(best_seen, key)
-        if key is not None and _replaces_best(config.selection_metric, key, best_key, best_seen, val.n_gt):
-            best_key, best_epoch, best_metrics = key, epoch_done, metrics
-            save(out_path, payload(epoch_done, metrics, "best", model or calibrated()))
+            self.best_seen = key if self.best_seen is None else max(self.best_seen, key)
+        if key is not None and _replaces_best(metric, key, self.best_key, self.best_seen, val.n_gt):
+            self.best_key, self.best_epoch, self.best_metrics = key, epoch_done, metrics
+            self.save(self.out_path, self.payload(epoch_done, metrics, "best", model or self.calibrated()))
             record["best"] = True
+        history = self.history
         if history and history[-1].get("epoch") == epoch_done:
             history[-1].update(record)
         else:
             history.append(record)
         return val
 
-    if start_epoch == 0:
-        notify(0, 0, "data-derived parameters:\n" + description)
+    # ------------------------------------------------------------------ epochs
 
-    stop_requested = False
-    epoch = start_epoch
-    for epoch in range(start_epoch, config.epochs):
-        if budget_s is not None and _out_of_time(elapsed(), budget_s, val_seconds, 0.0, save_seconds):
-            stopped = "time_budget"
-            break
-        epoch_t0 = time.monotonic()
-        factor = _lr_factor(epoch, config.epochs, elapsed() / budget_s if budget_s else 0.0)
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * factor
+    def train_epochs(self) -> None:
+        """Train from ``start_epoch`` until the last epoch, the budget or a stop request."""
+        config = self.config
+        for epoch in range(self.start_epoch, config.epochs):
+            if self.out_of_time():
+                self.stopped = "time_budget"
+                break
+            epoch_t0 = time.monotonic()
+            factor = _lr_factor(epoch, config.epochs, self.elapsed() / self.budget_s if self.budget_s else 0.0)
+            for group in self.optimizer.param_groups:
+                group["lr"] = config.lr * factor
+            if self.train_epoch(epoch, epoch_t0):
+                break
+            if not self.end_epoch(epoch + 1, config.lr * factor, epoch_t0):
+                break
+
+    def epoch_loader(self, epoch: int) -> torch.utils.data.DataLoader:
+        """The epoch's seeded crops (whole permutations, repeated up to ``samples``); seeds torch for the epoch."""
+        from core.data import collate_crops
+
+        config = self.config
         epoch_seed = _epoch_seed(config.seed, epoch)
         torch.manual_seed(epoch_seed)
         rng = np.random.default_rng(epoch_seed)
-        order = _epoch_order(len(train_set), samples, rng)
-        if hasattr(train_set, "set_epoch"):
-            train_set.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(train_set, order.tolist()),
-            batch_size=batch,
+        order = _epoch_order(len(self.train_set), self.samples, rng)
+        if hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(epoch)
+        return torch.utils.data.DataLoader(
+            torch.utils.data.Subset(self.train_set, order.tolist()),
+            batch_size=self.batch,
             shuffle=False,
             collate_fn=collate_crops,
             num_workers=int(config.num_workers),
             worker_init_fn=_worker_init if config.num_workers else None,
             generator=torch.Generator().manual_seed(epoch_seed),
         )
+
+    def train_epoch(self, epoch: int, epoch_t0: float) -> bool:
+        """One epoch of optimiser steps (each over ``m`` batches); ``True`` when a stop request or the
+        budget interrupted it."""
+        loader = self.epoch_loader(epoch)
+        device, m, net, optimizer, scaler = self.device, self.m, self.net, self.optimizer, self.scaler
         net.train()
         optimizer.zero_grad(set_to_none=True)
         running: list[float] = []
@@ -892,9 +1067,9 @@ def train(
             ignore = sample["ignore"].to(device, non_blocking=True)
             centers = [c.to(device) for c in sample["centers"]]
             ids = [c.to(device) for c in sample["center_ids"]]
-            with torch.autocast(device_type=device.type, enabled=amp):
+            with torch.autocast(device_type=device.type, enabled=self.amp):
                 raw = net(image)
-            loss = loss_fn(raw.float(), labels, centers, ids, ignore)
+            loss = self.loss_fn(raw.float(), labels, centers, ids, ignore)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the training loss became {float(loss)} at epoch {epoch}, batch {i}")
             scaler.scale(loss / m).backward()
@@ -904,76 +1079,84 @@ def train(
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 step_i += 1
-                last_loss = float(np.mean(running[-m:]))
-                evaluated_state = False
-                if not notify(epoch, step_i):
-                    stop_requested = True
+                self.last_loss = float(np.mean(running[-m:]))
+                self.evaluated_state = False
+                if not self.notify(epoch, step_i):
+                    self.stop_requested = True
                     interrupted = True
                     break
-                if budget_s is not None and _out_of_time(
-                    elapsed(), budget_s, val_seconds, (time.monotonic() - epoch_t0) / step_i, save_seconds
-                ):
-                    stopped = "time_budget"
+                if self.out_of_time(epoch_t0, step_i):
+                    self.stopped = "time_budget"
                     interrupted = True
                     break
         if running:
-            last_loss = float(np.mean(running))
-        if interrupted:
-            break
-        epochs_done = epoch + 1
-        history.append(
+            self.last_loss = float(np.mean(running))
+        return interrupted
+
+    def end_epoch(self, epochs_done: int, lr: float, epoch_t0: float) -> bool:
+        """Record a finished epoch, validate when due, save the last state and report; ``False`` to stop."""
+        config = self.config
+        self.epochs_done = epochs_done
+        self.history.append(
             {
                 "epoch": epochs_done,
-                "loss": last_loss,
-                "lr": config.lr * factor,
+                "loss": self.last_loss,
+                "lr": lr,
                 "seconds": time.monotonic() - epoch_t0,
-                "elapsed_s": elapsed(),
+                "elapsed_s": self.elapsed(),
             }
         )
-        if _validation_due(epochs_done, config, budget_s, last_val_time, val_seconds):
-            val = validate(epochs_done, with_images=True)
-            evaluated_state = True
+        if _validation_due(epochs_done, config, self.budget_s, self.last_val_time, self.val_seconds):
+            val = self.validate(epochs_done, with_images=True)
+            self.evaluated_state = True
             message = (
-                f"epoch {epochs_done}/{config.epochs}: loss {_fmt(last_loss, 4)}, val loss {_fmt(val.loss, 4)}, "
+                f"epoch {epochs_done}/{config.epochs}: loss {_fmt(self.last_loss, 4)}, val loss {_fmt(val.loss, 4)}, "
                 f"val IoU {_fmt(val.oracle_iou, 3)}, val AP0.5 {_fmt(val.ap, 3)}, val mean AP {_fmt(val.mean_ap, 3)}"
             )
         else:
-            message = f"epoch {epochs_done}/{config.epochs}: loss {_fmt(last_loss, 4)}"
+            message = f"epoch {epochs_done}/{config.epochs}: loss {_fmt(self.last_loss, 4)}"
         logger.info(message)
-        save(last_path, payload(epochs_done, dict(history[-1]), "last"))
-        if not notify(epochs_done, 0, message) and epochs_done < config.epochs:
-            stop_requested = True
-            break
+        self.save(self.last_path, self.payload(epochs_done, dict(self.history[-1]), "last"))
+        if not self.notify(epochs_done, 0, message) and epochs_done < config.epochs:
+            self.stop_requested = True
+            return False
+        return True
 
-    if stop_requested:
-        stopped = "requested"
-    # the final state is validated (it may be the best) unless the user asked to stop
-    if not evaluated_state and not stop_requested:
-        validate(epochs_done, with_images=True)
-        evaluated_state = True
-    if best_key is None:
-        # no usable state was seen: keep the current one and say so
-        if last_val is None:
-            validate(epochs_done, with_images=not stop_requested)
-        if best_key is None:
-            metrics = dict(history[-1]) if history else {}
-            metrics["degenerate"] = True
-            best_epoch, best_metrics = epochs_done, metrics
-            save(out_path, payload(epochs_done, metrics, "best", calibrated()))
-            logger.warning("no validated state predicted any object; the final state was saved as the model")
-    save(last_path, payload(epochs_done, dict(history[-1]) if history else {}, "last"))
-    notify(epochs_done, 0, f"training {stopped} after {epochs_done} epoch(s); best epoch {best_epoch}")
-    return TrainResult(
-        model_path=out_path,
-        last_path=last_path,
-        best_epoch=best_epoch,
-        best_metrics=best_metrics,
-        epochs_completed=epochs_done,
-        stopped=stopped,
-        history=history,
-        properties=props.to_dict(),
-        elapsed_s=elapsed(),
-    )
+    # ------------------------------------------------------------------ wrap-up
+
+    def finish(self) -> TrainResult:
+        """Validate the final state, make sure a best model is saved, save the last state and report."""
+        if self.stop_requested:
+            self.stopped = "requested"
+        epochs_done = self.epochs_done
+        # the final state is validated (it may be the best) unless the user asked to stop
+        if not self.evaluated_state and not self.stop_requested:
+            self.validate(epochs_done, with_images=True)
+            self.evaluated_state = True
+        if self.best_key is None:
+            # no usable state was seen: keep the current one and say so
+            if self.last_val is None:
+                self.validate(epochs_done, with_images=not self.stop_requested)
+            if self.best_key is None:
+                metrics = dict(self.history[-1]) if self.history else {}
+                metrics["degenerate"] = True
+                self.best_epoch, self.best_metrics = epochs_done, metrics
+                self.save(self.out_path, self.payload(epochs_done, metrics, "best", self.calibrated()))
+                logger.warning("no validated state predicted any object; the final state was saved as the model")
+        self.save(self.last_path, self.payload(epochs_done, dict(self.history[-1]) if self.history else {}, "last"))
+        message = f"training {self.stopped} after {epochs_done} epoch(s); best epoch {self.best_epoch}"
+        self.notify(epochs_done, 0, message)
+        return TrainResult(
+            model_path=self.out_path,
+            last_path=self.last_path,
+            best_epoch=self.best_epoch,
+            best_metrics=self.best_metrics,
+            epochs_completed=epochs_done,
+            stopped=self.stopped,
+            history=self.history,
+            properties=self.props.to_dict(),
+            elapsed_s=self.elapsed(),
+        )
 
 
 def _normalized(image: np.ndarray, props: Any, dims: int) -> np.ndarray:
