@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.clustering import cluster  # noqa: E402
-from core.metrics import average_precision  # noqa: E402
-from core.synthetic import perfect_raw, random_labels  # noqa: E402
+from embedseg_service.core.data.synthetic import perfect_raw, random_labels  # noqa: E402
+from embedseg_service.core.inference.clustering import cluster  # noqa: E402
+from embedseg_service.core.metrics import average_precision  # noqa: E402
 
 STEP = 1.0 / 1023.0
 

@@ -5,10 +5,10 @@ Inputs are the real files of ``tests/data``: the 2D nuclei image ``nuclei2d_dsb`
 
 Figures, each the median of ``--repeats`` runs:
 
-* ``centres``: medoid of every object of a whole mask. This project: ``core.centers.object_centers``
-  (one pass with ``find_objects``, summed distances by FFT, exact re-scoring of the best).
-  Reference: ``generate_center_image`` / ``generate_center_image_3d`` (a full-image scan per object
-  and an n × n distance matrix, numba).
+* ``centres``: medoid of every object of a whole mask. This project:
+  ``embedseg_service.core.data.centers.object_centers`` (one pass with ``find_objects``, summed distances by FFT, exact
+  re-scoring of the best). Reference: ``generate_center_image`` / ``generate_center_image_3d`` (a full-image scan per
+  object and an n × n distance matrix, numba).
   Also printed: how many centres are the same pixel.
 * ``crops``: all training crops of one 2D image with their medoid centres, from the TIFF files. This
   project: ``CropDataset`` (windows on the normalised image) and every item built once. Reference:
@@ -42,9 +42,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from core.centers import CenterMode, object_centers  # noqa: E402
-from core.data import CropDataset  # noqa: E402
-from core.io import read_tiff  # noqa: E402
+from embedseg_service.core.data.centers import CenterMode, object_centers  # noqa: E402
+from embedseg_service.core.data.datasets import CropDataset  # noqa: E402
+from embedseg_service.core.data.io import read_tiff  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 

@@ -6,13 +6,13 @@ Needs a CUDA device. Sections (each one reports and the script goes on if one fa
 * ``cluster``: ``core.cluster`` on CUDA and on the CPU for the cases of ``bench_clustering.py``
   (2D 512x512, 3D 64x256x256, 3D noisy); whether the labels are identical up to relabelling, and the
   median times of ours on CUDA, ours on the CPU and the reference's ``Cluster`` / ``Cluster_3d`` on CUDA.
-* ``train``: ``core.train.train`` with ``device="auto"`` (mixed precision on, off or both: ``--amp``) on the
-  images of ``--data`` for ``--train-seconds`` of wall-clock time; every 4th sorted name is held
+* ``train``: ``embedseg_service.core.training.train.train`` with ``device="auto"`` (mixed precision on, off or both:
+  ``--amp``) on the images of ``--data`` for ``--train-seconds`` of wall-clock time; every 4th sorted name is held
   apart. Prints steps, seconds per step, and held-out AP0.5 / mAP (0.5..0.9) with and without TTA on
   CUDA; then loads the checkpoint on the CPU and reports AP0.5 of the CPU labels against the CUDA
   labels (the same model must give the same objects on both devices).
-* ``train3d``: ``core.train.train`` in 3D on ``tests/data/nuclei3d_synthetic`` (rows 0-45 of Y; rows 46-60
-  held apart) for ``--train-seconds`` per ``--batch3d`` setting (``BxM`` or ``auto``); prints optimiser
+* ``train3d``: ``embedseg_service.core.training.train.train`` in 3D on ``tests/data/nuclei3d_synthetic`` (rows 0-45 of
+  Y; rows 46-60 held apart) for ``--train-seconds`` per ``--batch3d`` setting (``BxM`` or ``auto``); prints optimiser
   steps, seconds per step and AP on the held-apart rows with and without TTA.
 * ``tiling``: peak CUDA memory (``torch.cuda.max_memory_allocated``) of a random-weight 3D network
   predicting one tile-sized volume whole, a volume of 2x the tile per axis in tiles, and that volume
@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_clustering import clustering_cases, load_reference, same_up_to_relabelling  # noqa: E402
 from bench_quality import list_names, read_pairs, score, split_names  # noqa: E402
 
-from core.clustering import cluster  # noqa: E402
-from core.device import resolve_device  # noqa: E402
-from core.metrics import average_precision  # noqa: E402
+from embedseg_service.core.device import resolve_device  # noqa: E402
+from embedseg_service.core.inference.clustering import cluster  # noqa: E402
+from embedseg_service.core.metrics import average_precision  # noqa: E402
 
 DEVICE = torch.device("cuda")
 
@@ -126,9 +126,10 @@ class _Steps:
 
 
 def _timed_train(images, masks, config, out: Path):
-    """``core.train.train`` to ``out`` with a step-counting callback and the peak CUDA memory reset first;
+    """``embedseg_service.core.training.train.train`` to ``out`` with a step-counting callback and the peak CUDA memory
+    reset first;
     returns the result, the callback and the wall-clock seconds."""
-    from core.train import train
+    from embedseg_service.core.training.train import train
 
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -150,8 +151,8 @@ def section_train(args: argparse.Namespace) -> None:
 
 
 def _train_and_score(args, amp: bool, images, masks, test_images, test_masks, test_names) -> None:
-    from core.checkpoint import load_model
-    from core.train import TrainConfig
+    from embedseg_service.core.model.checkpoint import load_model
+    from embedseg_service.core.training.train import TrainConfig
 
     config = TrainConfig(
         spatial_dims=2, epochs=10**6, max_time_minutes=args.train_seconds / 60.0, seed=args.seed, amp=amp
@@ -202,9 +203,9 @@ SPLIT_ROW_3D = 46
 def section_train3d(args: argparse.Namespace) -> None:
     """3D training on the synthetic nuclei volume, one run per ``--batch3d`` setting (``BxM``: physical
     batch B, virtual multiplier M; ``auto`` for the library's choice), each for ``--train-seconds``."""
-    from core.checkpoint import load_model
-    from core.io import read_tiff
-    from core.train import TrainConfig, choose_batch
+    from embedseg_service.core.data.io import read_tiff
+    from embedseg_service.core.model.checkpoint import load_model
+    from embedseg_service.core.training.train import TrainConfig, choose_batch
 
     folder = ROOT / "tests" / "data" / "nuclei3d_synthetic"
     name = "synthetic_img3d.tif"
@@ -239,8 +240,8 @@ def section_train3d(args: argparse.Namespace) -> None:
 
 
 def section_tiling(args: argparse.Namespace) -> None:
-    from core.erfnet import BranchedERFNet
-    from core.predict import predict_raw
+    from embedseg_service.core.inference.predict import predict_raw
+    from embedseg_service.core.model.erfnet import BranchedERFNet
 
     cuda = DEVICE
     tile = (32, 128, 128)

@@ -1,10 +1,10 @@
 """3D inference throughput: ours vs the reference EmbedSeg, without and with test-time augmentation.
 
 Both networks carry the same (random) weights: the reference ``BranchedERFNet_3d`` state dict is
-loaded into ours with ``core.erfnet.load_reference_state_dict``. Ours runs ``core.predict.predict_raw``
-(one window over the whole volume); the reference runs its network on the padded volume, and for
-TTA its ``apply_tta_3d`` 16 times with a running mean, as its ``test.py`` does. Prints voxels/s
-and process CPU seconds (medians of ``--repeats``), the ratios reference time / ours, and the
+loaded into ours with ``embedseg_service.core.model.erfnet.load_reference_state_dict``. Ours runs
+``embedseg_service.core.inference.predict.predict_raw`` (one window over the whole volume); the reference runs its
+network on the padded volume, and for TTA its ``apply_tta_3d`` 16 times with a running mean, as its ``test.py`` does.
+Prints voxels/s and process CPU seconds (medians of ``--repeats``), the ratios reference time / ours, and the
 largest absolute difference between the raw outputs (without TTA; with TTA for offsets and
 sigma, which the reference averages and ours takes the median of).
 
@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.device import resolve_device  # noqa: E402
-from core.erfnet import BranchedERFNet, load_reference_state_dict  # noqa: E402
-from core.predict import predict_raw  # noqa: E402
-from core.tiling import pad_to_multiple  # noqa: E402
+from embedseg_service.core.device import resolve_device  # noqa: E402
+from embedseg_service.core.inference.predict import predict_raw  # noqa: E402
+from embedseg_service.core.inference.tiling import pad_to_multiple  # noqa: E402
+from embedseg_service.core.model.erfnet import BranchedERFNet, load_reference_state_dict  # noqa: E402
 
 
 def import_reference(path: str | None):
@@ -121,7 +121,7 @@ def main() -> None:
         w_ours, c_ours, out_ours = timed(ours_run, args.repeats)
         name = "TTA x16" if tta else "no TTA"
         rows.append((name, shape, int(np.prod(shape)), w_ref, w_ours, c_ref, c_ours))
-        if tta:  # the reference averages the passes, ours takes their median (core.tta.TTACombine)
+        if tta:  # the reference averages the passes, ours takes their median (inference.tta.TTACombine)
             diff = float(np.abs(out_ref[:6] - out_ours[:6]).max())
             print(f"max |offsets, sigma ours (median) - reference (mean)| with TTA: {diff:.3g}")
         else:

@@ -254,8 +254,8 @@ def running_training_job(data_dir: Path, epochs: int) -> str:
     Written straight into the server's SQLite database under a worker name of no local process,
     so nothing runs it: the benchmark polls a large ``metrics`` without training on the CPU.
     """
-    from api import jobs
-    from api.db import make_engine, make_sessionmaker
+    from embedseg_service.records import jobs
+    from embedseg_service.records.db import make_engine, make_sessionmaker
 
     engine = make_engine(f"sqlite:///{data_dir / 'embedseg.db'}")
     try:

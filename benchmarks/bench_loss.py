@@ -1,17 +1,18 @@
 """EmbedSeg loss: value and time per step of this project's ``EmbedSegLoss`` against the reference (embedseg 0.2.5).
 
 Cases: 2D batch 2 x 256 x 256 with 40 objects per image; 3D batch 1 x 32 x 128 x 128 with 30 objects. Labels
-are random non-overlapping ellipses / ellipsoids (``core.synthetic.random_labels``), centres their medoids.
-Two kinds of raw output, identical for both implementations:
+are random non-overlapping ellipses / ellipsoids (``embedseg_service.core.data.synthetic.random_labels``), centres
+their medoids. Two kinds of raw output, identical for both implementations:
 
 * ``random``: Gaussian offsets (std 0.01, i.e. about 10 px of reach), sigma 0.9 +- 0.05 (0.5-level radius
   about 10 px), seed logits N(0, 1);
-* ``near``: the ideal output of ``core.synthetic.perfect_raw`` with 3 px of embedding noise, sigma noise 0.1
-  and seed noise 1 (a trained-looking output).
+* ``near``: the ideal output of ``embedseg_service.core.data.synthetic.perfect_raw`` with 3 px of embedding noise,
+  sigma noise 0.1 and seed noise 1 (a trained-looking output).
 
 The reference's ``SpatialEmbLoss`` / ``SpatialEmbLoss_3d`` is built with grid = image extent and
 pixel = (grid - 1) / 1023 per axis, i.e. this project's default step of 1/1023 per pixel
-(``core.embedding.step_from_reference``), foreground weight 10, and ``center_images`` marking our medoids.
+(``embedseg_service.core.model.embedding.step_from_reference``), foreground weight 10, and ``center_images`` marking
+our medoids.
 
 Usage::
 
@@ -45,10 +46,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.centers import CenterMode, object_centers  # noqa: E402
-from core.embedding import DEFAULT_STEP, step_from_reference  # noqa: E402
-from core.loss import EmbedSegLoss  # noqa: E402
-from core.synthetic import perfect_raw, random_labels  # noqa: E402
+from embedseg_service.core.data.centers import CenterMode, object_centers  # noqa: E402
+from embedseg_service.core.data.synthetic import perfect_raw, random_labels  # noqa: E402
+from embedseg_service.core.model.embedding import DEFAULT_STEP, step_from_reference  # noqa: E402
+from embedseg_service.core.training.loss import EmbedSegLoss  # noqa: E402
 
 CASES = {
     "2d": dict(batch=2, shape=(256, 256), n_objects=40, radius=(6.0, 14.0)),

@@ -2,7 +2,8 @@
 
 Both implementations train on the same real 2D images or 3D stacks (``--dims``) for the same process
 CPU time (default 15 CPU-minutes, one torch thread each), for each seed, and segment the same
-held-apart images, which are scored by this project's ``core.metrics`` for both (identical metric code).
+held-apart images, which are scored by this project's ``embedseg_service.core.metrics`` for both (identical metric
+code).
 
 - Split: image names sorted; every 4th (the 1st, 5th, 9th, ...) is held apart for testing
   (``--test-names`` overrides), unless some names start with ``test_``: then those are the test
@@ -16,13 +17,13 @@ held-apart images, which are scored by this project's ``core.metrics`` for both 
   its crops capped at the depth of its loss grid (the test stacks' depth rounded up to 8) and stacks
   thinner than a crop padded to the crop's depth for crop generation only (a 5-slice stack becomes
   8 slices for 8-slice crops); see ``reference_training.py``. Scores use the 3D thresholds.
-- Ours: ``core.train.train`` with ``TrainConfig(spatial_dims=D, epochs=10**6, seed=s, device="cpu")``
-  and every other option at its default (data-derived crop size, ...) unless ``--ours-option
+- Ours: ``embedseg_service.core.training.train.train`` with ``TrainConfig(spatial_dims=D, epochs=10**6, seed=s,
+  device="cpu")`` and every other option at its default (data-derived crop size, ...) unless ``--ours-option
   KEY=VALUE`` sets it (repeatable, e.g. ``random_crops=1.0``). ``--ours-budget callback``
   (default): the progress callback stops training on the budget. ``--ours-budget clock``: the
   project's own budget handling (``max_time_minutes``: learning-rate decay over the budget,
-  validation cadence, stopping in time to validate) with ``core.train``'s clock reading process CPU
-  time; the callback still stops at the budget. Test images are segmented through the checkpoint's
+  validation cadence, stopping in time to validate) with ``embedseg_service.core.training.train``'s clock reading
+  process CPU time; the callback still stops at the budget. Test images are segmented through the checkpoint's
   ``TrainedModel.segment`` (default tiling), without and with TTA.
 - Reference: ``benchmarks/reference_training.py`` runs its 2D or 3D notebooks' pipeline with its
   own functions (split, data properties, crops, ``begin_training``, ``begin_evaluating``); see there.
@@ -31,8 +32,8 @@ held-apart images, which are scored by this project's ``core.metrics`` for both 
   properties and crop generation) to the end of training, validation and checkpoint saving
   included. Under ``callback`` both follow one rule: an epoch starts only while the previous
   epoch's CPU time fits in what is left, a batch only while the previous batch's time fits.
-- Score: AP_dsb per test image (``core.metrics.average_precision``) at IoU 0.50, 0.55 ... 0.90 in 2D,
-  0.1, 0.2 ... 0.9 in 3D (``core.metrics.default_thresholds``), averaged over the test images (images
+- Score: AP_dsb per test image (``embedseg_service.core.metrics.average_precision``) at IoU 0.50, 0.55 ... 0.90 in 2D,
+  0.1, 0.2 ... 0.9 in 3D (``embedseg_service.core.metrics.default_thresholds``), averaged over the test images (images
   with neither objects nor predictions left out); "mAP" is the mean of the 9 thresholds, "AP0.5" the
   value at IoU 0.5. The table also gives each run's optimiser steps and median CPU seconds per step.
   Target: every seed of ours has AP0.5 and mAP at least the reference's best seed (checked without
@@ -123,7 +124,7 @@ def split_names(
 
 def voxel_size_of(data: Path, names: list[str], given: str | None) -> list[float] | None:
     """The voxel size (Z, Y, X) from ``given`` ("Z,Y,X") or else the files' common metadata (None: not stated)."""
-    from core.io import inspect_tiff
+    from embedseg_service.core.data.io import inspect_tiff
 
     if given:
         values = [float(v) for v in given.split(",")]
@@ -138,7 +139,7 @@ def voxel_size_of(data: Path, names: list[str], given: str | None) -> list[float
 
 
 def read_pairs(data: Path, names: list[str]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    from core.io import read_tiff
+    from embedseg_service.core.data.io import read_tiff
 
     images = [read_tiff(data / "images" / f"{n}.tif").data for n in names]
     masks = [read_tiff(data / "masks" / f"{n}.tif").data for n in names]
@@ -148,7 +149,7 @@ def read_pairs(data: Path, names: list[str]) -> tuple[list[np.ndarray], list[np.
 def score(gts: list[np.ndarray], preds: list[np.ndarray], names: list[str]) -> dict[str, Any]:
     """AP_dsb per threshold (2D 0.50..0.90, 3D 0.1..0.9) as the mean over test images; ``ap50`` at IoU 0.5,
     ``mean_ap`` over the thresholds."""
-    from core.metrics import default_thresholds, evaluate_dataset
+    from embedseg_service.core.metrics import default_thresholds, evaluate_dataset
 
     thresholds = default_thresholds(gts[0].ndim)
     at50 = thresholds.index(0.5)
@@ -169,7 +170,8 @@ def score(gts: list[np.ndarray], preds: list[np.ndarray], names: list[str]) -> d
 
 
 class _OursProgress:
-    """Progress callback of ``core.train.train``: times steps and epochs in process CPU seconds and stops
+    """Progress callback of ``embedseg_service.core.training.train.train``: times steps and epochs in process CPU
+    seconds and stops
     training on the budget (``stop_epochs``: also stop at an epoch end when another epoch would not fit)."""
 
     def __init__(self, start: float, budget_s: float, stop_epochs: bool) -> None:
@@ -228,8 +230,8 @@ def ours_options(items: list[str] | None) -> dict[str, Any]:
 def _ours_train(
     args: argparse.Namespace, seed: int, run: Path, train_names: list[str], val_names: list[str] | None
 ) -> dict[str, Any]:
-    import core.train as core_train
-    from core.train import TrainConfig, train
+    import embedseg_service.core.training.train as core_train
+    from embedseg_service.core.training.train import TrainConfig, train
 
     images, masks = read_pairs(Path(args.data), train_names)
     val_images, val_masks = read_pairs(Path(args.data), val_names) if val_names else (None, None)
@@ -268,8 +270,8 @@ def _ours_train(
 
 
 def _ours_predict(args: argparse.Namespace, run: Path, record: dict[str, Any], test_names: list[str], tta: bool):
-    from core.checkpoint import load_model
-    from core.io import write_labels
+    from embedseg_service.core.data.io import write_labels
+    from embedseg_service.core.model.checkpoint import load_model
 
     images, _ = read_pairs(Path(args.data), test_names)
     model = load_model(run / record["checkpoint"], device="cpu")

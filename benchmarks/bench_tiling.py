@@ -32,8 +32,8 @@ def run_case(case: str, tile: tuple[int, ...], tta: bool) -> None:
     import numpy as np
     import torch
 
-    from core.erfnet import BranchedERFNet
-    from core.predict import predict_raw
+    from embedseg_service.core.inference.predict import predict_raw
+    from embedseg_service.core.model.erfnet import BranchedERFNet
 
     torch.manual_seed(0)
     dims = len(tile)

@@ -3,8 +3,8 @@
 Shapes: ``2d`` batch 2 x 256 x 256, ``3d`` batch 1 x 32 x 128 x 128 and ``3d-thin`` batch 4 x 8 x 136 x 136
 (the reference's 3D training batch on few-slice stacks), one input channel, synthetic objects.
 Both networks start from the same weights: the reference's after its ``init_output`` (as its training
-starts), imported with ``core.erfnet.load_reference_state_dict``. Both losses use the same step, 1/1023
-per pixel (the reference's loss is built with grid = crop extent and pixel = (grid - 1) / 1023), foreground
+starts), imported with ``embedseg_service.core.model.erfnet.load_reference_state_dict``. Both losses use the same step,
+1/1023 per pixel (the reference's loss is built with grid = crop extent and pixel = (grid - 1) / 1023), foreground
 weight 10 and medoid centres. Each (implementation, shape) runs in its own subprocess so that the peak
 resident memory (``ru_maxrss``) is its own.
 
@@ -40,8 +40,8 @@ def _inputs(dims_key: str):
     import numpy as np
     import torch
 
-    from core.centers import CenterMode, object_centers
-    from core.synthetic import random_labels, render_image
+    from embedseg_service.core.data.centers import CenterMode, object_centers
+    from embedseg_service.core.data.synthetic import random_labels, render_image
 
     batch, shape = SHAPES[dims_key]
     n_objects, radius = OBJECTS[dims_key]
@@ -58,7 +58,7 @@ def _inputs(dims_key: str):
 def _reference_modules(folder: str, dims: int, shape: tuple[int, ...]):
     """The reference network and loss; the loss's grid is the crop extent with the same step as ours."""
     sys.path.insert(0, folder)
-    from core.embedding import DEFAULT_STEP
+    from embedseg_service.core.model.embedding import DEFAULT_STEP
 
     grid = list(reversed(shape))  # x, y[, z]
     pixel = [(g - 1) * DEFAULT_STEP for g in grid]
@@ -88,9 +88,9 @@ def worker(impl: str, dims_key: str, repeats: int, reference: str, device_name: 
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from core.embedding import step_for
-    from core.erfnet import BranchedERFNet, load_reference_state_dict
-    from core.loss import EmbedSegLoss
+    from embedseg_service.core.model.embedding import step_for
+    from embedseg_service.core.model.erfnet import BranchedERFNet, load_reference_state_dict
+    from embedseg_service.core.training.loss import EmbedSegLoss
 
     device = torch.device(device_name)
     dims = 2 if dims_key == "2d" else 3
@@ -129,7 +129,7 @@ def worker(impl: str, dims_key: str, repeats: int, reference: str, device_name: 
     images_d = images.to(device)
     labels_d = labels.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=5e-4, weight_decay=1e-4)
-    mixed = amp and impl == "ours" and device.type == "cuda"  # as core.train runs on CUDA
+    mixed = amp and impl == "ours" and device.type == "cuda"  # as embedseg_service.core.training.train runs on CUDA
     scaler = torch.amp.GradScaler("cuda", enabled=mixed)
 
     def step() -> float:
@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--shapes", default="2d,3d")
-    parser.add_argument("--amp", action="store_true", help="ours with float16 autocast on CUDA, as core.train runs")
+    parser.add_argument("--amp", action="store_true", help="ours with float16 autocast on CUDA, as its training runs")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "DIMS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not args.reference:

@@ -47,10 +47,10 @@ def free_port() -> int:
 
 def _serve_command(port: int, server: str) -> list[str]:
     if server == "uvicorn":  # the API alone, without the embedded worker
-        return [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app", "--host", "127.0.0.1",
-                "--port", str(port), "--no-access-log"]
+        return [sys.executable, "-m", "uvicorn", "--factory", "embedseg_service.api.app:create_app",
+                "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
     script = Path(sys.executable).parent / "embedseg"
-    head = [str(script)] if script.exists() else [sys.executable, "-m", "core.cli"]
+    head = [str(script)] if script.exists() else [sys.executable, "-m", "embedseg_service.core.cli"]
     return head + ["serve", "--host", "127.0.0.1", "--port", str(port)]
 
 

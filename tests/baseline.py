@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from core.metrics import average_precision
+from embedseg_service.core.metrics import average_precision
 
 BINS = 256
 

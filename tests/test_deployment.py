@@ -24,7 +24,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-from api.settings import Settings
+from embedseg_service.records.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -46,7 +46,7 @@ def pyproject() -> dict:
 
 @pytest.fixture(scope="module")
 def openapi_paths() -> set[str]:
-    from api.app import create_app
+    from embedseg_service.api.app import create_app
 
     return set(create_app().openapi()["paths"])
 
@@ -114,7 +114,7 @@ def test_every_embedseg_env_name_is_a_settings_field(compose: dict) -> None:
         for key in _env(service):
             if key.startswith("EMBEDSEG_"):
                 field = key.removeprefix("EMBEDSEG_").lower()
-                assert field in fields, f"{name}: {key} is not a field of api.settings.Settings"
+                assert field in fields, f"{name}: {key} is not a field of embedseg_service.records.settings.Settings"
 
 
 @pytest.mark.parametrize("name", OUR_SERVICES)

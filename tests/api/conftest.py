@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from api.app import create_app
-from api.db import make_engine, run_migrations
-from api.settings import Settings
+from embedseg_service.api.app import create_app
+from embedseg_service.records.db import make_engine, run_migrations
+from embedseg_service.records.settings import Settings
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -10,9 +10,9 @@ from html.parser import HTMLParser
 
 import pytest
 
-from api.dashboard import DASHBOARD_PATH, static_dir
-from api.orm import VolumeKind
-from api.settings import Settings
+from embedseg_service.api.dashboard import DASHBOARD_PATH, static_dir
+from embedseg_service.records.orm import VolumeKind
+from embedseg_service.records.settings import Settings
 
 with warnings.catch_warnings():  # starlette's notice about its httpx-based test client
     warnings.simplefilter("ignore")
@@ -23,7 +23,7 @@ ROUTE = re.compile(r'"(GET|POST|PUT|PATCH|DELETE) (/api/v1[^"]*)"')
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from api.app import create_app
+    from embedseg_service.api.app import create_app
 
     data = tmp_path_factory.mktemp("dashboard-data")
     return create_app(Settings(data_dir=data, _env_file=None), migrate=False)
@@ -123,7 +123,7 @@ def test_script_calls_only_routes_of_the_app(app) -> None:
 
 
 def test_script_sends_the_job_options_the_schemas_accept() -> None:
-    from api.schemas import EvalPair, EvaluateSpec, PredictSpec, TrainSpec
+    from embedseg_service.records.schemas import EvalPair, EvaluateSpec, PredictSpec, TrainSpec
 
     script = (static_dir() / "dashboard.js").read_text()
 
@@ -139,7 +139,7 @@ def test_script_sends_the_job_options_the_schemas_accept() -> None:
 
 
 def test_upload_form_sends_the_fields_the_volume_route_reads() -> None:
-    from api.routes.volumes import FORM_FIELDS
+    from embedseg_service.api.routes.volumes import FORM_FIELDS
 
     html = (static_dir() / "index.html").read_text()
     form = re.search(r'<form id="upload-form".*?</form>', html, re.S).group(0)
@@ -151,7 +151,7 @@ def test_upload_form_sends_the_fields_the_volume_route_reads() -> None:
 
 
 def test_model_upload_form_sends_the_fields_the_model_route_reads() -> None:
-    from api.routes.models import FORM_FIELDS
+    from embedseg_service.api.routes.models import FORM_FIELDS
 
     html = (static_dir() / "index.html").read_text()
     form = re.search(r'<form id="model-upload-form".*?</form>', html, re.S).group(0)

@@ -5,9 +5,16 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from api.db import SQLITE_POOL_SIZE, dispose_engines, get_engine, make_engine, run_migrations, session_scope
-from api.orm import Job
-from api.settings import Settings
+from embedseg_service.records.db import (
+    SQLITE_POOL_SIZE,
+    dispose_engines,
+    get_engine,
+    make_engine,
+    run_migrations,
+    session_scope,
+)
+from embedseg_service.records.orm import Job
+from embedseg_service.records.settings import Settings
 
 
 def test_sqlite_engine_has_wal_and_foreign_keys(tmp_path) -> None:  # type: ignore[no-untyped-def]

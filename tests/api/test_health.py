@@ -7,9 +7,9 @@ import warnings
 import pytest
 from fastapi import APIRouter
 
-from api.app import create_app
-from api.settings import Settings
-from api.storage import LocalStorage
+from embedseg_service.api.app import create_app
+from embedseg_service.records.settings import Settings
+from embedseg_service.records.storage import LocalStorage
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -9,7 +9,7 @@ import sys
 def test_record_modules_import_without_fastapi_or_torch() -> None:
     code = (
         "import sys\n"
-        "import api, api.settings, api.db, api.orm, api.jobs, api.storage, api.schemas\n"
+        "from embedseg_service.records import broker, db, jobs, orm, schemas, settings, storage\n"
         "print(sorted(m for m in ('fastapi', 'starlette', 'torch') if m in sys.modules))\n"
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -18,7 +18,7 @@ def test_record_modules_import_without_fastapi_or_torch() -> None:
 
 
 def test_app_imports_without_torch() -> None:
-    code = "import sys\nimport api.app\nprint('torch' in sys.modules)\n"
+    code = "import sys\nimport embedseg_service.api.app\nprint('torch' in sys.modules)\n"
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "False"

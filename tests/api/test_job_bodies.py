@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.dialects import sqlite
 
-from api import jobs
-from api.deps import JobBodies
-from api.jobs import StoredJobReader
-from api.orm import Job, JobStatus
-from api.schemas import JobOut
+from embedseg_service.api.deps import JobBodies
+from embedseg_service.records import jobs
+from embedseg_service.records.jobs import StoredJobReader
+from embedseg_service.records.orm import Job, JobStatus
+from embedseg_service.records.schemas import JobOut
 
 API = "/api/v1"
 SPEC = {"image_ids": ["a"], "mask_ids": ["b"], "dims": 2, "epochs": 3}

@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import pytest
 
-from api import jobs
-from api.db import make_engine, make_sessionmaker
-from api.orm import Job, JobStatus, JobVolume, Model, Volume, utcnow
+from embedseg_service.records import jobs
+from embedseg_service.records.db import make_engine, make_sessionmaker
+from embedseg_service.records.orm import Job, JobStatus, JobVolume, Model, Volume, utcnow
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from volume_files import tiff_bytes, upload
 
-from api import jobs
-from api.orm import Job, JobStatus, Model
+from embedseg_service.records import jobs
+from embedseg_service.records.orm import Job, JobStatus, Model
 
 API = "/api/v1"
 
@@ -294,7 +294,7 @@ def pair_in_broker_app(settings):  # type: ignore[no-untyped-def]
     """A client of an app whose broker (port 1) refuses connections, and an image + labels in it."""
     from conftest import TestClient
 
-    from api.app import create_app
+    from embedseg_service.api.app import create_app
 
     broken = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
     app = create_app(broken, migrate=False)
@@ -308,15 +308,15 @@ def test_broker_mode_api_imports_neither_torch_nor_the_worker() -> None:
     code = textwrap.dedent(
         """
         import sys
-        from api.app import create_app
-        from api.dispatch import make_dispatcher
-        from api.settings import Settings
+        from embedseg_service.api.app import create_app
+        from embedseg_service.api.dispatch import make_dispatcher
+        from embedseg_service.records.settings import Settings
         settings = Settings(_env_file=None, database_url="sqlite://", broker_url="redis://127.0.0.1:1/0")
         app = create_app(settings, migrate=False)
         dispatcher = make_dispatcher(settings)
         dispatcher.app  # builds the Celery producer
         app.openapi()
-        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "worker")))
+        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "embedseg_service.worker")))
         print(type(dispatcher).__name__, loaded)
         """
     )

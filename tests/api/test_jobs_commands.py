@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from api.commands import describe, redact
-from api.settings import Settings
-from core.cli import build_parser, main
+from embedseg_service.api.commands import describe, redact
+from embedseg_service.core.cli import build_parser, main
+from embedseg_service.records.settings import Settings
 
 
 def test_serve_defaults_to_localhost_port_8000() -> None:
@@ -39,7 +39,7 @@ def test_redact_keeps_user_and_host() -> None:
 
 
 def test_db_upgrade_current_downgrade(tmp_path: Path, capsys) -> None:
-    from api.settings import set_settings
+    from embedseg_service.records.settings import set_settings
 
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     set_settings(Settings(_env_file=None, database_url=url))
@@ -56,7 +56,7 @@ def test_db_upgrade_current_downgrade(tmp_path: Path, capsys) -> None:
 
 
 def test_worker_needs_a_broker(capsys) -> None:
-    from api.settings import set_settings
+    from embedseg_service.records.settings import set_settings
 
     set_settings(Settings(_env_file=None))
     try:

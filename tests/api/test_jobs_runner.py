@@ -20,13 +20,13 @@ import pytest
 from sqlalchemy import update
 from volume_files import tiff_bytes, upload
 
-from api import jobs
-from api.orm import Job, JobKind, JobStatus, Model, Volume, VolumeKind, new_id, utcnow
-from api.storage import LocalStorage
-from core.io import read_tiff
-from worker.context import JobContext, JobOutcome
-from worker.progress import JobCancelled, JobReporter
-from worker.runner import recover_stale_jobs, run_job
+from embedseg_service.core.data.io import read_tiff
+from embedseg_service.records import jobs
+from embedseg_service.records.orm import Job, JobKind, JobStatus, Model, Volume, VolumeKind, new_id, utcnow
+from embedseg_service.records.storage import LocalStorage
+from embedseg_service.worker.context import JobContext, JobOutcome
+from embedseg_service.worker.progress import JobCancelled, JobReporter
+from embedseg_service.worker.runner import recover_stale_jobs, run_job
 
 API = "/api/v1"
 
@@ -262,14 +262,14 @@ def test_a_redelivered_message_takes_over_from_a_lost_worker(session, fast, eval
 @pytest.fixture
 def tiny_model(session, settings, tmp_path: Path) -> str:
     """An untrained 2D model stored like a trained one."""
-    from core.checkpoint import build_network
+    from embedseg_service.core.model.checkpoint import build_network
 
     return _store_model(session, settings, tmp_path, "tiny", build_network(2, 1), [1 / 1023, 1 / 1023])
 
 
 def _store_model(session, settings, tmp_path: Path, name: str, net, step: list[float]) -> str:  # type: ignore[no-untyped-def]
     """Save ``net`` as a checkpoint (minimum object size 4), put it in storage and register it; its id."""
-    from core.checkpoint import save_checkpoint
+    from embedseg_service.core.model.checkpoint import save_checkpoint
 
     dims = len(step)
     path = save_checkpoint(tmp_path / f"{name}.pt", {
@@ -315,7 +315,7 @@ def test_predict_job_cancelled_before_a_volume_stops_without_outputs(client, ses
     job_id = client.post(f"{API}/jobs/predict", json={"model_id": tiny_model, "volume_ids": [image]}).json()["id"]
 
     def cancel_then_predict(context: JobContext) -> JobOutcome:
-        from worker.handlers import run_predict
+        from embedseg_service.worker.handlers import run_predict
 
         with context.session() as other:
             jobs.request_cancel(other, context.job_id)
@@ -345,7 +345,7 @@ def test_local_worker_runs_jobs_left_queued_and_orphaned_by_a_previous_run(clien
                                                                            evaluate_job) -> None:
     import socket
 
-    from worker.local import LocalWorker
+    from embedseg_service.worker.local import LocalWorker
 
     left_queued, _, _ = evaluate_job
     orphan = client.post(f"{API}/jobs/evaluate", json=client.get(f"{API}/jobs/{left_queued}").json()["spec"]).json()
@@ -415,7 +415,7 @@ def test_predict_job_min_size_overrides_the_models_minimum_object_size(client, s
     (about 100 pixels each, bandwidth e^10 at zero offsets); min_size above that leaves none."""
     import torch
 
-    from core.checkpoint import build_network
+    from embedseg_service.core.model.checkpoint import build_network
 
     net = build_network(2, 1)
     with torch.no_grad():
@@ -437,7 +437,7 @@ def test_predict_job_min_size_overrides_the_models_minimum_object_size(client, s
 
 
 def test_predict_job_on_a_3d_volume_keeps_its_voxel_size(client, session, settings, fast, tmp_path) -> None:
-    from core.checkpoint import build_network
+    from embedseg_service.core.model.checkpoint import build_network
 
     model_id = _store_model(session, settings, tmp_path, "tiny3d", build_network(3, 1), [2 / 1023, 1 / 1023, 1 / 1023])
     volume = np.random.default_rng(1).integers(0, 255, (8, 24, 32)).astype(np.uint8)
@@ -456,7 +456,7 @@ def test_predict_job_on_a_3d_volume_keeps_its_voxel_size(client, session, settin
 
 
 def test_training_warns_about_a_model_that_finds_no_objects() -> None:
-    from worker.handlers import training_warnings
+    from embedseg_service.worker.handlers import training_warnings
 
     assert training_warnings({"ap": 0.8, "degenerate": False}, 12) == []
     (warning,) = training_warnings({"degenerate": True}, 3)
@@ -465,7 +465,7 @@ def test_training_warns_about_a_model_that_finds_no_objects() -> None:
 
 
 def test_prediction_warns_about_a_degenerate_model_and_empty_volumes() -> None:
-    from worker.handlers import prediction_warnings
+    from embedseg_service.worker.handlers import prediction_warnings
 
     assert prediction_warnings({"best": {"degenerate": False}}, []) == []
     assert prediction_warnings(None, []) == []

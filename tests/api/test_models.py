@@ -12,15 +12,16 @@ import pytest
 import torch
 from volume_files import tiff_bytes, upload
 
-from api.checkpoints import CheckpointInvalid, read_checkpoint_summary
-from api.orm import Model
-from core.checkpoint import save_checkpoint
+from embedseg_service.api.checkpoints import CheckpointInvalid, read_checkpoint_summary
+from embedseg_service.core.model.checkpoint import save_checkpoint
+from embedseg_service.records.orm import Model
 
 M = "/api/v1/models"
 
 
 def checkpoint_bytes(tmp_path: Path, **overrides) -> bytes:  # type: ignore[no-untyped-def]
-    """A small model file as written by core.checkpoint (a two-tensor state dict keeps it tiny)."""
+    """A small model file as written by embedseg_service.core.model.checkpoint (a two-tensor state dict keeps it
+    tiny)."""
     payload = {
         "state_dict": {"head.weight": torch.zeros(5, 3), "head.bias": torch.zeros(5)},
         "spatial_dims": 2,
@@ -204,7 +205,7 @@ def test_trained_model_rows_show_their_source_job(client, session) -> None:
 
 
 def test_summary_reads_a_real_network_checkpoint_without_torch(tmp_path) -> None:
-    from core.checkpoint import build_network
+    from embedseg_service.core.model.checkpoint import build_network
 
     net = build_network(3, 2)
     path = save_checkpoint(tmp_path / "net.pt", {

@@ -1,12 +1,12 @@
-"""Job specs and helpers in api.schemas: defaults, and messages that say how to fix bad values."""
+"""Job specs and helpers in embedseg_service.records.schemas: defaults, and messages that say how to fix bad values."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
-from api.errors import format_validation_errors
-from api.schemas import (
+from embedseg_service.api.errors import format_validation_errors
+from embedseg_service.records.schemas import (
     DEFAULT_THRESHOLDS,
     SPEC_BY_KIND,
     Center,

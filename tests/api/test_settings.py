@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from api import settings as settings_module
-from api.settings import Settings, get_settings, set_settings
+from embedseg_service.records import settings as settings_module
+from embedseg_service.records.settings import Settings, get_settings, set_settings
 
 
 def test_defaults_derive_from_data_dir(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]

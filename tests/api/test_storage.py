@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from api.storage import LocalStorage, Storage, StorageError, job_output_key, model_key, volume_key
+from embedseg_service.records.storage import LocalStorage, Storage, StorageError, job_output_key, model_key, volume_key
 
 
 def files(root) -> list[str]:  # type: ignore[no-untyped-def]

@@ -14,10 +14,11 @@ import tifffile
 from PIL import Image
 from volume_files import tiff_bytes, upload
 
-from api import jobs, preview
-from api.orm import JobStatus, Volume
-from api.storage import PendingWrite
-from core.io import read_tiff
+from embedseg_service.api import preview
+from embedseg_service.core.data.io import read_tiff
+from embedseg_service.records import jobs
+from embedseg_service.records.orm import JobStatus, Volume
+from embedseg_service.records.storage import PendingWrite
 
 V = "/api/v1/volumes"
 

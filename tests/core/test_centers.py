@@ -1,4 +1,4 @@
-"""Tests of core.centers against brute-force definitions."""
+"""Tests of embedseg_service.core.data.centers against brute-force definitions."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from core import centers as centers_mod
-from core.centers import CenterMode, medoid, object_centers
+from embedseg_service.core.data import centers as centers_mod
+from embedseg_service.core.data.centers import CenterMode, medoid, object_centers
 
 
 def brute_medoid(coords: np.ndarray, anisotropy: float = 1.0) -> np.ndarray:

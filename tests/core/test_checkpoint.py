@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.checkpoint import (
+from embedseg_service.core.model.checkpoint import (
     FORMAT_NAME,
     FORMAT_VERSION,
     TrainedModel,
@@ -19,8 +19,8 @@ from core.checkpoint import (
     load_model,
     save_checkpoint,
 )
-from core.embedding import step_for
-from core.erfnet import BranchedERFNet
+from embedseg_service.core.model.embedding import step_for
+from embedseg_service.core.model.erfnet import BranchedERFNet
 
 
 def _payload(dims: int = 2, in_channels: int = 1, seed: int = 3) -> tuple[dict, BranchedERFNet]:
@@ -174,7 +174,7 @@ def test_prepare_checks_channels_and_normalises() -> None:
 
 
 def test_segment_passes_the_tiling_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    import core.predict
+    import embedseg_service.core.inference.predict
 
     payload, net = _payload()
     seen: list[object] = []
@@ -187,7 +187,7 @@ def test_segment_passes_the_tiling_on(monkeypatch: pytest.MonkeyPatch) -> None:
         radii.append(max_radius)
         return np.zeros(image.shape[1:], dtype=np.int32)
 
-    monkeypatch.setattr(core.predict, "segment", fake_segment)
+    monkeypatch.setattr(embedseg_service.core.inference.predict, "segment", fake_segment)
     props = dict(payload["properties"], crop_shape=[24, 32], n_objects=5, extent_mean=[6.0, 8.0], extent_std=[1.0, 2.0])
     model = TrainedModel(net=net, spatial_dims=2, in_channels=1, step=step_for(2), device=torch.device("cpu"),
                          properties=props)  # fmt: skip

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from core import cli
-from core.checkpoint import load_model
-from core.io import read_tiff, write_labels, write_tiff
-from core.synthetic import random_labels, render_image
+from embedseg_service.core import cli
+from embedseg_service.core.data.io import read_tiff, write_labels, write_tiff
+from embedseg_service.core.data.synthetic import random_labels, render_image
+from embedseg_service.core.model.checkpoint import load_model
 
 
 @pytest.fixture(autouse=True)
@@ -209,7 +209,7 @@ def test_plugins_are_registered_and_a_broken_one_is_isolated(
 def test_installed_script_runs(tmp_path: Path) -> None:
     gt, pred = _hand_built(tmp_path)
     script = Path(sys.executable).parent / "embedseg"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "core.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "embedseg_service.core.cli"]
     done = subprocess.run([*command, "evaluate", str(gt), str(pred), "--json", "--thresholds", "0.5"],
                           capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.clustering import _cluster, _NumpyOps, _sigma_floor, _TorchOps, cluster
-from core.metrics import average_precision
-from core.synthetic import perfect_raw, random_labels
+from embedseg_service.core.data.synthetic import perfect_raw, random_labels
+from embedseg_service.core.inference.clustering import _cluster, _NumpyOps, _sigma_floor, _TorchOps, cluster
+from embedseg_service.core.metrics import average_precision
 
 H = 1.0 / 1023.0
 
@@ -324,7 +324,7 @@ def test_tied_seed_scores_resolved_by_lowest_index():
 
 
 def test_drop_fragments_removes_objects_at_or_below_the_minimum_size() -> None:
-    from core.clustering import drop_fragments
+    from embedseg_service.core.inference.clustering import drop_fragments
 
     labels = np.zeros((6, 8), dtype=np.int32)
     labels[0:3, 0:3] = 1  # 9 px

@@ -1,4 +1,5 @@
-"""Tests of core.crops (windows, padding) and core.augment (consistent transforms)."""
+"""Tests of embedseg_service.core.data.crops (windows, padding) and embedseg_service.core.data.augment (consistent
+transforms)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
-from core.augment import Transform, all_transforms, random_transform
-from core.crops import CropWindow, extract_crop, object_centroids, object_windows, window_start
-from core.data import CropDataset
+from embedseg_service.core.data.augment import Transform, all_transforms, random_transform
+from embedseg_service.core.data.crops import CropWindow, extract_crop, object_centroids, object_windows, window_start
+from embedseg_service.core.data.datasets import CropDataset
 
 
 def blobs(shape, n, seed, radius=(2, 5)):

@@ -1,4 +1,4 @@
-"""Tests of core.data on the real files of tests/data."""
+"""Tests of embedseg_service.core.data.datasets on the real files of tests/data."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from core.centers import CenterMode, object_centers
-from core.data import CropDataset, collate_crops, split_train_val
-from core.hyperparams import DataProperties
-from core.io import read_tiff
-from core.normalization import NormalizationSettings, normalize
+from embedseg_service.core.data.centers import CenterMode, object_centers
+from embedseg_service.core.data.datasets import CropDataset, collate_crops, split_train_val
+from embedseg_service.core.data.io import read_tiff
+from embedseg_service.core.data.normalization import NormalizationSettings, normalize
+from embedseg_service.core.training.hyperparams import DataProperties
 
 
 def load(data_dir, name, stem):

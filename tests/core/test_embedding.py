@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from core.embedding import (
+from embedseg_service.core.model.embedding import (
     DEFAULT_STEP,
     coordinate_map,
     normalize_step,

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.erfnet import BranchedERFNet, load_reference_state_dict
-from core.layers import Down, NonBottleneck1d, Up, axis_conv
+from embedseg_service.core.model.erfnet import BranchedERFNet, load_reference_state_dict
+from embedseg_service.core.model.layers import Down, NonBottleneck1d, Up, axis_conv
 
 
 @pytest.fixture(scope="module")

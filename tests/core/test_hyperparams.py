@@ -1,4 +1,4 @@
-"""Tests of core.hyperparams.DataProperties."""
+"""Tests of embedseg_service.core.training.hyperparams.DataProperties."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from core.embedding import step_for
-from core.hyperparams import (
+from embedseg_service.core.data.io import read_tiff
+from embedseg_service.core.data.normalization import NormalizationMode, NormalizationSettings
+from embedseg_service.core.model.embedding import step_for
+from embedseg_service.core.training.hyperparams import (
     MIN_SEED_RADIUS,
     DataProperties,
     anisotropy_from_voxel_size,
     max_seed_radius,
     round_up_8,
 )
-from core.io import read_tiff
-from core.normalization import NormalizationMode, NormalizationSettings
 
 
 def boxes_2d():

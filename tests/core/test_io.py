@@ -1,4 +1,4 @@
-"""Tests of core.io: layouts, voxel sizes, atomic writes and every refusal."""
+"""Tests of embedseg_service.core.data.io: layouts, voxel sizes, atomic writes and every refusal."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from core.io import inspect_tiff, label_dtype, read_tiff, stem, write_labels, write_tiff
+from embedseg_service.core.data.io import inspect_tiff, label_dtype, read_tiff, stem, write_labels, write_tiff
 
 
 @pytest.mark.parametrize(
@@ -252,5 +252,5 @@ def test_core_io_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, core.io; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, embedseg_service.core.data.io; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

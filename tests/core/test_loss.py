@@ -9,9 +9,9 @@ import pytest
 import torch
 from lovasz_oracle import textbook_lovasz
 
-from core.centers import CenterMode, object_centers
-from core.embedding import coordinate_map, normalize_step
-from core.loss import EmbedSegLoss, oracle_iou, oracle_ious
+from embedseg_service.core.data.centers import CenterMode, object_centers
+from embedseg_service.core.model.embedding import coordinate_map, normalize_step
+from embedseg_service.core.training.loss import EmbedSegLoss, oracle_iou, oracle_ious
 
 
 def slow_loss(raw, labels, centers, ids, step, ignore=None, fg_weight=10.0, weights=(1.0, 10.0, 1.0)):

@@ -6,7 +6,12 @@ import pytest
 import torch
 from lovasz_oracle import textbook_lovasz
 
-from core.lovasz import hinge_errors, lovasz_hinge, segmented_lovasz_hinge, segmented_lovasz_weights
+from embedseg_service.core.training.lovasz import (
+    hinge_errors,
+    lovasz_hinge,
+    segmented_lovasz_hinge,
+    segmented_lovasz_weights,
+)
 
 
 def test_hand_computed_value_and_gradient():

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from core.metrics import (
+from embedseg_service.core.metrics import (
     THRESHOLDS_2D,
     THRESHOLDS_3D,
     aggregate,

@@ -1,11 +1,11 @@
-"""Tests of core.normalization."""
+"""Tests of embedseg_service.core.data.normalization."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from core.normalization import NormalizationMode, NormalizationSettings, normalize
+from embedseg_service.core.data.normalization import NormalizationMode, NormalizationSettings, normalize
 
 
 def test_percentile_maps_p1_p99_8_to_0_1_without_clipping():

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from core.embedding import coordinate_map, step_for
-from core.erfnet import BranchedERFNet
-from core.predict import predict_raw, prepare_image, segment
-from core.tiling import PredictionCancelled, crop_padding, pad_to_multiple
+from embedseg_service.core.inference.predict import predict_raw, prepare_image, segment
+from embedseg_service.core.inference.tiling import PredictionCancelled, crop_padding, pad_to_multiple
+from embedseg_service.core.model.embedding import coordinate_map, step_for
+from embedseg_service.core.model.erfnet import BranchedERFNet
 
 
 @pytest.fixture(scope="module")

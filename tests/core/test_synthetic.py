@@ -12,9 +12,8 @@ import pytest
 from baseline import otsu_labels
 from scipy import ndimage
 
-from core.io import read_tiff
-from core.metrics import average_precision
-from core.synthetic import (
+from embedseg_service.core.data.io import read_tiff
+from embedseg_service.core.data.synthetic import (
     anisotropic_nuclei_stack,
     object_geometry,
     perfect_raw,
@@ -23,6 +22,7 @@ from core.synthetic import (
     render_image,
     touching_nuclei_labels,
 )
+from embedseg_service.core.metrics import average_precision
 
 H = 1.0 / 1023.0
 

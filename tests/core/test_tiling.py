@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.erfnet import DECODE_HALO, ENCODE_HALO, BranchedERFNet
-from core.predict import predict_raw
-from core.tiling import (
+from embedseg_service.core.inference.predict import predict_raw
+from embedseg_service.core.inference.tiling import (
     PredictionCancelled,
     auto_tile_shape,
     available_memory,
@@ -19,6 +18,7 @@ from core.tiling import (
     predict_tiled,
     reflect_pad_end,
 )
+from embedseg_service.core.model.erfnet import DECODE_HALO, ENCODE_HALO, BranchedERFNet
 
 
 def random_network(dims: int, seed: int = 0) -> BranchedERFNet:

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.checkpoint import load_checkpoint, load_model
-from core.synthetic import random_labels, render_image
-from core.train import (
+from embedseg_service.core.data.synthetic import random_labels, render_image
+from embedseg_service.core.model.checkpoint import load_checkpoint, load_model
+from embedseg_service.core.training.train import (
     SelectionMetric,
     StopTraining,
     TrainConfig,

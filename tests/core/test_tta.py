@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.tta import Transform, TTACombine, predict_tta, transforms
+from embedseg_service.core.inference.tta import Transform, TTACombine, predict_tta, transforms
 
 
 def equivariant_toy(x: torch.Tensor) -> torch.Tensor:
@@ -247,7 +247,7 @@ def test_bad_options_raise():
 
 
 def test_median_of_an_even_count_is_the_mean_of_the_middle_values_across_blocks(monkeypatch) -> None:
-    import core.tta as tta
+    import embedseg_service.core.inference.tta as tta
 
     monkeypatch.setattr(tta, "MEDIAN_BLOCK", 16 * 7)  # 7 pixels per block: several blocks, a short last one
     torch.manual_seed(3)

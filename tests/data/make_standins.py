@@ -2,14 +2,14 @@
 
 Both sets use the layout of the other test data, ``<set>/images/<name>.tif`` with the labels in
 ``<set>/masks/<name>.tif``, uint8 images, uint16 labels, zlib-compressed, with the voxel size in the
-files' ImageJ metadata (``core.io.read_tiff`` returns it). Names start with the split they belong
+files' ImageJ metadata (``embedseg_service.core.data.io.read_tiff`` returns it). Names start with the split they belong
 to (``train_``, ``val_``, ``test_``); ``tests/data/README.md`` describes them.
 
 - ``nuclei3d_cells3d_fewslice``: every 6th slice of the nuclei volume of ``nuclei3d_cells3d``
   (slices 21, 27, ..., 51: the six that cut through the nuclei), voxel 1.74 x 0.26 x 0.26 um, cut
   into three regions of the field. Intensities are mapped linearly from the source's 0.1-99.9
   percentiles to 0-255. Needs the source files (``--cells3d``).
-- ``nuclei3d_fewslice_synthetic``: :func:`core.synthetic.anisotropic_nuclei_stack` with the seeds
+- ``nuclei3d_fewslice_synthetic``: :func:`embedseg_service.core.data.synthetic.anisotropic_nuclei_stack` with the seeds
   and shapes of :data:`SYNTHETIC`, voxel 1.0 x 0.2 x 0.2 um.
 
 Usage::
@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from core.io import read_tiff, write_labels, write_tiff  # noqa: E402
-from core.synthetic import anisotropic_nuclei_stack  # noqa: E402
+from embedseg_service.core.data.io import read_tiff, write_labels, write_tiff  # noqa: E402
+from embedseg_service.core.data.synthetic import anisotropic_nuclei_stack  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CELLS3D_SET = "nuclei3d_cells3d_fewslice"

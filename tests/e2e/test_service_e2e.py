@@ -38,12 +38,12 @@ TRAIN = {"epochs": 3, "crop_size": 32, "batch_size": 16, "max_time_minutes": 4, 
 
 
 def embedseg_command() -> list[str]:
-    """The installed ``embedseg`` script of this interpreter, else ``python -m core.cli``."""
+    """The installed ``embedseg`` script of this interpreter, else ``python -m embedseg_service.core.cli``."""
     script = Path(sys.executable).with_name("embedseg")
     if script.exists():
         return [str(script)]
     found = shutil.which("embedseg")
-    return [found] if found else [sys.executable, "-m", "core.cli"]
+    return [found] if found else [sys.executable, "-m", "embedseg_service.core.cli"]
 
 
 def free_port() -> int:
@@ -175,7 +175,7 @@ def production(tmp_path: Path) -> Iterator[dict[str, str]]:
         redis.Redis.from_url(REDIS, socket_connect_timeout=2).ping()
     except redis.RedisError:
         pytest.skip("Redis is not reachable at 127.0.0.1:6379")
-    from api.db import make_engine
+    from embedseg_service.records.db import make_engine
 
     schema = f"e2e_{uuid.uuid4().hex[:12]}"
     admin = make_engine(POSTGRES)

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.checkpoint import TrainedModel, load_model
-from core.io import read_tiff
-from core.metrics import average_precision
-from core.predict import predict_raw
-from core.train import TrainConfig, train
+from embedseg_service.core.data.io import read_tiff
+from embedseg_service.core.inference.predict import predict_raw
+from embedseg_service.core.metrics import average_precision
+from embedseg_service.core.model.checkpoint import TrainedModel, load_model
+from embedseg_service.core.training.train import TrainConfig, train
 
 AGREEMENT = 0.99
 MODELS = [(0, 6), (1, 6), (2, 6), (3, 1)]  # (seed, epochs); the last one is deliberately under-trained

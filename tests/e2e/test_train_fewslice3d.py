@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from baseline import otsu_labels, smallest_object
 
-from core.checkpoint import load_model
-from core.io import read_tiff
-from core.metrics import average_precision, default_thresholds
-from core.train import TrainConfig, train
+from embedseg_service.core.data.io import read_tiff
+from embedseg_service.core.metrics import average_precision, default_thresholds
+from embedseg_service.core.model.checkpoint import load_model
+from embedseg_service.core.training.train import TrainConfig, train
 
 EPOCHS = 16
 """16 epochs of 10 optimiser steps (4 crops of 8 x 112 x 112 each): about 4 minutes on 2 CPU cores."""

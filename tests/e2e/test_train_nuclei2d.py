@@ -1,8 +1,8 @@
 """End to end on real, manually annotated data: train on part of the DSB 2018 nuclei image, segment the rest.
 
 Data: ``tests/data/nuclei2d_dsb`` (512 x 512, 125 nuclei). Split: rows 0-383 are given to
-:func:`core.train.train` (which holds out its last rows for validation, by its spatial split of a single
-image); rows 384-511 (36 nuclei, some cut by the split) are never seen in training and are segmented
+:func:`embedseg_service.core.training.train.train` (which holds out its last rows for validation, by its spatial split
+of a single image); rows 384-511 (36 nuclei, some cut by the split) are never seen in training and are segmented
 with the saved best model, without and with TTA, and scored with AP_dsb at IoU 0.5.
 
 Budget: 24 epochs x 10 optimiser steps, seed 0, one torch thread on the CPU, no time limit (the result
@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from baseline import baseline_ap, smallest_object
 
-from core.checkpoint import load_model
-from core.io import read_tiff
-from core.metrics import average_precision
-from core.train import TrainConfig, train
+from embedseg_service.core.data.io import read_tiff
+from embedseg_service.core.metrics import average_precision
+from embedseg_service.core.model.checkpoint import load_model
+from embedseg_service.core.training.train import TrainConfig, train
 
 EPOCHS = 24
 SAMPLES_PER_EPOCH = 70

@@ -1,8 +1,8 @@
 """End to end in 3D on the synthetic nuclei volume: train on part of it, segment the rest.
 
 Data: ``tests/data/nuclei3d_synthetic`` (31 x 61 x 57 ZYX, 51 nuclei, exact labels). Split along Y:
-rows 0-45 are given to :func:`core.train.train` (which holds out its last 7 rows for validation);
-rows 46-60 are never seen in training and are segmented with the saved model.
+rows 0-45 are given to :func:`embedseg_service.core.training.train.train` (which holds out its last 7 rows for
+validation); rows 46-60 are never seen in training and are segmented with the saved model.
 
 Budget: 12 epochs x 10 optimiser steps of 4 crops of 16 x 24 x 24 (batch 4, no virtual batch), seed 0,
 one torch thread on the CPU, no time limit: about 30 seconds on an idle 2-core machine.
@@ -29,11 +29,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.checkpoint import load_model
-from core.io import read_tiff
-from core.metrics import average_precision
-from core.synthetic import random_labels, render_image
-from core.train import TrainConfig, train
+from embedseg_service.core.data.io import read_tiff
+from embedseg_service.core.data.synthetic import random_labels, render_image
+from embedseg_service.core.metrics import average_precision
+from embedseg_service.core.model.checkpoint import load_model
+from embedseg_service.core.training.train import TrainConfig, train
 
 SPLIT_ROW = 46
 

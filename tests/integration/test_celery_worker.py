@@ -20,12 +20,12 @@ import sqlalchemy as sa
 from celery.contrib.testing.worker import start_worker
 from celery.signals import task_postrun
 
-from api.app import create_app
-from api.db import dispose_engines, make_engine, run_migrations
-from api.orm import Model
-from api.settings import Settings
-from api.storage import LocalStorage
-from core.io import read_tiff
+from embedseg_service.api.app import create_app
+from embedseg_service.core.data.io import read_tiff
+from embedseg_service.records.db import dispose_engines, make_engine, run_migrations
+from embedseg_service.records.orm import Model
+from embedseg_service.records.settings import Settings
+from embedseg_service.records.storage import LocalStorage
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -102,7 +102,7 @@ def deliveries() -> Iterator[list[tuple[str, str]]]:
 
 @pytest.fixture(scope="module")
 def worker(settings: Settings, deliveries):  # type: ignore[no-untyped-def]
-    from worker.celery_app import create_celery
+    from embedseg_service.worker.celery_app import create_celery
 
     app = create_celery(settings)
     with start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, queues=[settings.gpu_queue],
@@ -136,7 +136,7 @@ def volumes(client: TestClient) -> dict[str, str]:
     """A 256 x 256 corner of the real nuclei image and its mask, uploaded."""
     image = read_tiff(DATA / "images" / "dsb2018_img2d.tif").data[:256, :256]
     mask = read_tiff(DATA / "masks" / "dsb2018_img2d.tif").data[:256, :256]
-    from core.io import write_tiff
+    from embedseg_service.core.data.io import write_tiff
 
     ids = {}
     for name, data, kind in (("image", image, "image"), ("mask", mask, "labels")):
@@ -150,7 +150,7 @@ def volumes(client: TestClient) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def untrained_model(client: TestClient, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> str:
-    from core.checkpoint import build_network, save_checkpoint
+    from embedseg_service.core.model.checkpoint import build_network, save_checkpoint
 
     path = save_checkpoint(tmp_path_factory.mktemp("model") / "net.pt", {
         "state_dict": build_network(2, 1).state_dict(), "spatial_dims": 2, "in_channels": 1,
@@ -180,7 +180,7 @@ def test_predict_job_runs_on_the_celery_worker(client, volumes, untrained_model,
 
 
 def test_the_same_job_message_delivered_twice_runs_once(client, settings, worker, volumes, deliveries) -> None:
-    from api import jobs as job_records
+    from embedseg_service.records import jobs as job_records
 
     with client.app.state.sessionmaker() as session:
         job = job_records.create_job(session, "evaluate", {"pairs": [{"gt_id": volumes["mask"],

@@ -15,8 +15,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from api.db import alembic_config, downgrade, make_engine, migrations_dir, run_migrations
-from api.orm import Base
+from embedseg_service.records.db import alembic_config, downgrade, make_engine, migrations_dir, run_migrations
+from embedseg_service.records.orm import Base
 
 REPO = Path(__file__).resolve().parents[2]
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

@@ -1,0 +1,103 @@
+"""The FastAPI application factory (``/api/v1``; OpenAPI docs at ``/docs``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from embedseg_service.api.dashboard import mount_dashboard
+from embedseg_service.api.deps import JobBodies
+from embedseg_service.api.errors import install_error_handlers
+from embedseg_service.api.routes import health, volumes
+from embedseg_service.records.db import make_engine, make_sessionmaker, run_migrations
+from embedseg_service.records.settings import Settings, get_settings
+from embedseg_service.records.storage import LocalStorage
+
+API_PREFIX = "/api/v1"
+log = logging.getLogger(__name__)
+
+Hook = Callable[[FastAPI], None]
+
+
+def _optional_routers() -> list[APIRouter]:
+    """Routers of the job and model resources (in their own modules)."""
+    routers = []
+    for name in ("embedseg_service.api.routes.jobs", "embedseg_service.api.routes.models"):
+        if importlib.util.find_spec(name) is not None:
+            routers.append(importlib.import_module(name).router)
+    return routers
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    migrate: bool | None = None,
+    on_startup: Sequence[Hook] = (),
+    on_shutdown: Sequence[Hook] = (),
+) -> FastAPI:
+    """Build the application.
+
+    Args:
+        settings: configuration (default: :func:`embedseg_service.records.settings.get_settings`).
+        migrate: run the database migrations at start-up; default: only on the embedded
+            default (SQLite with no broker). The production path runs ``embedseg db upgrade``.
+        on_startup / on_shutdown: callables given the app after start-up / before shutdown
+            (e.g. starting and stopping an embedded local worker).
+
+    ``app.state`` holds ``settings``, ``engine``, ``sessionmaker``, ``storage`` and ``job_bodies``
+    (the bodies of the job-status route).
+    """
+    settings = settings or get_settings()
+    if migrate is None:
+        migrate = settings.is_sqlite and settings.embedded
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if migrate:
+            run_migrations(settings.database_url_resolved)
+        app.state.storage.root.mkdir(parents=True, exist_ok=True)
+        for hook in on_startup:
+            hook(app)
+        try:
+            yield
+        finally:
+            for hook in on_shutdown:
+                hook(app)
+            app.state.engine.dispose()
+
+    app = FastAPI(
+        title="EmbedSeg Service",
+        version="0.1.0",
+        summary="Instance segmentation of 2D images and 3D volumes (EmbedSeg) with training and prediction jobs",
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    engine = make_engine(settings.database_url_resolved, echo=settings.sql_echo)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.storage = LocalStorage(settings.storage_path)
+    app.state.job_bodies = JobBodies(engine)
+
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["Location"],
+        )
+    app.include_router(health.router, prefix=API_PREFIX)
+    app.include_router(volumes.router, prefix=API_PREFIX)
+    for router in _optional_routers():
+        app.include_router(router, prefix=API_PREFIX)
+    mount_dashboard(app)
+    return app

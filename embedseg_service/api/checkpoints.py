@@ -1,0 +1,154 @@
+"""Torch-free reading of a model file's description, for validating uploaded checkpoints in the API.
+
+A checkpoint written by :func:`embedseg_service.core.model.checkpoint.save_checkpoint` is a ``torch.save`` zip archive
+whose ``data.pkl`` holds a plain dict. This module reads that dict with a restricted unpickler:
+tensors become :class:`TensorStub` placeholders (shape only, no data read), only a fixed set
+of harmless globals is accepted, and nothing from the file is ever executed. The worker loads
+the file for real (``torch.load(weights_only=True)``) when a job uses it.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "embedseg-service-model"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("state_dict", "spatial_dims", "in_channels", "step")
+MAX_PICKLE_BYTES = 64 * 1024 * 1024
+
+
+class CheckpointInvalid(ValueError):
+    """The file is not a model file this service can use; the message says why."""
+
+
+@dataclass
+class TensorStub:
+    """Stands for a tensor of the checkpoint: its shape only."""
+
+    shape: tuple[int, ...] = ()
+
+
+def _rebuild_tensor(storage: Any, offset: int = 0, size: Any = (), *args: Any) -> TensorStub:
+    return TensorStub(tuple(int(n) for n in size) if isinstance(size, (tuple, list)) else ())
+
+
+def _rebuild_parameter(data: Any, *args: Any) -> Any:
+    return data
+
+
+class _Opaque:
+    """Any other torch/numpy global (storage types, dtypes, scalars): accepted, never called for real."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+_ALLOWED = {
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        found = _ALLOWED.get((module, name))
+        if found is not None:
+            return found
+        if module == "torch" or module.startswith(("torch.", "numpy")):
+            return _Opaque
+        raise CheckpointInvalid(f"it refers to {module}.{name}, which a model file never contains")
+
+    def persistent_load(self, pid: Any) -> Any:
+        return None
+
+
+@dataclass
+class CheckpointSummary:
+    """What the API records about an uploaded model file."""
+
+    spatial_dims: int
+    in_channels: int
+    step: list[float]
+    config: dict[str, Any] = field(default_factory=dict)
+    properties: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    n_tensors: int = 0
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly copy (stubs and opaque objects become None)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    return None
+
+
+def read_checkpoint_summary(path: str | Path) -> CheckpointSummary:
+    """Describe the model file at ``path`` without torch; raises :class:`CheckpointInvalid` saying what is wrong."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError):
+        raise CheckpointInvalid("it is not a model file written by this service (not a torch zip archive)") from None
+    with archive:
+        names = [name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"]
+        if len(names) != 1:
+            raise CheckpointInvalid("it is not a model file written by this service (no data.pkl in the archive)")
+        info = archive.getinfo(names[0])
+        if info.file_size > MAX_PICKLE_BYTES:
+            raise CheckpointInvalid("its description is implausibly large for a model file")
+        try:
+            raw = archive.read(info)
+        except (zipfile.BadZipFile, OSError, RuntimeError) as error:
+            raise CheckpointInvalid(f"the archive is damaged ({error})") from None
+    try:
+        data = _Unpickler(io.BytesIO(raw)).load()
+    except CheckpointInvalid:
+        raise
+    except Exception as error:
+        raise CheckpointInvalid(f"its contents cannot be read ({type(error).__name__})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise CheckpointInvalid(f"it is not a model file written by this service (no {FORMAT_NAME!r} format mark)")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointInvalid(
+            f"it has format version {data.get('format_version')!r}; this service reads version {FORMAT_VERSION}"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in data]
+    if missing:
+        raise CheckpointInvalid(f"it is incomplete (missing {', '.join(missing)})")
+    state = data["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, TensorStub) for v in state.values()):
+        raise CheckpointInvalid("its state_dict holds no network weights")
+    dims, channels = data["spatial_dims"], data["in_channels"]
+    if dims not in (2, 3) or not isinstance(channels, int) or channels < 1:
+        raise CheckpointInvalid(f"it describes an invalid network (spatial_dims={dims!r}, in_channels={channels!r})")
+    step = data["step"]
+    if not isinstance(step, (list, tuple)) or len(step) != dims or not all(isinstance(h, (int, float)) for h in step):
+        raise CheckpointInvalid(f"its embedding step {_plain(step)!r} does not have {dims} numbers")
+    return CheckpointSummary(
+        spatial_dims=int(dims),
+        in_channels=int(channels),
+        step=[float(h) for h in step],
+        config=_plain(data.get("config") or {}),
+        properties=_plain(data.get("properties") or {}),
+        metrics=_plain(data.get("metrics") or {}),
+        n_tensors=len(state),
+    )

@@ -1,0 +1,85 @@
+"""Error handlers: every error answers ``{"detail": ...}`` saying what is wrong and how to fix it.
+
+Request validation errors become one string, ``"<where>: <message>"`` per problem joined by
+``"; "``, where ``<where>`` is the body field path (``epochs``, ``pairs.0.gt_id``) or
+``query.<name>`` / ``path.<name>`` / ``header.<name>``; a check across fields has no ``<where>``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from embedseg_service.records.jobs import InvalidTransition, JobNotFound
+from embedseg_service.records.storage import StorageError
+
+log = logging.getLogger(__name__)
+
+
+def format_validation_errors(errors: Sequence[Any]) -> str:
+    """One readable sentence from pydantic/FastAPI validation errors."""
+    parts = []
+    for error in errors:
+        loc = [str(p) for p in error.get("loc", ())]
+        if loc and loc[0] == "body":
+            loc = loc[1:]
+        message = str(error.get("msg", "invalid value"))
+        if message.startswith("Value error, "):
+            message = message[len("Value error, "):]
+        elif message.startswith("Assertion failed, "):
+            message = message[len("Assertion failed, "):]
+        parts.append(f"{'.'.join(loc)}: {message}" if loc else message)
+    return "; ".join(parts) or "invalid request"
+
+
+def _json(status: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _json(exc.status_code, exc.detail, getattr(exc, "headers", None))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return _json(422, format_validation_errors(exc.errors()))
+
+
+async def _job_not_found(request: Request, exc: JobNotFound) -> JSONResponse:
+    return _json(404, str(exc))
+
+
+async def _invalid_transition(request: Request, exc: InvalidTransition) -> JSONResponse:
+    return _json(409, str(exc))
+
+
+async def _storage_error(request: Request, exc: StorageError) -> JSONResponse:
+    log.error("storage error on %s %s: %s", request.method, request.url.path, exc)
+    return _json(500, f"storage error: {exc}")
+
+
+async def _database_down(request: Request, exc: OperationalError) -> JSONResponse:
+    log.error("database error on %s %s: %s", request.method, request.url.path, exc)
+    return _json(503, "database unavailable; retry later")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _json(500, f"internal error ({type(exc).__name__}); see the server log")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Register the handlers on ``app``."""
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(JobNotFound, _job_not_found)  # type: ignore[arg-type]
+    app.add_exception_handler(InvalidTransition, _invalid_transition)  # type: ignore[arg-type]
+    app.add_exception_handler(StorageError, _storage_error)  # type: ignore[arg-type]
+    app.add_exception_handler(OperationalError, _database_down)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,257 @@
+"""``/jobs``: create train, predict and evaluate jobs (202 + ``Location``), read, list and cancel them.
+
+A job row is committed first, then dispatched (Celery by task name, or the embedded local
+worker); the row is the truth for status, stage, progress, ETA, metrics, error and results.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from embedseg_service.api.deps import JobBodyDep, JobDep, SessionDep, SettingsDep
+from embedseg_service.api.dispatch import Dispatcher, DispatchError, make_dispatcher
+from embedseg_service.records import jobs
+from embedseg_service.records.orm import Job, JobKind, JobStatus, Model, Volume, VolumeKind
+from embedseg_service.records.schemas import EvaluateSpec, JobOut, Page, PredictSpec, TrainSpec
+from embedseg_service.records.settings import Settings
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+CREATED = {
+    202: {"description": "Job queued; `Location` is its URL", "headers": {"Location": {"schema": {"type": "string"}}}},
+    404: {"description": "A referenced volume or model does not exist"},
+    422: {"description": "Invalid spec, or volumes of the wrong kind, dimensionality or shape"},
+    503: {"description": "The job broker is unreachable (the job is marked failed)"},
+}
+
+
+def get_dispatcher(request: Request) -> Dispatcher:
+    """The app's dispatcher: the embedded local worker when one runs, else one made from the settings."""
+    state = request.app.state
+    dispatcher = getattr(state, "dispatcher", None)
+    if dispatcher is None:
+        dispatcher = state.dispatcher = make_dispatcher(state.settings)
+    return dispatcher
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _spatial(volume: Volume) -> list[int]:
+    return list(volume.shape[1:] if volume.axes.startswith("C") else volume.shape)
+
+
+def _channels(volume: Volume) -> int:
+    return int(volume.shape[0]) if volume.axes.startswith("C") else 1
+
+
+def _fetch(session: Session, ids: Sequence[str], field: str) -> list[Volume]:
+    """The volumes in order; 404 naming the field and the first missing id."""
+    rows = {row.id: row for row in session.scalars(select(Volume).where(Volume.id.in_(list(ids)))).all()}
+    for volume_id in ids:
+        if volume_id not in rows:
+            raise HTTPException(status_code=404, detail=f"{field}: Volume {volume_id} not found")
+    return [rows[volume_id] for volume_id in ids]
+
+
+def _unprocessable(detail: str) -> HTTPException:
+    return HTTPException(status_code=422, detail=detail)
+
+
+def _require_kind(rows: Sequence[Volume], kind: VolumeKind, field: str) -> None:
+    for row in rows:
+        if row.kind != kind.value:
+            if kind is VolumeKind.labels:
+                raise _unprocessable(
+                    f"{field}: volume {row.id} is an image, not a label image; upload masks with kind=labels"
+                )
+            raise _unprocessable(
+                f"{field}: volume {row.id} is a label image; give intensity images here (uploaded with kind=image)"
+            )
+
+
+def _require_dims(rows: Sequence[Volume], dims: int, field: str, what: str) -> None:
+    for row in rows:
+        n = len(_spatial(row))
+        if n != dims:
+            raise _unprocessable(f"{field}: volume {row.id} is {n}D but {what} is {dims}D")
+
+
+def _require_same_shape(images: Sequence[Volume], masks: Sequence[Volume], field: str, what: str) -> None:
+    for image, mask in zip(images, masks):
+        if _spatial(image) != _spatial(mask):
+            raise _unprocessable(
+                f"{field}: {what} {mask.id} has shape {_spatial(mask)} but volume {image.id} has {_spatial(image)}; "
+                "give the mask of the same image, in the same order"
+            )
+
+
+def _check_train(session: Session, spec: TrainSpec, settings: Settings) -> None:
+    if spec.max_time_minutes is not None and spec.max_time_minutes > settings.max_job_minutes:
+        raise _unprocessable(
+            f"max_time_minutes: must be at most {settings.max_job_minutes:g} (EMBEDSEG_MAX_JOB_MINUTES)"
+        )
+    images = _fetch(session, spec.image_ids, "image_ids")
+    masks = _fetch(session, spec.mask_ids, "mask_ids")
+    val_images = _fetch(session, spec.val_image_ids or [], "val_image_ids")
+    val_masks = _fetch(session, spec.val_mask_ids or [], "val_mask_ids")
+    _require_kind(images, VolumeKind.image, "image_ids")
+    _require_kind(val_images, VolumeKind.image, "val_image_ids")
+    _require_kind(masks, VolumeKind.labels, "mask_ids")
+    _require_kind(val_masks, VolumeKind.labels, "val_mask_ids")
+    what = "dims"
+    _require_dims(images, spec.dims, "image_ids", what)
+    _require_dims(val_images, spec.dims, "val_image_ids", what)
+    _require_same_shape(images, masks, "mask_ids", "mask")
+    _require_same_shape(val_images, val_masks, "val_mask_ids", "mask")
+    channels = {_channels(row) for row in images + val_images}
+    if len(channels) > 1:
+        raise _unprocessable(
+            f"image_ids: the images have different channel counts {sorted(channels)}; give images with one layout"
+        )
+
+
+def _check_predict(session: Session, spec: PredictSpec) -> None:
+    model = session.get(Model, spec.model_id)
+    if model is None:
+        raise HTTPException(status_code=404, detail=f"model_id: Model {spec.model_id} not found")
+    volumes = _fetch(session, spec.volume_ids, "volume_ids")
+    _require_kind(volumes, VolumeKind.image, "volume_ids")
+    _require_dims(volumes, model.spatial_dims, "volume_ids", f"model {model.id}")
+    in_channels = (model.config or {}).get("in_channels")
+    if isinstance(in_channels, int):
+        for row in volumes:
+            if _channels(row) != in_channels:
+                raise _unprocessable(
+                    f"volume_ids: volume {row.id} has {_channels(row)} channel(s) but model {model.id} "
+                    f"expects {in_channels}"
+                )
+    if isinstance(spec.tile, list) and len(spec.tile) != model.spatial_dims:
+        raise _unprocessable(
+            f"tile: give {model.spatial_dims} sizes for the {model.spatial_dims}D model, got {len(spec.tile)}"
+        )
+    if spec.gt_ids:
+        gts = _fetch(session, spec.gt_ids, "gt_ids")
+        _require_kind(gts, VolumeKind.labels, "gt_ids")
+        _require_same_shape(volumes, gts, "gt_ids", "ground truth")
+
+
+def _check_evaluate(session: Session, spec: EvaluateSpec) -> None:
+    gts = _fetch(session, [pair.gt_id for pair in spec.pairs], "pairs.gt_id")
+    preds = _fetch(session, [pair.pred_id for pair in spec.pairs], "pairs.pred_id")
+    _require_kind(gts, VolumeKind.labels, "pairs.gt_id")
+    _require_kind(preds, VolumeKind.labels, "pairs.pred_id")
+    for index, (gt, pred) in enumerate(zip(gts, preds)):
+        if _spatial(gt) != _spatial(pred):
+            raise _unprocessable(
+                f"pairs.{index}: ground truth {gt.id} has shape {_spatial(gt)} but prediction {pred.id} "
+                f"has {_spatial(pred)}"
+            )
+
+
+# --------------------------------------------------------------------------- create
+
+
+def _submit(
+    request: Request,
+    response: Response,
+    session: Session,
+    kind: JobKind,
+    spec: TrainSpec | PredictSpec | EvaluateSpec,
+) -> JobOut:
+    job = jobs.create_job(session, kind, spec.model_dump(mode="json"), owner=None, volumes=spec.volume_roles())
+    try:
+        get_dispatcher(request).submit(job.id)
+    except DispatchError as error:
+        log.error("job %s not dispatched: %s", job.id, error)
+        jobs.finish_job(session, job.id, JobStatus.failed, error=f"could not be queued: {error}")
+        raise HTTPException(
+            status_code=503,
+            detail=f"Job {job.id} could not be queued: the job broker is unreachable; check "
+            "EMBEDSEG_BROKER_URL and that Redis is running, then resubmit",
+        ) from None
+    location = str(request.url_for("get_job", job_id=job.id).path)
+    response.headers["Location"] = location
+    return JobOut.model_validate(jobs.get_job(session, job.id))
+
+
+@router.post("/train", status_code=202, response_model=JobOut, responses=CREATED, summary="Train a model")
+def create_train_job(
+    spec: TrainSpec, request: Request, response: Response, session: SessionDep, settings: SettingsDep
+) -> JobOut:
+    """Image and mask volume ids (paired by position), optional validation volumes or fraction, and options."""
+    _check_train(session, spec, settings)
+    return _submit(request, response, session, JobKind.train, spec)
+
+
+@router.post("/predict", status_code=202, response_model=JobOut, responses=CREATED, summary="Segment volumes")
+def create_predict_job(spec: PredictSpec, request: Request, response: Response, session: SessionDep) -> JobOut:
+    """A model id, one or many image volume ids, TTA on/off, tile ``"auto"`` or sizes, optional GT ids for AP."""
+    _check_predict(session, spec)
+    return _submit(request, response, session, JobKind.predict, spec)
+
+
+@router.post("/evaluate", status_code=202, response_model=JobOut, responses=CREATED, summary="Score predictions")
+def create_evaluate_job(spec: EvaluateSpec, request: Request, response: Response, session: SessionDep) -> JobOut:
+    """Pairs of ground-truth and predicted label volume ids; the job's metrics hold the AP table."""
+    _check_evaluate(session, spec)
+    return _submit(request, response, session, JobKind.evaluate, spec)
+
+
+# --------------------------------------------------------------------------- read
+
+
+@router.get("", response_model=Page[JobOut], summary="List jobs, newest first")
+def list_jobs(
+    session: SessionDep,
+    settings: SettingsDep,
+    status: JobStatus | None = None,
+    kind: JobKind | None = None,
+    limit: Annotated[int, Query(ge=1, description="Page size")] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Page[JobOut]:
+    if limit > settings.page_limit_max:
+        raise HTTPException(status_code=422, detail=f"query.limit: must be at most {settings.page_limit_max}")
+    where = []
+    if status is not None:
+        where.append(Job.status == status.value)
+    if kind is not None:
+        where.append(Job.kind == kind.value)
+    total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+    rows = session.scalars(
+        select(Job).where(*where).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+    ).all()
+    return Page[JobOut](items=[JobOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="One job: status, progress, metrics, results",
+            responses={404: {}})
+async def get_job(body: JobBodyDep) -> Response:
+    # Polled by clients while a job runs: the body comes from the app's JobBodies, already serialised.
+    return Response(body, media_type="application/json")
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    summary="Cancel a job (queued: at once; running: at the next epoch or tile)",
+    responses={404: {}, 409: {"description": "The job has already finished"}},
+)
+def cancel_job(job: JobDep, session: SessionDep) -> JobOut:
+    try:
+        updated = jobs.request_cancel(session, job.id)
+    except jobs.InvalidTransition as error:
+        raise HTTPException(
+            status_code=409,
+            detail=f"Job {job.id} has already finished ({error.current}); only queued or running jobs can be "
+            "cancelled",
+        ) from None
+    return JobOut.model_validate(updated)

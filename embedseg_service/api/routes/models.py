@@ -1,0 +1,151 @@
+"""``/models``: trained models: list, get, download the checkpoint, upload one, delete."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse
+from python_multipart.multipart import parse_options_header
+from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
+
+from embedseg_service.api.checkpoints import CheckpointInvalid, read_checkpoint_summary
+from embedseg_service.api.deps import ModelDep, SessionDep, SettingsDep, StorageDep
+from embedseg_service.api.routes.removal import remove_unless_in_use
+from embedseg_service.api.uploads import UploadRejected, receive_upload
+from embedseg_service.records.jobs import active_jobs_using_model
+from embedseg_service.records.orm import Model, new_id
+from embedseg_service.records.schemas import ModelOut, Page
+from embedseg_service.records.storage import model_key
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+FORM_FIELDS = ("name",)
+
+
+def _download_name(name: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+    return f"{safe[:100]}.pt"
+
+
+@router.get("", response_model=Page[ModelOut], summary="List models, newest first")
+def list_models(
+    session: SessionDep,
+    settings: SettingsDep,
+    spatial_dims: Annotated[int | None, Query(ge=2, le=3, description="Only 2D or 3D models")] = None,
+    limit: Annotated[int, Query(ge=1, description="Page size")] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> Page[ModelOut]:
+    if limit > settings.page_limit_max:
+        raise HTTPException(status_code=422, detail=f"query.limit: must be at most {settings.page_limit_max}")
+    where = [] if spatial_dims is None else [Model.spatial_dims == spatial_dims]
+    total = session.scalar(select(func.count()).select_from(Model).where(*where)) or 0
+    rows = session.scalars(
+        select(Model).where(*where).order_by(Model.created_at.desc(), Model.id).limit(limit).offset(offset)
+    ).all()
+    return Page[ModelOut](items=[ModelOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{model_id}", response_model=ModelOut, summary="One model: config, data-derived parameters, metrics",
+            responses={404: {}})
+def get_model(model: ModelDep) -> ModelOut:
+    return ModelOut.model_validate(model)
+
+
+@router.get(
+    "/{model_id}/download",
+    response_class=FileResponse,
+    summary="The model's checkpoint file",
+    responses={200: {"content": {"application/octet-stream": {}}}, 404: {}},
+)
+def download_model(model: ModelDep, storage: StorageDep) -> FileResponse:
+    path = storage.path_for(model.storage_key)
+    return FileResponse(path, media_type="application/octet-stream", filename=_download_name(model.name))
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelOut,
+    summary="Upload a checkpoint (multipart form field `file`, optional `name`)",
+    description="A model file written by this service (`embedseg train` or a training job). It is checked "
+    "without running anything from it and can then be used by prediction jobs.",
+    responses={
+        400: {"description": "Malformed multipart body"},
+        413: {"description": "Larger than EMBEDSEG_MAX_UPLOAD_BYTES"},
+        415: {"description": "Not multipart/form-data"},
+        422: {"description": "Not a model file of this service, or a bad form field"},
+    },
+)
+async def upload_model(
+    request: Request, response: Response, session: SessionDep, settings: SettingsDep, storage: StorageDep
+) -> ModelOut:
+    content_type, _ = parse_options_header(request.headers.get("content-type", ""))
+    if content_type != b"multipart/form-data":
+        raise HTTPException(
+            status_code=415, detail="send the checkpoint as multipart/form-data with the file in the form field 'file'"
+        )
+    model_id = new_id()
+    key = model_key(model_id)
+    try:
+        received = await receive_upload(
+            request, storage, key, max_bytes=settings.max_upload_bytes, chunk_bytes=settings.upload_chunk_bytes
+        )
+    except UploadRejected as rejected:
+        raise HTTPException(status_code=rejected.status, detail=rejected.detail) from None
+    pending = received.pending
+    try:
+        unknown = sorted(set(received.fields) - set(FORM_FIELDS))
+        if unknown:
+            raise HTTPException(status_code=422, detail=f"unknown form field '{unknown[0]}'; use file, name")
+        name = received.fields.get("name", "").strip()
+        if len(name) > 255:
+            raise HTTPException(status_code=422, detail="name is longer than 255 characters")
+        if pending.size == 0:
+            raise HTTPException(status_code=422, detail="the uploaded file is empty; send a model file (.pt)")
+        pending.close()
+        try:
+            summary = await run_in_threadpool(read_checkpoint_summary, pending.temp_path)
+        except CheckpointInvalid as error:
+            raise HTTPException(status_code=422, detail=f"not a usable model file: {error}") from None
+        pending.commit()
+    except BaseException:
+        pending.abort()
+        raise
+    base = (received.filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    base = re.sub(r"\.(pt|pth)$", "", base, flags=re.IGNORECASE)
+    config = dict(summary.config)
+    config.setdefault("spatial_dims", summary.spatial_dims)
+    config.setdefault("in_channels", summary.in_channels)
+    row = Model(
+        id=model_id,
+        name=(name or base or "uploaded model")[:255],
+        spatial_dims=summary.spatial_dims,
+        config=config,
+        data_properties=summary.properties or None,
+        metrics=summary.metrics or None,
+        storage_key=key,
+        size_bytes=pending.size,
+    )
+    try:
+        session.add(row)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        storage.delete(key)
+        raise
+    response.headers["Location"] = str(request.url_for("get_model", model_id=row.id).path)
+    return ModelOut.model_validate(row)
+
+
+@router.delete(
+    "/{model_id}",
+    status_code=204,
+    summary="Delete a model not used by a queued or running job",
+    responses={404: {}, 409: {"description": "Used by a queued or running job"}},
+)
+def delete_model(model: ModelDep, session: SessionDep, storage: StorageDep) -> Response:
+    users = active_jobs_using_model(session, model.id)
+    return remove_unless_in_use(session, storage, model, noun="Model", users=users)

@@ -1,0 +1,347 @@
+"""``/volumes``: streamed TIFF upload, list, get, download, delete and PNG preview."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import tifffile
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+
+from embedseg_service.api.deps import SessionDep, SettingsDep, StorageDep, VolumeDep
+from embedseg_service.api.preview import Projection, render_preview
+from embedseg_service.api.routes.removal import remove_unless_in_use
+from embedseg_service.api.uploads import UploadRejected, receive_upload
+from embedseg_service.core.data.io import inspect_tiff, read_tiff, write_tiff
+from embedseg_service.records.jobs import active_jobs_using_volume
+from embedseg_service.records.orm import Volume, VolumeKind, new_id
+from embedseg_service.records.schemas import Page, VolumeOut, parse_voxel_size
+from embedseg_service.records.storage import Storage, volume_key
+
+router = APIRouter(prefix="/volumes", tags=["volumes"])
+
+IMAGE_DTYPES = ("uint8", "uint16", "float32")
+FORM_FIELDS = ("name", "kind", "axes", "voxel_size", "image_id")
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _read_magic(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(4)
+
+
+def _truncation(path: Path) -> str | None:
+    """A sentence when the file's pixel data runs past its end (an interrupted copy), else None."""
+    with tifffile.TiffFile(path) as tif:
+        size = tif.filehandle.size
+        series = tif.series[0]
+        if series.dataoffset is not None:
+            end = series.dataoffset + series.nbytes
+        else:
+            end = max(
+                (offset + count for page in tif.pages for offset, count in zip(page.dataoffsets, page.databytecounts)),
+                default=0,
+            )
+    if end > size:
+        return f"the TIFF is truncated: its pixel data ends at byte {end} but the file has {size} bytes; " \
+            "upload the complete file"
+    return None
+
+
+def _check_fields(fields: dict[str, str]) -> tuple[str, str | None, list[float] | None, str | None, str | None]:
+    unknown = sorted(set(fields) - set(FORM_FIELDS))
+    if unknown:
+        raise UploadRejected(422, f"unknown form field '{unknown[0]}'; use file, {', '.join(FORM_FIELDS)}")
+    kind = fields.get("kind", "").strip() or VolumeKind.image.value
+    if kind not in {k.value for k in VolumeKind}:
+        raise UploadRejected(422, f"kind '{kind}' is not valid; use image or labels")
+    axes = fields.get("axes", "").strip().upper() or None
+    try:
+        voxel_size = parse_voxel_size(fields.get("voxel_size"))
+    except ValueError as error:
+        raise UploadRejected(422, str(error)) from None
+    name = fields.get("name", "").strip() or None
+    if name is not None and len(name) > 255:
+        raise UploadRejected(422, "name is longer than 255 characters")
+    image_id = fields.get("image_id", "").strip() or None
+    return kind, axes, voxel_size, name, image_id
+
+
+def _default_name(filename: str | None) -> str:
+    if not filename:
+        return "volume"
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if base.lower().endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return (base or "volume")[:255]
+
+
+def _validate_and_store(
+    session: Session, storage: Storage, volume_id: str, received, fields: dict[str, str]  # type: ignore[no-untyped-def]
+) -> Volume:
+    """Check the received file (TIFF, layout, dtype, form fields), commit it and insert the row."""
+    pending = received.pending
+    try:
+        kind, axes, voxel_size, name, image_id = _check_fields(fields)
+        if pending.size == 0:
+            raise UploadRejected(415, "the uploaded file is empty; send a TIFF file")
+        if _read_magic(pending.temp_path) not in TIFF_MAGIC:
+            raise UploadRejected(415, "the uploaded file is not a TIFF (no TIFF header); send a .tif/.tiff file")
+        try:
+            info = inspect_tiff(pending.temp_path, axes=axes)
+        except ValueError as error:
+            message = str(error)
+            status = 415 if message.startswith("not a readable TIFF") else 422
+            raise UploadRejected(status, f"unsupported TIFF: {message}") from None
+        truncated = _truncation(pending.temp_path)
+        if truncated:
+            raise UploadRejected(422, truncated)
+        dtype = np.dtype(info.dtype).name
+        if kind == VolumeKind.image.value and dtype not in IMAGE_DTYPES:
+            raise UploadRejected(
+                422,
+                f"pixel type {dtype} is not supported for images; use uint8, uint16 or float32 "
+                "(or send kind=labels for a label image)",
+            )
+        if kind == VolumeKind.labels.value:
+            if not np.issubdtype(np.dtype(info.dtype), np.integer):
+                raise UploadRejected(422, f"a label image must hold integers (0 = background), got {dtype}")
+            if "C" in info.axes:
+                raise UploadRejected(422, f"a label image has no channel axis, got axes {info.axes}")
+        spatial_dims = len(info.axes.replace("C", ""))
+        if voxel_size is not None and len(voxel_size) != spatial_dims:
+            raise UploadRejected(
+                422, f"voxel_size has {len(voxel_size)} values but the volume has {spatial_dims} spatial axes "
+                f"({info.axes.replace('C', '')})"
+            )
+        voxel = voxel_size if voxel_size is not None else (list(info.voxel_size) if info.voxel_size else None)
+        spatial_shape = list(info.shape[1:] if info.axes.startswith("C") else info.shape)
+        if image_id is not None:
+            if kind != VolumeKind.labels.value:
+                raise UploadRejected(422, "image_id links a label image to its image; send it with kind=labels")
+            image = session.get(Volume, image_id)
+            if image is None:
+                raise UploadRejected(422, f"image_id: Volume {image_id} not found")
+            image_spatial = image.shape[1:] if image.axes.startswith("C") else image.shape
+            if list(image_spatial) != spatial_shape:
+                raise UploadRejected(
+                    422, f"image_id: the labels' shape {spatial_shape} differs from the image's {list(image_spatial)}"
+                )
+        key = volume_key(volume_id)
+        if axes is not None and _needs_rewrite(pending.temp_path, info):
+            # the file's own metadata would read back differently: store it in canonical order
+            volume = read_tiff(pending.temp_path, axes=axes)
+            rewritten = pending.temp_path.with_suffix(".canonical.tif")
+            try:
+                write_tiff(rewritten, volume.data, axes=volume.axes, voxel_size=voxel)
+                pending.abort()
+                stored = storage.put(key, _chunks(rewritten))
+            finally:
+                rewritten.unlink(missing_ok=True)
+            sha256, size_bytes = stored.sha256, stored.size
+        else:
+            pending.commit()
+            sha256, size_bytes = pending.sha256, pending.size
+    except BaseException:
+        pending.abort()
+        raise
+    row = Volume(
+        id=volume_id,
+        name=name or _default_name(received.filename),
+        kind=kind,
+        sha256=sha256,
+        shape=[int(n) for n in info.shape],
+        dtype=dtype,
+        axes=info.axes,
+        voxel_size=voxel,
+        size_bytes=size_bytes,
+        storage_key=key,
+        image_volume_id=image_id,
+    )
+    try:
+        session.add(row)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        storage.delete(key)
+        raise
+    return row
+
+
+def _needs_rewrite(path: Path, info) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        plain = inspect_tiff(path)
+    except ValueError:
+        return True
+    return plain.axes != info.axes or tuple(plain.shape) != tuple(info.shape)
+
+
+def _chunks(path: Path, size: int = 1024 * 1024):  # type: ignore[no-untyped-def]
+    with open(path, "rb") as handle:
+        while chunk := handle.read(size):
+            yield chunk
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=VolumeOut,
+    summary="Upload a TIFF (multipart form field `file`)",
+    description=(
+        "Multipart form with the TIFF in `file` (2D/3D, uint8/uint16/float32 images, integer label images, "
+        "optional channel axis first) and optional fields `name`, `kind` (image|labels), `axes` (the stored "
+        "array's axes, e.g. ZYX or CZYX, overriding the file's metadata), `voxel_size` ('z,y,x' or 'y,x') and "
+        "`image_id` (for labels: the image they belong to). The body is streamed to storage."
+    ),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {"type": "string", "format": "binary", "description": "The TIFF"},
+                            "name": {"type": "string", "description": "Default: the file name without .tif"},
+                            "kind": {"type": "string", "enum": ["image", "labels"], "default": "image"},
+                            "axes": {"type": "string", "description": "Stored array's axes, e.g. ZYX, CZYX"},
+                            "voxel_size": {"type": "string", "description": "'z,y,x' or 'y,x' (array order)"},
+                            "image_id": {"type": "string", "description": "For labels: the image they belong to"},
+                        },
+                    }
+                }
+            },
+        }
+    },
+    responses={
+        400: {"description": "Malformed multipart body"},
+        413: {"description": "Larger than EMBEDSEG_MAX_UPLOAD_BYTES"},
+        415: {"description": "Not multipart, or not a TIFF"},
+        422: {"description": "Unsupported layout, pixel type or form field"},
+    },
+)
+async def upload_volume(
+    request: Request, response: Response, session: SessionDep, settings: SettingsDep, storage: StorageDep
+) -> VolumeOut:
+    volume_id = new_id()
+    try:
+        received = await receive_upload(
+            request,
+            storage,
+            volume_key(volume_id),
+            max_bytes=settings.max_upload_bytes,
+            chunk_bytes=settings.upload_chunk_bytes,
+        )
+        row = await run_in_threadpool(_validate_and_store, session, storage, volume_id, received, received.fields)
+    except UploadRejected as rejected:
+        raise HTTPException(status_code=rejected.status, detail=rejected.detail) from None
+    except ClientDisconnect:
+        raise HTTPException(
+            status_code=400, detail="the client disconnected before the end of the upload; resend the file"
+        ) from None
+    response.headers["Location"] = str(request.url_for("get_volume", volume_id=row.id).path)
+    return VolumeOut.model_validate(row)
+
+
+@router.get("", response_model=Page[VolumeOut], summary="List volumes, newest first")
+def list_volumes(
+    session: SessionDep,
+    settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, description="Page size")] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    kind: VolumeKind | None = None,
+) -> Page[VolumeOut]:
+    if limit > settings.page_limit_max:
+        raise HTTPException(status_code=422, detail=f"query.limit: must be at most {settings.page_limit_max}")
+    where = [] if kind is None else [Volume.kind == kind.value]
+    total = session.scalar(select(func.count()).select_from(Volume).where(*where)) or 0
+    rows = session.scalars(
+        select(Volume).where(*where).order_by(Volume.created_at.desc(), Volume.id).limit(limit).offset(offset)
+    ).all()
+    return Page[VolumeOut](items=[VolumeOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{volume_id}", response_model=VolumeOut, summary="One volume", responses={404: {}})
+def get_volume(volume: VolumeDep) -> VolumeOut:
+    return VolumeOut.model_validate(volume)
+
+
+@router.get(
+    "/{volume_id}/download",
+    response_class=FileResponse,
+    summary="The stored TIFF",
+    responses={200: {"content": {"image/tiff": {}}}, 404: {}},
+)
+def download_volume(volume: VolumeDep, storage: StorageDep) -> FileResponse:
+    path = storage.path_for(volume.storage_key)
+    return FileResponse(path, media_type="image/tiff", filename=f"{volume.name}.tif")
+
+
+@router.delete("/{volume_id}", status_code=204, summary="Delete a volume not used by a queued or running job",
+               responses={404: {}, 409: {"description": "Used by a queued or running job"}})
+def delete_volume(volume: VolumeDep, session: SessionDep, storage: StorageDep) -> Response:
+    users = active_jobs_using_volume(session, volume.id)
+    return remove_unless_in_use(session, storage, volume, noun="Volume", users=users)
+
+
+def _latest_prediction(session: Session, volume_id: str) -> Volume | None:
+    return session.scalars(
+        select(Volume)
+        .where(Volume.image_volume_id == volume_id, Volume.kind == VolumeKind.labels.value)
+        .order_by(Volume.created_at.desc(), Volume.id)
+        .limit(1)
+    ).first()
+
+
+@router.get(
+    "/{volume_id}/preview.png",
+    response_class=Response,
+    summary="PNG of the middle slice or max projection, labels as a coloured overlay",
+    responses={200: {"content": {"image/png": {}}}, 404: {}, 422: {}},
+)
+def preview_volume(
+    volume: VolumeDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    projection: Projection = Projection.middle,
+    z: Annotated[int | None, Query(description="Slice to show (3D); default the middle one")] = None,
+    channel: Annotated[int, Query(ge=0)] = 0,
+    overlay: Annotated[bool, Query(description="Draw labels over the image when there are any")] = True,
+) -> Response:
+    if z is not None and projection is Projection.max:
+        raise HTTPException(status_code=422, detail="z selects a slice; leave it out with projection=max")
+    image_path = labels_path = None
+    if volume.kind == VolumeKind.labels.value:
+        labels_path = storage.path_for(volume.storage_key)
+        if overlay and volume.image_volume_id:
+            image = session.get(Volume, volume.image_volume_id)
+            if image is not None and storage.exists(image.storage_key):
+                image_path = storage.path_for(image.storage_key)
+    else:
+        image_path = storage.path_for(volume.storage_key)
+        prediction = _latest_prediction(session, volume.id) if overlay else None
+        if prediction is not None and storage.exists(prediction.storage_key):
+            labels_path = storage.path_for(prediction.storage_key)
+    try:
+        png = render_preview(
+            image_path,
+            labels_path=labels_path,
+            projection=projection,
+            z=z,
+            channel=channel,
+            max_px=settings.preview_max_px,
+        )
+    except ValueError as error:
+        raise HTTPException(status_code=422, detail=str(error)) from None
+    return Response(content=png, media_type="image/png")
+

@@ -1,0 +1,441 @@
+"""Memory-bounded prediction whose raw outputs do not depend on the tile size (method.md §11.3).
+
+The network is run in three stages (:class:`NetworkStages`): a local encoder from the full-resolution
+image down to a grid of cells (8 pixels per axis for the ERF-Net), a context stage on that cell grid
+whose receptive field spans the whole image, and local decoders back to full resolution. The
+rule is: every raw output is the one the network gives on the whole image.
+
+- The image is reflect-padded to a multiple of 8, centred (:func:`pad_to_multiple`), as a whole-image
+  prediction pads it.
+- The local encoder runs on blocks of ``tile`` (on the 8-pixel grid), each read with a halo of
+  :attr:`NetworkStages.encode_halo` cells that covers its receptive field; only the block's own
+  cells are kept. The assembled cell grid is what the whole image gives.
+- The context stage runs on the whole cell grid at once (1/64 of the pixels in 2D, 1/512 in 3D).
+- The decoders run block by block with a halo of :attr:`NetworkStages.decode_halo` cells.
+
+Convolutions zero-pad only at the image's true borders, which the blocks share with the whole
+image, so tiled and whole outputs are equal up to float rounding, for any model and any tile: the
+objects a user gets do not depend on a memory setting. With test-time augmentation the context
+grid of every pass is kept (small), and each block is decoded for every pass, brought back and
+combined (:class:`embedseg_service.core.inference.tta.PassCombiner`) with a margin of one cell for the seed-peak rule.
+Peak memory grows with the tile, the input, the output and the cell grids, not with the volume's
+activations at full resolution.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import product
+from typing import Any
+
+import numpy as np
+import torch
+
+from embedseg_service.core.device import resolve_device
+
+SIZE_MULTIPLE = 8
+BYTES_PER_VOXEL = {2: 400, 3: 256}
+"""Measured inference memory of the network per input voxel and batch item (float32), with margin."""
+MIN_AUTO_TILE = 32
+MIN_BLOCK = 64
+"""Smallest block side (pixels) of a tiled prediction: a smaller one would spend most of its work on halos."""
+MAX_AUTO_VOXELS = 1 << 24
+
+Progress = Callable[[int, int], "bool | None"]
+"""Called as ``progress(tiles_done, tiles_total)`` after each tile; returning ``False`` cancels."""
+
+
+class PredictionCancelled(RuntimeError):
+    """Raised when a progress callback asks to stop."""
+
+
+def round_up(n: int, multiple: int = SIZE_MULTIPLE) -> int:
+    """Smallest multiple of ``multiple`` that is ``>= n``."""
+    return -(-int(n) // multiple) * multiple
+
+
+def reflect_pad_end(x: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
+    """Pad the spatial axes of ``x`` ``(B, C, *S)`` at their end up to ``target`` by mirroring.
+
+    Pads longer than an axis mirror repeatedly (like ``numpy.pad(mode="reflect")``); a size-1 axis
+    is repeated.
+    """
+    spatial = x.dim() - 2
+    if len(target) != spatial:
+        raise ValueError(f"target needs {spatial} sizes, got {tuple(target)}")
+    for axis in range(spatial):
+        dim = 2 + axis
+        while x.shape[dim] < target[axis]:
+            size = x.shape[dim]
+            if size == 1:
+                x = torch.cat([x] * int(target[axis]), dim=dim)
+                break
+            step = min(target[axis] - size, size - 1)
+            mirrored = torch.flip(x.narrow(dim, size - 1 - step, step), dims=(dim,))
+            x = torch.cat([x, mirrored], dim=dim)
+    return x
+
+
+def padding_before(spatial: Sequence[int], multiple: int = SIZE_MULTIPLE) -> tuple[int, ...]:
+    """Pixels that :func:`pad_to_multiple` adds before the image on each axis: half the padding
+    (rounded down), the rest goes after it."""
+    return tuple((round_up(n, multiple) - int(n)) // 2 for n in spatial)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
+    """Reflect-pad the spatial axes of ``(B, C, *S)`` to multiples of ``multiple``, centring the image.
+
+    Training crops of an image shorter than the crop (a 5-slice stack under 8-slice crops) hold it
+    centred between mirrored slices (:mod:`embedseg_service.core.data.crops`); the network learns that layout, so a
+    whole image is padded the same way. :func:`crop_padding` takes the image's part of an output back.
+    """
+    spatial = x.shape[2:]
+    before = padding_before(spatial, multiple)
+    flipped = tuple(range(2, x.dim()))
+    x = torch.flip(reflect_pad_end(torch.flip(x, flipped), [n + b for n, b in zip(spatial, before)]), flipped)
+    return reflect_pad_end(x, [round_up(n, multiple) for n in spatial])
+
+
+def crop_padding(y: np.ndarray, spatial: Sequence[int], multiple: int = SIZE_MULTIPLE) -> np.ndarray:
+    """The part of ``y`` ``(C, *P)``, computed on :func:`pad_to_multiple`'s output, that covers the
+    image ``spatial`` (a view)."""
+    before = padding_before(spatial, multiple)
+    return y[(slice(None), *(slice(b, b + int(n)) for b, n in zip(before, spatial)))]
+
+
+def available_memory(device: torch.device | str | None = None) -> int:
+    """Free memory in bytes of ``device``: CUDA free memory, or the RAM available on the host."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def auto_tile_shape(
+    spatial_shape: Sequence[int],
+    *,
+    device: torch.device | str | None = None,
+    batch: int = 1,
+    memory_fraction: float = 0.5,
+    free_bytes: int | None = None,
+) -> tuple[int, ...]:
+    """A tile shape (multiples of 8, or whole axes) whose inference fits the device's free memory.
+
+    ``batch`` is the number of tile-sized images run at once (the TTA chunk size). The tile is
+    as close to a cube as the volume allows and never larger than needed to cover the volume.
+    """
+    dims = len(spatial_shape)
+    if dims not in (2, 3):
+        raise ValueError(f"expected 2 or 3 spatial sizes, got {tuple(spatial_shape)}")
+    free = available_memory(device) if free_bytes is None else int(free_bytes)
+    max_voxels = min(MAX_AUTO_VOXELS, free * memory_fraction / (BYTES_PER_VOXEL[dims] * max(1, batch)))
+    full = [round_up(n) for n in spatial_shape]
+    if math.prod(full) <= max_voxels:
+        return tuple(int(n) for n in spatial_shape)
+    free_axes = list(range(dims))
+    fixed = 1.0
+    tile = [0] * dims
+    while True:
+        side = (max_voxels / fixed) ** (1.0 / len(free_axes))
+        small = [a for a in free_axes if full[a] <= side]
+        if not small:
+            break
+        for a in small:
+            tile[a] = int(spatial_shape[a])
+            fixed *= full[a]
+            free_axes.remove(a)
+    side_int = max(MIN_AUTO_TILE, int(side) // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    for a in free_axes:
+        tile[a] = min(int(spatial_shape[a]), side_int)
+    return tuple(tile)
+
+
+def axis_starts(size: int, tile: int, overlap: float) -> list[int]:
+    """Start indices of the windows along one axis, all multiples of :data:`SIZE_MULTIPLE`.
+
+    The network downsamples by 8, so a window that starts elsewhere would see the image on another
+    sampling grid than the whole image does, and its outputs would differ everywhere, not only near
+    its borders. Consecutive windows overlap by at least ``overlap`` of the tile; the last window
+    reaches the end of the axis and may run past it by less than 8 (that part is reflect-padded,
+    as the whole image is).
+    """
+    if tile >= size:
+        return [0]
+    step = SIZE_MULTIPLE if tile % SIZE_MULTIPLE == 0 else 1
+    stride = max(step, (tile - int(round(overlap * tile))) // step * step)
+    starts = list(range(0, size - tile, stride))
+    last = -(-(size - tile) // step) * step
+    if last > starts[-1]:
+        starts.append(last)
+    return starts
+
+
+def _tile_shape(
+    spatial: Sequence[int], tile: Sequence[int] | str | None, batch: int, device: torch.device
+) -> list[int]:
+    dims = len(spatial)
+    if tile is None:
+        return list(spatial)
+    if isinstance(tile, str):
+        if tile != "auto":
+            raise ValueError(f"tile must be 'auto', None or {dims} sizes, got {tile!r}")
+        tile = auto_tile_shape(spatial, device=device, batch=batch)
+    tile = [int(t) for t in tile]
+    if len(tile) != dims:
+        raise ValueError(f"tile needs {dims} sizes (one per spatial axis, array order), got {tuple(tile)}")
+    if any(t < 1 for t in tile):
+        raise ValueError(f"tile sizes must be positive, got {tuple(tile)}")
+    # a tile is a multiple of 8 unless it spans the whole axis (then it is padded like a whole image)
+    return [min(round_up(t), n) for t, n in zip(tile, spatial)]
+
+
+
+Module = Callable[[torch.Tensor], torch.Tensor]
+Region = tuple[slice, ...]
+
+
+@dataclass(frozen=True)
+class NetworkStages:
+    """A network split for exact tiling: ``decode(context(encode(x)))`` equals its forward pass.
+
+    ``encode`` maps ``(B, C_in, *S)`` (sizes multiples of ``cell``) to ``(B, F, *S / cell)`` and
+    reads at most ``encode_halo`` cells beyond a cell's own pixels; ``context`` maps the cell grid to
+    a cell grid of the same shape and may read all of it; ``decode`` maps cells to ``(B, C_out, *S)``
+    and reads at most ``decode_halo`` cells around the cells of an output pixel.
+    """
+
+    encode: Module
+    context: Module
+    decode: Module
+    cell: int
+    encode_halo: int
+    decode_halo: int
+
+
+def network_stages(net: torch.nn.Module) -> NetworkStages:
+    """The stages of ``net`` (its ``stages()`` method); a network without one is a single stage run
+    on the whole image at once (its outputs cannot be tiled exactly)."""
+    stages = getattr(net, "stages", None)
+    if callable(stages):
+        return stages()
+
+    def identity(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    return NetworkStages(encode=net, context=identity, decode=identity, cell=1, encode_halo=0, decode_halo=0)
+
+
+def _blocks(cells: Sequence[int], block: Sequence[int]) -> list[Region]:
+    """Non-overlapping blocks of ``block`` cells covering a grid of ``cells`` (the last ones shorter)."""
+    per_axis = [[slice(s, min(s + b, n)) for s in range(0, n, b)] for n, b in zip(cells, block)]
+    return [tuple(r) for r in product(*per_axis)]
+
+
+def _grow(region: Region, by: int, cells: Sequence[int]) -> Region:
+    """``region`` widened by ``by`` cells on each side, clipped to the grid."""
+    return tuple(slice(max(0, r.start - by), min(n, r.stop + by)) for r, n in zip(region, cells))
+
+
+def _within(inner: Region, outer: Region, scale: int = 1) -> Region:
+    """``inner`` relative to ``outer``'s start, in units of ``scale`` pixels per cell."""
+    return tuple(slice((i.start - o.start) * scale, (i.stop - o.start) * scale) for i, o in zip(inner, outer))
+
+
+def _pixels(region: Region, scale: int) -> Region:
+    return tuple(slice(r.start * scale, r.stop * scale) for r in region)
+
+
+class _Staged:
+    """Runs :class:`NetworkStages` block by block on one device (optionally under float16 autocast)."""
+
+    def __init__(self, stages: NetworkStages, block: Sequence[int], amp: bool, progress: Progress | None) -> None:
+        self.stages, self.block, self.amp = stages, list(block), amp
+        self.progress, self.done, self.total = progress, 0, 0
+
+    def _run(self, module: Module, x: torch.Tensor) -> torch.Tensor:
+        if self.amp and x.device.type == "cuda":
+            with torch.autocast(device_type="cuda", dtype=torch.float16):
+                return module(x).float()
+        return module(x).float()
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.progress is not None and self.progress(self.done, self.total) is False:
+            raise PredictionCancelled(f"prediction cancelled after {self.done} of {self.total} tiles")
+
+    def blocks(self, cells: Sequence[int]) -> list[Region]:
+        return _blocks(cells, [min(b, n) for b, n in zip(self.block, cells)])
+
+    def context_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """The context stage's cell grid of ``x`` ``(B, C_in, *P)`` (``P`` multiples of the cell)."""
+        st = self.stages
+        cells = [n // st.cell for n in x.shape[2:]]
+        regions = self.blocks(cells)
+        if len(regions) == 1:
+            grid = self._run(st.encode, x)
+            self.tick()
+            return self._run(st.context, grid)
+        assembled: torch.Tensor | None = None
+        for region in regions:
+            outer = _grow(region, st.encode_halo, cells)
+            part = self._run(st.encode, x[(slice(None), slice(None), *_pixels(outer, st.cell))])
+            if assembled is None:
+                assembled = part.new_empty((*part.shape[:2], *cells))
+            assembled[(slice(None), slice(None), *region)] = part[(slice(None), slice(None), *_within(region, outer))]
+            del part
+            self.tick()
+        assert assembled is not None
+        return self._run(st.context, assembled)
+
+    def decode(self, grid: torch.Tensor, region: Region) -> torch.Tensor:
+        """Raw outputs ``(B, C_out, *region pixels)`` of the cells ``region`` of a context grid."""
+        st = self.stages
+        outer = _grow(region, st.decode_halo, grid.shape[2:])
+        out = self._run(st.decode, grid[(slice(None), slice(None), *outer)])
+        return out[(slice(None), slice(None), *_within(region, outer, st.cell))]
+
+
+def _transformed_region(transform: Any, region: Region, cells: Sequence[int]) -> Region:
+    """Where the cells ``region`` of a grid of ``cells`` lie after ``transform`` (a TTA transform)."""
+    mask = torch.zeros((1, 1, *cells), dtype=torch.bool)
+    index: tuple[Any, ...] = (0, 0, *region)
+    mask[index] = True
+    moved = transform.apply_image(mask)[0, 0]
+    spans = []
+    for axis in range(moved.dim()):
+        other = tuple(a for a in range(moved.dim()) if a != axis)
+        hit = torch.nonzero(moved.any(dim=other) if other else moved).flatten()
+        spans.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(spans)
+
+
+def _store(output: np.ndarray | None, y: torch.Tensor, region: Region, cell: int, spatial: Sequence[int]) -> np.ndarray:
+    """Write the raw outputs ``y`` ``(C, *block pixels)`` of the cells ``region`` into ``output``
+    ``(C, *spatial)`` (created on first use), without the padding beyond ``spatial``."""
+    target = tuple(slice(r.start * cell, min(r.stop * cell, n)) for r, n in zip(region, spatial))
+    index: tuple[Any, ...] = (slice(None), *(slice(0, t.stop - t.start) for t in target))
+    if output is None:
+        if all(t.start == 0 and t.stop == n for t, n in zip(target, spatial)):  # one block: no copy
+            return np.ascontiguousarray(y[index].cpu().numpy())
+        output = np.empty((y.shape[0], *spatial), dtype=np.float32)
+    output[(slice(None), *target)] = y[index].cpu().numpy()
+    return output
+
+
+def _predict_plain(runner: _Staged, x: torch.Tensor, spatial: Sequence[int]) -> np.ndarray:
+    """Raw outputs of one padded image ``(1, C, *P)`` cropped to ``spatial``."""
+    cell = runner.stages.cell
+    regions = runner.blocks([n // cell for n in x.shape[2:]])
+    runner.total = 2 * len(regions)
+    grid = runner.context_grid(x)
+    output: np.ndarray | None = None
+    for region in regions:
+        output = _store(output, runner.decode(grid, region)[0], region, cell, spatial)
+        runner.tick()
+    assert output is not None
+    return output
+
+
+def _predict_tta(runner: _Staged, x: torch.Tensor, spatial: Sequence[int], options: dict[str, Any]) -> np.ndarray:
+    """Raw outputs of one padded image combined over the TTA passes, block by block, cropped to ``spatial``."""
+    from embedseg_service.core.inference.tta import DEFAULT_BATCH, PassCombiner, TTACombine, pass_settings, transforms
+
+    fg_thresh = float(options.get("fg_thresh", 0.5))
+    rule, batch = pass_settings(
+        options.get("combine", TTACombine.median), fg_thresh, int(options.get("batch_size", DEFAULT_BATCH)), x
+    )
+    cell = runner.stages.cell
+    cells = [n // cell for n in x.shape[2:]]
+    chosen = transforms(len(spatial))
+    regions = runner.blocks(cells)
+    groups = [[j for j, t in enumerate(chosen) if t.swaps_yx == odd] for odd in (False, True)]
+    chunks = [g[i : i + batch] for g in groups for i in range(0, len(g), batch)]
+    runner.total = sum(len(runner.blocks(chosen[c[0]].transformed_shape(cells))) for c in chunks) + len(regions)
+    grids: list[torch.Tensor | None] = [None] * len(chosen)
+    for chunk in chunks:
+        found = runner.context_grid(torch.cat([chosen[j].apply_image(x) for j in chunk], dim=0))
+        for i, j in enumerate(chunk):
+            grids[j] = found[i : i + 1]
+        del found
+    output: np.ndarray | None = None
+    for region in regions:
+        outer = _grow(region, 1, cells)  # one cell of margin for the seed peaks' local maximum
+        combiner = None
+        for j, t in enumerate(chosen):
+            grid = grids[j]
+            assert grid is not None
+            back = t.undo_output(runner.decode(grid, _transformed_region(t, outer, cells)))
+            if combiner is None:
+                combiner = PassCombiner(rule, len(chosen), tuple(back.shape), back.device)
+            combiner.add(j, 0, back)
+        assert combiner is not None
+        inner: tuple[Any, ...] = (0, slice(None), *_within(region, outer, cell))
+        output = _store(output, combiner.result(fg_thresh)[inner], region, cell, spatial)
+        del combiner
+        runner.tick()
+    assert output is not None
+    return output
+
+
+def predict_tiled(
+    net: torch.nn.Module,
+    image: np.ndarray | torch.Tensor,
+    *,
+    tile: Sequence[int] | str | None = "auto",
+    device: torch.device | str | None = None,
+    tta: bool = False,
+    tta_options: dict[str, Any] | None = None,
+    amp: bool = False,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Raw outputs ``(C_out, *S)`` float32 (numpy, CPU) of ``net`` over ``image`` ``(C_in, *S)``.
+
+    Equal, up to float rounding, to ``net`` run on the whole image (reflect-padded to a multiple of 8
+    by :func:`pad_to_multiple`), whatever ``tile`` is (module docstring). ``tile``: block shape in array order
+    (rounded up to the 8-pixel grid, at least :data:`MIN_BLOCK`), ``"auto"`` (from the device's
+    free memory) or ``None`` (one block). ``tta`` combines the 8 / 16 flips and rotations (``tta_options``: ``combine``,
+    ``fg_thresh``, ``batch_size``, as for :func:`embedseg_service.core.inference.tta.predict_tta`). ``amp`` runs the
+    network under float16 autocast on CUDA. ``progress(done, total)`` is called after every block and stage;
+    returning ``False`` raises :class:`PredictionCancelled`. ``net`` must be in eval mode; call
+    under ``torch.inference_mode()`` or ``torch.no_grad()``.
+    """
+    dev = resolve_device(device)
+    if image.ndim not in (3, 4):
+        raise ValueError(f"image must be (C, Y, X) or (C, Z, Y, X), got shape {tuple(image.shape)}")
+    spatial = tuple(int(s) for s in image.shape[1:])
+    options = dict(tta_options or {})
+    batch = 1
+    if tta:
+        from embedseg_service.core.inference.tta import DEFAULT_BATCH, TTACombine, combine_bytes_per_voxel
+
+        # the passes' combination holds memory of its own: count it as extra images of the batch
+        extra = combine_bytes_per_voxel(len(spatial), options.get("combine", TTACombine.median))
+        batch = int(options.get("batch_size", DEFAULT_BATCH)) + math.ceil(extra / BYTES_PER_VOXEL[len(spatial)])
+    stages = network_stages(net)
+    tile_shape = _tile_shape(spatial, tile, batch, dev)
+    chunk = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
+    x = pad_to_multiple(chunk.to(device=dev, dtype=torch.float32).unsqueeze(0))
+    if SIZE_MULTIPLE % stages.cell:
+        raise ValueError(f"the network's cell ({stages.cell} pixels) must divide {SIZE_MULTIPLE}")
+    block = [max(-(-t // stages.cell), MIN_BLOCK // stages.cell) for t in tile_shape]
+    if stages.cell == 1 and stages.encode_halo == stages.decode_halo == 0:  # one stage: the whole image
+        block = list(x.shape[2:])
+    runner = _Staged(stages, block, amp, progress)
+    padded = tuple(int(n) for n in x.shape[2:])
+    if tta:
+        return crop_padding(_predict_tta(runner, x, padded, options), spatial)
+    return crop_padding(_predict_plain(runner, x, padded), spatial)

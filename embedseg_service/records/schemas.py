@@ -1,0 +1,328 @@
+"""Request and response bodies (pydantic; no web framework here).
+
+Job specs check every option early and say how to fix a bad one; the worker receives the
+validated spec as stored on the job row (``spec.model_dump(mode="json")``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from embedseg_service.records.orm import JobKind, JobStatus, VolumeKind
+
+T = TypeVar("T")
+
+MAX_IDS = 1000
+DEFAULT_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+class Center(str, enum.Enum):
+    """How an object's centre is found for training: exact medoid (default), approximate medoid or centroid."""
+
+    medoid = "medoid"
+    approximate_medoid = "approximate_medoid"
+    centroid = "centroid"
+
+
+class Orm(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list: ``items``, the ``total`` number of rows, and the ``limit``/``offset`` asked."""
+
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+# --------------------------------------------------------------------------- volumes
+
+
+class VolumeOut(Orm):
+    id: str
+    name: str
+    kind: VolumeKind
+    shape: list[int]
+    dtype: str
+    axes: str
+    sha256: str
+    voxel_size: list[float] | None = None
+    size_bytes: int
+    created_at: datetime
+    owner: str | None = None
+    source_job_id: str | None = None
+    image_volume_id: str | None = None
+
+
+def parse_voxel_size(text: str | None, ndim: int | None = None) -> list[float] | None:
+    """Parse ``"z,y,x"`` (or ``"y,x"``) into positive floats in array order; empty -> None.
+
+    Raises ValueError saying how to write it.
+    """
+    if text is None or not text.strip():
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        values = [float(part) for part in parts]
+    except ValueError:
+        raise ValueError(f"voxel_size {text!r} must be comma-separated numbers in array order, e.g. '2.0,0.5,0.5'") \
+            from None
+    if len(values) not in (2, 3):
+        raise ValueError(f"voxel_size {text!r} must have 2 (y,x) or 3 (z,y,x) values, got {len(values)}")
+    if any(not math.isfinite(v) or v <= 0 for v in values):
+        raise ValueError(f"voxel_size {text!r} must be positive numbers")
+    if ndim is not None and len(values) != ndim:
+        raise ValueError(f"voxel_size has {len(values)} values but the volume has {ndim} spatial axes")
+    return values
+
+
+def parse_axes(text: str | None) -> str | None:
+    """Check an axes string such as ``"ZYX"``, ``"YX"``, ``"CZYX"``, ``"CYX"`` (upper-cased); empty -> None."""
+    if text is None or not text.strip():
+        return None
+    axes = text.strip().upper()
+    if axes not in {"YX", "ZYX", "CYX", "CZYX"}:
+        raise ValueError(f"axes {text!r} is not supported; use one of YX, ZYX, CYX, CZYX")
+    return axes
+
+
+# --------------------------------------------------------------------------- jobs
+
+VolumeId = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+def _unique(ids: list[str], what: str) -> list[str]:
+    seen: set[str] = set()
+    for volume_id in ids:
+        if volume_id in seen:
+            raise ValueError(f"{what} lists volume {volume_id} twice; give each volume once")
+        seen.add(volume_id)
+    return ids
+
+
+def _check_crop(value: object, what: str) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what} must be 'auto' or a positive multiple of 8, got {value!r}")
+    if value < 8 or value % 8:
+        raise ValueError(f"{what} must be a positive multiple of 8 (e.g. 128), got {value}")
+    return value
+
+
+class TrainSpec(BaseModel):
+    """A training job: image and mask volumes paired by position, plus hyper-parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_ids: list[VolumeId] = Field(min_length=1, max_length=MAX_IDS)
+    mask_ids: list[VolumeId] = Field(min_length=1, max_length=MAX_IDS)
+    val_image_ids: list[VolumeId] | None = Field(None, max_length=MAX_IDS)
+    val_mask_ids: list[VolumeId] | None = Field(None, max_length=MAX_IDS)
+    val_fraction: float | None = Field(None, gt=0, lt=1)
+    dims: Literal[2, 3] = 2
+    epochs: int = Field(200, ge=1, le=100_000)
+    max_time_minutes: float | None = Field(None, gt=0, le=7 * 24 * 60)
+    batch_size: int | None = Field(None, ge=1, le=1024)
+    crop_size: int | Literal["auto"] = "auto"
+    lr: float = Field(5e-4, gt=0, le=1)
+    center: Center = Center.medoid
+    voxel_size: list[float] | None = None
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    amp: bool = False
+    min_object_size: int | None = Field(
+        None, ge=0, le=10**9, description="override the data-derived minimum object size (pixels)"
+    )
+    foreground_weight: float | None = Field(
+        None, gt=0, le=1000, description="override the data-derived foreground weight of the seed loss"
+    )
+    name: str | None = Field(None, max_length=255)
+
+    @field_validator("crop_size", mode="before")
+    @classmethod
+    def _crop(cls, value: object) -> int | str:
+        return _check_crop(value, "crop_size")
+
+    @field_validator("voxel_size")
+    @classmethod
+    def _voxel(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (len(value) not in (2, 3) or any(not math.isfinite(v) or v <= 0 for v in value)):
+            raise ValueError("voxel_size must be 2 (y,x) or 3 (z,y,x) positive numbers in array order")
+        return value
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TrainSpec:
+        if len(self.image_ids) != len(self.mask_ids):
+            raise ValueError(
+                f"image_ids has {len(self.image_ids)} volumes but mask_ids has {len(self.mask_ids)}; "
+                "give one mask per image, in the same order"
+            )
+        _unique(self.image_ids, "image_ids")
+        _unique(self.mask_ids, "mask_ids")
+        if (self.val_image_ids is None) != (self.val_mask_ids is None):
+            raise ValueError("give both val_image_ids and val_mask_ids, or neither")
+        if self.val_image_ids is not None:
+            if self.val_fraction is not None:
+                raise ValueError("give either validation volumes (val_image_ids, val_mask_ids) or val_fraction, "
+                                 "not both")
+            assert self.val_mask_ids is not None
+            if len(self.val_image_ids) != len(self.val_mask_ids):
+                raise ValueError(
+                    f"val_image_ids has {len(self.val_image_ids)} volumes but val_mask_ids has "
+                    f"{len(self.val_mask_ids)}; give one mask per image, in the same order"
+                )
+            if not self.val_image_ids:
+                raise ValueError("val_image_ids is empty; leave it out to split off val_fraction instead")
+            _unique(self.val_image_ids, "val_image_ids")
+            _unique(self.val_mask_ids, "val_mask_ids")
+            overlap = set(self.val_image_ids) & set(self.image_ids)
+            if overlap:
+                raise ValueError(f"volume {sorted(overlap)[0]} is both a training and a validation image; "
+                                 "validation images must be held out")
+        if self.voxel_size is not None and len(self.voxel_size) != self.dims:
+            raise ValueError(f"voxel_size has {len(self.voxel_size)} values but dims is {self.dims}")
+        return self
+
+    def volume_roles(self) -> list[tuple[str, str]]:
+        """(volume_id, role) pairs this job reads."""
+        roles = [(i, "image") for i in self.image_ids] + [(i, "mask") for i in self.mask_ids]
+        roles += [(i, "val_image") for i in self.val_image_ids or []]
+        roles += [(i, "val_mask") for i in self.val_mask_ids or []]
+        return roles
+
+
+class PredictSpec(BaseModel):
+    """A prediction job: a model applied to one or many volumes, optionally scored against ground truth."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_id: str = Field(min_length=1, max_length=64)
+    volume_ids: list[VolumeId] = Field(min_length=1, max_length=MAX_IDS)
+    tta: bool = False
+    tile: Literal["auto"] | list[int] = "auto"
+    min_size: int | None = Field(
+        None, ge=0, le=10**9,
+        description="objects need more pixels than this (default: the model's minimum object size)",
+    )
+    gt_ids: list[VolumeId] | None = Field(None, max_length=MAX_IDS)
+
+    @field_validator("tile", mode="before")
+    @classmethod
+    def _tile(cls, value: object) -> object:
+        if value == "auto":
+            return value
+        if not isinstance(value, (list, tuple)) or len(value) not in (2, 3):
+            raise ValueError("tile must be 'auto' or 2 (y,x) or 3 (z,y,x) sizes, each a positive multiple of 8")
+        for size in value:
+            _check_crop(size, "each tile size")
+        return value
+
+    @model_validator(mode="after")
+    def _pairs(self) -> PredictSpec:
+        _unique(self.volume_ids, "volume_ids")
+        if self.gt_ids is not None and len(self.gt_ids) != len(self.volume_ids):
+            raise ValueError(
+                f"gt_ids has {len(self.gt_ids)} volumes but volume_ids has {len(self.volume_ids)}; "
+                "give one ground-truth mask per volume, in the same order"
+            )
+        return self
+
+    def volume_roles(self) -> list[tuple[str, str]]:
+        roles = [(i, "input") for i in self.volume_ids]
+        roles += [(i, "gt") for i in self.gt_ids or []]
+        return roles
+
+
+class EvalPair(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gt_id: VolumeId
+    pred_id: VolumeId
+
+
+class EvaluateSpec(BaseModel):
+    """An evaluation job: average precision of predicted label volumes against ground truth."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pairs: list[EvalPair] = Field(min_length=1, max_length=MAX_IDS)
+    thresholds: list[float] = Field(default_factory=lambda: list(DEFAULT_THRESHOLDS), min_length=1, max_length=100)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds(cls, value: list[float]) -> list[float]:
+        if any(not 0 < t <= 1 for t in value):
+            raise ValueError("every IoU threshold must be in (0, 1], e.g. [0.5, 0.75]")
+        return sorted(set(value))
+
+    def volume_roles(self) -> list[tuple[str, str]]:
+        roles = [(pair.gt_id, "gt") for pair in self.pairs]
+        roles += [(pair.pred_id, "pred") for pair in self.pairs]
+        return roles
+
+
+SPEC_BY_KIND: dict[JobKind, type[BaseModel]] = {
+    JobKind.train: TrainSpec,
+    JobKind.predict: PredictSpec,
+    JobKind.evaluate: EvaluateSpec,
+}
+
+
+class JobOut(Orm):
+    id: str
+    kind: JobKind
+    status: JobStatus
+    stage: str | None = None
+    progress: float
+    eta_s: float | None = None
+    spec: dict[str, Any]
+    metrics: dict[str, Any] | None = None
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    worker: str | None = None
+    cancel_requested: bool
+    attempts: int
+    owner: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+
+
+# --------------------------------------------------------------------------- models
+
+
+class ModelOut(Orm):
+    model_config = ConfigDict(from_attributes=True, protected_namespaces=())
+
+    id: str
+    name: str
+    spatial_dims: int
+    config: dict[str, Any]
+    data_properties: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    size_bytes: int
+    source_job_id: str | None = None
+    owner: str | None = None
+    created_at: datetime
+
+
+# --------------------------------------------------------------------------- health
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    status: Literal["ready"] = "ready"
+    database: str
+    broker: str
+    storage: str

@@ -1,0 +1,291 @@
+"""File storage for volumes, models and job outputs.
+
+:class:`Storage` is the interface (an S3-compatible store can implement it); :class:`LocalStorage`
+keeps files under a folder. Writes go to a temporary file that is renamed into place only when
+complete, so a reader never sees a partial file and a failed write leaves nothing behind.
+Keys are relative POSIX paths such as ``volumes/<id>.tif`` or ``jobs/<job id>/labels-<id>.tif``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import BinaryIO, Protocol, runtime_checkable
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+TEMP_DIR = ".tmp"
+
+
+class StorageError(OSError):
+    """A storage operation failed (bad key, missing file, unreachable store)."""
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative key (segments of letters, digits, '.', '_', '-'); else raise."""
+    parts = key.split("/")
+    if not key or any(not _SEGMENT.match(part) or part in {".", ".."} for part in parts):
+        raise StorageError(f"invalid storage key {key!r}: use '/'-separated names of letters, digits, '.', '_', '-'")
+    return key
+
+
+def volume_key(volume_id: str) -> str:
+    """Key of an uploaded volume's TIFF."""
+    return check_key(f"volumes/{volume_id}.tif")
+
+
+def model_key(model_id: str) -> str:
+    """Key of an uploaded model checkpoint."""
+    return check_key(f"models/{model_id}.pt")
+
+
+def job_output_key(job_id: str, name: str) -> str:
+    """Job-scoped key of an output file, so that a rerun of the job overwrites, never duplicates."""
+    return check_key(f"jobs/{job_id}/{name}")
+
+
+class PendingWrite:
+    """A file being written: ``write`` chunks, then ``commit`` (atomic rename) or ``abort`` (delete).
+
+    ``sha256`` and ``size`` are computed while writing; ``temp_path`` can be inspected before commit.
+    """
+
+    def __init__(self, final_path: Path, temp_path: Path, key: str) -> None:
+        self.key = key
+        self.final_path = final_path
+        self.temp_path = temp_path
+        self.size = 0
+        self._hash: hashlib._Hash | None = hashlib.sha256()
+        self._digest: str | None = None
+        self._file: BinaryIO | None = open(temp_path, "wb")  # noqa: SIM115 - closed by commit/abort
+        self.done = False
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the bytes written (or the digest given to :meth:`set_sha256`)."""
+        if self._digest is not None:
+            return self._digest
+        if self._hash is None:
+            raise StorageError(f"the SHA-256 of {self.key!r} is computed by the caller and was not given")
+        return self._hash.hexdigest()
+
+    def _append(self, data: bytes) -> None:
+        if self._file is None:
+            raise StorageError(f"write to {self.key!r} after it was closed")
+        self._file.write(data)
+        self.size += len(data)
+
+    def write(self, data: bytes) -> int:
+        """Append ``data`` and hash it."""
+        if self._hash is None:
+            raise StorageError(f"{self.key!r} is hashed by the caller; use write_unhashed")
+        self._append(data)
+        self._hash.update(data)
+        return len(data)
+
+    def write_unhashed(self, data: bytes) -> int:
+        """Append ``data`` without hashing it: the caller hashes (in parallel) and calls :meth:`set_sha256`.
+
+        Use one of :meth:`write` and :meth:`write_unhashed` for a whole file.
+        """
+        if self._hash is not None:
+            if self.size:
+                raise StorageError(f"{self.key!r} was hashed while writing; keep using write")
+            self._hash = None
+        self._append(data)
+        return len(data)
+
+    def set_sha256(self, digest: str) -> None:
+        """Record the SHA-256 the caller computed over everything given to :meth:`write_unhashed`."""
+        self._digest = digest
+
+    def close(self) -> None:
+        """Flush and close the temporary file (it stays until commit or abort)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def commit(self) -> None:
+        """Move the finished file to its key (replacing an existing file atomically)."""
+        if self.done:
+            return
+        self.close()
+        self.final_path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.temp_path, self.final_path)
+        self.done = True
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        if self.done:
+            return
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.temp_path.unlink(missing_ok=True)
+        self.done = True
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Where volumes, checkpoints and job outputs live."""
+
+    def begin_write(self, key: str) -> PendingWrite:
+        """Start writing ``key``; nothing is visible at ``key`` until the returned write is committed."""
+        ...
+
+    def open_write(self, key: str) -> AbstractContextManager[PendingWrite]:
+        """Context manager around :meth:`begin_write`: commits on success, aborts on error."""
+        ...
+
+    def put(self, key: str, chunks: Iterable[bytes]) -> PendingWrite:
+        """Store ``key`` from byte chunks (streamed); returns the committed write (size, sha256)."""
+        ...
+
+    def put_file(self, key: str, source: Path) -> int:
+        """Store a copy of a local file at ``key``; returns its size."""
+        ...
+
+    def open_read(self, key: str) -> BinaryIO:
+        """Open ``key`` for reading (binary); raises :class:`StorageError` if absent."""
+        ...
+
+    def path_for(self, key: str) -> Path:
+        """A local path holding the content of ``key`` (for readers that need a file name)."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def size(self, key: str) -> int: ...
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``; False when it did not exist."""
+        ...
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every key under the folder ``prefix``; returns how many files went."""
+        ...
+
+    def reachable(self) -> str | None:
+        """None when the store can be written and read, else a sentence saying what is wrong."""
+        ...
+
+
+
+class LocalStorage:
+    """:class:`Storage` on a local folder (temp files under ``<root>/.tmp`` on the same file system)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*check_key(key).split("/"))
+
+    def _temp_dir(self) -> Path:
+        temp = self.root / TEMP_DIR
+        temp.mkdir(parents=True, exist_ok=True)
+        return temp
+
+    def begin_write(self, key: str) -> PendingWrite:
+        final = self._path(key)
+        temp = self._temp_dir() / f"{uuid.uuid4().hex}.part"
+        return PendingWrite(final, temp, key)
+
+    @contextmanager
+    def open_write(self, key: str) -> Iterator[PendingWrite]:
+        pending = self.begin_write(key)
+        try:
+            yield pending
+        except BaseException:
+            pending.abort()
+            raise
+        pending.commit()
+
+    def put(self, key: str, chunks: Iterable[bytes]) -> PendingWrite:
+        with self.open_write(key) as pending:
+            for chunk in chunks:
+                pending.write(chunk)
+        return pending
+
+    def put_file(self, key: str, source: Path) -> int:
+        with self.open_write(key) as pending, open(source, "rb") as handle:
+            while chunk := handle.read(1024 * 1024):
+                pending.write(chunk)
+        return pending.size
+
+    def open_read(self, key: str) -> BinaryIO:
+        path = self._path(key)
+        try:
+            return open(path, "rb")  # noqa: SIM115 - returned to the caller
+        except FileNotFoundError:
+            raise StorageError(f"no stored file under key {key!r}") from None
+
+    def path_for(self, key: str) -> Path:
+        path = self._path(key)
+        if not path.is_file():
+            raise StorageError(f"no stored file under key {key!r}")
+        return path
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise StorageError(f"no stored file under key {key!r}") from None
+
+    def delete(self, key: str) -> bool:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def delete_prefix(self, prefix: str) -> int:
+        folder = self._path(prefix)
+        if not folder.is_dir():
+            return 0
+        count = sum(1 for item in folder.rglob("*") if item.is_file())
+        shutil.rmtree(folder)
+        return count
+
+    def reachable(self) -> str | None:
+        try:
+            probe = self._temp_dir() / f"probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"ok")
+            ok = probe.read_bytes() == b"ok"
+            probe.unlink()
+        except OSError as error:
+            return f"storage folder {self.root} is not writable: {error.strerror or error}"
+        return None if ok else f"storage folder {self.root} returned different bytes than written"
+
+    def clean_temp(self) -> int:
+        """Remove leftover temporary files (from a crash); returns how many went."""
+        temp = self.root / TEMP_DIR
+        if not temp.is_dir():
+            return 0
+        count = 0
+        for item in temp.iterdir():
+            if item.is_file():
+                item.unlink(missing_ok=True)
+                count += 1
+        return count
+
+
+def get_storage(settings=None) -> LocalStorage:  # type: ignore[no-untyped-def]
+    """The storage configured by the settings (a :class:`LocalStorage` under ``storage_path``)."""
+    from embedseg_service.records.settings import get_settings
+
+    settings = settings or get_settings()
+    return LocalStorage(settings.storage_path)

@@ -1,0 +1,45 @@
+"""What a job handler receives and returns (shared by :mod:`embedseg_service.worker.runner` and
+:mod:`embedseg_service.worker.handlers`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from embedseg_service.records.orm import JobKind, Model, Volume
+from embedseg_service.records.settings import Settings
+from embedseg_service.records.storage import Storage
+from embedseg_service.worker.progress import JobReporter
+
+
+@dataclass
+class JobContext:
+    """What a handler gets: the job's id, kind and validated spec, storage, progress and scratch space."""
+
+    job_id: str
+    kind: JobKind
+    spec: dict[str, Any]
+    settings: Settings
+    storage: Storage
+    sessions: sessionmaker[Session]
+    reporter: JobReporter
+    scratch: Path
+
+    def session(self) -> Session:
+        return self.sessions()
+
+
+@dataclass
+class JobOutcome:
+    """What a successful handler returns: ``result`` ids, final ``metrics`` and new rows to register."""
+
+    result: dict[str, Any]
+    metrics: dict[str, Any] | None = None
+    outputs: list[Volume | Model] = field(default_factory=list)
+
+
+Handler = Callable[[JobContext], JobOutcome]

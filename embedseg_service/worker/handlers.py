@@ -1,0 +1,386 @@
+"""The job handlers: train, predict and evaluate, each ``handler(context) -> JobOutcome``.
+
+Handlers read their input volumes from storage, run :mod:`core`, write their outputs under
+job-scoped storage keys (``jobs/<job id>/...``, temp file + rename, so a rerun overwrites and
+never duplicates) and return the new rows; the runner registers them in the transaction that
+marks the job succeeded. They report progress through ``context.reporter`` and stop with
+:class:`embedseg_service.worker.progress.JobCancelled` when cancellation is requested.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedseg_service.records.orm import JobKind, Model, Volume, VolumeKind, new_id
+from embedseg_service.records.schemas import EvaluateSpec, PredictSpec, TrainSpec
+from embedseg_service.records.storage import job_output_key
+from embedseg_service.worker.context import Handler, JobContext, JobOutcome
+from embedseg_service.worker.progress import JobCancelled, JobReporter
+
+if TYPE_CHECKING:
+    from embedseg_service.core.training.train import TrainConfig, TrainProgress, TrainResult
+
+CHUNK = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- reading and storing
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf floats as ``None`` and numpy scalars as Python numbers (JSON columns)."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            yield chunk
+
+
+def load_volume_rows(context: JobContext, ids: Sequence[str]) -> list[Volume]:
+    """The volume rows for ``ids`` in order; ValueError naming a missing one."""
+    with context.session() as session:
+        rows = []
+        for volume_id in ids:
+            row = session.get(Volume, volume_id)
+            if row is None:
+                raise ValueError(f"volume {volume_id} no longer exists")
+            rows.append(row)
+        return rows
+
+
+def read_volume(context: JobContext, row: Volume) -> np.ndarray:
+    """The pixels of a stored volume in canonical axis order (``YX``, ``ZYX``, ``CYX`` or ``CZYX``)."""
+    from embedseg_service.core.data.io import read_tiff
+
+    return read_tiff(context.storage.path_for(row.storage_key)).data
+
+
+def _spatial_shape(row: Volume) -> list[int]:
+    return list(row.shape[1:] if row.axes.startswith("C") else row.shape)
+
+
+def _channels(row: Volume) -> int:
+    return int(row.shape[0]) if row.axes.startswith("C") else 1
+
+
+def _store_file(context: JobContext, name: str, path: Path) -> tuple[str, str, int]:
+    """Store a local file under the job-scoped key ``jobs/<job>/<name>``; returns (key, sha256, size)."""
+    key = job_output_key(context.job_id, name)
+    written = context.storage.put(key, _chunks(path))
+    return key, written.sha256, written.size
+
+
+def _ap_summary(result: Any) -> dict[str, Any]:
+    """Dataset AP (embedseg_service.core.metrics.DatasetResult) without the per-image list."""
+    data = result.to_dict()
+    data.pop("images", None)
+    return json_safe(data)
+
+
+def _image_ap(result: Any, **ids: str | None) -> dict[str, Any]:
+    return json_safe({**ids, "n_gt": result.n_gt, "n_pred": result.n_pred, "thresholds": result.thresholds,
+                      "ap": result.ap, "results": [r.to_dict() for r in result.results]})
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def training_warnings(best_metrics: dict[str, Any], epochs_completed: int) -> list[str]:
+    """What a user should know about a finished training: a saved model that finds no objects."""
+    warnings = []
+    if best_metrics.get("degenerate"):
+        warnings.append(
+            f"the saved model predicted no objects on the validation data after {epochs_completed} epoch(s) "
+            "(its seed map never reached the seed threshold): train longer (more epochs or a larger "
+            "max_time_minutes) and check that the masks label every object of the images"
+        )
+    return warnings
+
+
+def prediction_warnings(model_metrics: dict[str, Any] | None, empty_volume_ids: Sequence[str]) -> list[str]:
+    """Warnings of a predict job: a model known to find no objects, volumes where nothing was found."""
+    warnings = []
+    if (model_metrics or {}).get("best", {}).get("degenerate"):
+        warnings.append("the model predicted no objects on its validation data when it was trained; "
+                        "train it longer before trusting its labels")
+    if empty_volume_ids:
+        warnings.append(
+            f"no objects found in volume(s) {', '.join(empty_volume_ids)}: check that the images resemble the "
+            "training data (modality, scale, intensity range) or train the model longer"
+        )
+    return warnings
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _train_config(spec: TrainSpec, context: JobContext, image_rows: list[Volume], in_channels: int) -> TrainConfig:
+    """The :class:`embedseg_service.core.training.train.TrainConfig` of a train spec: the voxel size from the spec,
+    else from the
+    first image that states one for the spec's dimensions; the time limit capped by the settings."""
+    from embedseg_service.core.training.train import TrainConfig
+
+    voxel_size = spec.voxel_size
+    if voxel_size is None:
+        voxel_size = next((row.voxel_size for row in image_rows if row.voxel_size), None)
+        if voxel_size is not None and len(voxel_size) != spec.dims:
+            voxel_size = None
+    max_minutes = spec.max_time_minutes or context.settings.max_job_minutes
+    options: dict[str, Any] = {
+        "spatial_dims": spec.dims,
+        "epochs": spec.epochs,
+        "max_time_minutes": min(max_minutes, context.settings.max_job_minutes),
+        "batch_size": spec.batch_size,
+        "crop_size": spec.crop_size,
+        "lr": spec.lr,
+        "center": spec.center.value,
+        "seed": spec.seed,
+        "device": "auto",
+        "amp": spec.amp,
+        "min_object_size": spec.min_object_size,
+        "foreground_weight": spec.foreground_weight,
+        "in_channels": in_channels,
+        "voxel_size": tuple(voxel_size) if voxel_size else None,
+    }
+    if spec.val_fraction is not None:
+        options["val_fraction"] = spec.val_fraction
+    return TrainConfig(**options)
+
+
+def _train_progress(reporter: JobReporter) -> Callable[[TrainProgress], bool]:
+    """A training progress callback that reports the stage, the fraction done and one record per epoch."""
+    epochs: list[dict[str, Any]] = []
+
+    def on_progress(info: TrainProgress) -> bool:
+        epoch_end = info.step == 0 and info.epoch >= 1 and (not epochs or epochs[-1]["epoch"] < info.epoch)
+        if epoch_end:
+            epochs.append(json_safe({"epoch": info.epoch, "loss": info.loss, "val_iou": info.val_iou,
+                                     "val_ap": info.val_ap, "val_map": info.val_map}))
+        return bool(reporter.update(
+            progress=0.97 * info.fraction,
+            stage=f"training epoch {min(info.epoch + (0 if info.step == 0 else 1), info.epochs)}/{info.epochs}",
+            eta_s=info.eta_s,
+            metrics={"epochs": epochs, "epochs_total": info.epochs},
+            force=epoch_end,
+        ))
+
+    return on_progress
+
+
+def _train_metrics(spec: TrainSpec, result: TrainResult) -> tuple[dict[str, Any], Any]:
+    """The job's final metrics (per-epoch records, best state, how training stopped, warnings) and the
+    JSON-safe history of a :class:`embedseg_service.core.training.train.TrainResult`."""
+    history = json_safe(result.history)
+    metrics = {
+        "epochs": [
+            {key: record.get(key) for key in ("epoch", "loss", "val_loss", "val_iou", "val_ap", "val_map")}
+            for record in history
+        ],
+        "epochs_total": spec.epochs,
+        "epochs_completed": result.epochs_completed,
+        "best_epoch": result.best_epoch,
+        "best": json_safe(result.best_metrics),
+        "stopped": result.stopped,
+        "elapsed_s": round(result.elapsed_s, 3),
+    }
+    warnings = training_warnings(result.best_metrics, result.epochs_completed)
+    if warnings:
+        metrics["warnings"] = warnings
+    return metrics, history
+
+
+def run_train(context: JobContext) -> JobOutcome:
+    """Train a model on the spec's image/mask volumes; registers a model row with config, properties, metrics."""
+    from embedseg_service.core.training.train import train
+
+    spec = TrainSpec.model_validate(context.spec)
+    reporter = context.reporter
+    reporter.update(progress=0.0, stage="loading data", force=True)
+    image_rows = load_volume_rows(context, spec.image_ids)
+    mask_rows = load_volume_rows(context, spec.mask_ids)
+    val_image_rows = load_volume_rows(context, spec.val_image_ids or [])
+    val_mask_rows = load_volume_rows(context, spec.val_mask_ids or [])
+    channels = {_channels(row) for row in image_rows + val_image_rows}
+    if len(channels) != 1:
+        raise ValueError(f"the images have different channel counts {sorted(channels)}; give images of one kind")
+    images = [read_volume(context, row) for row in image_rows]
+    masks = [read_volume(context, row) for row in mask_rows]
+    val_images = [read_volume(context, row) for row in val_image_rows] or None
+    val_masks = [read_volume(context, row) for row in val_mask_rows] or None
+    reporter.raise_if_cancelled(poll=True)
+    config = _train_config(spec, context, image_rows, channels.pop())
+
+    reporter.update(stage="training", force=True)
+    model_file = context.scratch / "model.pt"
+    result = train(
+        images, masks, config, out_path=model_file, val_images=val_images, val_masks=val_masks,
+        progress=_train_progress(reporter),
+    )
+    metrics, history = _train_metrics(spec, result)
+    if result.stopped == "requested":
+        cancelled = JobCancelled(context.job_id)
+        cancelled.metrics = metrics  # type: ignore[attr-defined]
+        raise cancelled
+
+    reporter.update(progress=0.98, stage="saving model", force=True)
+    key, _sha, size = _store_file(context, "model.pt", model_file)
+    model = Model(
+        id=new_id(),
+        name=spec.name or f"model of job {context.job_id[:8]}",
+        spatial_dims=spec.dims,
+        config=json_safe(config.to_dict()),
+        data_properties=json_safe(result.properties),
+        metrics={
+            "best_epoch": result.best_epoch,
+            "best": metrics["best"],
+            "epochs_completed": result.epochs_completed,
+            "stopped": result.stopped,
+            "elapsed_s": metrics["elapsed_s"],
+            "history": history,
+        },
+        storage_key=key,
+        size_bytes=size,
+    )
+    return JobOutcome(result={"model_id": model.id}, metrics=metrics, outputs=[model])
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def run_predict(context: JobContext) -> JobOutcome:
+    """Segment each volume with the model; one labels volume per input, AP against GT when given."""
+    from embedseg_service.core.data.io import label_dtype, write_labels
+    from embedseg_service.core.inference.tiling import PredictionCancelled
+    from embedseg_service.core.metrics import aggregate, average_precision
+    from embedseg_service.core.model.checkpoint import load_model
+
+    spec = PredictSpec.model_validate(context.spec)
+    reporter = context.reporter
+    reporter.update(progress=0.0, stage="loading model", force=True)
+    with context.session() as session:
+        model_row = session.get(Model, spec.model_id)
+        if model_row is None:
+            raise ValueError(f"model {spec.model_id} no longer exists")
+        model_metrics = model_row.metrics
+    model = load_model(context.storage.path_for(model_row.storage_key), device="auto")
+    rows = load_volume_rows(context, spec.volume_ids)
+    gt_rows = load_volume_rows(context, spec.gt_ids) if spec.gt_ids else [None] * len(rows)
+    tile: str | tuple[int, ...] = spec.tile if isinstance(spec.tile, str) else tuple(spec.tile)
+    n = len(rows)
+
+    outputs: list[Volume] = []
+    per_volume: list[dict[str, Any]] = []
+    image_results = []
+    for i, (row, gt_row) in enumerate(zip(rows, gt_rows)):
+        reporter.raise_if_cancelled(poll=True)
+        stage = f"predicting volume {i + 1}/{n}"
+        reporter.update(progress=0.95 * i / n, stage=stage, force=True)
+        image = read_volume(context, row)
+
+        def on_tile(done: int, total: int, i: int = i, stage: str = stage) -> bool:
+            return reporter.update(progress=0.95 * (i + done / max(total, 1)) / n, stage=stage)
+
+        try:
+            labels = model.segment(image, tta=spec.tta, tile=tile, progress=on_tile, min_size=spec.min_size)
+        except PredictionCancelled:
+            raise JobCancelled(context.job_id) from None
+        voxel = row.voxel_size if row.voxel_size and len(row.voxel_size) == labels.ndim else None
+        local = context.scratch / f"labels-{row.id}.tif"
+        write_labels(local, labels, voxel_size=voxel)
+        key, sha256, size = _store_file(context, f"labels-{row.id}.tif", local)
+        local.unlink(missing_ok=True)
+        max_id = int(labels.max()) if labels.size else 0
+        output = Volume(
+            id=new_id(),
+            name=f"{row.name}-labels",
+            kind=VolumeKind.labels.value,
+            sha256=sha256,
+            shape=[int(s) for s in labels.shape],
+            dtype=label_dtype(max_id).name,
+            axes="YX" if labels.ndim == 2 else "ZYX",
+            voxel_size=voxel,
+            size_bytes=size,
+            storage_key=key,
+            image_volume_id=row.id,
+        )
+        outputs.append(output)
+        entry: dict[str, Any] = {"volume_id": row.id, "labels_id": output.id, "n_objects": int(np.unique(
+            labels[labels > 0]).size)}
+        if gt_row is not None:
+            gt = read_volume(context, gt_row)
+            if gt.shape != labels.shape:
+                raise ValueError(
+                    f"ground truth {gt_row.id} has shape {list(gt.shape)} but volume {row.id} has "
+                    f"{list(labels.shape)}; give the mask of the same image"
+                )
+            scored = average_precision(gt, labels, name=row.id)
+            image_results.append(scored)
+            entry.update(_image_ap(scored, gt_id=gt_row.id))
+        per_volume.append(entry)
+
+    metrics: dict[str, Any] = {"volumes": per_volume, "tta": spec.tta, "tile": spec.tile}
+    empty = [entry["volume_id"] for entry in per_volume if entry["n_objects"] == 0]
+    warnings = prediction_warnings(model_metrics, empty)
+    if warnings:
+        metrics["warnings"] = warnings
+    if image_results:
+        reporter.update(progress=0.97, stage="scoring", force=True)
+        metrics["ap"] = _ap_summary(aggregate(image_results))
+    result = {
+        "label_volume_ids": [output.id for output in outputs],
+        "labels": {row.id: output.id for row, output in zip(rows, outputs)},
+        "model_id": spec.model_id,
+    }
+    return JobOutcome(result=result, metrics=json_safe(metrics), outputs=list(outputs))
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def run_evaluate(context: JobContext) -> JobOutcome:
+    """Average precision of each (ground truth, prediction) pair and over all pairs."""
+    from embedseg_service.core.metrics import aggregate, average_precision
+
+    spec = EvaluateSpec.model_validate(context.spec)
+    reporter = context.reporter
+    n = len(spec.pairs)
+    results = []
+    rows = []
+    for i, pair in enumerate(spec.pairs):
+        reporter.raise_if_cancelled(poll=i > 0)
+        reporter.update(progress=i / n, stage=f"evaluating pair {i + 1}/{n}")
+        gt_row, pred_row = load_volume_rows(context, [pair.gt_id, pair.pred_id])
+        gt, pred = read_volume(context, gt_row), read_volume(context, pred_row)
+        if gt.shape != pred.shape:
+            raise ValueError(
+                f"pair {i}: ground truth {gt_row.id} has shape {list(gt.shape)} but prediction {pred_row.id} "
+                f"has {list(pred.shape)}"
+            )
+        scored = average_precision(gt, pred, spec.thresholds, name=pred_row.id)
+        results.append(scored)
+        rows.append(_image_ap(scored, gt_id=gt_row.id, pred_id=pred_row.id))
+    metrics = {"pairs": rows, "ap": _ap_summary(aggregate(results))}
+    return JobOutcome(result={"pairs": n}, metrics=metrics)
+
+
+HANDLERS: dict[JobKind, Handler] = {
+    JobKind.train: run_train,
+    JobKind.predict: run_predict,
+    JobKind.evaluate: run_evaluate,
+}

@@ -1,0 +1,237 @@
+"""Run one job: claim its row, call its handler, write the outcome to the row.
+
+The row is the truth. :func:`run_job` claims the job by compare-and-set (``queued`` ->
+``running``); a duplicate or redelivered message that loses the claim, or finds the job
+finished, returns ``"skipped"`` without touching anything, so a job runs once. The handler
+writes its files under job-scoped storage keys (temp file + rename) and returns the rows to
+register; they are inserted in the same transaction that marks the job ``succeeded``.
+Cancellation is cooperative (checked between epochs, steps and tiles) and ends ``cancelled``;
+any other error ends ``failed`` with a sentence saying what went wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from embedseg_service.records import jobs
+from embedseg_service.records.db import get_engine, make_sessionmaker
+from embedseg_service.records.orm import Job, JobKind, JobStatus, utcnow
+from embedseg_service.records.settings import Settings, get_settings
+from embedseg_service.records.storage import Storage, get_storage
+from embedseg_service.worker.context import Handler, JobContext
+from embedseg_service.worker.handlers import HANDLERS
+from embedseg_service.worker.progress import JobCancelled, JobReporter
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+"""A job whose worker was lost this many times is failed instead of run again (crash loop)."""
+
+STALE_HEARTBEATS = 4
+"""A running job whose heartbeat is older than this many heartbeat periods has lost its worker."""
+
+
+class WorkerShutdown(BaseException):  # noqa: N818 - like SystemExit
+    """The worker process is stopping while a job runs: the job goes back to the queue."""
+
+
+def worker_name() -> str:
+    """``hostname:pid`` of this process, recorded on the jobs it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _sessions_for(settings: Settings) -> sessionmaker[Session]:
+    return make_sessionmaker(get_engine(settings))
+
+
+def stale_after_s(settings: Settings) -> float:
+    """Seconds without a heartbeat after which a running job counts as abandoned."""
+    return STALE_HEARTBEATS * settings.heartbeat_s
+
+
+def requeue_if_stale(session: Session, job_id: str, older_than_s: float) -> bool:
+    """Compare-and-set ``running`` -> ``queued`` only while the heartbeat is older than ``older_than_s``.
+
+    Two workers racing to take over the same abandoned job cannot both requeue it after one of
+    them has claimed it again (the fresh heartbeat fails the condition).
+    """
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    statement = (
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.heartbeat_at < cutoff)
+        .values(status=JobStatus.queued.value, worker=None, stage="requeued", heartbeat_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    won = session.execute(statement).rowcount == 1
+    session.commit()
+    return won
+
+
+def _fail_lost(session: Session, job: Job) -> bool:
+    """Fail a job whose worker was lost :data:`MAX_ATTEMPTS` times."""
+    return jobs.finish_job(
+        session,
+        job.id,
+        JobStatus.failed,
+        error=f"the worker running this job was lost {job.attempts} times (killed or out of memory); "
+        "resubmit it with smaller inputs, a smaller tile or batch size",
+    )
+
+
+def recover_stale_jobs(
+    settings: Settings | None = None, *, older_than_s: float | None = None, sessions: sessionmaker | None = None
+) -> list[str]:
+    """Put running jobs whose worker stopped beating back to ``queued``; returns their ids.
+
+    A job already tried :data:`MAX_ATTEMPTS` times is failed instead. The caller re-dispatches
+    the returned ids (Celery) or simply lets its poll loop find them (embedded worker).
+    """
+    settings = settings or get_settings()
+    sessions = sessions or _sessions_for(settings)
+    older = stale_after_s(settings) if older_than_s is None else older_than_s
+    requeued = []
+    with sessions() as session:
+        for job in jobs.stale_jobs(session, older):
+            if job.attempts >= MAX_ATTEMPTS:
+                if _fail_lost(session, job):
+                    log.error("job %s failed: worker lost %d times", job.id, job.attempts)
+            elif requeue_if_stale(session, job.id, older):
+                log.warning("job %s: worker %s stopped beating; job requeued", job.id, job.worker)
+                requeued.append(job.id)
+    return requeued
+
+
+def _claim(session: Session, job_id: str, me: str, settings: Settings) -> bool:
+    if jobs.claim_job(session, job_id, me):
+        return True
+    job = jobs.get_job(session, job_id)
+    if job.status == JobStatus.running.value and job.heartbeat_at is not None:
+        # a redelivery after the previous worker died: take over once its heartbeat is stale
+        if job.attempts < MAX_ATTEMPTS and requeue_if_stale(session, job_id, stale_after_s(settings)):
+            log.warning("job %s: taking over from lost worker %s", job_id, job.worker)
+            return jobs.claim_job(session, job_id, me)
+    return False
+
+
+def free_accelerator_memory() -> None:
+    """Release cached GPU memory after a job (no-op on CPU, and when torch was never imported)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def describe_error(error: BaseException) -> str:
+    """A one-line error text for the job row: what failed and why."""
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, (ValueError, FileNotFoundError, LookupError)):
+        return text
+    if isinstance(error, MemoryError) or "out of memory" in text.lower():
+        return f"out of memory: {text}; use a smaller tile, batch or crop size"
+    return f"{type(error).__name__}: {text}"
+
+
+def run_job(
+    job_id: str,
+    *,
+    settings: Settings | None = None,
+    storage: Storage | None = None,
+    handlers: dict[JobKind, Handler] | None = None,
+    name: str | None = None,
+) -> str:
+    """Claim and run the job ``job_id``; returns its final status, or ``"skipped"``/``"missing"``.
+
+    Database errors before the claim propagate (the Celery task retries them); everything
+    after the claim ends in a final status on the row.
+    """
+    settings = settings or get_settings()
+    sessions = _sessions_for(settings)
+    me = name or worker_name()
+    with sessions() as session:
+        try:
+            if not _claim(session, job_id, me, settings):
+                job = jobs.get_job(session, job_id)
+                log.info("job %s is %s (worker %s); this delivery does nothing", job_id, job.status, job.worker)
+                return "skipped"
+        except jobs.JobNotFound:
+            log.warning("job %s does not exist; message dropped", job_id)
+            return "missing"
+        job = jobs.get_job(session, job_id)
+        kind = JobKind(job.kind)
+        spec = dict(job.spec or {})
+        cancel_early = bool(job.cancel_requested)
+
+    storage = storage or get_storage(settings)
+    reporter = JobReporter(
+        job_id, sessions, throttle_s=settings.progress_throttle_s, heartbeat_s=settings.heartbeat_s
+    ).start()
+    scratch = Path(tempfile.mkdtemp(prefix=f"embedseg-job-{job_id[:8]}-"))
+    status = JobStatus.failed
+    try:
+        try:
+            if cancel_early:
+                raise JobCancelled(job_id)
+            handler = (handlers or HANDLERS)[kind]
+            context = JobContext(job_id, kind, spec, settings, storage, sessions, reporter, scratch)
+            outcome = handler(context)
+            reporter.stop()
+            with sessions() as session:
+                won = jobs.finish_job(
+                    session, job_id, JobStatus.succeeded, result=outcome.result, metrics=outcome.metrics,
+                    outputs=outcome.outputs,
+                )
+            status = JobStatus.succeeded if won else JobStatus(_status_of(sessions, job_id))
+            if not won:
+                log.warning("job %s finished but was no longer ours to finish (now %s)", job_id, status.value)
+        except JobCancelled as cancelled:
+            reporter.stop()
+            metrics = getattr(cancelled, "metrics", None)
+            with sessions() as session:
+                jobs.finish_job(session, job_id, JobStatus.cancelled, metrics=metrics,
+                                error="cancelled on request")
+            status = JobStatus.cancelled
+            log.info("job %s cancelled", job_id)
+        except (WorkerShutdown, KeyboardInterrupt, SystemExit):
+            reporter.stop()
+            with sessions() as session:
+                jobs.requeue_job(session, job_id)
+            log.warning("job %s interrupted by a worker shutdown; requeued", job_id)
+            raise
+        except Exception as error:
+            reporter.stop()
+            log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+            with sessions() as session:
+                jobs.finish_job(session, job_id, JobStatus.failed, error=describe_error(error))
+            status = JobStatus.failed
+    finally:
+        reporter.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+        free_accelerator_memory()
+    return status.value
+
+
+def _status_of(sessions: sessionmaker[Session], job_id: str) -> str:
+    with sessions() as session:
+        return jobs.get_job(session, job_id).status
+
+
+def install_shutdown_handler() -> None:
+    """Make SIGTERM raise :class:`WorkerShutdown` in this process (the running job is requeued)."""
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise WorkerShutdown(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _raise)

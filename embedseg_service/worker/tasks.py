@@ -1,0 +1,46 @@
+"""The one Celery task: ``embedseg.run_job(job_id)`` -> :func:`embedseg_service.worker.runner.run_job`.
+
+The task is thin: the job row holds the spec, status and results. It retries only when the
+infrastructure (database, broker) is unreachable before the job could be claimed; errors of
+the job itself are written to the row by the runner and do not make Celery retry.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, Task
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from embedseg_service.records.settings import Settings
+
+log = logging.getLogger(__name__)
+
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (OperationalError, DBAPIError, ConnectionError, TimeoutError)
+MAX_RETRIES = 10
+
+
+def register_tasks(app: Celery, settings: Settings) -> Task:
+    """Register the job task on ``app`` under ``settings.task_name``; returns it."""
+
+    @app.task(
+        name=settings.task_name,
+        shared=False,  # each app runs its jobs with its own settings
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        autoretry_for=INFRASTRUCTURE_ERRORS,
+        retry_backoff=2,
+        retry_backoff_max=120,
+        retry_jitter=True,
+        max_retries=MAX_RETRIES,
+    )
+    def run_job(self: Task, job_id: str) -> str:
+        from embedseg_service.worker.runner import run_job as run
+
+        outcome = run(job_id, settings=settings)
+        log.info("job %s: %s (delivery %s)", job_id, outcome, self.request.id)
+        return outcome
+
+    return run_job
