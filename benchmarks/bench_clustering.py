@@ -15,30 +15,22 @@ and whether the two label images are equal up to relabelling.
 
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _common import comparison_parser, median_times, use_reference
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from embedseg_service.core.data.synthetic import perfect_raw, random_labels  # noqa: E402
-from embedseg_service.core.inference.clustering import cluster  # noqa: E402
-from embedseg_service.core.metrics import average_precision  # noqa: E402
+from embedseg_service.core.data.synthetic import perfect_raw, random_labels
+from embedseg_service.core.inference.clustering import cluster
+from embedseg_service.core.metrics import average_precision
 
 STEP = 1.0 / 1023.0
 
 
-def load_reference(folder: str | None):
-    folder = folder or os.environ.get("EMBEDSEG_REFERENCE")
-    if not folder:
-        sys.exit("set EMBEDSEG_REFERENCE or pass --reference: the folder that contains the EmbedSeg package")
-    sys.path.insert(0, folder)
+def reference_clusterers(folder: str | None):
+    """The reference's ``Cluster`` and ``Cluster_3d`` classes, from ``folder`` or ``$EMBEDSEG_REFERENCE``."""
+    use_reference(folder)
     from EmbedSeg.utils.utils import Cluster, Cluster_3d
 
     return Cluster, Cluster_3d
@@ -63,25 +55,14 @@ def differing(a: np.ndarray, b: np.ndarray) -> int:
     return int((lookup[b[fg]] != a[fg]).sum())
 
 
-def median_time(fn, repeats: int):
-    """Median wall-clock and CPU (process) seconds over ``repeats`` calls after one untimed warm-up call,
-    and the last result."""
-    fn()
-    wall, cpu, out = [], [], None
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        cpu.append(time.process_time() - c0)
-        wall.append(time.perf_counter() - w0)
-    return statistics.median(wall), statistics.median(cpu), out
-
-
 def run_case(name, raw, step, ref_cluster, n_sigma, repeats, min_size, ours_repeats=7):
     torch_raw = torch.from_numpy(raw)
-    kwargs = dict(seed_thresh=0.9, fg_thresh=0.5, min_object_size=min_size)
-    t_ref, c_ref, ref = median_time(lambda: ref_cluster.cluster(torch_raw, n_sigma=n_sigma, **kwargs).numpy(), repeats)
-    t_ours, c_ours, ours = median_time(
-        lambda: cluster(torch_raw, step=step, min_size=min_size, device="cpu"), max(repeats, ours_repeats)
+    kwargs = {"seed_thresh": 0.9, "fg_thresh": 0.5, "min_object_size": min_size}
+    t_ref, c_ref, ref = median_times(
+        lambda: ref_cluster.cluster(torch_raw, n_sigma=n_sigma, **kwargs).numpy(), repeats, warm_up=True
+    )
+    t_ours, c_ours, ours = median_times(
+        lambda: cluster(torch_raw, step=step, min_size=min_size, device="cpu"), max(repeats, ours_repeats), warm_up=True
     )
     ref = ref.astype(np.int32)
     res = average_precision(ref, ours, thresholds=[0.5, 0.9])
@@ -99,15 +80,12 @@ def run_case(name, raw, step, ref_cluster, n_sigma, repeats, min_size, ours_repe
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", help="folder containing the reference EmbedSeg package")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    parser = comparison_parser(__doc__, repeats=3, threads=True)
     parser.add_argument("--cases", default="2d,3d,noisy", help="comma-separated subset of 2d, 3d, noisy")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    Cluster, Cluster_3d = load_reference(args.reference)
+    Cluster, Cluster_3d = reference_clusterers(args.reference)
     cases = set(args.cases.split(","))
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device cpu, repeats {args.repeats}, "
@@ -121,7 +99,7 @@ def main() -> None:
         run_case(name, raw, step, ref, n_sigma, args.repeats, 36)
 
 
-def clustering_cases(Cluster, Cluster_3d, device: str, cases=("2d", "3d", "noisy")):  # noqa: N803 - reference classes
+def clustering_cases(Cluster, Cluster_3d, device: str, cases=("2d", "3d", "noisy")):
     """Yield (name, labels, raw output, step, n_sigma, reference clusterer on ``device``) for the chosen cases:
     2D 512x512 with 50 objects; 3D 64x256x256 with 100 objects (anisotropy 2); the same 3D labels
     with noise (spurious foreground and seed candidates that are rejected)."""

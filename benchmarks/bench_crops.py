@@ -17,7 +17,8 @@ Figures, each the median of ``--repeats`` runs:
 
 The reference needs ``pycocotools`` only for RLE output (not used here; a stand-in module is
 registered when it is missing) and calls ``tifffile.imsave``, which current tifffile no longer has
-(pointed at ``tifffile.imwrite`` for the run).
+(pointed at ``tifffile.imwrite`` for the run); see ``_common.install_stand_ins`` and
+``_common.compatibility_names``.
 
 Usage::
 
@@ -26,55 +27,31 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
-import statistics
-import sys
 import tempfile
-import time
 import types
 from pathlib import Path
 
 import numpy as np
+from _common import comparison_parser, compatibility_names, install_stand_ins, median_times, use_reference
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from embedseg_service.core.data.centers import CenterMode, object_centers
+from embedseg_service.core.data.datasets import CropDataset
+from embedseg_service.core.data.io import read_tiff
 
-from embedseg_service.core.data.centers import CenterMode, object_centers  # noqa: E402
-from embedseg_service.core.data.datasets import CropDataset  # noqa: E402
-from embedseg_service.core.data.io import read_tiff  # noqa: E402
-
-DATA = ROOT / "tests" / "data"
+DATA = Path(__file__).resolve().parents[1] / "tests" / "data"
 
 
 def load_reference(folder: str | None) -> types.ModuleType:
-    folder = folder or os.environ.get("EMBEDSEG_REFERENCE")
-    if not folder:
-        sys.exit("set EMBEDSEG_REFERENCE or pass --reference: the folder that contains the EmbedSeg package")
-    sys.path.insert(0, folder)
-    try:
-        import pycocotools.mask  # noqa: F401
-    except ImportError:
-        package = types.ModuleType("pycocotools")
-        package.mask = types.ModuleType("pycocotools.mask")
-        sys.modules["pycocotools"] = package
-        sys.modules["pycocotools.mask"] = package.mask
+    """The reference's ``generate_crops`` module, from ``folder`` or ``$EMBEDSEG_REFERENCE``."""
+    use_reference(folder)
+    install_stand_ins()
+    compatibility_names()
     from EmbedSeg.utils import generate_crops
 
-    if not hasattr(generate_crops.tifffile, "imsave"):
-        generate_crops.tifffile.imsave = generate_crops.tifffile.imwrite
     return generate_crops
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_centres(ref, name: str, stem: str, repeats: int, anisotropy: float = 1.0) -> None:
@@ -94,8 +71,8 @@ def bench_centres(ref, name: str, stem: str, repeats: int, anisotropy: float = 1
     ours_ids, ours_centres = run_ours()
     ref_points = {tuple(int(v) for v in p) for p in np.argwhere(ref_image)}
     same = sum(tuple(int(v) for v in c) in ref_points for c in ours_centres)
-    t_ref = median_time(run_ref, repeats)
-    t_ours = median_time(run_ours, repeats)
+    t_ref = median_times(run_ref, repeats)[0]
+    t_ours = median_times(run_ours, repeats)[0]
     print(
         f"centres  {name:<20} {str(mask.shape):<15} {len(ids):>4} objects  ours {t_ours * 1e3:8.1f} ms  "
         f"reference {t_ref * 1e3:8.1f} ms  speed-up {t_ref / t_ours:6.1f}x  same pixel {same}/{len(ids)}"
@@ -122,8 +99,8 @@ def bench_crops(ref, name: str, stem: str, crop: int, repeats: int) -> None:
 
     n_ref = run_ref()
     n_ours = run_ours()
-    t_ref = median_time(run_ref, repeats)
-    t_ours = median_time(run_ours, repeats)
+    t_ref = median_times(run_ref, repeats)[0]
+    t_ours = median_times(run_ours, repeats)[0]
     print(
         f"crops    {name:<20} crop {crop}²  ours {n_ours:>4} crops {t_ours * 1e3:8.1f} ms  "
         f"reference {n_ref:>4} crops {t_ref * 1e3:8.1f} ms  speed-up {t_ref / t_ours:6.1f}x"
@@ -131,9 +108,7 @@ def bench_crops(ref, name: str, stem: str, crop: int, repeats: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", help="folder that contains the EmbedSeg package (else $EMBEDSEG_REFERENCE)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = comparison_parser(__doc__, repeats=5)
     args = parser.parse_args()
     ref = load_reference(args.reference)
     bench_centres(ref, "nuclei2d_dsb", "dsb2018_img2d", args.repeats)

@@ -26,8 +26,6 @@ Needs a CUDA device. Sections (each one reports and the script goes on if one fa
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import tempfile
 import time
@@ -36,18 +34,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import add_reference_option, median_times
+from bench_clustering import clustering_cases, reference_clusterers, same_up_to_relabelling
+from bench_quality import list_names, read_pairs, score, split_names
+
+from embedseg_service.core.device import resolve_device
+from embedseg_service.core.inference.clustering import cluster
+from embedseg_service.core.metrics import average_precision
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_clustering import clustering_cases, load_reference, same_up_to_relabelling  # noqa: E402
-from bench_quality import list_names, read_pairs, score, split_names  # noqa: E402
-
-from embedseg_service.core.device import resolve_device  # noqa: E402
-from embedseg_service.core.inference.clustering import cluster  # noqa: E402
-from embedseg_service.core.metrics import average_precision  # noqa: E402
-
 DEVICE = torch.device("cuda")
 
 
@@ -63,15 +58,8 @@ def _peak_mib(base: int = 0) -> float:
 
 def median_wall(fn, repeats: int):
     """Median wall-clock seconds of ``fn()`` over ``repeats`` calls after one warm-up call, and its result."""
-    out = fn()
-    _sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    wall, _, out = median_times(fn, repeats, warm_up=True, sync=_sync)
+    return wall, out
 
 
 GUARD_RADIUS = 12.0
@@ -79,7 +67,7 @@ GUARD_RADIUS = 12.0
 
 
 def section_cluster(args: argparse.Namespace) -> None:
-    Cluster, Cluster_3d = load_reference(args.reference)
+    Cluster, Cluster_3d = reference_clusterers(args.reference)
     for name, _, raw, step, n_sigma, ref in clustering_cases(Cluster, Cluster_3d, str(DEVICE)):
         _cluster_case(name, raw, step, n_sigma, ref, args.repeats)
 
@@ -96,7 +84,7 @@ def _cluster_case(name: str, raw: np.ndarray, step, n_sigma: int, ref, repeats: 
     )
     ref_labels = ref_out.cpu().numpy().astype(np.int32)
     res = average_precision(ref_labels, ours_gpu, thresholds=[0.5, 0.9])
-    guard = dict(step=step, min_size=36, max_radius=GUARD_RADIUS)
+    guard = {"step": step, "min_size": 36, "max_radius": GUARD_RADIUS}
     guarded = [cluster(r, device=d, **guard) for r, d in ((raw_gpu, cuda), (raw_cpu, "cpu"))]
     print(
         f"{name}: objects ours cuda {int(ours_gpu.max())}, ours cpu {int(ours_cpu.max())}, "
@@ -142,7 +130,7 @@ def _timed_train(images, masks, config, out: Path):
 def section_train(args: argparse.Namespace) -> None:
     data = Path(args.data)
     names = list_names(data)
-    train_names, test_names = split_names(names, None)
+    train_names, _, test_names = split_names(names, None)
     images, masks = read_pairs(data, train_names)
     test_images, test_masks = read_pairs(data, test_names)
     print(f"device auto -> {resolve_device('auto')}; {len(train_names)} training images, {len(test_names)} test images")
@@ -239,7 +227,7 @@ def section_train3d(args: argparse.Namespace) -> None:
                 )
 
 
-def section_tiling(args: argparse.Namespace) -> None:
+def section_tiling(_args: argparse.Namespace) -> None:
     from embedseg_service.core.inference.predict import predict_raw
     from embedseg_service.core.model.erfnet import BranchedERFNet
 
@@ -277,7 +265,7 @@ SECTIONS = {"cluster": section_cluster, "train": section_train, "train3d": secti
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", default=os.environ.get("EMBEDSEG_REFERENCE"))
+    add_reference_option(parser)
     parser.add_argument("--data", default=str(ROOT / "tests" / "data" / "cells2d_bbbc007"))
     parser.add_argument("--train-seconds", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)

@@ -13,29 +13,19 @@ sigma, which the reference averages and ours takes the median of).
 
 from __future__ import annotations
 
-import argparse
-import os
-import statistics
-import sys
-import time
-from pathlib import Path
-
 import numpy as np
 import torch
+from _common import comparison_parser, median_times, use_reference
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from embedseg_service.core.device import resolve_device  # noqa: E402
-from embedseg_service.core.inference.predict import predict_raw  # noqa: E402
-from embedseg_service.core.inference.tiling import pad_to_multiple  # noqa: E402
-from embedseg_service.core.model.erfnet import BranchedERFNet, load_reference_state_dict  # noqa: E402
+from embedseg_service.core.device import resolve_device
+from embedseg_service.core.inference.padding import pad_to_multiple
+from embedseg_service.core.inference.predict import predict_raw
+from embedseg_service.core.model.erfnet import BranchedERFNet, load_reference_state_dict
 
 
-def import_reference(path: str | None):
-    folder = path or os.environ.get("EMBEDSEG_REFERENCE")
-    if not folder:
-        sys.exit("set EMBEDSEG_REFERENCE (or pass --reference) to the folder that contains EmbedSeg/")
-    sys.path.insert(0, folder)
+def import_reference(folder: str | None):
+    """The reference's ``BranchedERFNet_3d`` class and TTA module, from ``folder`` or ``$EMBEDSEG_REFERENCE``."""
+    use_reference(folder)
     import EmbedSeg.utils.test_time_augmentation as ref_tta
     from EmbedSeg.models.BranchedERFNet_3d import BranchedERFNet_3d
 
@@ -57,29 +47,11 @@ def reference_model(cls, device: torch.device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def timed(fn, repeats: int) -> tuple[float, float, object]:
-    """Median wall-clock and process CPU seconds of ``fn()``, and its last result."""
-    walls, cpus, out = [], [], None
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start, cpu = time.perf_counter(), time.process_time()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        walls.append(time.perf_counter() - start)
-        cpus.append(time.process_time() - cpu)
-    return statistics.median(walls), statistics.median(cpus), out
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", help="folder that contains EmbedSeg/ (default: $EMBEDSEG_REFERENCE)")
+    parser = comparison_parser(__doc__, repeats=3, device="auto")
     parser.add_argument("--shape", default="64,256,256", help="Z,Y,X of the volume (default 64,256,256)")
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tta-shape", default=None, help="Z,Y,X of the TTA volume (default: --shape)")
     parser.add_argument("--tta-batch-size", type=int, default=4)
-    parser.add_argument("--device", default="auto")
     parser.add_argument("--no-tta", action="store_true", help="skip the TTA comparison")
     args = parser.parse_args()
 
@@ -117,8 +89,9 @@ def main() -> None:
 
         if not tta:
             ref_run(), ours_run()  # warm-up
-        w_ref, c_ref, out_ref = timed(ref_run, args.repeats)
-        w_ours, c_ours, out_ours = timed(ours_run, args.repeats)
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else None
+        w_ref, c_ref, out_ref = median_times(ref_run, args.repeats, sync=sync)
+        w_ours, c_ours, out_ours = median_times(ours_run, args.repeats, sync=sync)
         name = "TTA x16" if tta else "no TTA"
         rows.append((name, shape, int(np.prod(shape)), w_ref, w_ours, c_ref, c_ours))
         if tta:  # the reference averages the passes, ours takes their median (inference.tta.TTACombine)

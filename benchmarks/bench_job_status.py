@@ -44,9 +44,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_upload import listening_pid, running_server  # noqa: E402
+from _common import listening_pid, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "nuclei2d_dsb"

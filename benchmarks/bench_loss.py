@@ -32,36 +32,27 @@ matches a term-by-term float64 evaluation of the loss to ~1e-8 (tests/core/test_
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import os
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _common import comparison_parser, median_times_alternating, use_reference
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from embedseg_service.core.data.centers import CenterMode, object_centers  # noqa: E402
-from embedseg_service.core.data.synthetic import perfect_raw, random_labels  # noqa: E402
-from embedseg_service.core.model.embedding import DEFAULT_STEP, step_from_reference  # noqa: E402
-from embedseg_service.core.training.loss import EmbedSegLoss  # noqa: E402
+from embedseg_service.core.data.centers import CenterMode, object_centers
+from embedseg_service.core.data.synthetic import perfect_raw, random_labels
+from embedseg_service.core.model.embedding import DEFAULT_STEP, step_from_reference
+from embedseg_service.core.training.loss import EmbedSegLoss
 
 CASES = {
-    "2d": dict(batch=2, shape=(256, 256), n_objects=40, radius=(6.0, 14.0)),
-    "3d": dict(batch=1, shape=(32, 128, 128), n_objects=30, radius=[(3.0, 6.0), (6.0, 12.0), (6.0, 12.0)]),
+    "2d": {"batch": 2, "shape": (256, 256), "n_objects": 40, "radius": (6.0, 14.0)},
+    "3d": {"batch": 1, "shape": (32, 128, 128), "n_objects": 30, "radius": [(3.0, 6.0), (6.0, 12.0), (6.0, 12.0)]},
 }
 
 
 def load_reference(folder: str | None):
-    folder = folder or os.environ.get("EMBEDSEG_REFERENCE")
-    if not folder:
-        sys.exit("set EMBEDSEG_REFERENCE or pass --reference: the folder that contains the EmbedSeg package")
-    sys.path.insert(0, folder)
+    """The reference's 2D and 3D loss classes, from ``folder`` or ``$EMBEDSEG_REFERENCE``."""
+    use_reference(folder)
     from EmbedSeg.criterions.my_loss import SpatialEmbLoss
     from EmbedSeg.criterions.my_loss_3d import SpatialEmbLoss_3d
 
@@ -104,25 +95,8 @@ def center_images(labels: torch.Tensor, centers: list[torch.Tensor]) -> torch.Te
     return out
 
 
-def timed_pair(fn_a, fn_b, repeats: int) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Median (wall, process CPU) seconds of ``fn_a`` and ``fn_b``, run alternately after a warm-up each."""
-    fn_a(), fn_b()
-    times: dict[int, list[tuple[float, float]]] = {0: [], 1: []}
-    for _ in range(repeats):
-        for i, fn in enumerate((fn_a, fn_b)):
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            times[i].append((time.perf_counter() - w0, time.process_time() - c0))
-    med = [(statistics.median(t[0] for t in times[i]), statistics.median(t[1] for t in times[i])) for i in (0, 1)]
-    return med[0], med[1]
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", help="folder containing the EmbedSeg package (default: $EMBEDSEG_REFERENCE)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu")
+    parser = comparison_parser(__doc__, repeats=5, device="cpu", threads=True)
     parser.add_argument("--cases", default="2d,3d")
     parser.add_argument("--raw", default="random,near", help="kinds of raw output: random, near")
     args = parser.parse_args()
@@ -196,7 +170,7 @@ def bench_case(key: str, kind: str, ref, ours: EmbedSegLoss, device: torch.devic
     v_ours, g_ours = run_ours(True)
     rel = abs(v_ours - v_ref) / abs(v_ref)
     grad_diff = float((g_ours - g_ref).abs().max() / g_ref.abs().max())
-    (w_ref, c_ref), (w_ours, c_ours) = timed_pair(run_ref, run_ours, repeats)
+    (w_ref, c_ref), (w_ours, c_ours) = median_times_alternating((run_ref, run_ours), repeats)
     name = f"{key} {case['batch']}x{'x'.join(map(str, case['shape']))}"
     print(
         f"{name:16s} {kind:7s} {v_ref:12.7f} {v_ours:12.7f} {rel:9.2e} {grad_diff:9.2e} "

@@ -22,8 +22,8 @@ code).
   KEY=VALUE`` sets it (repeatable, e.g. ``random_crops=1.0``). ``--ours-budget callback``
   (default): the progress callback stops training on the budget. ``--ours-budget clock``: the
   project's own budget handling (``max_time_minutes``: learning-rate decay over the budget,
-  validation cadence, stopping in time to validate) with ``embedseg_service.core.training.train``'s clock reading
-  process CPU time; the callback still stops at the budget. Test images are segmented through the checkpoint's
+  validation cadence, stopping in time to validate) with ``train``'s ``clock`` reading process CPU time;
+  the callback still stops at the budget. Test images are segmented through the checkpoint's
   ``TrainedModel.segment`` (default tiling), without and with TTA.
 - Reference: ``benchmarks/reference_training.py`` runs its 2D or 3D notebooks' pipeline with its
   own functions (split, data properties, crops, ``begin_training``, ``begin_evaluating``); see there.
@@ -57,21 +57,18 @@ import argparse
 import fnmatch
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import CpuBudget, add_reference_option, median, reference_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 DEFAULT_DATA = {
     2: ROOT / "tests" / "data" / "cells2d_bbbc007",
@@ -169,26 +166,19 @@ def score(gts: list[np.ndarray], preds: list[np.ndarray], names: list[str]) -> d
 # workers (one subprocess per implementation and seed)
 
 
-class _OursProgress:
+class _OursProgress(CpuBudget):
     """Progress callback of ``embedseg_service.core.training.train.train``: times steps and epochs in process CPU
     seconds and stops
     training on the budget (``stop_epochs``: also stop at an epoch end when another epoch would not fit)."""
 
     def __init__(self, start: float, budget_s: float, stop_epochs: bool) -> None:
-        self.start = start
-        self.budget_s = budget_s
+        super().__init__(start, budget_s)
         self.stop_epochs = stop_epochs
-        self.step_s: list[float] = []
-        self.epoch_s: list[float] = []
-        self.epoch_val_s: list[float] = []
         self.setup_s: float | None = None
         self.epoch_start = 0.0
         self.last = 0.0
         self.stop_reason: str | None = None
         self.steps_per_epoch: int | None = None
-
-    def now(self) -> float:
-        return time.process_time() - self.start
 
     def __call__(self, info: Any) -> bool:
         t = self.now()
@@ -197,7 +187,7 @@ class _OursProgress:
             step = t - self.last
             self.step_s.append(step)
             self.last = t
-            if t + step > self.budget_s:
+            if not self.fits(t, step):
                 self.stop_reason = "budget spent within an epoch"
                 return False
         elif info.message.startswith("data-derived"):
@@ -207,7 +197,7 @@ class _OursProgress:
             self.epoch_s.append(cost)
             self.epoch_val_s.append(t - self.last)
             self.epoch_start = self.last = t
-            if self.stop_epochs and t + cost > self.budget_s:
+            if self.stop_epochs and not self.fits(t, cost):
                 self.stop_reason = "next epoch does not fit"
                 return False
         return True
@@ -230,16 +220,16 @@ def ours_options(items: list[str] | None) -> dict[str, Any]:
 def _ours_train(
     args: argparse.Namespace, seed: int, run: Path, train_names: list[str], val_names: list[str] | None
 ) -> dict[str, Any]:
-    import embedseg_service.core.training.train as core_train
     from embedseg_service.core.training.train import TrainConfig, train
 
     images, masks = read_pairs(Path(args.data), train_names)
     val_images, val_masks = read_pairs(Path(args.data), val_names) if val_names else (None, None)
     budget_s = args.minutes * 60.0
     extra: dict[str, Any] = {}
+    clock = time.monotonic
     if args.ours_budget == "clock":
-        core_train.time = types.SimpleNamespace(monotonic=time.process_time)  # its budget clock: CPU time
         extra["max_time_minutes"] = args.minutes
+        clock = time.process_time  # its budget clock: CPU time
     if args.dims == 3 and args.voxel_size:
         extra["voxel_size"] = tuple(args.voxel_size)
     extra.update(ours_options(args.ours_option))
@@ -247,7 +237,7 @@ def _ours_train(
     start = time.process_time()
     progress = _OursProgress(start, budget_s, stop_epochs=args.ours_budget == "callback")
     result = train(images, masks, config, out_path=run / "model.pt", progress=progress,
-                   val_images=val_images, val_masks=val_masks)  # fmt: skip
+                   val_images=val_images, val_masks=val_masks, clock=clock)  # fmt: skip
     cpu_s = time.process_time() - start
     return {
         "cpu_s": cpu_s,
@@ -270,7 +260,7 @@ def _ours_train(
 
 
 def _ours_predict(args: argparse.Namespace, run: Path, record: dict[str, Any], test_names: list[str], tta: bool):
-    from embedseg_service.core.data.io import write_labels
+    from embedseg_service.core.data.tiff_write import write_labels
     from embedseg_service.core.model.checkpoint import load_model
 
     images, _ = read_pairs(Path(args.data), test_names)
@@ -380,14 +370,10 @@ def _launch(args: argparse.Namespace, impl: str, seed: int, log: Path) -> tuple[
         cmd += ["--ours-option", item]
     if args.reference:
         cmd += ["--reference", args.reference]
-    env = dict(os.environ, **ONE_THREAD, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, **ONE_THREAD)
     with open(log, "a") as handle:
         done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, check=False)
     return impl, seed, done.returncode
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 def _table(results: list[dict[str, Any]]) -> None:
@@ -401,7 +387,7 @@ def _table(results: list[dict[str, Any]]) -> None:
     for r in results:
         plain, tta = r["scores"]["plain"], r["scores"]["tta"]
         chosen = f"best epoch {r['best_epoch']}" if r["impl"] == "ours" else f"{r['checkpoint_kind']}"
-        print(f"{r['impl']:>9} {r['seed']:>4} {r['steps']:>6} {_median(r['step_s']):>7.2f} {r['epochs']:>6} "
+        print(f"{r['impl']:>9} {r['seed']:>4} {r['steps']:>6} {median(r['step_s']):>7.2f} {r['epochs']:>6} "
               f"{r['cpu_s'] / 60:>7.2f} {plain['ap50']:>6.3f} {plain['mean_ap']:>6.3f} {tta['ap50']:>9.3f} "
               f"{tta['mean_ap']:>7.3f}  {chosen}; {r['stopped']}")  # fmt: skip
 
@@ -409,14 +395,14 @@ def _table(results: list[dict[str, Any]]) -> None:
 def _timing(results: list[dict[str, Any]]) -> None:
     print("\nper-epoch CPU time (medians over each run's completed epochs; one thread):")
     for r in results:
-        step = _median(r["step_s"])
-        val = _median(r["epoch_val_s"])
+        step = median(r["step_s"])
+        val = median(r["epoch_val_s"])
         if not step > 0:
             print(f"  {r['impl']:>9} seed {r['seed']}: no complete training step")
             continue
         plain, tta = r["scores"]["plain"]["predict_cpu_s"], r["scores"]["tta"]["predict_cpu_s"]
         print(f"  {r['impl']:>9} seed {r['seed']}: train step {step:.3f} s ({1 / step:.2f} steps/s), "
-              f"{r.get('steps_per_epoch')} steps/epoch, epoch {_median(r['epoch_s']):.1f} s "
+              f"{r.get('steps_per_epoch')} steps/epoch, epoch {median(r['epoch_s']):.1f} s "
               f"(validation{' + save' if r['impl'] == 'ours' else ''} {val:.1f} s), "
               f"preparation before the first epoch {r['prep_cpu_s'] or 0:.1f} s; segmenting the test images "
               f"{plain:.1f} s, with TTA {tta:.1f} s")  # fmt: skip
@@ -491,8 +477,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each one process, one thread)")
     parser.add_argument("--impl", choices=("ours", "reference", "both"), default="both")
     parser.add_argument("--out", default=None, help="folder for the runs' records (default: a new temporary one)")
-    parser.add_argument("--reference", default=os.environ.get("EMBEDSEG_REFERENCE"),
-                        help="folder containing EmbedSeg/ (default: $EMBEDSEG_REFERENCE)")  # fmt: skip
+    add_reference_option(parser)
     parser.add_argument("--ours-budget", choices=("callback", "clock"), default="callback",
                         help="how ours keeps to the budget (see the description)")  # fmt: skip
     parser.add_argument("--ours-option", action="append", metavar="KEY=VALUE",
@@ -508,8 +493,8 @@ def main() -> None:
         worker(args, args.worker[0], int(args.worker[1]))
         return
     impls = ["ours", "reference"] if args.impl == "both" else [args.impl]
-    if "reference" in impls and not args.reference:
-        sys.exit("set EMBEDSEG_REFERENCE or pass --reference: the folder that contains the EmbedSeg package")
+    if "reference" in impls:
+        args.reference = reference_folder(args.reference)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.out = str(Path(args.out or tempfile.mkdtemp(prefix="bench_quality_")).resolve())
     Path(args.out).mkdir(parents=True, exist_ok=True)

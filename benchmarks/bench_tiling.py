@@ -22,13 +22,9 @@ import resource
 import statistics
 import subprocess
 import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_case(case: str, tile: tuple[int, ...], tta: bool) -> None:
-    sys.path.insert(0, str(ROOT))
     import numpy as np
     import torch
 

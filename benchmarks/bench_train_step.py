@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _common import comparison_parser, reference_folder, run_timed, use_reference
+
 SHAPES = {"2d": (2, (256, 256)), "3d": (1, (32, 128, 128)), "3d-thin": (4, (8, 136, 136))}
 OBJECTS = {"2d": (40, (6.0, 14.0)), "3d": (30, [(3.0, 6.0), (6.0, 12.0), (6.0, 12.0)]),
            "3d-thin": (4, [(2.0, 3.0), (14.0, 24.0), (14.0, 24.0)])}  # fmt: skip
@@ -57,7 +55,7 @@ def _inputs(dims_key: str):
 
 def _reference_modules(folder: str, dims: int, shape: tuple[int, ...]):
     """The reference network and loss; the loss's grid is the crop extent with the same step as ours."""
-    sys.path.insert(0, folder)
+    use_reference(folder)
     from embedseg_service.core.model.embedding import DEFAULT_STEP
 
     grid = list(reversed(shape))  # x, y[, z]
@@ -87,7 +85,6 @@ def worker(impl: str, dims_key: str, repeats: int, reference: str, device_name: 
     import numpy as np
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from embedseg_service.core.model.embedding import step_for
     from embedseg_service.core.model.erfnet import BranchedERFNet, load_reference_state_dict
     from embedseg_service.core.training.loss import EmbedSegLoss
@@ -147,11 +144,7 @@ def worker(impl: str, dims_key: str, repeats: int, reference: str, device_name: 
     torch.manual_seed(1)
     first_loss = step()
     step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    times, _, _ = run_timed(step, repeats)
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"impl": impl, "dims": dims_key, "median_s": statistics.median(times), "times": times,
            "first_loss": first_loss, "peak_rss_mib": rss_kib / 1024.0}  # fmt: skip
@@ -161,17 +154,12 @@ def worker(impl: str, dims_key: str, repeats: int, reference: str, device_name: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", default=os.environ.get("EMBEDSEG_REFERENCE"))
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--device", default="cpu")
+    parser = comparison_parser(__doc__, repeats=7, device="cpu", threads=True)
     parser.add_argument("--shapes", default="2d,3d")
     parser.add_argument("--amp", action="store_true", help="ours with float16 autocast on CUDA, as its training runs")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "DIMS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if not args.reference:
-        sys.exit("set EMBEDSEG_REFERENCE or pass --reference: the folder that contains the EmbedSeg package")
+    args.reference = reference_folder(args.reference)
     if args.repeats < 5:
         sys.exit("--repeats must be at least 5")
     if args.worker:

@@ -16,133 +16,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import tifffile
+from _common import listening_pid, running_server
 
 TARGET_MB_S = 300.0
 TARGET_EXTRA_MIB = 64.0
 
 
-# ------------------------------------------------------------------ server process
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _serve_command(port: int, server: str) -> list[str]:
-    if server == "uvicorn":  # the API alone, without the embedded worker
-        return [sys.executable, "-m", "uvicorn", "--factory", "embedseg_service.api.app:create_app",
-                "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
-    script = Path(sys.executable).parent / "embedseg"
-    head = [str(script)] if script.exists() else [sys.executable, "-m", "embedseg_service.core.cli"]
-    return head + ["serve", "--host", "127.0.0.1", "--port", str(port)]
-
-
-@contextmanager
-def running_server(data_dir: Path, env: dict[str, str] | None = None, timeout_s: float = 120.0,
-                   server: str = "serve"):
-    """Run ``embedseg serve`` (or ``uvicorn`` on the app factory) on a free loopback port with
-    ``data_dir``; yield (base URL, process).
-
-    The project must be installed (``pip install -e .``): the server runs the installed ``embedseg``.
-    """
-    port = free_port()
-    environ = {key: value for key, value in os.environ.items() if not key.startswith("EMBEDSEG_")}
-    environ.update(env or {})
-    environ["EMBEDSEG_DATA_DIR"] = str(data_dir)
-    log = open(data_dir / "server.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(_serve_command(port, server), cwd=data_dir, env=environ, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                log.flush()
-                raise RuntimeError(f"server exited with {process.returncode}:\n"
-                                   + (data_dir / "server.log").read_text(errors="replace")[-4000:])
-            try:
-                if httpx.get(f"{base}/api/v1/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not answer /api/v1/health within {timeout_s:.0f} s")
-            time.sleep(0.2)
-        yield base, process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        log.close()
-
-
-def _socket_inodes(port: int) -> set[str]:
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                inodes.add(inode)
-    return inodes
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, stack = [], [pid]
-    while stack:
-        current = stack.pop()
-        found.append(current)
-        stack.extend(children.get(current, []))
-    return found
-
-
-def listening_pid(root_pid: int, port: int) -> int:
-    """The process (``root_pid`` or one of its descendants) whose socket listens on ``port``."""
-    wanted = {f"socket:[{inode}]" for inode in _socket_inodes(port)}
-    for pid in _descendants(root_pid):
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                try:
-                    if os.readlink(fd) in wanted:
-                        return pid
-                except OSError:
-                    continue
-        except OSError:
-            continue
-    raise RuntimeError(f"no process under {root_pid} listens on port {port}")
+# ------------------------------------------------------------------ process memory
 
 
 def memory_kib(pid: int) -> dict[str, int]:

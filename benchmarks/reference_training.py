@@ -42,21 +42,20 @@ The budget is enforced through the ``tqdm`` wrapper the reference puts around it
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
-import numbers
 import os
 import random
 import shutil
 import sys
 import time
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import CpuBudget, compatibility_names, install_stand_ins, use_reference
 
 PROJECT = "bench"
 CENTER = "medoid"
@@ -72,123 +71,15 @@ SPEED_UP_3D = 3
 
 
 # --------------------------------------------------------------------------------------------
-# stand-ins and compatibility names
+# the reference's modules
 
 
-def _stand_in_module(name: str, provides: str) -> types.ModuleType:
-    """A module whose missing attributes raise a clear error instead of an AttributeError deep inside."""
-    module = types.ModuleType(name)
-
-    def missing(attr: str) -> Any:
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        raise RuntimeError(
-            f"{name}.{attr} was called, but the quality benchmark replaces {name} with a stand-in that "
-            f"only provides {provides}; this code path of the reference is not supported here"
-        )
-
-    module.__getattr__ = missing  # type: ignore[method-assign]
-    return module
-
-
-class _RandomRotation:
-    """The part of ``torchvision.transforms.RandomRotation`` the reference's 2D/3D flips use.
-
-    The reference subclasses it, overrides ``__call__`` and only uses ``degrees`` and
-    ``get_params`` (which draws one angle from torch's generator, as torchvision does).
-    """
-
-    def __init__(self, degrees: float | tuple[float, float], *args: Any, **kwargs: Any) -> None:
-        if args or kwargs:
-            raise RuntimeError("the RandomRotation stand-in only accepts `degrees`")
-        if isinstance(degrees, numbers.Number):
-            if degrees < 0:
-                raise ValueError("degrees must be non-negative")
-            self.degrees = [-float(degrees), float(degrees)]
-        else:
-            low, high = degrees
-            self.degrees = [float(low), float(high)]
-
-    @staticmethod
-    def get_params(degrees: list[float]) -> float:
-        import torch
-
-        return float(torch.empty(1).uniform_(float(degrees[0]), float(degrees[1])).item())
-
-    def __call__(self, sample: Any) -> Any:
-        raise RuntimeError("the RandomRotation stand-in does not rotate images; the reference overrides __call__")
-
-
-class _Compose:
-    """``torchvision.transforms.Compose``: apply the transforms in order."""
-
-    def __init__(self, transforms: list[Callable[[Any], Any]]) -> None:
-        self.transforms = list(transforms)
-
-    def __call__(self, sample: Any) -> Any:
-        for transform in self.transforms:
-            sample = transform(sample)
-        return sample
-
-
-def _install_stand_ins() -> list[str]:
-    """Put stand-ins for missing ``torchvision`` / ``pycocotools`` into ``sys.modules``; returns their names."""
-    installed = []
-    if importlib.util.find_spec("torchvision") is None:
-        provides = "transforms.RandomRotation (degrees, get_params) and transforms.Compose"
-        tv = _stand_in_module("torchvision", provides)
-        tv.__path__ = []  # a package, so that submodule imports resolve through sys.modules
-        tv_transforms = _stand_in_module("torchvision.transforms", provides)
-        tv_transforms.__path__ = []
-        inner = _stand_in_module("torchvision.transforms.transforms", provides)
-        inner.RandomRotation = _RandomRotation
-        inner.Compose = _Compose
-        tv_transforms.transforms = inner
-        tv_transforms.RandomRotation = _RandomRotation
-        tv_transforms.Compose = _Compose
-        tv.transforms = tv_transforms
-        sys.modules.update(
-            {"torchvision": tv, "torchvision.transforms": tv_transforms, "torchvision.transforms.transforms": inner}
-        )
-        installed.append("torchvision")
-    if importlib.util.find_spec("pycocotools") is None:
-        provides = "nothing (run-length encoded crops, rle_encode=True, are not used)"
-        coco = _stand_in_module("pycocotools", provides)
-        coco.__path__ = []
-        mask = _stand_in_module("pycocotools.mask", provides)
-        coco.mask = mask
-        sys.modules.update({"pycocotools": coco, "pycocotools.mask": mask})
-        installed.append("pycocotools")
-    return installed
-
-
-def _compatibility_names() -> list[str]:
-    """Names the reference imports that newer tifffile / matplotlib releases removed (same meaning)."""
-    added = []
-    import tifffile
-
-    if not hasattr(tifffile, "imsave"):
-        tifffile.imsave = tifffile.imwrite
-        added.append("tifffile.imsave = tifffile.imwrite")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.rcsetup as rcsetup
-
-    if not hasattr(rcsetup, "interactive_bk"):
-        from matplotlib.backends import BackendFilter, backend_registry
-
-        rcsetup.interactive_bk = backend_registry.list_builtin(BackendFilter.INTERACTIVE)
-        added.append("matplotlib.rcsetup.interactive_bk")
-    return added
-
-
-def import_reference(folder: str) -> types.SimpleNamespace:
-    """Import the reference's modules from ``folder`` (the parent of ``EmbedSeg/``)."""
-    stand_ins = _install_stand_ins()
-    compat = _compatibility_names()
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
+def import_reference(folder: str | None) -> types.SimpleNamespace:
+    """Import the reference's modules from ``folder`` (the parent of ``EmbedSeg/``; default
+    ``$EMBEDSEG_REFERENCE``), with the stand-ins and compatibility names of ``_common``."""
+    stand_ins = install_stand_ins()
+    compat = compatibility_names()
+    use_reference(folder)
     with contextlib.redirect_stdout(sys.stderr):
         import EmbedSeg.test as ref_test
         import EmbedSeg.train as ref_train
@@ -210,11 +101,11 @@ def import_reference(folder: str) -> types.SimpleNamespace:
 # budget
 
 
-class BudgetStop(Exception):  # noqa: N818 - a stop signal
+class BudgetStop(Exception):  # a stop signal, not an error
     """Raised inside the reference's training loop when the CPU budget is spent."""
 
 
-class ReferenceBudget:
+class ReferenceBudget(CpuBudget):
     """Replaces ``EmbedSeg.train.tqdm``: times every training batch and epoch in process CPU seconds.
 
     A training epoch starts only while the previous epoch's CPU time still fits in what is left
@@ -222,22 +113,15 @@ class ReferenceBudget:
     """
 
     def __init__(self, train_module: types.ModuleType, start: float, budget_s: float) -> None:
+        super().__init__(start, budget_s)
         self.module = train_module
-        self.start = start
-        self.budget_s = budget_s
-        self.step_s: list[float] = []
-        self.epoch_s: list[float] = []
         self.epoch_train_s: list[float] = []
-        self.epoch_val_s: list[float] = []
         self.epoch_starts: list[float] = []
         self.epochs_completed = 0
         self.first_epoch_estimate: int | None = None
         self.stop_reason = "completed"
 
-    def now(self) -> float:
-        return time.process_time() - self.start
-
-    def __call__(self, iterable: Iterable[Any], *args: Any, **kwargs: Any) -> Iterable[Any]:
+    def __call__(self, iterable: Iterable[Any], *_args: Any, **_kwargs: Any) -> Iterable[Any]:
         if iterable is getattr(self.module, "train_dataset_it", None):
             return self._train(iterable)
         if iterable is getattr(self.module, "val_dataset_it", None):
@@ -255,7 +139,7 @@ class ReferenceBudget:
                 print(f"[budget] first epoch took {cost:.1f} CPU s: about {self.first_epoch_estimate} epochs fit "
                       f"(n_epochs stays the notebook's {NOTEBOOK_EPOCHS}; each epoch starts only if the "
                       f"previous epoch's CPU time fits)", flush=True)  # fmt: skip
-            if t + cost > self.budget_s:
+            if not self.fits(t, cost):
                 self.stop_reason = "next epoch does not fit"
                 raise BudgetStop(self.stop_reason)
         self.epoch_starts.append(t)
@@ -263,7 +147,7 @@ class ReferenceBudget:
         last_step = 0.0
         iterator = iter(loader)
         while True:
-            if previous + last_step > self.budget_s:
+            if not self.fits(previous, last_step):
                 self.stop_reason = "budget spent within an epoch"
                 raise BudgetStop(self.stop_reason)
             try:
@@ -529,7 +413,7 @@ def _cuda_to(device: Any) -> Iterator[None]:
     import torch
 
     original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self.to(device)  # type: ignore[method-assign]
+    torch.Tensor.cuda = lambda self, *_args, **_kwargs: self.to(device)  # type: ignore[method-assign]
     try:
         yield
     finally:

@@ -6,8 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-DATA_DIR = Path(__file__).parent / "data"
+from helpers import DATA_DIR, DSB_MODEL_EPOCHS, DSB_MODEL_SEED, DSB_SPLIT_ROW, dsb_image, torch_threads
 
 
 @pytest.fixture(scope="session")
@@ -19,11 +18,21 @@ def data_dir() -> Path:
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
     """Run the test on one torch CPU thread (results independent of the core count), then restore."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def dsb_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Checkpoint of a 2D model trained once per run on the top rows of the DSB image: :data:`DSB_MODEL_EPOCHS`
+    epochs x 10 steps of 7 crops, seed :data:`DSB_MODEL_SEED`, one torch thread on the CPU. It finds
+    objects, with no quality floor: for tests of the paths a trained model takes (tiles, services)."""
+    from embedseg_service.core.training.train import TrainConfig, train
+
+    image, mask = dsb_image()
+    config = TrainConfig(spatial_dims=2, epochs=DSB_MODEL_EPOCHS, samples_per_epoch=70, seed=DSB_MODEL_SEED,
+                         device="cpu")  # fmt: skip
+    with torch_threads(1):
+        result = train(image[:DSB_SPLIT_ROW], mask[:DSB_SPLIT_ROW], config,
+                       out_path=tmp_path_factory.mktemp("dsb-model") / "dsb.pt")  # fmt: skip
+    return Path(result.model_path)

@@ -2,35 +2,28 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from embedseg_service.api.dashboard import mount_dashboard
 from embedseg_service.api.deps import JobBodies
 from embedseg_service.api.errors import install_error_handlers
-from embedseg_service.api.routes import health, volumes
+from embedseg_service.api.routes import health, jobs, models, volumes
 from embedseg_service.records.db import make_engine, make_sessionmaker, run_migrations
 from embedseg_service.records.settings import Settings, get_settings
-from embedseg_service.records.storage import LocalStorage
+from embedseg_service.records.storage import get_storage
 
 API_PREFIX = "/api/v1"
 log = logging.getLogger(__name__)
 
 Hook = Callable[[FastAPI], None]
 
-
-def _optional_routers() -> list[APIRouter]:
-    """Routers of the job and model resources (in their own modules)."""
-    routers = []
-    for name in ("embedseg_service.api.routes.jobs", "embedseg_service.api.routes.models"):
-        if importlib.util.find_spec(name) is not None:
-            routers.append(importlib.import_module(name).router)
-    return routers
+ROUTERS = (health.router, volumes.router, jobs.router, models.router)
+"""Every resource's router, mounted under :data:`API_PREFIX` in this order."""
 
 
 def create_app(
@@ -83,7 +76,7 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
-    app.state.storage = LocalStorage(settings.storage_path)
+    app.state.storage = get_storage(settings)
     app.state.job_bodies = JobBodies(engine)
 
     install_error_handlers(app)
@@ -95,9 +88,7 @@ def create_app(
             allow_headers=["*"],
             expose_headers=["Location"],
         )
-    app.include_router(health.router, prefix=API_PREFIX)
-    app.include_router(volumes.router, prefix=API_PREFIX)
-    for router in _optional_routers():
+    for router in ROUTERS:
         app.include_router(router, prefix=API_PREFIX)
     mount_dashboard(app)
     return app

@@ -1,10 +1,11 @@
 """Torch-free reading of a model file's description, for validating uploaded checkpoints in the API.
 
-A checkpoint written by :func:`embedseg_service.core.model.checkpoint.save_checkpoint` is a ``torch.save`` zip archive
-whose ``data.pkl`` holds a plain dict. This module reads that dict with a restricted unpickler:
-tensors become :class:`TensorStub` placeholders (shape only, no data read), only a fixed set
-of harmless globals is accepted, and nothing from the file is ever executed. The worker loads
-the file for real (``torch.load(weights_only=True)``) when a job uses it.
+A checkpoint written by :func:`embedseg_service.core.model.checkpoint.save_checkpoint` is a
+``torch.save`` zip archive whose pickle member holds a plain dict (the layout:
+:mod:`embedseg_service.core.model.checkpoint_format`). This module reads that dict with a
+restricted unpickler: tensors become :class:`TensorStub` placeholders (shape only, no data
+read), only a fixed set of harmless globals is accepted, and nothing from the file is ever
+executed. The worker loads the file for real (``torch.load(weights_only=True)``) when a job uses it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FORMAT_NAME = "embedseg-service-model"
-FORMAT_VERSION = 1
-REQUIRED_KEYS = ("state_dict", "spatial_dims", "in_channels", "step")
+from embedseg_service.core.model.checkpoint_format import (
+    DESCRIPTION_KEYS,
+    FORMAT_KEY,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PICKLE_MEMBER,
+    REQUIRED_KEYS,
+    VERSION_KEY,
+)
+
 MAX_PICKLE_BYTES = 64 * 1024 * 1024
 
 
@@ -34,11 +42,11 @@ class TensorStub:
     shape: tuple[int, ...] = ()
 
 
-def _rebuild_tensor(storage: Any, offset: int = 0, size: Any = (), *args: Any) -> TensorStub:
+def _rebuild_tensor(_storage: Any, _offset: int = 0, size: Any = (), *_args: Any) -> TensorStub:
     return TensorStub(tuple(int(n) for n in size) if isinstance(size, (tuple, list)) else ())
 
 
-def _rebuild_parameter(data: Any, *args: Any) -> Any:
+def _rebuild_parameter(data: Any, *_args: Any) -> Any:
     return data
 
 
@@ -72,7 +80,7 @@ class _Unpickler(pickle.Unpickler):
             return _Opaque
         raise CheckpointInvalid(f"it refers to {module}.{name}, which a model file never contains")
 
-    def persistent_load(self, pid: Any) -> Any:
+    def persistent_load(self, _pid: Any) -> Any:
         return None
 
 
@@ -109,9 +117,11 @@ def read_checkpoint_summary(path: str | Path) -> CheckpointSummary:
     except (zipfile.BadZipFile, OSError):
         raise CheckpointInvalid("it is not a model file written by this service (not a torch zip archive)") from None
     with archive:
-        names = [name for name in archive.namelist() if name.endswith("/data.pkl") or name == "data.pkl"]
+        names = [name for name in archive.namelist() if name.rpartition("/")[2] == PICKLE_MEMBER]
         if len(names) != 1:
-            raise CheckpointInvalid("it is not a model file written by this service (no data.pkl in the archive)")
+            raise CheckpointInvalid(
+                f"it is not a model file written by this service (no {PICKLE_MEMBER} in the archive)"
+            )
         info = archive.getinfo(names[0])
         if info.file_size > MAX_PICKLE_BYTES:
             raise CheckpointInvalid("its description is implausibly large for a model file")
@@ -125,11 +135,11 @@ def read_checkpoint_summary(path: str | Path) -> CheckpointSummary:
         raise
     except Exception as error:
         raise CheckpointInvalid(f"its contents cannot be read ({type(error).__name__})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+    if not isinstance(data, dict) or data.get(FORMAT_KEY) != FORMAT_NAME:
         raise CheckpointInvalid(f"it is not a model file written by this service (no {FORMAT_NAME!r} format mark)")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get(VERSION_KEY) != FORMAT_VERSION:
         raise CheckpointInvalid(
-            f"it has format version {data.get('format_version')!r}; this service reads version {FORMAT_VERSION}"
+            f"it has format version {data.get(VERSION_KEY)!r}; this service reads version {FORMAT_VERSION}"
         )
     missing = [key for key in REQUIRED_KEYS if key not in data]
     if missing:
@@ -143,12 +153,8 @@ def read_checkpoint_summary(path: str | Path) -> CheckpointSummary:
     step = data["step"]
     if not isinstance(step, (list, tuple)) or len(step) != dims or not all(isinstance(h, (int, float)) for h in step):
         raise CheckpointInvalid(f"its embedding step {_plain(step)!r} does not have {dims} numbers")
+    description = {key: _plain(data.get(key) or {}) for key in DESCRIPTION_KEYS}
     return CheckpointSummary(
-        spatial_dims=int(dims),
-        in_channels=int(channels),
-        step=[float(h) for h in step],
-        config=_plain(data.get("config") or {}),
-        properties=_plain(data.get("properties") or {}),
-        metrics=_plain(data.get("metrics") or {}),
-        n_tensors=len(state),
+        spatial_dims=int(dims), in_channels=int(channels), step=[float(h) for h in step], n_tensors=len(state),
+        **description,
     )

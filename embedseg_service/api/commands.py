@@ -28,11 +28,12 @@ def redact(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in credentials else f"{scheme}://{user}@{host}"
 
 
-def _local_worker_hooks(settings: Settings) -> tuple[list[Any], list[Any]]:
-    from embedseg_service.api.dispatch import start_local_worker
+def local_worker_hooks(settings: Settings) -> tuple[list[Any], list[Any]]:
+    """Start-up and shutdown hooks that run an embedded local worker, the app's dispatcher meanwhile."""
+    from embedseg_service.worker.local import LocalWorker
 
     def start(app: Any) -> None:
-        app.state.dispatcher = start_local_worker(settings)
+        app.state.dispatcher = LocalWorker(settings).start()
 
     def stop(app: Any) -> None:
         worker = getattr(app.state, "dispatcher", None)
@@ -72,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if migrate:
         settings.data_dir.expanduser().mkdir(parents=True, exist_ok=True)
         run_migrations(settings.database_url_resolved)
-    on_startup, on_shutdown = _local_worker_hooks(settings) if settings.embedded else ([], [])
+    on_startup, on_shutdown = local_worker_hooks(settings) if settings.embedded else ([], [])
     app = create_app(settings, migrate=False, on_startup=on_startup, on_shutdown=on_shutdown)
     print(describe(settings, args.host, args.port), flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -35,13 +35,13 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
-def get_storage(request: Request) -> Storage:
+def get_app_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
-StorageDep = Annotated[Storage, Depends(get_storage)]
+StorageDep = Annotated[Storage, Depends(get_app_storage)]
 
 
 def get_volume(session: SessionDep, volume_id: Annotated[str, Path(max_length=64)]) -> Volume:
@@ -97,7 +97,8 @@ class JobBodies:
         try:
             stored = self.reader.stored(dbapi_connection, job_id)
             if stored is None:
-                return self._forget(job_id)
+                self._forget(job_id)
+                return None
         except self.engine.dialect.loaded_dbapi.Error:
             stored = ()  # a driver error: the load below meets it again and raises it the SQLAlchemy way
         finally:
@@ -110,7 +111,8 @@ class JobBodies:
         with self.engine.connect() as connection:
             loaded = self.reader.load(connection, job_id)
         if loaded is None:
-            return self._forget(job_id)
+            self._forget(job_id)
+            return None
         stored, values = loaded
         body = JobOut.model_validate(values).model_dump_json().encode()
         with self._lock:

@@ -3,17 +3,16 @@
 - With ``EMBEDSEG_BROKER_URL`` set, :class:`CeleryDispatcher` sends the task *by name*
   (``send_task("embedseg.run_job", [job_id], queue="gpu")``) through a light producer app, so
   the API process never imports torch or the worker package.
-- On the embedded default the job row itself is the queue: an embedded local worker (named by
-  the import string :data:`LOCAL_WORKER`, loaded only when the service starts one) polls the
+- On the embedded default the job row itself is the queue: an embedded local worker
+  (:class:`embedseg_service.worker.local.LocalWorker`, which ``embedseg serve`` starts) polls the
   database for queued jobs; dispatching just wakes it up. Without a local worker in this
-  process the job waits, queued, for one to start (``embedseg serve`` starts it).
+  process the job waits, queued, for one to start.
 
 Always commit the job row before dispatching it.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 from typing import Any, Protocol
@@ -22,10 +21,6 @@ from embedseg_service.records.broker import celery_config
 from embedseg_service.records.settings import Settings
 
 log = logging.getLogger(__name__)
-
-LOCAL_WORKER = "embedseg_service.worker.local:LocalWorker"
-"""Import string of the embedded worker class (``LocalWorker(settings)`` with start/submit/stop)."""
-
 
 class DispatchError(RuntimeError):
     """The job could not be handed to the broker."""
@@ -85,26 +80,8 @@ class WaitForLocalWorker:
         log.info("job %s queued; it runs when an embedded local worker polls the database", job_id)
 
 
-def load_object(spec: str) -> Any:
-    """The object named by an import string ``"package.module:attribute"``."""
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise ValueError(f"import string {spec!r} must look like 'package.module:attribute'")
-    return getattr(importlib.import_module(module_name), attribute)
-
-
 def make_dispatcher(settings: Settings) -> Dispatcher:
     """The dispatcher for ``settings``: Celery when a broker is configured, else wait for a local worker."""
     if settings.broker_url is not None:
         return CeleryDispatcher(settings)
     return WaitForLocalWorker()
-
-
-def start_local_worker(settings: Settings, spec: str = LOCAL_WORKER) -> Any:
-    """Start the embedded local worker named by ``spec`` (imported here, by name); returns it.
-
-    The worker runs jobs in separate processes; it has ``submit(job_id)`` (wake up) and ``stop()``.
-    """
-    worker = load_object(spec)(settings)
-    worker.start()
-    return worker

@@ -18,6 +18,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedseg_service.records.jobs import InvalidTransition, JobNotFound
+from embedseg_service.records.removal import ResourceInUse
 from embedseg_service.records.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -43,19 +44,23 @@ def _json(status: int, detail: Any, headers: dict[str, str] | None = None) -> JS
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return _json(exc.status_code, exc.detail, getattr(exc, "headers", None))
 
 
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
     return _json(422, format_validation_errors(exc.errors()))
 
 
-async def _job_not_found(request: Request, exc: JobNotFound) -> JSONResponse:
+async def _job_not_found(_request: Request, exc: JobNotFound) -> JSONResponse:
     return _json(404, str(exc))
 
 
-async def _invalid_transition(request: Request, exc: InvalidTransition) -> JSONResponse:
+async def _invalid_transition(_request: Request, exc: InvalidTransition) -> JSONResponse:
+    return _json(409, str(exc))
+
+
+async def _in_use(_request: Request, exc: ResourceInUse) -> JSONResponse:
     return _json(409, str(exc))
 
 
@@ -80,6 +85,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(JobNotFound, _job_not_found)  # type: ignore[arg-type]
     app.add_exception_handler(InvalidTransition, _invalid_transition)  # type: ignore[arg-type]
+    app.add_exception_handler(ResourceInUse, _in_use)  # type: ignore[arg-type]
     app.add_exception_handler(StorageError, _storage_error)  # type: ignore[arg-type]
     app.add_exception_handler(OperationalError, _database_down)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)

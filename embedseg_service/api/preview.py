@@ -12,6 +12,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from embedseg_service.core.data.axes import channel_count, has_channel_axis
 from embedseg_service.core.data.io import inspect_tiff, read_tiff
 
 OVERLAY_ALPHA = 0.45
@@ -25,7 +26,7 @@ class Projection(str, enum.Enum):
 
 
 def _plane(data: np.ndarray, axes: str, projection: Projection, z: int | None, channel: int) -> np.ndarray:
-    if axes.startswith("C"):
+    if has_channel_axis(axes):
         data = data[channel]
     if data.ndim == 3:
         if projection is Projection.max:
@@ -133,7 +134,7 @@ def render_preview(
 
 
 def _check(shape: tuple[int, ...], axes: str, z: int | None, channel: int) -> None:
-    n_channels = shape[0] if axes.startswith("C") else 1
+    n_channels = channel_count(shape, axes)
     if not 0 <= channel < n_channels:
         raise ValueError(
             f"channel {channel} is out of range; the volume has {n_channels} channel(s) (0..{n_channels - 1})"

@@ -14,6 +14,7 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -21,6 +22,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from embedseg_service.records.storage import PendingWrite, Storage
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 MAX_FIELD_BYTES = 64 * 1024
 MULTIPART_SLACK = 1024 * 1024
@@ -199,7 +203,8 @@ class _Form:
     def parser(self, boundary: bytes) -> MultipartParser:
         names = ("on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
                  "on_header_end", "on_headers_finished", "on_end")  # fmt: skip
-        return MultipartParser(boundary, {name: getattr(self, name) for name in names})
+        callbacks = cast("MultipartCallbacks", {name: getattr(self, name) for name in names})
+        return MultipartParser(boundary, callbacks)
 
     def take(self) -> bytes:
         """The buffered file bytes, emptying the buffer."""

@@ -3,7 +3,7 @@
 Public API (imported on first use, so importing :mod:`embedseg_service.core` does not load torch):
 
 - :func:`train`, :class:`TrainConfig`: train a model on images and label images;
-- :func:`load_model` -> :class:`TrainedModel` (``.segment``, ``.predict_raw``): use a model file;
+- :func:`load_model` -> :class:`TrainedModel` (``.segment``): use a model file;
 - :func:`segment`, :func:`predict_raw`: the same on a network in memory;
 - :func:`cluster`: raw network outputs to instance labels;
 - :func:`average_precision`: AP_dsb of predicted against ground-truth labels;
@@ -19,7 +19,7 @@ from typing import Any
 
 _EXPORTS = {
     "train": "training.train",
-    "TrainConfig": "training.train",
+    "TrainConfig": "training.config",
     "load_model": "model.checkpoint",
     "TrainedModel": "model.checkpoint",
     "segment": "inference.predict",
@@ -27,7 +27,7 @@ _EXPORTS = {
     "cluster": "inference.clustering",
     "average_precision": "metrics",
     "read_tiff": "data.io",
-    "write_labels": "data.io",
+    "write_labels": "data.tiff_write",
 }
 
 __all__ = sorted(_EXPORTS)

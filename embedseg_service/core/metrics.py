@@ -1,4 +1,4 @@
-"""Instance segmentation metrics: IoU matching, AP_dsb, dataset aggregation, per-object table (method.md §10).
+"""Instance segmentation metrics: IoU matching, AP_dsb, dataset aggregation, per-object table (docs/method.md §10).
 
 AP_dsb(tau) = TP / (TP + FP + FN), 0 when TP = 0, with a one-to-one matching of ground-truth (GT) and
 predicted objects that maximises the number of pairs with IoU >= tau (ties: the largest summed IoU).

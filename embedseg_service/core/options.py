@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import TypeVar
 
@@ -17,8 +18,8 @@ class Option(str, Enum):
 
     @classmethod
     def option_name(cls) -> str:
-        """Name of the option in error messages."""
-        return cls.__name__
+        """Name of the option in error messages: the class name in lower-case words (``CenterMode``: center mode)."""
+        return re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__).lower()
 
     @classmethod
     def parse(cls: type[_O], value: _O | str) -> _O:

@@ -24,7 +24,7 @@ def _url() -> str:
     return get_settings().database_url_resolved
 
 
-def _render_item(type_: str, obj: object, autogen_context) -> str | bool:  # type: ignore[no-untyped-def]
+def _render_item(type_: str, obj: object, _autogen_context) -> str | bool:  # type: ignore[no-untyped-def]
     """Render the ORM's UTC timestamp type as a plain ``sa.DateTime(timezone=True)`` in new revisions."""
     if type_ == "type" and isinstance(obj, UTCDateTime):
         return "sa.DateTime(timezone=True)"

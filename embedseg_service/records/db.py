@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -15,8 +16,11 @@ from sqlalchemy.pool import StaticPool
 
 from embedseg_service.records.settings import Settings, get_settings
 
+if TYPE_CHECKING:
+    from alembic.config import Config
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -41,9 +45,8 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
-        in_memory = not database or database == ":memory:"
-        kwargs: dict = {"connect_args": {"check_same_thread": False, "timeout": 30}}
-        if in_memory:
+        kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+        if not database or database == ":memory:":
             kwargs["poolclass"] = StaticPool
         else:
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +77,11 @@ def get_engine(settings: Settings | None = None) -> Engine:
         return engine
 
 
+def get_sessionmaker(settings: Settings | None = None) -> sessionmaker[Session]:
+    """A session factory bound to the process-wide engine of the settings' database (:func:`get_engine`)."""
+    return make_sessionmaker(get_engine(settings))
+
+
 def dispose_engines() -> None:
     """Close every cached engine's connections and forget them (tests, shutdown)."""
     with _engines_lock:
@@ -85,7 +93,7 @@ def dispose_engines() -> None:
 @contextmanager
 def session_scope(settings: Settings | None = None) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
-    session = make_sessionmaker(get_engine(settings))()
+    session = get_sessionmaker(settings)()
     try:
         yield session
         session.commit()
@@ -104,7 +112,7 @@ def migrations_dir() -> Path:
     return folder.resolve()
 
 
-def alembic_config(url: str):  # type: ignore[no-untyped-def]
+def alembic_config(url: str) -> Config:
     """An Alembic ``Config`` built in code for ``url`` (no ini file needed)."""
     from alembic.config import Config
 

@@ -15,9 +15,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from enum import Enum
+from typing import Any, TypeVar
 
-from sqlalchemy import JSON, Connection, Dialect, Text, bindparam, cast, select, type_coerce, update
+from sqlalchemy import (
+    JSON,
+    Connection,
+    CursorResult,
+    Dialect,
+    Result,
+    Text,
+    bindparam,
+    cast,
+    select,
+    type_coerce,
+    update,
+)
 from sqlalchemy.orm import Session
 from sqlalchemy.types import NullType
 
@@ -60,6 +73,16 @@ class InvalidTransition(ValueError):
         self.target = target
 
 
+E = TypeVar("E", bound=Enum)
+
+
+def rows_matched(result: Result[Any]) -> int:
+    """Rows an ``UPDATE`` executed through a session matched (its result is a ``CursorResult``)."""
+    if not isinstance(result, CursorResult):
+        raise TypeError(f"rows_matched needs the result of an UPDATE statement, got {type(result).__name__}")
+    return result.rowcount
+
+
 def _sources(target: JobStatus) -> list[str]:
     return [source.value for source, targets in TRANSITIONS.items() if target in targets]
 
@@ -79,7 +102,7 @@ def _cas(session: Session, job_id: str, target: JobStatus, values: Mapping[str, 
         .values(status=target.value, **values)
         .execution_options(synchronize_session=False)
     )
-    return session.execute(statement).rowcount == 1
+    return rows_matched(session.execute(statement)) == 1
 
 
 def get_job(session: Session, job_id: str) -> Job:
@@ -151,8 +174,8 @@ def create_job(
     Dispatch the job only after this returns (the row must exist before a worker looks for it).
     Raises ValueError for an unknown ``kind``.
     """
-    kind = _enum(JobKind, kind, "kind")
-    job = Job(kind=kind.value, status=JobStatus.queued.value, spec=dict(spec), owner=owner, progress=0.0)
+    job_kind = _enum(JobKind, kind, "kind")
+    job = Job(kind=job_kind.value, status=JobStatus.queued.value, spec=dict(spec), owner=owner, progress=0.0)
     session.add(job)
     session.flush()
     links = {(volume_id, role) for volume_id, role in volumes}
@@ -251,14 +274,14 @@ def request_cancel(session: Session, job_id: str) -> Job:
                 eta_s=None)
         .execution_options(synchronize_session=False)
     )
-    if session.execute(statement).rowcount != 1:
+    if rows_matched(session.execute(statement)) != 1:
         statement = (
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.running.value)
             .values(cancel_requested=True)
             .execution_options(synchronize_session=False)
         )
-        if session.execute(statement).rowcount != 1:
+        if rows_matched(session.execute(statement)) != 1:
             session.rollback()
             job = _get(session, job_id)
             raise InvalidTransition(job_id, job.status, JobStatus.cancelled.value)
@@ -353,7 +376,7 @@ def active_jobs_using_model(session: Session, model_id: str) -> list[str]:
     return [job_id for job_id, spec in rows if isinstance(spec, dict) and spec.get("model_id") == model_id]
 
 
-def _enum(enum_cls: type, value: Any, what: str) -> Any:
+def _enum(enum_cls: type[E], value: Any, what: str) -> E:
     try:
         return enum_cls(value)
     except ValueError:

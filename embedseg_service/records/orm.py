@@ -29,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from embedseg_service.core.data.axes import channel_count, spatial_shape
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -83,14 +85,14 @@ class UTCDateTime(TypeDecorator):
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:  # noqa: ARG002 - SQLAlchemy's signature
         if value is None:
             return None
         if value.tzinfo is None:
             raise ValueError("timestamps must be timezone-aware")
         return value.astimezone(timezone.utc)
 
-    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:  # noqa: ARG002 - SQLAlchemy's signature
         if value is None:
             return None
         if value.tzinfo is None:
@@ -179,6 +181,16 @@ class Volume(Base):
     image_volume_id: Mapped[str | None] = mapped_column(
         String(36), ForeignKey("volumes.id", ondelete="SET NULL"), index=True
     )
+
+    @property
+    def spatial_shape(self) -> list[int]:
+        """``shape`` without its channel axis: ``[Z, Y, X]`` or ``[Y, X]``."""
+        return list(spatial_shape(self.shape, self.axes))
+
+    @property
+    def n_channels(self) -> int:
+        """Number of channels (1 without a channel axis)."""
+        return channel_count(self.shape, self.axes)
 
     def __repr__(self) -> str:
         return f"Volume(id={self.id!r}, kind={self.kind!r}, shape={self.shape!r})"

@@ -1,32 +1,27 @@
 """Request and response bodies (pydantic; no web framework here).
 
 Job specs check every option early and say how to fix a bad one; the worker receives the
-validated spec as stored on the job row (``spec.model_dump(mode="json")``).
+validated spec as stored on the job row (``spec.model_dump(mode="json")``). Training options take their
+defaults and choices from :class:`embedseg_service.core.training.config.TrainConfig`, prediction's TTA
+default from :mod:`embedseg_service.core.inference.defaults` (both dependency-free modules).
 """
 
 from __future__ import annotations
 
-import enum
 import math
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from embedseg_service.core.data.center_mode import CenterMode
+from embedseg_service.core.inference.defaults import DEFAULT_TTA
+from embedseg_service.core.training.config import option_default
 from embedseg_service.records.orm import JobKind, JobStatus, VolumeKind
 
 T = TypeVar("T")
 
 MAX_IDS = 1000
-DEFAULT_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
-
-
-class Center(str, enum.Enum):
-    """How an object's centre is found for training: exact medoid (default), approximate medoid or centroid."""
-
-    medoid = "medoid"
-    approximate_medoid = "approximate_medoid"
-    centroid = "centroid"
 
 
 class Orm(BaseModel):
@@ -126,22 +121,27 @@ class TrainSpec(BaseModel):
     mask_ids: list[VolumeId] = Field(min_length=1, max_length=MAX_IDS)
     val_image_ids: list[VolumeId] | None = Field(None, max_length=MAX_IDS)
     val_mask_ids: list[VolumeId] | None = Field(None, max_length=MAX_IDS)
-    val_fraction: float | None = Field(None, gt=0, lt=1)
+    val_fraction: float | None = Field(
+        None, gt=0, lt=1, description="fraction held out for validation when no validation volumes are given "
+        f"(default {option_default('val_fraction')})",
+    )
     dims: Literal[2, 3] = 2
-    epochs: int = Field(200, ge=1, le=100_000)
-    max_time_minutes: float | None = Field(None, gt=0, le=7 * 24 * 60)
-    batch_size: int | None = Field(None, ge=1, le=1024)
-    crop_size: int | Literal["auto"] = "auto"
-    lr: float = Field(5e-4, gt=0, le=1)
-    center: Center = Center.medoid
-    voxel_size: list[float] | None = None
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    amp: bool = False
+    epochs: int = Field(option_default("epochs"), ge=1, le=100_000)
+    max_time_minutes: float | None = Field(option_default("max_time_minutes"), gt=0, le=7 * 24 * 60)
+    batch_size: int | None = Field(option_default("batch_size"), ge=1, le=1024)
+    crop_size: int | Literal["auto"] = option_default("crop_size")
+    lr: float = Field(option_default("lr"), gt=0, le=1)
+    center: CenterMode = option_default("center")
+    voxel_size: list[float] | None = option_default("voxel_size")
+    seed: int = Field(option_default("seed"), ge=0, le=2**32 - 1)
+    amp: bool = option_default("amp")
     min_object_size: int | None = Field(
-        None, ge=0, le=10**9, description="override the data-derived minimum object size (pixels)"
+        option_default("min_object_size"), ge=0, le=10**9,
+        description="override the data-derived minimum object size (pixels)",
     )
     foreground_weight: float | None = Field(
-        None, gt=0, le=1000, description="override the data-derived foreground weight of the seed loss"
+        option_default("foreground_weight"), gt=0, le=1000,
+        description="override the data-derived foreground weight of the seed loss",
     )
     name: str | None = Field(None, max_length=255)
 
@@ -190,6 +190,11 @@ class TrainSpec(BaseModel):
             raise ValueError(f"voxel_size has {len(self.voxel_size)} values but dims is {self.dims}")
         return self
 
+    def training_options(self) -> dict[str, Any]:
+        """The training options of this spec (all fields but the volumes and the name), for
+        :func:`embedseg_service.core.training.config.config_from_options`."""
+        return self.model_dump(exclude={"image_ids", "mask_ids", "val_image_ids", "val_mask_ids", "name"})
+
     def volume_roles(self) -> list[tuple[str, str]]:
         """(volume_id, role) pairs this job reads."""
         roles = [(i, "image") for i in self.image_ids] + [(i, "mask") for i in self.mask_ids]
@@ -205,7 +210,7 @@ class PredictSpec(BaseModel):
 
     model_id: str = Field(min_length=1, max_length=64)
     volume_ids: list[VolumeId] = Field(min_length=1, max_length=MAX_IDS)
-    tta: bool = False
+    tta: bool = DEFAULT_TTA
     tile: Literal["auto"] | list[int] = "auto"
     min_size: int | None = Field(
         None, ge=0, le=10**9,
@@ -253,11 +258,17 @@ class EvaluateSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pairs: list[EvalPair] = Field(min_length=1, max_length=MAX_IDS)
-    thresholds: list[float] = Field(default_factory=lambda: list(DEFAULT_THRESHOLDS), min_length=1, max_length=100)
+    thresholds: list[float] | None = Field(
+        None, min_length=1, max_length=100,
+        description="IoU thresholds (default: the standard ones of the volumes' dimensionality, "
+        "embedseg_service.core.metrics.default_thresholds)",
+    )
 
     @field_validator("thresholds")
     @classmethod
-    def _thresholds(cls, value: list[float]) -> list[float]:
+    def _thresholds(cls, value: list[float] | None) -> list[float] | None:
+        if value is None:
+            return None
         if any(not 0 < t <= 1 for t in value):
             raise ValueError("every IoU threshold must be in (0, 1], e.g. [0.5, 0.75]")
         return sorted(set(value))

@@ -6,7 +6,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -21,29 +21,35 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="EMBEDSEG_", env_file=".env", extra="ignore")
 
-    data_dir: Path = Field(Path("embedseg-data"), description="Folder of the embedded default's database and files.")
+    data_dir: Path = Field(
+        default=Path("embedseg-data"), description="Folder of the embedded default's database and files."
+    )
     database_url: str | None = Field(
-        None, description="SQLAlchemy URL; default: SQLite file embedseg.db in data_dir."
+        default=None, description="SQLAlchemy URL; default: SQLite file embedseg.db in data_dir."
     )
     broker_url: str | None = Field(
-        None, description="Celery broker (redis://...); unset: jobs run on an embedded local worker."
+        default=None, description="Celery broker (redis://...); unset: jobs run on an embedded local worker."
     )
-    storage_dir: Path | None = Field(None, description="Folder of stored volumes and models; default data_dir/storage.")
-    max_upload_bytes: int = Field(4 * 1024**3, description="Largest accepted upload (413 above).")
-    upload_chunk_bytes: int = Field(1024 * 1024, description="Size of the chunks an upload is written in.")
+    storage_dir: Path | None = Field(
+        default=None, description="Folder of stored volumes and models; default data_dir/storage."
+    )
+    max_upload_bytes: int = Field(default=4 * 1024**3, description="Largest accepted upload (413 above).")
+    upload_chunk_bytes: int = Field(default=1024 * 1024, description="Size of the chunks an upload is written in.")
     job_visibility_timeout_s: int = Field(
-        48 * 3600, description="Broker visibility timeout; must exceed the longest job."
+        default=48 * 3600, description="Broker visibility timeout; must exceed the longest job."
     )
-    max_job_minutes: float = Field(24 * 60, description="Longest time budget a training job may ask for.")
+    max_job_minutes: float = Field(default=24 * 60, description="Longest time budget a training job may ask for.")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS; empty: no CORS.")
-    progress_throttle_s: float = Field(1.0, description="Least seconds between two progress writes of one job.")
-    heartbeat_s: float = Field(30.0, description="Seconds between worker heartbeats on a running job.")
-    local_workers: int = Field(1, description="Jobs the embedded local worker runs at once.")
-    gpu_queue: str = Field("gpu", description="Celery queue the GPU workers consume.")
-    task_name: str = Field("embedseg.run_job", description="Name of the Celery task that runs a job.")
-    page_limit_max: int = Field(500, description="Largest page size a list route answers.")
-    preview_max_px: int = Field(1024, description="Longest side of a preview.png.")
-    sql_echo: bool = Field(False, description="Log every SQL statement.")
+    progress_throttle_s: float = Field(
+        default=1.0, description="Least seconds between two progress writes of one job."
+    )
+    heartbeat_s: float = Field(default=30.0, description="Seconds between worker heartbeats on a running job.")
+    local_workers: int = Field(default=1, description="Jobs the embedded local worker runs at once.")
+    gpu_queue: str = Field(default="gpu", description="Celery queue the GPU workers consume.")
+    task_name: str = Field(default="embedseg.run_job", description="Name of the Celery task that runs a job.")
+    page_limit_max: int = Field(default=500, description="Largest page size a list route answers.")
+    preview_max_px: int = Field(default=1024, description="Longest side of a preview.png.")
+    sql_echo: bool = Field(default=False, description="Log every SQL statement.")
 
     @field_validator("data_dir", "storage_dir", mode="after")
     @classmethod
@@ -80,14 +86,14 @@ class Settings(BaseSettings):
     @field_validator("max_upload_bytes", "upload_chunk_bytes", "job_visibility_timeout_s", "local_workers",
                      "page_limit_max", "preview_max_px")
     @classmethod
-    def _positive(cls, value: int, info) -> int:  # type: ignore[no-untyped-def]
+    def _positive(cls, value: int, info: ValidationInfo) -> int:
         if value <= 0:
             raise ValueError(f"{info.field_name} must be a positive integer, got {value}")
         return value
 
     @field_validator("progress_throttle_s", "heartbeat_s", "max_job_minutes")
     @classmethod
-    def _positive_float(cls, value: float, info) -> float:  # type: ignore[no-untyped-def]
+    def _positive_float(cls, value: float, info: ValidationInfo) -> float:
         if not value > 0:
             raise ValueError(f"{info.field_name} must be > 0, got {value}")
         return value

@@ -16,7 +16,10 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import BinaryIO, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from embedseg_service.records.settings import Settings
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TEMP_DIR = ".tmp"
@@ -225,7 +228,7 @@ class LocalStorage:
     def open_read(self, key: str) -> BinaryIO:
         path = self._path(key)
         try:
-            return open(path, "rb")  # noqa: SIM115 - returned to the caller
+            return open(path, "rb")
         except FileNotFoundError:
             raise StorageError(f"no stored file under key {key!r}") from None
 
@@ -283,7 +286,7 @@ class LocalStorage:
         return count
 
 
-def get_storage(settings=None) -> LocalStorage:  # type: ignore[no-untyped-def]
+def get_storage(settings: Settings | None = None) -> LocalStorage:
     """The storage configured by the settings (a :class:`LocalStorage` under ``storage_path``)."""
     from embedseg_service.records.settings import get_settings
 

@@ -73,7 +73,7 @@ def _start_recovery(sender: Any = None, **_: Any) -> None:
 
 
 @worker_shutdown.connect(weak=False)
-def _stop_recovery(sender: Any = None, **_: Any) -> None:
+def _stop_recovery(**_: Any) -> None:
     for stop in _recovery.values():
         stop.set()
     _recovery.clear()

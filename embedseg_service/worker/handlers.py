@@ -23,7 +23,8 @@ from embedseg_service.worker.context import Handler, JobContext, JobOutcome
 from embedseg_service.worker.progress import JobCancelled, JobReporter
 
 if TYPE_CHECKING:
-    from embedseg_service.core.training.train import TrainConfig, TrainProgress, TrainResult
+    from embedseg_service.core.training.config import TrainConfig
+    from embedseg_service.core.training.train import TrainProgress, TrainResult
 
 CHUNK = 1024 * 1024
 
@@ -69,14 +70,6 @@ def read_volume(context: JobContext, row: Volume) -> np.ndarray:
     from embedseg_service.core.data.io import read_tiff
 
     return read_tiff(context.storage.path_for(row.storage_key)).data
-
-
-def _spatial_shape(row: Volume) -> list[int]:
-    return list(row.shape[1:] if row.axes.startswith("C") else row.shape)
-
-
-def _channels(row: Volume) -> int:
-    return int(row.shape[0]) if row.axes.startswith("C") else 1
 
 
 def _store_file(context: JobContext, name: str, path: Path) -> tuple[str, str, int]:
@@ -131,36 +124,17 @@ def prediction_warnings(model_metrics: dict[str, Any] | None, empty_volume_ids: 
 
 
 def _train_config(spec: TrainSpec, context: JobContext, image_rows: list[Volume], in_channels: int) -> TrainConfig:
-    """The :class:`embedseg_service.core.training.train.TrainConfig` of a train spec: the voxel size from the spec,
-    else from the
-    first image that states one for the spec's dimensions; the time limit capped by the settings."""
-    from embedseg_service.core.training.train import TrainConfig
+    """The :class:`embedseg_service.core.training.config.TrainConfig` of a train spec, through
+    :func:`embedseg_service.core.training.config.config_from_options` (as ``embedseg train``): without a voxel
+    size in the spec, the first image's that states one for the spec's dimensions; the time limit capped
+    by the settings."""
+    from embedseg_service.core.training.config import config_from_options
 
-    voxel_size = spec.voxel_size
-    if voxel_size is None:
-        voxel_size = next((row.voxel_size for row in image_rows if row.voxel_size), None)
-        if voxel_size is not None and len(voxel_size) != spec.dims:
-            voxel_size = None
     max_minutes = spec.max_time_minutes or context.settings.max_job_minutes
-    options: dict[str, Any] = {
-        "spatial_dims": spec.dims,
-        "epochs": spec.epochs,
-        "max_time_minutes": min(max_minutes, context.settings.max_job_minutes),
-        "batch_size": spec.batch_size,
-        "crop_size": spec.crop_size,
-        "lr": spec.lr,
-        "center": spec.center.value,
-        "seed": spec.seed,
-        "device": "auto",
-        "amp": spec.amp,
-        "min_object_size": spec.min_object_size,
-        "foreground_weight": spec.foreground_weight,
-        "in_channels": in_channels,
-        "voxel_size": tuple(voxel_size) if voxel_size else None,
-    }
-    if spec.val_fraction is not None:
-        options["val_fraction"] = spec.val_fraction
-    return TrainConfig(**options)
+    options = spec.training_options()
+    options.update(max_time_minutes=min(max_minutes, context.settings.max_job_minutes), in_channels=in_channels)
+    data_voxel_size = next((row.voxel_size for row in image_rows if row.voxel_size), None)
+    return config_from_options(options, data_voxel_size=data_voxel_size)
 
 
 def _train_progress(reporter: JobReporter) -> Callable[[TrainProgress], bool]:
@@ -216,7 +190,7 @@ def run_train(context: JobContext) -> JobOutcome:
     mask_rows = load_volume_rows(context, spec.mask_ids)
     val_image_rows = load_volume_rows(context, spec.val_image_ids or [])
     val_mask_rows = load_volume_rows(context, spec.val_mask_ids or [])
-    channels = {_channels(row) for row in image_rows + val_image_rows}
+    channels = {row.n_channels for row in image_rows + val_image_rows}
     if len(channels) != 1:
         raise ValueError(f"the images have different channel counts {sorted(channels)}; give images of one kind")
     images = [read_volume(context, row) for row in image_rows]
@@ -265,7 +239,7 @@ def run_train(context: JobContext) -> JobOutcome:
 
 def run_predict(context: JobContext) -> JobOutcome:
     """Segment each volume with the model; one labels volume per input, AP against GT when given."""
-    from embedseg_service.core.data.io import label_dtype, write_labels
+    from embedseg_service.core.data.tiff_write import label_dtype, write_labels
     from embedseg_service.core.inference.tiling import PredictionCancelled
     from embedseg_service.core.metrics import aggregate, average_precision
     from embedseg_service.core.model.checkpoint import load_model
@@ -354,8 +328,9 @@ def run_predict(context: JobContext) -> JobOutcome:
 
 
 def run_evaluate(context: JobContext) -> JobOutcome:
-    """Average precision of each (ground truth, prediction) pair and over all pairs."""
-    from embedseg_service.core.metrics import aggregate, average_precision
+    """Average precision of each (ground truth, prediction) pair and over all pairs, at the spec's IoU
+    thresholds or the default ones of the volumes' dimensionality."""
+    from embedseg_service.core.metrics import aggregate, average_precision, default_thresholds
 
     spec = EvaluateSpec.model_validate(context.spec)
     reporter = context.reporter
@@ -372,7 +347,8 @@ def run_evaluate(context: JobContext) -> JobOutcome:
                 f"pair {i}: ground truth {gt_row.id} has shape {list(gt.shape)} but prediction {pred_row.id} "
                 f"has {list(pred.shape)}"
             )
-        scored = average_precision(gt, pred, spec.thresholds, name=pred_row.id)
+        thresholds = spec.thresholds or default_thresholds(gt.ndim)
+        scored = average_precision(gt, pred, thresholds, name=pred_row.id)
         results.append(scored)
         rows.append(_image_ap(scored, gt_id=gt_row.id, pred_id=pred_row.id))
     metrics = {"pairs": rows, "ap": _ap_summary(aggregate(results))}

@@ -7,7 +7,7 @@ for a wake-up (``submit``) or the poll interval. Queued jobs left by an earlier 
 service are therefore picked up at start-up. Stopping the service asks idle processes to exit
 and interrupts busy ones, whose jobs go back to the queue for the next start.
 
-This module is imported by name (``embedseg_service.api.dispatch.LOCAL_WORKER``) and imports no torch itself.
+``embedseg serve`` imports this module only when it starts the embedded worker; it imports no torch itself.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from typing import Any
 
 from sqlalchemy import select
 
+from embedseg_service.records import jobs
+from embedseg_service.records.db import get_sessionmaker
+from embedseg_service.records.orm import Job, JobStatus
 from embedseg_service.records.settings import Settings, set_settings
 
 log = logging.getLogger(__name__)
@@ -44,13 +47,11 @@ def requeue_orphans(settings: Settings) -> list[str]:
 
     Jobs of other hosts are left to the heartbeat rule (:func:`embedseg_service.worker.runner.recover_stale_jobs`).
     """
-    from embedseg_service.records import jobs
-    from embedseg_service.records.orm import Job, JobStatus
-    from embedseg_service.worker.runner import MAX_ATTEMPTS, _sessions_for
+    from embedseg_service.worker.runner import MAX_ATTEMPTS, fail_lost
 
     host = socket.gethostname()
     requeued = []
-    sessions = _sessions_for(settings)
+    sessions = get_sessionmaker(settings)
     with sessions() as session:
         running = session.execute(
             select(Job.id, Job.worker, Job.attempts).where(Job.status == JobStatus.running.value)
@@ -60,9 +61,7 @@ def requeue_orphans(settings: Settings) -> list[str]:
             if name != host or not pid.isdigit() or _pid_alive(int(pid)):
                 continue
             if attempts >= MAX_ATTEMPTS:
-                jobs.finish_job(session, job_id, JobStatus.failed,
-                                error=f"the worker running this job was lost {attempts} times (killed or out of "
-                                "memory); resubmit it with smaller inputs, a smaller tile or batch size")
+                fail_lost(session, job_id, attempts)
             elif jobs.requeue_job(session, job_id):
                 requeued.append(job_id)
     return requeued
@@ -70,10 +69,7 @@ def requeue_orphans(settings: Settings) -> list[str]:
 
 def next_queued(settings: Settings, limit: int = 20) -> list[str]:
     """Ids of the oldest queued jobs."""
-    from embedseg_service.records.orm import Job, JobStatus
-    from embedseg_service.worker.runner import _sessions_for
-
-    with _sessions_for(settings)() as session:
+    with get_sessionmaker(settings)() as session:
         return list(
             session.scalars(
                 select(Job.id).where(Job.status == JobStatus.queued.value).order_by(Job.created_at, Job.id).limit(limit)
@@ -144,7 +140,7 @@ class LocalWorker:
         log.info("embedded local worker: %d process(es) started", self.processes)
         return self
 
-    def submit(self, job_id: str) -> None:
+    def submit(self, job_id: str) -> None:  # noqa: ARG002 - the Dispatcher interface
         """Wake the worker processes: the committed job ``job_id`` is waiting in the database."""
         self._wake.set()
 

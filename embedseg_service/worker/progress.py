@@ -15,7 +15,7 @@ from embedseg_service.records import jobs
 log = logging.getLogger(__name__)
 
 
-class JobCancelled(Exception):  # noqa: N818 - names the outcome, like StopIteration
+class JobCancelled(Exception):  # names the outcome, like StopIteration
     """The job's cancel flag was seen; the handler stops at the next step."""
 
 

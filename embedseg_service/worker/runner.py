@@ -26,7 +26,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from embedseg_service.records import jobs
-from embedseg_service.records.db import get_engine, make_sessionmaker
+from embedseg_service.records.db import get_sessionmaker
 from embedseg_service.records.orm import Job, JobKind, JobStatus, utcnow
 from embedseg_service.records.settings import Settings, get_settings
 from embedseg_service.records.storage import Storage, get_storage
@@ -43,17 +43,13 @@ STALE_HEARTBEATS = 4
 """A running job whose heartbeat is older than this many heartbeat periods has lost its worker."""
 
 
-class WorkerShutdown(BaseException):  # noqa: N818 - like SystemExit
+class WorkerShutdown(BaseException):  # a BaseException, like SystemExit
     """The worker process is stopping while a job runs: the job goes back to the queue."""
 
 
 def worker_name() -> str:
     """``hostname:pid`` of this process, recorded on the jobs it runs."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _sessions_for(settings: Settings) -> sessionmaker[Session]:
-    return make_sessionmaker(get_engine(settings))
 
 
 def stale_after_s(settings: Settings) -> float:
@@ -74,18 +70,18 @@ def requeue_if_stale(session: Session, job_id: str, older_than_s: float) -> bool
         .values(status=JobStatus.queued.value, worker=None, stage="requeued", heartbeat_at=None)
         .execution_options(synchronize_session=False)
     )
-    won = session.execute(statement).rowcount == 1
+    won = jobs.rows_matched(session.execute(statement)) == 1
     session.commit()
     return won
 
 
-def _fail_lost(session: Session, job: Job) -> bool:
-    """Fail a job whose worker was lost :data:`MAX_ATTEMPTS` times."""
+def fail_lost(session: Session, job_id: str, attempts: int) -> bool:
+    """Fail a job whose worker was lost ``attempts`` (:data:`MAX_ATTEMPTS` or more) times; False if already final."""
     return jobs.finish_job(
         session,
-        job.id,
+        job_id,
         JobStatus.failed,
-        error=f"the worker running this job was lost {job.attempts} times (killed or out of memory); "
+        error=f"the worker running this job was lost {attempts} times (killed or out of memory); "
         "resubmit it with smaller inputs, a smaller tile or batch size",
     )
 
@@ -99,13 +95,13 @@ def recover_stale_jobs(
     the returned ids (Celery) or simply lets its poll loop find them (embedded worker).
     """
     settings = settings or get_settings()
-    sessions = sessions or _sessions_for(settings)
+    sessions = sessions or get_sessionmaker(settings)
     older = stale_after_s(settings) if older_than_s is None else older_than_s
     requeued = []
     with sessions() as session:
         for job in jobs.stale_jobs(session, older):
             if job.attempts >= MAX_ATTEMPTS:
-                if _fail_lost(session, job):
+                if fail_lost(session, job.id, job.attempts):
                     log.error("job %s failed: worker lost %d times", job.id, job.attempts)
             elif requeue_if_stale(session, job.id, older):
                 log.warning("job %s: worker %s stopped beating; job requeued", job.id, job.worker)
@@ -158,7 +154,7 @@ def run_job(
     after the claim ends in a final status on the row.
     """
     settings = settings or get_settings()
-    sessions = _sessions_for(settings)
+    sessions = get_sessionmaker(settings)
     me = name or worker_name()
     with sessions() as session:
         try:
@@ -231,7 +227,7 @@ def _status_of(sessions: sessionmaker[Session], job_id: str) -> str:
 def install_shutdown_handler() -> None:
     """Make SIGTERM raise :class:`WorkerShutdown` in this process (the running job is requeued)."""
 
-    def _raise(signum: int, frame: Any) -> None:
+    def _raise(signum: int, _frame: Any) -> None:
         raise WorkerShutdown(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, _raise)

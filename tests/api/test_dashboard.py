@@ -138,6 +138,19 @@ def test_script_sends_the_job_options_the_schemas_accept() -> None:
     assert "{ gt_id: gt, pred_id: pred }" in script
 
 
+def test_job_forms_start_at_the_schemas_defaults() -> None:
+    from embedseg_service.records.schemas import EvaluateSpec, PredictSpec
+
+    html = (static_dir() / "index.html").read_text()
+    tta = re.search(r'<input type="checkbox" name="tta"[^>]*>', html).group(0)
+    assert ("checked" in tta) is PredictSpec.model_fields["tta"].default is True
+    # no thresholds typed in: the job takes the defaults of its volumes' dimensionality
+    thresholds = re.search(r'<input[^>]*name="thresholds"[^>]*>', html).group(0)
+    assert "value=" not in thresholds and EvaluateSpec.model_fields["thresholds"].default is None
+    script = (static_dir() / "dashboard.js").read_text()
+    assert 'thresholds: thresholds ? numbers(thresholds) : undefined' in script
+
+
 def test_upload_form_sends_the_fields_the_volume_route_reads() -> None:
     from embedseg_service.api.routes.volumes import FORM_FIELDS
 

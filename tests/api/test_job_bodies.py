@@ -148,7 +148,7 @@ def test_every_jobout_field_is_a_jobs_column() -> None:
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # a missing table: OperationalError on SQLite
-def test_a_database_error_answers_503_as_for_every_route(client, app, session, database_url) -> None:  # type: ignore[no-untyped-def]
+def test_a_database_error_answers_503_as_for_every_route(client, app, session) -> None:  # type: ignore[no-untyped-def]
     job_id = _new_job(session)
     assert client.get(f"{API}/jobs/{job_id}").status_code == 200
     session.close()

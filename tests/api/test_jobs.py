@@ -8,7 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from volume_files import tiff_bytes, upload
+from helpers import tiff_bytes, upload
 
 from embedseg_service.records import jobs
 from embedseg_service.records.orm import Job, JobStatus, Model
@@ -85,7 +85,7 @@ def test_predict_and_evaluate_jobs_are_queued(client, app, pair, model_id) -> No
     assert predict.json()["spec"]["tile"] == [32, 32] and predict.json()["spec"]["tta"] is True
     evaluate = client.post(f"{API}/jobs/evaluate", json={"pairs": [{"gt_id": mask, "pred_id": mask}]})
     assert evaluate.status_code == 202, evaluate.text
-    assert evaluate.json()["spec"]["thresholds"][0] == 0.5
+    assert evaluate.json()["spec"]["thresholds"] is None  # the job takes those of the volumes' dimensionality
     assert [job_id for job_id, _ in recorder.submitted] == [predict.json()["id"], evaluate.json()["id"]]
 
 
@@ -274,7 +274,7 @@ def test_evaluate_job_refusals(client, pair) -> None:
         assert response.json() == {"detail": detail}, body
 
 
-def test_unreachable_broker_answers_503_and_fails_the_job(settings, pair_in_broker_app) -> None:
+def test_unreachable_broker_answers_503_and_fails_the_job(pair_in_broker_app) -> None:
     client, image, mask, app = pair_in_broker_app
     response = client.post(f"{API}/jobs/evaluate", json={"pairs": [{"gt_id": mask, "pred_id": mask}]})
     assert response.status_code == 503

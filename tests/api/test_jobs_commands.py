@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from embedseg_service.api.commands import describe, redact
+from embedseg_service.api.commands import describe, local_worker_hooks, redact
 from embedseg_service.core.cli import build_parser, main
 from embedseg_service.records.settings import Settings
 
@@ -64,3 +64,22 @@ def test_worker_needs_a_broker(capsys) -> None:
     finally:
         set_settings(None)
     assert "set EMBEDSEG_BROKER_URL=redis://host:6379/0" in capsys.readouterr().err
+
+
+def test_serve_hooks_run_the_embedded_local_worker_as_the_dispatcher(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from embedseg_service.records.db import run_migrations
+    from embedseg_service.worker.local import LocalWorker
+
+    settings = Settings(_env_file=None, data_dir=tmp_path)
+    run_migrations(settings.database_url_resolved)
+    app = SimpleNamespace(state=SimpleNamespace())
+    (start,), (stop,) = local_worker_hooks(settings)
+    start(app)
+    worker = app.state.dispatcher
+    try:
+        assert isinstance(worker, LocalWorker) and worker.alive
+    finally:
+        stop(app)
+    assert not worker.alive

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tiff_bytes, upload
 from sqlalchemy import update
-from volume_files import tiff_bytes, upload
 
 from embedseg_service.core.data.io import read_tiff
 from embedseg_service.records import jobs
@@ -62,7 +62,7 @@ def _fake_handlers(outcome=None, error=None, calls=None):  # type: ignore[no-unt
             raise error
         return outcome(context) if outcome else JobOutcome(result={})
 
-    return {kind: handler for kind in JobKind}
+    return dict.fromkeys(JobKind, handler)
 
 
 # --------------------------------------------------------------------------- claim once, outcomes
@@ -89,7 +89,7 @@ def test_evaluate_job_runs_once_and_writes_its_ap_table(client, fast, evaluate_j
     assert again["worker"] == "host-a:1" and again["attempts"] == 1 and again["finished_at"] == body["finished_at"]
 
 
-def test_two_deliveries_racing_run_the_job_once(client, fast, evaluate_job) -> None:
+def test_two_deliveries_racing_run_the_job_once(fast, evaluate_job) -> None:
     job_id, _, _ = evaluate_job
     calls: list[str] = []
     barrier = threading.Barrier(2)
@@ -188,7 +188,7 @@ def test_cancel_while_running_stops_at_the_next_step(client, fast, evaluate_job)
 # --------------------------------------------------------------------------- progress
 
 
-def test_progress_is_throttled_and_the_heartbeat_beats(session, fast, evaluate_job, app) -> None:
+def test_progress_is_throttled_and_the_heartbeat_beats(session, evaluate_job, app) -> None:
     job_id, _, _ = evaluate_job
     assert jobs.claim_job(session, job_id, "me:1")
     now = [100.0]
@@ -310,7 +310,7 @@ def test_predict_job_writes_linked_label_volumes_and_scores_them(client, fast, t
     assert len(ap["ap"]) == len(ap["thresholds"]) == 9 and all(0.0 <= v <= 1.0 for v in ap["ap"])
 
 
-def test_predict_job_cancelled_before_a_volume_stops_without_outputs(client, session, fast, tiny_model) -> None:
+def test_predict_job_cancelled_before_a_volume_stops_without_outputs(client, fast, tiny_model) -> None:
     image = upload(client, tiff_bytes(np.zeros((32, 32), np.uint8))).json()["id"]
     job_id = client.post(f"{API}/jobs/predict", json={"model_id": tiny_model, "volume_ids": [image]}).json()["id"]
 
@@ -450,6 +450,59 @@ def test_predict_job_on_a_3d_volume_keeps_its_voxel_size(client, session, settin
     assert labels["voxel_size"] == pytest.approx([2.0, 0.5, 0.5])
     stored = read_tiff(io.BytesIO(client.get(f"{API}/volumes/{labels_id}/download").content))
     assert stored.voxel_size == pytest.approx((2.0, 0.5, 0.5))
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_predict_job_segments_with_tta_unless_asked_off(client, fast, tiny_model, monkeypatch) -> None:
+    from embedseg_service.core.model.checkpoint import TrainedModel
+
+    asked: list[bool] = []
+    segment = TrainedModel.segment
+
+    def recording(self, image, **options):  # type: ignore[no-untyped-def]
+        asked.append(options["tta"])
+        return segment(self, image, **options)
+
+    monkeypatch.setattr(TrainedModel, "segment", recording)
+    image = upload(client, tiff_bytes(np.zeros((32, 32), np.uint8))).json()["id"]
+    for body, tta in (({}, True), ({"tta": False}, False)):
+        job = client.post(f"{API}/jobs/predict", json={"model_id": tiny_model, "volume_ids": [image], **body}).json()
+        assert job["spec"]["tta"] is tta
+        assert run_job(job["id"], settings=fast) == "succeeded", client.get(f"{API}/jobs/{job['id']}").json()["error"]
+        assert client.get(f"{API}/jobs/{job['id']}").json()["metrics"]["tta"] is tta
+    assert asked == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "thresholds"),
+    [
+        ((48, 64), "YX", [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9]),
+        ((4, 48, 64), "ZYX", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]),
+    ],
+)
+def test_evaluate_job_without_thresholds_takes_those_of_its_dimensionality(client, fast, shape, axes,
+                                                                            thresholds) -> None:  # type: ignore[no-untyped-def]  # fmt: skip
+    labels = np.broadcast_to(_labels(), shape).copy()
+    gt = upload(client, tiff_bytes(labels), kind="labels", axes=axes).json()["id"]
+    job = client.post(f"{API}/jobs/evaluate", json={"pairs": [{"gt_id": gt, "pred_id": gt}]}).json()
+    assert job["spec"]["thresholds"] is None
+    assert run_job(job["id"], settings=fast) == "succeeded", client.get(f"{API}/jobs/{job['id']}").json()["error"]
+    metrics = client.get(f"{API}/jobs/{job['id']}").json()["metrics"]
+    assert metrics["ap"]["thresholds"] == pytest.approx(thresholds) and metrics["ap"]["ap"] == [1.0] * 9
+    assert metrics["pairs"][0]["thresholds"] == pytest.approx(thresholds)
+
+
+def test_evaluate_job_without_thresholds_refuses_2d_and_3d_pairs_together(client) -> None:
+    flat = upload(client, tiff_bytes(_labels()), kind="labels").json()["id"]
+    stack = upload(client, tiff_bytes(np.stack([_labels()] * 4)), kind="labels", axes="ZYX").json()["id"]
+    pairs = [{"gt_id": flat, "pred_id": flat}, {"gt_id": stack, "pred_id": stack}]
+    response = client.post(f"{API}/jobs/evaluate", json={"pairs": pairs})
+    assert response.status_code == 422
+    assert response.json() == {"detail": "thresholds: the pairs mix 2D and 3D volumes, whose default IoU thresholds "
+                                         "differ; give thresholds, or evaluate them in separate jobs"}  # fmt: skip
+    assert client.post(f"{API}/jobs/evaluate", json={"pairs": pairs, "thresholds": [0.5]}).status_code == 202
 
 
 # --------------------------------------------------------------------------- warnings

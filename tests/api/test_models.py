@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from volume_files import tiff_bytes, upload
+from helpers import tiff_bytes, upload
 
 from embedseg_service.api.checkpoints import CheckpointInvalid, read_checkpoint_summary
 from embedseg_service.core.model.checkpoint import save_checkpoint
@@ -102,11 +102,11 @@ def test_upload_without_a_config_records_dims_and_channels(client, tmp_path) -> 
 @pytest.mark.parametrize(
     ("make", "detail"),
     [
-        (lambda tmp: b"not a zip at all", "it is not a model file written by this service (not a torch zip archive)"),
-        (lambda tmp: zip_with_pickle(pickle.dumps({"a": 1}, protocol=2)),
+        (lambda _tmp: b"not a zip at all", "it is not a model file written by this service (not a torch zip archive)"),
+        (lambda _tmp: zip_with_pickle(pickle.dumps({"a": 1}, protocol=2)),
          "it is not a model file written by this service (no 'embedseg-service-model' format mark)"),
-        (lambda tmp: zip_with_pickle(EVAL_PICKLE), "it refers to builtins.eval, which a model file never contains"),
-        (lambda tmp: zip_with_pickle(b"\x80\x02garbage"), "its contents cannot be read (UnpicklingError)"),
+        (lambda _tmp: zip_with_pickle(EVAL_PICKLE), "it refers to builtins.eval, which a model file never contains"),
+        (lambda _tmp: zip_with_pickle(b"\x80\x02garbage"), "its contents cannot be read (UnpicklingError)"),
         (lambda tmp: torch_saved(tmp, {"format": "embedseg-service-model", "format_version": 99}),
          "it has format version 99; this service reads version 1"),
         (lambda tmp: checkpoint_bytes(tmp, step=[0.001]), "its embedding step [0.001] does not have 2 numbers"),

@@ -6,10 +6,10 @@ import pytest
 from pydantic import ValidationError
 
 from embedseg_service.api.errors import format_validation_errors
+from embedseg_service.core.data.center_mode import CenterMode
+from embedseg_service.core.training.config import TrainConfig, config_from_options, option_default
 from embedseg_service.records.schemas import (
-    DEFAULT_THRESHOLDS,
     SPEC_BY_KIND,
-    Center,
     EvaluateSpec,
     PredictSpec,
     TrainSpec,
@@ -34,8 +34,30 @@ def test_train_defaults() -> None:
     assert spec.volume_roles() == [("a", "image"), ("b", "mask")]
     full = TrainSpec(image_ids=["a"], mask_ids=["b"], val_image_ids=["c"], val_mask_ids=["d"], dims=3, crop_size=64,
                      center="centroid", voxel_size=[2, 0.5, 0.5], max_time_minutes=5)
-    assert full.center is Center.centroid
+    assert full.center is CenterMode.centroid
     assert full.volume_roles()[2:] == [("c", "val_image"), ("d", "val_mask")]
+
+
+def test_train_spec_takes_its_defaults_from_the_train_config() -> None:
+    spec = TrainSpec(image_ids=["a"], mask_ids=["b"])
+    options = spec.training_options()
+    assert set(options) == set(TrainSpec.model_fields) - {"image_ids", "mask_ids", "val_image_ids", "val_mask_ids",
+                                                          "name"}  # fmt: skip
+    for name, value in options.items():
+        if name == "dims":
+            assert value == 2  # the API's default dimensionality; the library has none
+        elif name == "val_fraction":
+            assert value is None  # unset, as it excludes validation volumes: the library's default applies
+        else:
+            assert value == option_default(name), name
+    # a default spec becomes the library's default configuration
+    assert config_from_options(options) == TrainConfig(spatial_dims=2)
+    full = TrainSpec(image_ids=["a"], mask_ids=["b"], dims=3, crop_size=64, center="centroid", voxel_size=[2, 0.5, 0.5],
+                     val_fraction=0.2, epochs=7, lr=1e-3, seed=3, amp=True, batch_size=4)  # fmt: skip
+    config = config_from_options(full.training_options())
+    assert config.to_dict() == {**TrainConfig(spatial_dims=3).to_dict(), "crop_size": [64, 64, 64],
+                                "center": "centroid", "voxel_size": [2.0, 0.5, 0.5], "val_fraction": 0.2,
+                                "epochs": 7, "lr": 1e-3, "seed": 3, "amp": True, "batch_size": 4}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -85,7 +107,7 @@ def test_predict_spec() -> None:
     spec = PredictSpec(model_id="m", volume_ids=["a", "b"], gt_ids=["c", "d"], tile=[64, 128])
     assert spec.volume_roles() == [("a", "input"), ("b", "input"), ("c", "gt"), ("d", "gt")]
     assert PredictSpec(model_id="m", volume_ids=["a"]).model_dump(mode="json") == {
-        "model_id": "m", "volume_ids": ["a"], "tta": False, "tile": "auto", "min_size": None, "gt_ids": None}
+        "model_id": "m", "volume_ids": ["a"], "tta": True, "tile": "auto", "min_size": None, "gt_ids": None}
     assert PredictSpec(model_id="m", volume_ids=["a"], min_size=0).min_size == 0
     assert message(PredictSpec, model_id="m", volume_ids=["a"], min_size=-5) == (
         "min_size: Input should be greater than or equal to 0")
@@ -103,7 +125,7 @@ def test_predict_spec() -> None:
 
 def test_evaluate_spec() -> None:
     spec = EvaluateSpec(pairs=[{"gt_id": "g", "pred_id": "p"}])
-    assert spec.thresholds == list(DEFAULT_THRESHOLDS)
+    assert spec.thresholds is None  # the defaults of the volumes' dimensionality, chosen when the job runs
     assert spec.volume_roles() == [("g", "gt"), ("p", "pred")]
     assert EvaluateSpec(pairs=[{"gt_id": "g", "pred_id": "p"}], thresholds=[0.75, 0.5, 0.5]).thresholds == [0.5, 0.75]
     assert message(EvaluateSpec, pairs=[{"gt_id": "g", "pred_id": "p"}], thresholds=[0]) == (

@@ -49,7 +49,7 @@ def test_statistics_are_the_average_over_whole_images_and_the_net_is_unchanged()
 
 
 def test_images_larger_than_memory_allows_are_calibrated_in_windows(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(calibration, "auto_tile_shape", lambda spatial, device=None: (16, 16))
+    monkeypatch.setattr(calibration, "auto_tile_shape", lambda *_args, **_kwargs: (16, 16))
     net = _net()
     image = np.random.default_rng(1).random((1, 40, 32), dtype=np.float32)
     calibrated = calibrate_batch_norm(net, [image], device=torch.device("cpu"), keep=0.0)

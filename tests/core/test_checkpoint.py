@@ -181,7 +181,7 @@ def test_segment_passes_the_tiling_on(monkeypatch: pytest.MonkeyPatch) -> None:
     sizes: list[object] = []
     radii: list[object] = []
 
-    def fake_segment(net, image, *, tile, min_size, max_radius, **kwargs):  # records what segment() receives
+    def fake_segment(_net, image, *, tile, min_size, max_radius, **_kwargs):  # records what segment() receives
         seen.append(tile)
         sizes.append(min_size)
         radii.append(max_radius)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from embedseg_service.core import cli
-from embedseg_service.core.data.io import read_tiff, write_labels, write_tiff
+from embedseg_service.core.data.io import read_tiff
 from embedseg_service.core.data.synthetic import random_labels, render_image
+from embedseg_service.core.data.tiff_write import write_labels, write_tiff
 from embedseg_service.core.model.checkpoint import load_model
 
 
@@ -92,6 +93,37 @@ def test_train_resume_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "2 epoch(s), completed" in out
     assert load_model(model, device="cpu").config["amp"] is True
+
+
+def test_train_options_reach_the_config_as_a_job_s_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from embedseg_service.core.training import train as train_module
+    from embedseg_service.core.training.config import TrainConfig
+
+    images, masks = _write_dataset(tmp_path, n=2, voxel=(0.5, 0.25))
+    configs: list[TrainConfig] = []
+
+    def no_training(_images, _masks, config, **_kwargs):  # type: ignore[no-untyped-def]
+        configs.append(config)
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(train_module, "train", no_training)
+    base = ["train", "--images", str(images), "--masks", str(masks), "--out", str(tmp_path / "m.pt")]
+    assert cli.main(base) == 2
+    # every default is the configuration's; the voxel size comes from the files
+    assert configs[-1] == TrainConfig(spatial_dims=2, voxel_size=(0.5, 0.25))
+    assert cli.main([*base, "--max-time", "2", "--center", "centroid", "--voxel-size", "1,1", "--crop-size", "64"]) == 2
+    assert configs[-1] == TrainConfig(spatial_dims=2, max_time_minutes=2.0, center="centroid", voxel_size=(1.0, 1.0),
+                                      crop_size=64)  # fmt: skip
+    assert cli.main([*base, "--voxel-size", "1,1,1"]) == 2
+    assert len(configs) == 2  # refused before a configuration is made
+
+
+def test_predict_uses_tta_unless_asked_off() -> None:
+    parser = cli.build_parser(with_plugins=False)
+    common = ["predict", "--model", "m.pt", "--out", "o", "x.tif"]
+    assert parser.parse_args(common).tta is True
+    assert parser.parse_args([*common, "--no-tta"]).tta is False
+    assert parser.parse_args(["evaluate", "a", "b"]).thresholds is None  # the defaults of the labels' dimensionality
 
 
 def _hand_built(folder: Path) -> tuple[Path, Path]:
@@ -199,7 +231,7 @@ def test_plugins_are_registered_and_a_broken_one_is_isolated(
     parser = cli.build_parser()
     assert {"train", "predict", "evaluate", "hello", "serve"} <= set(parser._subparsers._group_actions[0].choices)
 
-    def explode(group):
+    def explode(**_kwargs):
         raise RuntimeError("broken metadata")
 
     monkeypatch.setattr(metadata, "entry_points", explode)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from embedseg_service.core.data.synthetic import perfect_raw, random_labels
-from embedseg_service.core.inference.clustering import _cluster, _NumpyOps, _sigma_floor, _TorchOps, cluster
+from embedseg_service.core.inference.cluster_backends import NumpyOps, TorchOps
+from embedseg_service.core.inference.clustering import _cluster, _sigma_floor, cluster
 from embedseg_service.core.metrics import average_precision
 
 H = 1.0 / 1023.0
@@ -228,7 +229,7 @@ def test_max_radius_matches_the_procedure(dims, seed):
     np.testing.assert_array_equal(
         cluster(torch.from_numpy(raw), step=step, min_size=5, max_radius=limit, device="cpu"), expected
     )
-    ops = _TorchOps(torch.device("cpu"))
+    ops = TorchOps(torch.device("cpu"))
     data = torch.from_numpy(raw).reshape(raw.shape[0], -1)
     floor = _sigma_floor(limit, step)
     got = _cluster(ops, data, shape, step, 0.0, math.log(9.0), 5, 0, 0, floor)
@@ -248,8 +249,8 @@ def test_torch_path_equals_numpy_path(dims):
                       seed_background=-2.0, background_seed_noise=2.0, seed=4)
     spatial = labels.shape
     args = (spatial, step, 0.0, math.log(9.0), 10, 0, 0)
-    ours = _cluster(_NumpyOps(), raw.reshape(raw.shape[0], -1), *args)
-    via_torch = _cluster(_TorchOps(torch.device("cpu")), torch.from_numpy(raw).reshape(raw.shape[0], -1), *args)
+    ours = _cluster(NumpyOps(), raw.reshape(raw.shape[0], -1), *args)
+    via_torch = _cluster(TorchOps(torch.device("cpu")), torch.from_numpy(raw).reshape(raw.shape[0], -1), *args)
     assert ours.max() > 3
     np.testing.assert_array_equal(ours, via_torch)
     np.testing.assert_array_equal(ours.reshape(spatial), cluster(raw, step=step, min_size=10))

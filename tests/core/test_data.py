@@ -19,7 +19,7 @@ def load(data_dir, name, stem):
     return image, mask
 
 
-def test_split_by_image_is_seeded_and_keeps_both_sides(data_dir):
+def test_split_by_image_is_seeded_and_keeps_both_sides():
     images = [np.full((4, 4), i) for i in range(10)]
     masks = [np.full((4, 4), i, dtype=np.int32) for i in range(10)]
     (ti, tm), (vi, vm) = split_train_val(images, masks, val_fraction=0.15, seed=3)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from embedseg_service.core.data.io import inspect_tiff, label_dtype, read_tiff, stem, write_labels, write_tiff
+from embedseg_service.core.data.io import inspect_tiff, read_tiff, stem
+from embedseg_service.core.data.tiff_write import label_dtype, write_labels, write_tiff
 
 
 @pytest.mark.parametrize(
@@ -218,7 +219,7 @@ def test_write_refusals(tmp_path):
         write_labels(tmp_path / "a.tif", np.zeros((3, 4), np.float32))
     with pytest.raises(ValueError, match="labels must be >= 0"):
         write_labels(tmp_path / "a.tif", -np.ones((3, 4), np.int32))
-    with pytest.raises(ValueError, match="labels must be \\(Y, X\\) or \\(Z, Y, X\\)"):
+    with pytest.raises(ValueError, match="labels must be 2D \\(Y, X\\) or 3D \\(Z, Y, X\\)"):
         write_labels(tmp_path / "a.tif", np.zeros((2, 2, 3, 4), np.int32))
     with pytest.raises(ValueError, match="does not fit in 32 bits"):
         label_dtype(2**33)
@@ -229,7 +230,7 @@ def test_failed_write_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / "keep.tif"
     write_tiff(path, np.ones((3, 4), np.uint8), axes="YX")
 
-    def boom(*args, **kwargs):
+    def boom(*_args, **_kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(tifffile, "imwrite", boom)
@@ -252,5 +253,6 @@ def test_core_io_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, embedseg_service.core.data.io; sys.exit(1 if 'torch' in sys.modules else 0)"
+    modules = "embedseg_service.core.data.io, embedseg_service.core.data.tiff_write"
+    code = f"import sys, {modules}; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

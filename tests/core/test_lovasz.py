@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lovasz_oracle import textbook_lovasz
+from helpers import textbook_lovasz
 
 from embedseg_service.core.training.lovasz import (
     hinge_errors,

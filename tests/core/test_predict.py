@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from embedseg_service.core.inference.padding import crop_padding, pad_to_multiple
 from embedseg_service.core.inference.predict import predict_raw, prepare_image, segment
-from embedseg_service.core.inference.tiling import PredictionCancelled, crop_padding, pad_to_multiple
+from embedseg_service.core.inference.tiling import PredictionCancelled
 from embedseg_service.core.model.embedding import coordinate_map, step_for
 from embedseg_service.core.model.erfnet import BranchedERFNet
 
@@ -88,7 +89,7 @@ def test_tiles_and_tta_agree_with_whole_image_for_pointwise_model():
     tiled = predict_raw(model, image, device="cpu", tile=(16, 24), tta=True, tta_batch_size=3)
     np.testing.assert_allclose(tiled, whole, atol=1e-5)
     with pytest.raises(PredictionCancelled):
-        predict_raw(model, image, device="cpu", tile=(16, 16), progress=lambda done, total: False)
+        predict_raw(model, image, device="cpu", tile=(16, 16), progress=lambda _done, _total: False)
 
 
 def test_normalization_options():

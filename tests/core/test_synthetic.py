@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from baseline import otsu_labels
+from helpers import otsu_labels
 from scipy import ndimage
 
 from embedseg_service.core.data.io import read_tiff

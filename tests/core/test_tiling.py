@@ -6,18 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from embedseg_service.core.inference.padding import crop_padding, pad_to_multiple, padding_before, reflect_pad_end
 from embedseg_service.core.inference.predict import predict_raw
-from embedseg_service.core.inference.tiling import (
-    PredictionCancelled,
-    auto_tile_shape,
-    available_memory,
-    axis_starts,
-    crop_padding,
-    pad_to_multiple,
-    padding_before,
-    predict_tiled,
-    reflect_pad_end,
-)
+from embedseg_service.core.inference.tile_size import auto_tile_shape, available_memory, axis_starts
+from embedseg_service.core.inference.tiling import PredictionCancelled, predict_tiled
 from embedseg_service.core.model.erfnet import DECODE_HALO, ENCODE_HALO, BranchedERFNet
 
 
@@ -115,7 +107,7 @@ def test_progress_can_cancel():
     net = random_network(2)
     calls = []
 
-    def stop_after_two(done: int, total: int) -> bool:
+    def stop_after_two(done: int, _total: int) -> bool:
         calls.append(done)
         return done < 2
 
@@ -123,7 +115,7 @@ def test_progress_can_cancel():
         predict_tiled(net, np.zeros((1, 80, 80), np.float32), tile=(64, 64), device="cpu", progress=stop_after_two)
     assert calls == [1, 2]
 
-    def boom(done: int, total: int) -> None:
+    def boom(_done: int, _total: int) -> None:
         raise KeyboardInterrupt
 
     with torch.inference_mode(), pytest.raises(KeyboardInterrupt):

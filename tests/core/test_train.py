@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from embedseg_service.core.data.center_mode import CenterMode
 from embedseg_service.core.data.synthetic import random_labels, render_image
 from embedseg_service.core.model.checkpoint import load_checkpoint, load_model
-from embedseg_service.core.training.train import (
+from embedseg_service.core.training.batch import choose_batch
+from embedseg_service.core.training.budget import Budget, validation_due
+from embedseg_service.core.training.config import (
     SelectionMetric,
-    StopTraining,
     TrainConfig,
-    TrainProgress,
-    _replaces_best,
-    _selection_key,
-    _Validation,
-    _validation_due,
-    ap_tolerance,
-    choose_batch,
-    last_checkpoint_path,
-    train,
+    config_from_options,
+    option_default,
 )
+from embedseg_service.core.training.train import StopTraining, TrainProgress, last_checkpoint_path, train
+from embedseg_service.core.training.validation import Validation, ap_tolerance, replaces_best, selection_key
 
 
 @pytest.fixture(autouse=True)
@@ -48,10 +46,10 @@ def _data_3d(n: int = 2, shape: tuple[int, int, int] = (16, 32, 32)) -> tuple[li
 
 
 def _config(**overrides) -> TrainConfig:
-    values = dict(
-        spatial_dims=2, epochs=2, crop_size=32, batch_size=2, virtual_batch=2, samples_per_epoch=8,
-        device="cpu", seed=0,
-    )  # fmt: skip
+    values = {
+        "spatial_dims": 2, "epochs": 2, "crop_size": 32, "batch_size": 2, "virtual_batch": 2,
+        "samples_per_epoch": 8, "device": "cpu", "seed": 0,
+    }  # fmt: skip
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -92,17 +90,47 @@ def test_config_refuses_bad_values(field: str, value, message: str) -> None:
         TrainConfig(**kwargs)
 
 
-def test_config_round_trip_and_parsing() -> None:
+def test_config_keeps_the_given_values_and_derives_the_used_ones() -> None:
     config = TrainConfig(spatial_dims=3, crop_size=16, center="centroid", selection_metric="oracle_iou",
-                         voxel_size=(2, 1, 1))  # fmt: skip
-    assert config.crop_size == (16, 16, 16)
-    assert config.selection_metric is SelectionMetric.oracle_iou
-    data = config.to_dict()
-    assert data["center"] == "centroid" and data["crop_size"] == [16, 16, 16]
-    assert TrainConfig.from_dict(data) == config
+                         voxel_size=(2, 1, 1), epochs=3.0, random_crops=1, min_object_size=5.0)  # fmt: skip
+    assert (config.crop_size, config.center, config.voxel_size, config.epochs) == (16, "centroid", (2, 1, 1), 3.0)
+    resolved = config.resolved
+    assert resolved.crop_shape == (16, 16, 16) and resolved.center is CenterMode.centroid
+    assert resolved.selection_metric is SelectionMetric.oracle_iou
+    assert resolved.voxel_size == (2.0, 1.0, 1.0) and resolved.epochs == 3 and isinstance(resolved.epochs, int)
+    assert resolved.random_crops == 1.0 and resolved.min_object_size == 5 and resolved.foreground_weight is None
+    data = config.to_dict()  # what checkpoints store: the derived values
+    assert data["center"] == "centroid" and data["crop_size"] == [16, 16, 16] and data["voxel_size"] == [2.0, 1.0, 1.0]
+    assert data["selection_metric"] == "oracle_iou" and data["epochs"] == 3 and data["min_object_size"] == 5
+    assert TrainConfig.from_dict(data).to_dict() == data
     with pytest.raises(ValueError, match="unknown TrainConfig fields: colour"):
         TrainConfig.from_dict({**data, "colour": 1})
-    assert TrainConfig(spatial_dims=2, crop_size="64").crop_size == (64, 64)
+    assert TrainConfig(spatial_dims=2, crop_size="64").resolved.crop_shape == (64, 64)
+    assert TrainConfig(spatial_dims=2).resolved.crop_shape is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 4  # type: ignore[misc]
+
+
+def test_options_of_a_job_or_the_command_line_become_a_config() -> None:
+    config = config_from_options({"dims": 3, "epochs": 5, "center": CenterMode.centroid, "crop_size": 16,
+                                  "batch_size": None, "val_fraction": None, "in_channels": 2})  # fmt: skip
+    assert config == TrainConfig(spatial_dims=3, epochs=5, center=CenterMode.centroid, crop_size=16, in_channels=2)
+    assert config.val_fraction == option_default("val_fraction") and config.batch_size is None  # None: the default
+    # the data's voxel size where the options give none and it fits the dimensionality
+    assert config_from_options({"dims": 2}, data_voxel_size=(0.5, 0.25)).voxel_size == (0.5, 0.25)
+    assert config_from_options({"dims": 3}, data_voxel_size=(0.5, 0.25)).voxel_size is None
+    assert config_from_options({"dims": 2, "voxel_size": [1, 1]}, data_voxel_size=(0.5, 0.25)).voxel_size == [1, 1]
+    with pytest.raises(ValueError, match="unknown training option 'learning_rate'; valid options: amp, batch_size"):
+        config_from_options({"dims": 2, "learning_rate": 0.1})
+    with pytest.raises(ValueError, match="training option 'spatial_dims' is given twice"):
+        config_from_options({"dims": 2, "spatial_dims": 2})
+    with pytest.raises(ValueError, match="the training options need spatial_dims"):
+        config_from_options({"epochs": 2})
+    with pytest.raises(ValueError, match="unknown center mode 'middle'"):
+        config_from_options({"dims": 2, "center": "middle"})
+    assert option_default("center") is CenterMode.medoid and option_default("epochs") == 200
+    with pytest.raises(ValueError, match="the TrainConfig field spatial_dims has no default"):
+        option_default("dims")
 
 
 def test_choose_batch_keeps_an_effective_batch_of_16() -> None:
@@ -134,63 +162,79 @@ def test_choose_batch_on_the_cpu_bounds_the_voxels_of_a_3d_step() -> None:
 
 
 def test_selection_ignores_degenerate_states() -> None:
-    collapsed = _Validation(loss=0.5, oracle_iou=0.9, seed_max=0.4, ap=0.0, n_pred=0, n_gt=10)
+    collapsed = Validation(loss=0.5, oracle_iou=0.9, seed_max=0.4, ap=0.0, n_pred=0, n_gt=10)
     assert collapsed.degenerate()
-    assert _selection_key(SelectionMetric.oracle_iou, collapsed) is None
-    assert _selection_key(SelectionMetric.ap_dsb, collapsed) is None
-    assert _selection_key(SelectionMetric.mean_ap, collapsed) is None
-    weak_seeds = _Validation(loss=0.5, oracle_iou=0.8, seed_max=0.85)  # crops only: no seed reaches 0.9
-    assert weak_seeds.degenerate() and _selection_key(SelectionMetric.oracle_iou, weak_seeds) is None
-    good = _Validation(loss=0.5, oracle_iou=0.6, seed_max=0.99, ap=0.7, n_pred=9, n_gt=10)
-    better_iou = _Validation(loss=0.5, oracle_iou=0.7, seed_max=0.99, ap=0.6, n_pred=9, n_gt=10)
-    assert _selection_key(SelectionMetric.ap_dsb, good) > _selection_key(SelectionMetric.ap_dsb, better_iou)
-    assert _selection_key(SelectionMetric.oracle_iou, better_iou) > _selection_key(SelectionMetric.oracle_iou, good)
-    assert _selection_key(SelectionMetric.ap_dsb, _Validation(oracle_iou=0.9, seed_max=0.99)) is None  # no AP yet
-    assert _selection_key(SelectionMetric.mean_ap, _Validation(oracle_iou=0.9, seed_max=0.99)) is None
+    assert selection_key(SelectionMetric.oracle_iou, collapsed) is None
+    assert selection_key(SelectionMetric.ap_dsb, collapsed) is None
+    assert selection_key(SelectionMetric.mean_ap, collapsed) is None
+    weak_seeds = Validation(loss=0.5, oracle_iou=0.8, seed_max=0.85)  # crops only: no seed reaches 0.9
+    assert weak_seeds.degenerate() and selection_key(SelectionMetric.oracle_iou, weak_seeds) is None
+    good = Validation(loss=0.5, oracle_iou=0.6, seed_max=0.99, ap=0.7, n_pred=9, n_gt=10)
+    better_iou = Validation(loss=0.5, oracle_iou=0.7, seed_max=0.99, ap=0.6, n_pred=9, n_gt=10)
+    assert selection_key(SelectionMetric.ap_dsb, good) > selection_key(SelectionMetric.ap_dsb, better_iou)
+    assert selection_key(SelectionMetric.oracle_iou, better_iou) > selection_key(SelectionMetric.oracle_iou, good)
+    assert selection_key(SelectionMetric.ap_dsb, Validation(oracle_iou=0.9, seed_max=0.99)) is None  # no AP yet
+    assert selection_key(SelectionMetric.mean_ap, Validation(oracle_iou=0.9, seed_max=0.99)) is None
 
 
 def test_mean_ap_selection_prefers_precise_masks_over_one_more_match() -> None:
     # a state that matches one more object at IoU 0.5 but draws looser masks loses to the precise one
-    lucky = _Validation(loss=0.5, oracle_iou=0.8, seed_max=0.99, ap=0.97, mean_ap=0.80, n_pred=187, n_gt=187)
-    precise = _Validation(loss=0.5, oracle_iou=0.8, seed_max=0.99, ap=0.95, mean_ap=0.85, n_pred=187, n_gt=187)
+    lucky = Validation(loss=0.5, oracle_iou=0.8, seed_max=0.99, ap=0.97, mean_ap=0.80, n_pred=187, n_gt=187)
+    precise = Validation(loss=0.5, oracle_iou=0.8, seed_max=0.99, ap=0.95, mean_ap=0.85, n_pred=187, n_gt=187)
     metric = SelectionMetric.mean_ap
     assert TrainConfig(spatial_dims=2).selection_metric is metric
-    assert _selection_key(metric, precise) > _selection_key(metric, lucky)
-    assert _selection_key(SelectionMetric.ap_dsb, lucky) > _selection_key(SelectionMetric.ap_dsb, precise)
-    key = _selection_key(metric, lucky)
-    assert key is not None and not _replaces_best(metric, key, _selection_key(metric, precise),
-                                                  _selection_key(metric, precise), 187)  # fmt: skip
+    assert selection_key(metric, precise) > selection_key(metric, lucky)
+    assert selection_key(SelectionMetric.ap_dsb, lucky) > selection_key(SelectionMetric.ap_dsb, precise)
+    key = selection_key(metric, lucky)
+    assert key is not None and not replaces_best(metric, key, selection_key(metric, precise),
+                                                  selection_key(metric, precise), 187)  # fmt: skip
 
 
 def test_ap_selection_keeps_the_latest_state_within_noise_of_the_best() -> None:
     ap = SelectionMetric.ap_dsb
     assert ap_tolerance(15) == pytest.approx(0.1) and ap_tolerance(300) == pytest.approx(0.005)
     assert ap_tolerance(0) == 0.0
-    assert _replaces_best(ap, (0.5, 0.1), None, None, 15)
+    assert replaces_best(ap, (0.5, 0.1), None, None, 15)
     # 15 validation objects: 0.63 after a best of 0.72 is within one object's worth -> the later state wins
-    assert _replaces_best(ap, (0.63, 0.5), (0.72, 0.6), (0.72, 0.6), 15)
-    assert not _replaces_best(ap, (0.60, 0.9), (0.72, 0.6), (0.72, 0.6), 15)
+    assert replaces_best(ap, (0.63, 0.5), (0.72, 0.6), (0.72, 0.6), 15)
+    assert not replaces_best(ap, (0.60, 0.9), (0.72, 0.6), (0.72, 0.6), 15)
     # the tolerance is measured from the best AP ever seen, so it cannot drift down step by step
-    assert not _replaces_best(ap, (0.64, 0.5), (0.66, 0.6), (0.75, 0.6), 15)
+    assert not replaces_best(ap, (0.64, 0.5), (0.66, 0.6), (0.75, 0.6), 15)
     # many validation objects: plain maximum
-    assert not _replaces_best(ap, (0.71, 0.9), (0.72, 0.6), (0.72, 0.6), 1000)
+    assert not replaces_best(ap, (0.71, 0.9), (0.72, 0.6), (0.72, 0.6), 1000)
     iou = SelectionMetric.oracle_iou
-    assert _replaces_best(iou, (0.8, 0.1), (0.7, 0.9), (0.7, 0.9), 15)
-    assert not _replaces_best(iou, (0.69, 0.9), (0.7, 0.1), (0.7, 0.1), 15)
+    assert replaces_best(iou, (0.8, 0.1), (0.7, 0.9), (0.7, 0.9), 15)
+    assert not replaces_best(iou, (0.69, 0.9), (0.7, 0.1), (0.7, 0.1), 15)
 
 
 def test_validation_cadence() -> None:
-    import time
-
-    config = _config(epochs=10, val_every=2)
-    now = time.monotonic()
-    assert [_validation_due(e, config, None, now, 1.0) for e in (1, 2, 3, 4, 10)] == [False, True, False, True, True]
-    every = _config(epochs=10)
+    assert [validation_due(e, 10, 2, None, 0.0, 1.0) for e in (1, 2, 3, 4, 10)] == [False, True, False, True, True]
     # under a budget: not before the training since the last validation lasted 4 times that validation
-    assert not _validation_due(3, every, 60.0, now - 3.0, 1.0)
-    assert _validation_due(3, every, 60.0, now - 5.0, 1.0)
-    assert _validation_due(3, every, 60.0, now, None)  # never validated yet
-    assert _validation_due(10, every, 60.0, now, 1.0)  # the last epoch always
+    assert not validation_due(3, 10, 1, 60.0, 3.0, 1.0)
+    assert validation_due(3, 10, 1, 60.0, 5.0, 1.0)
+    assert validation_due(3, 10, 1, 60.0, 0.0, None)  # never validated yet
+    assert validation_due(10, 10, 1, 60.0, 0.0, 1.0)  # the last epoch always
+
+
+def test_budget_reads_its_clock() -> None:
+    now = [100.0]
+    budget = Budget(lambda: now[0], t_start=100.0, budget_s=60.0, epochs=10)
+    now[0] = 130.0
+    assert budget.elapsed() == 30.0
+    assert budget.fraction_done(2.0) == 0.5  # the budget's half beats the epochs' fifth
+    assert budget.lr_factor(2) == pytest.approx(0.5**0.9)
+    assert budget.eta(2.0, 0) == 30.0  # eight epochs at this pace would take longer than the budget left
+    assert not budget.out_of_time()  # 30 s + the 2 % reserve for a first validation
+    budget.validated(t0=125.0, with_images=True)  # a validation of 5 s
+    assert budget.val_seconds == 5.0 and budget.last_val_time == 130.0
+    now[0] = 149.0
+    assert not budget.validation_due(4, 1)  # 19 s of training since: less than 4 validations' worth
+    now[0] = 150.0
+    assert budget.validation_due(4, 1)
+    now[0] = 153.5
+    assert not budget.out_of_time(epoch_t0=150.0, steps=4)  # 53.5 s + a validation of 5 s + a step of 0.875 s
+    now[0] = 154.0
+    assert budget.out_of_time(epoch_t0=150.0, steps=4)  # 54 s + 5 s + 1 s: the budget is spent
 
 
 def test_last_checkpoint_path() -> None:
@@ -294,6 +338,27 @@ def test_time_budget_stops_cleanly_and_keeps_the_best(tmp_path: Path) -> None:
     assert result.elapsed_s < 6.0 + 60.0  # the budget plus a generous allowance for a loaded machine
     assert load_model(result.model_path, device="cpu").epoch == result.best_epoch
     assert load_checkpoint(result.last_path)["epoch"] == result.epochs_completed
+
+
+def test_time_budget_follows_the_given_clock(tmp_path: Path) -> None:
+    images, masks = _data_2d()
+    now = [0.0]
+
+    def one_second_per_step(info: TrainProgress) -> None:
+        if info.step > 0:
+            now[0] += 1.0
+
+    config = _config(epochs=10_000, max_time_minutes=0.2)  # 12 s of this clock; 2 steps per epoch
+    result = train(images, masks, config, out_path=tmp_path / "m.pt", progress=one_second_per_step,
+                   clock=lambda: now[0])  # fmt: skip
+    # epoch 5 starts at 10 s; after its first step one more step would end at the budget (12 s)
+    assert result.stopped == "time_budget" and result.epochs_completed == 5 and now[0] == 11.0
+    assert result.elapsed_s == 11.0
+    epochs = [h for h in result.history if "loss" in h]
+    assert [h["seconds"] for h in epochs] == [2.0] * 5
+    assert [h["elapsed_s"] for h in epochs] == [2.0, 4.0, 6.0, 8.0, 10.0]
+    # the learning rate decays with the budget's elapsed fraction, not with the 10 000 epochs
+    assert [h["lr"] for h in epochs] == pytest.approx([5e-4 * (1 - 2 * e / 12) ** 0.9 for e in range(5)])
 
 
 def test_best_checkpoint_has_the_best_validation_ap(tmp_path: Path) -> None:

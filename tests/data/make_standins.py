@@ -36,8 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from embedseg_service.core.data.io import read_tiff, write_labels, write_tiff  # noqa: E402
+from embedseg_service.core.data.io import read_tiff  # noqa: E402
 from embedseg_service.core.data.synthetic import anisotropic_nuclei_stack  # noqa: E402
+from embedseg_service.core.data.tiff_write import write_labels, write_tiff  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CELLS3D_SET = "nuclei3d_cells3d_fewslice"

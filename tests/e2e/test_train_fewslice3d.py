@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from baseline import otsu_labels, smallest_object
+from helpers import otsu_labels, smallest_object
 
 from embedseg_service.core.data.io import read_tiff
 from embedseg_service.core.metrics import average_precision, default_thresholds
@@ -26,7 +26,7 @@ from embedseg_service.core.model.checkpoint import load_model
 from embedseg_service.core.training.train import TrainConfig, train
 
 EPOCHS = 16
-"""16 epochs of 10 optimiser steps (4 crops of 8 x 112 x 112 each): about 4 minutes on 2 CPU cores."""
+"""16 epochs of 10 optimiser steps (4 crops of 8 x 112 x 112 each); run time in ``benchmarks/RESULTS.md``."""
 VOXEL_SIZE = (1.0, 0.2, 0.2)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from baseline import baseline_ap, smallest_object
+from helpers import baseline_ap, smallest_object
 
 from embedseg_service.core.data.io import read_tiff
 from embedseg_service.core.metrics import average_precision
@@ -35,7 +35,8 @@ TTA_TOLERANCE = 0.05  # test-time augmentation must not cost more than about one
 
 
 @pytest.mark.slow
-def test_train_on_top_segment_bottom(data_dir: Path, tmp_path: Path, one_torch_thread: None) -> None:
+@pytest.mark.usefixtures("one_torch_thread")
+def test_train_on_top_segment_bottom(data_dir: Path, tmp_path: Path) -> None:
     name = "dsb2018_img2d.tif"
     image = read_tiff(data_dir / "nuclei2d_dsb" / "images" / name).data
     mask = read_tiff(data_dir / "nuclei2d_dsb" / "masks" / name).data

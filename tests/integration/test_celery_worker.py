@@ -2,30 +2,34 @@
 
 The API (in-process test client) sends ``embedseg.run_job`` by name to a queue of its own; an
 embedded Celery worker (``celery.contrib.testing.worker.start_worker``) consumes it. Checked:
-a predict job and a short train job run to success; the same job message delivered twice runs
-once; a running train job is cancelled between steps.
+a predict job with a trained model (the session's ``dsb_model``, uploaded as a model file) and a
+short train job run to success; the same job message delivered twice runs once; a running train
+job is cancelled between steps.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-import sqlalchemy as sa
-from celery.contrib.testing.worker import start_worker
 from celery.signals import task_postrun
+from helpers import (
+    API,
+    REDIS_URL,
+    celery_worker,
+    finished,
+    production_services_problem,
+    production_settings,
+    wait_job,
+)
 
 from embedseg_service.api.app import create_app
 from embedseg_service.core.data.io import read_tiff
-from embedseg_service.records.db import dispose_engines, make_engine, run_migrations
-from embedseg_service.records.orm import Model
 from embedseg_service.records.settings import Settings
-from embedseg_service.records.storage import LocalStorage
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -33,57 +37,16 @@ with warnings.catch_warnings():
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
-API = "/api/v1"
-POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-REDIS = "redis://127.0.0.1:6379/15"
 DATA = Path(__file__).resolve().parents[1] / "data" / "nuclei2d_dsb"
-
-
-def _services_up() -> str | None:
-    try:
-        redis.Redis.from_url(REDIS, socket_connect_timeout=2).ping()
-    except redis.RedisError:
-        return "Redis is not reachable at 127.0.0.1:6379"
-    try:
-        engine = make_engine(POSTGRES)
-        with engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
-        engine.dispose()
-    except sa.exc.OperationalError:
-        return "PostgreSQL is not reachable at 127.0.0.1:5432 (database test)"
-    return None
 
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    problem = _services_up()
+    problem = production_services_problem()
     if problem:
         pytest.skip(problem)
-    schema = f"celery_{uuid.uuid4().hex[:12]}"
-    admin = make_engine(POSTGRES)
-    with admin.begin() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    url = f"{POSTGRES}?options=-csearch_path%3D{schema}"
-    run_migrations(url)
-    root = tmp_path_factory.mktemp("celery")
-    queue = f"gpu-test-{uuid.uuid4().hex[:8]}"
-    try:
-        yield Settings(
-            _env_file=None,
-            data_dir=root,
-            database_url=url,
-            broker_url=REDIS,
-            storage_dir=root / "storage",
-            gpu_queue=queue,
-            progress_throttle_s=0.2,
-            heartbeat_s=0.5,
-        )
-    finally:
-        dispose_engines()
-        redis.Redis.from_url(REDIS).delete(queue)
-        with admin.begin() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
+    with production_settings(tmp_path_factory.mktemp("celery")) as values:
+        yield values
 
 
 @pytest.fixture(scope="module")
@@ -101,34 +64,15 @@ def deliveries() -> Iterator[list[tuple[str, str]]]:
 
 
 @pytest.fixture(scope="module")
-def worker(settings: Settings, deliveries):  # type: ignore[no-untyped-def]
-    from embedseg_service.worker.celery_app import create_celery
-
-    app = create_celery(settings)
-    with start_worker(app, pool="solo", concurrency=1, perform_ping_check=False, queues=[settings.gpu_queue],
-                      shutdown_timeout=60):
+def worker(settings: Settings, deliveries):  # type: ignore[no-untyped-def]  # noqa: ARG001 - recording before it starts
+    with celery_worker(settings) as app:
         yield app
 
 
 @pytest.fixture(scope="module")
-def client(settings: Settings, worker) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+def client(settings: Settings, worker) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]  # noqa: ARG001 - a running worker
     with TestClient(create_app(settings, migrate=False)) as test_client:
         yield test_client
-
-
-def wait_for(client: TestClient, job_id: str, done, timeout: float = 300.0) -> dict:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        body = client.get(f"{API}/jobs/{job_id}").json()
-        if done(body):
-            return body
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} did not get there in {timeout} s: {body}")
-        time.sleep(0.2)
-
-
-def finished(body: dict) -> bool:
-    return body["status"] in ("succeeded", "failed", "cancelled")
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +80,7 @@ def volumes(client: TestClient) -> dict[str, str]:
     """A 256 x 256 corner of the real nuclei image and its mask, uploaded."""
     image = read_tiff(DATA / "images" / "dsb2018_img2d.tif").data[:256, :256]
     mask = read_tiff(DATA / "masks" / "dsb2018_img2d.tif").data[:256, :256]
-    from embedseg_service.core.data.io import write_tiff
+    from embedseg_service.core.data.tiff_write import write_tiff
 
     ids = {}
     for name, data, kind in (("image", image, "image"), ("mask", mask, "labels")):
@@ -149,33 +93,27 @@ def volumes(client: TestClient) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def untrained_model(client: TestClient, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> str:
-    from embedseg_service.core.model.checkpoint import build_network, save_checkpoint
-
-    path = save_checkpoint(tmp_path_factory.mktemp("model") / "net.pt", {
-        "state_dict": build_network(2, 1).state_dict(), "spatial_dims": 2, "in_channels": 1,
-        "step": [1 / 1023, 1 / 1023], "config": {"in_channels": 1}, "properties": {"min_object_size": 9},
-    })
-    LocalStorage(settings.storage_path).put_file("models/untrained.pt", path)
-    with client.app.state.sessionmaker() as session:
-        model = Model(name="untrained", spatial_dims=2, config={"in_channels": 1}, storage_key="models/untrained.pt",
-                      size_bytes=path.stat().st_size)
-        session.add(model)
-        session.commit()
-        return model.id
+def trained_model(client: TestClient, dsb_model: Path) -> str:
+    """The session's ``dsb_model`` (trained on the top rows of the DSB image), uploaded as a model file."""
+    response = client.post(f"{API}/models", files={"file": ("dsb.pt", dsb_model.read_bytes())}, data={"name": "dsb"})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
 
 
-def test_predict_job_runs_on_the_celery_worker(client, volumes, untrained_model, deliveries) -> None:
-    response = client.post(f"{API}/jobs/predict", json={"model_id": untrained_model, "volume_ids": [volumes["image"]],
-                                                        "gt_ids": [volumes["mask"]], "tile": [128, 128]})
+@pytest.mark.slow  # the session's trained model
+def test_predict_job_runs_on_the_celery_worker(client, volumes, trained_model, deliveries) -> None:
+    response = client.post(f"{API}/jobs/predict", json={"model_id": trained_model, "volume_ids": [volumes["image"]],
+                                                        "gt_ids": [volumes["mask"]], "tta": False, "tile": [128, 128]})
     assert response.status_code == 202, response.text
-    job = wait_for(client, response.json()["id"], finished, timeout=180)
+    job = wait_job(client, response.json()["id"], timeout=180)
     assert job["status"] == "succeeded", job["error"]
     assert job["worker"] and ":" in job["worker"]
     (labels_id,) = job["result"]["label_volume_ids"]
     labels = client.get(f"{API}/volumes/{labels_id}").json()
     assert labels["shape"] == [256, 256] and labels["source_job_id"] == job["id"]
-    assert len(job["metrics"]["ap"]["ap"]) == 9
+    (volume,) = job["metrics"]["volumes"]
+    assert volume["n_objects"] > 0 and len(job["metrics"]["ap"]["ap"]) == len(job["metrics"]["ap"]["thresholds"])
+    assert job["metrics"]["ap"]["ap"][0] > 0  # a trained model matches some of the annotated nuclei
     assert (job["id"], "succeeded") in deliveries
 
 
@@ -197,7 +135,7 @@ def test_the_same_job_message_delivered_twice_runs_once(client, settings, worker
     body = client.get(f"{API}/jobs/{job.id}").json()
     assert body["status"] == "succeeded" and body["attempts"] == 1
     assert body["metrics"]["ap"]["ap"][0] == 1.0
-    assert redis.Redis.from_url(REDIS).llen(settings.gpu_queue) == 0
+    assert redis.Redis.from_url(REDIS_URL).llen(settings.gpu_queue) == 0
 
 
 @pytest.mark.slow
@@ -207,7 +145,7 @@ def test_short_train_job_registers_a_model(client, volumes) -> None:
         "batch_size": 4, "max_time_minutes": 0.5, "name": "celery-trained",
     })
     assert response.status_code == 202, response.text
-    job = wait_for(client, response.json()["id"], finished, timeout=400)
+    job = wait_job(client, response.json()["id"], finished, timeout=400)
     assert job["status"] == "succeeded", job["error"]
     model = client.get(f"{API}/models/{job['result']['model_id']}").json()
     assert model["name"] == "celery-trained" and model["source_job_id"] == job["id"]
@@ -224,11 +162,11 @@ def test_cancel_stops_a_running_train_job(client, volumes) -> None:
         "batch_size": 2, "max_time_minutes": 20,
     })
     job_id = response.json()["id"]
-    wait_for(client, job_id, lambda b: b["status"] == "running" and (b["stage"] or "").startswith("training epoch"),
+    wait_job(client, job_id, lambda b: b["status"] == "running" and (b["stage"] or "").startswith("training epoch"),
              timeout=240)
     cancel = client.post(f"{API}/jobs/{job_id}/cancel")
     assert cancel.status_code == 200 and cancel.json()["cancel_requested"] is True
-    job = wait_for(client, job_id, finished, timeout=240)
+    job = wait_job(client, job_id, finished, timeout=240)
     assert job["status"] == "cancelled" and job["error"] == "cancelled on request"
     assert job["result"] is None
     assert all(m["source_job_id"] != job_id for m in client.get(f"{API}/models").json()["items"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from sqlalchemy import func, select
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-CREATED = {
+CREATED: dict[int | str, dict[str, Any]] = {
     202: {"description": "Job queued; `Location` is its URL", "headers": {"Location": {"schema": {"type": "string"}}}},
     404: {"description": "A referenced volume or model does not exist"},
     422: {"description": "Invalid spec, or volumes of the wrong kind, dimensionality or shape"},
@@ -43,14 +43,6 @@ def get_dispatcher(request: Request) -> Dispatcher:
 
 
 # --------------------------------------------------------------------------- checks
-
-
-def _spatial(volume: Volume) -> list[int]:
-    return list(volume.shape[1:] if volume.axes.startswith("C") else volume.shape)
-
-
-def _channels(volume: Volume) -> int:
-    return int(volume.shape[0]) if volume.axes.startswith("C") else 1
 
 
 def _fetch(session: Session, ids: Sequence[str], field: str) -> list[Volume]:
@@ -80,17 +72,17 @@ def _require_kind(rows: Sequence[Volume], kind: VolumeKind, field: str) -> None:
 
 def _require_dims(rows: Sequence[Volume], dims: int, field: str, what: str) -> None:
     for row in rows:
-        n = len(_spatial(row))
+        n = len(row.spatial_shape)
         if n != dims:
             raise _unprocessable(f"{field}: volume {row.id} is {n}D but {what} is {dims}D")
 
 
 def _require_same_shape(images: Sequence[Volume], masks: Sequence[Volume], field: str, what: str) -> None:
     for image, mask in zip(images, masks):
-        if _spatial(image) != _spatial(mask):
+        if image.spatial_shape != mask.spatial_shape:
             raise _unprocessable(
-                f"{field}: {what} {mask.id} has shape {_spatial(mask)} but volume {image.id} has {_spatial(image)}; "
-                "give the mask of the same image, in the same order"
+                f"{field}: {what} {mask.id} has shape {mask.spatial_shape} but volume {image.id} has "
+                f"{image.spatial_shape}; give the mask of the same image, in the same order"
             )
 
 
@@ -112,7 +104,7 @@ def _check_train(session: Session, spec: TrainSpec, settings: Settings) -> None:
     _require_dims(val_images, spec.dims, "val_image_ids", what)
     _require_same_shape(images, masks, "mask_ids", "mask")
     _require_same_shape(val_images, val_masks, "val_mask_ids", "mask")
-    channels = {_channels(row) for row in images + val_images}
+    channels = {row.n_channels for row in images + val_images}
     if len(channels) > 1:
         raise _unprocessable(
             f"image_ids: the images have different channel counts {sorted(channels)}; give images with one layout"
@@ -129,9 +121,9 @@ def _check_predict(session: Session, spec: PredictSpec) -> None:
     in_channels = (model.config or {}).get("in_channels")
     if isinstance(in_channels, int):
         for row in volumes:
-            if _channels(row) != in_channels:
+            if row.n_channels != in_channels:
                 raise _unprocessable(
-                    f"volume_ids: volume {row.id} has {_channels(row)} channel(s) but model {model.id} "
+                    f"volume_ids: volume {row.id} has {row.n_channels} channel(s) but model {model.id} "
                     f"expects {in_channels}"
                 )
     if isinstance(spec.tile, list) and len(spec.tile) != model.spatial_dims:
@@ -150,11 +142,16 @@ def _check_evaluate(session: Session, spec: EvaluateSpec) -> None:
     _require_kind(gts, VolumeKind.labels, "pairs.gt_id")
     _require_kind(preds, VolumeKind.labels, "pairs.pred_id")
     for index, (gt, pred) in enumerate(zip(gts, preds)):
-        if _spatial(gt) != _spatial(pred):
+        if gt.spatial_shape != pred.spatial_shape:
             raise _unprocessable(
-                f"pairs.{index}: ground truth {gt.id} has shape {_spatial(gt)} but prediction {pred.id} "
-                f"has {_spatial(pred)}"
+                f"pairs.{index}: ground truth {gt.id} has shape {gt.spatial_shape} but prediction {pred.id} "
+                f"has {pred.spatial_shape}"
             )
+    if spec.thresholds is None and len({len(gt.spatial_shape) for gt in gts}) > 1:
+        raise _unprocessable(
+            "thresholds: the pairs mix 2D and 3D volumes, whose default IoU thresholds differ; "
+            "give thresholds, or evaluate them in separate jobs"
+        )
 
 
 # --------------------------------------------------------------------------- create

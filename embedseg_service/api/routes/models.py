@@ -13,10 +13,9 @@ from starlette.concurrency import run_in_threadpool
 
 from embedseg_service.api.checkpoints import CheckpointInvalid, read_checkpoint_summary
 from embedseg_service.api.deps import ModelDep, SessionDep, SettingsDep, StorageDep
-from embedseg_service.api.routes.removal import remove_unless_in_use
 from embedseg_service.api.uploads import UploadRejected, receive_upload
-from embedseg_service.records.jobs import active_jobs_using_model
 from embedseg_service.records.orm import Model, new_id
+from embedseg_service.records.removal import delete_unless_in_use
 from embedseg_service.records.schemas import ModelOut, Page
 from embedseg_service.records.storage import model_key
 
@@ -147,5 +146,5 @@ async def upload_model(
     responses={404: {}, 409: {"description": "Used by a queued or running job"}},
 )
 def delete_model(model: ModelDep, session: SessionDep, storage: StorageDep) -> Response:
-    users = active_jobs_using_model(session, model.id)
-    return remove_unless_in_use(session, storage, model, noun="Model", users=users)
+    delete_unless_in_use(session, storage, model)
+    return Response(status_code=204)

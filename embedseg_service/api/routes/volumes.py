@@ -16,11 +16,11 @@ from starlette.requests import ClientDisconnect
 
 from embedseg_service.api.deps import SessionDep, SettingsDep, StorageDep, VolumeDep
 from embedseg_service.api.preview import Projection, render_preview
-from embedseg_service.api.routes.removal import remove_unless_in_use
 from embedseg_service.api.uploads import UploadRejected, receive_upload
-from embedseg_service.core.data.io import inspect_tiff, read_tiff, write_tiff
-from embedseg_service.records.jobs import active_jobs_using_volume
+from embedseg_service.core.data.io import inspect_tiff, read_tiff
+from embedseg_service.core.data.tiff_write import write_tiff
 from embedseg_service.records.orm import Volume, VolumeKind, new_id
+from embedseg_service.records.removal import delete_unless_in_use
 from embedseg_service.records.schemas import Page, VolumeOut, parse_voxel_size
 from embedseg_service.records.storage import Storage, volume_key
 
@@ -116,24 +116,23 @@ def _validate_and_store(
                 raise UploadRejected(422, f"a label image must hold integers (0 = background), got {dtype}")
             if "C" in info.axes:
                 raise UploadRejected(422, f"a label image has no channel axis, got axes {info.axes}")
-        spatial_dims = len(info.axes.replace("C", ""))
+        spatial_dims = info.spatial_dims
         if voxel_size is not None and len(voxel_size) != spatial_dims:
             raise UploadRejected(
                 422, f"voxel_size has {len(voxel_size)} values but the volume has {spatial_dims} spatial axes "
                 f"({info.axes.replace('C', '')})"
             )
         voxel = voxel_size if voxel_size is not None else (list(info.voxel_size) if info.voxel_size else None)
-        spatial_shape = list(info.shape[1:] if info.axes.startswith("C") else info.shape)
+        spatial_shape = list(info.spatial_shape)
         if image_id is not None:
             if kind != VolumeKind.labels.value:
                 raise UploadRejected(422, "image_id links a label image to its image; send it with kind=labels")
             image = session.get(Volume, image_id)
             if image is None:
                 raise UploadRejected(422, f"image_id: Volume {image_id} not found")
-            image_spatial = image.shape[1:] if image.axes.startswith("C") else image.shape
-            if list(image_spatial) != spatial_shape:
+            if image.spatial_shape != spatial_shape:
                 raise UploadRejected(
-                    422, f"image_id: the labels' shape {spatial_shape} differs from the image's {list(image_spatial)}"
+                    422, f"image_id: the labels' shape {spatial_shape} differs from the image's {image.spatial_shape}"
                 )
         key = volume_key(volume_id)
         if axes is not None and _needs_rewrite(pending.temp_path, info):
@@ -289,8 +288,8 @@ def download_volume(volume: VolumeDep, storage: StorageDep) -> FileResponse:
 @router.delete("/{volume_id}", status_code=204, summary="Delete a volume not used by a queued or running job",
                responses={404: {}, 409: {"description": "Used by a queued or running job"}})
 def delete_volume(volume: VolumeDep, session: SessionDep, storage: StorageDep) -> Response:
-    users = active_jobs_using_volume(session, volume.id)
-    return remove_unless_in_use(session, storage, volume, noun="Volume", users=users)
+    delete_unless_in_use(session, storage, volume)
+    return Response(status_code=204)
 
 
 def _latest_prediction(session: Session, volume_id: str) -> Volume | None:

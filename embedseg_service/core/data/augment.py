@@ -1,4 +1,4 @@
-"""Axis-aligned training augmentation (method.md §9): rot90 in YX × Y flip (× Z flip in 3D).
+"""Axis-aligned training augmentation (docs/method.md §9): rot90 in YX × Y flip (× Z flip in 3D).
 
 A :class:`Transform` acts on arrays whose last ``D`` axes are spatial (any leading axes, e.g.
 channels, are left alone) and on points in array-order pixel coordinates, so that an image,

@@ -1,4 +1,4 @@
-"""Object centres of a label image (method.md §5).
+"""Object centres of a label image (docs/method.md §5).
 
 Centres are returned in **array order** pixel index coordinates (``(y, x)`` or ``(z, y, x)``),
 as float64. Distances used to pick a medoid are physical: the Z axis of a 3D image is scaled
@@ -25,7 +25,8 @@ from scipy import fft as sfft
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from embedseg_service.core.options import Option
+from embedseg_service.core.data.center_mode import CenterMode
+from embedseg_service.core.data.labels import check_label_image
 
 EXACT_MEDOID_MAX_PIXELS = 20_000
 MEDOID_CANDIDATES = 4_096
@@ -36,18 +37,6 @@ _FFT_RTOL = 1e-4  # candidates within this of the (float32) FFT minimum are re-s
 _BLOCK_ELEMENTS = 1 << 21  # distances held at once while summing (16 MiB of float64)
 _TIE_RTOL = 1e-12
 _MAX_DENSE_IDS = 1 << 24  # above this largest id, ids are compacted before find_objects
-
-
-class CenterMode(Option):
-    """How the centre of an object is chosen."""
-
-    medoid = "medoid"
-    approximate_medoid = "approximate_medoid"
-    centroid = "centroid"
-
-    @classmethod
-    def option_name(cls) -> str:
-        return "center mode"
 
 
 def _first_minimum(scores: np.ndarray) -> int:
@@ -159,19 +148,6 @@ def center_of_points(
     return values[medoid(values * scale)].copy()
 
 
-def _check_labels(labels: np.ndarray) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.dtype == bool:
-        labels = labels.astype(np.int32)
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be an integer array, got dtype {labels.dtype}")
-    if labels.ndim not in (2, 3):
-        raise ValueError(f"labels must be 2D (Y, X) or 3D (Z, Y, X), got shape {labels.shape}")
-    if labels.size and labels.min() < 0:
-        raise ValueError("labels must be >= 0 (0 = background)")
-    return labels
-
-
 def object_centers(
     labels: np.ndarray,
     mode: CenterMode | str = CenterMode.medoid,
@@ -188,7 +164,7 @@ def object_centers(
         ``ids`` int64 (K,) ascending and ``centers`` float64 (K, D), array-order pixel coordinates.
     """
     mode = CenterMode.parse(mode)
-    labels = _check_labels(labels)
+    labels = check_label_image(labels)
     dims = labels.ndim
     _physical_scale(dims, anisotropy)
     if labels.size == 0:

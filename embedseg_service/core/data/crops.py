@@ -1,4 +1,4 @@
-"""Object-centred crop windows (method.md §5).
+"""Object-centred crop windows (docs/method.md §5).
 
 A :class:`CropWindow` is a position, not a copy: one window per object, centred on the object's
 centroid and shifted to lie inside the image. Along an axis where the image is shorter than the

@@ -1,4 +1,4 @@
-"""Intensity normalisation (method.md §8).
+"""Intensity normalisation (docs/method.md §8).
 
 * ``percentile`` (default): ``(x - P_low) / (P_high - P_low)`` per image and channel, no clipping.
   Robust to a camera offset (uint16 data that never reaches 0) and to a few hot pixels.
@@ -26,10 +26,6 @@ class NormalizationMode(Option):
     percentile = "percentile"
     meanstd = "meanstd"
     none = "none"
-
-    @classmethod
-    def option_name(cls) -> str:
-        return "normalization mode"
 
 
 def _check_percentiles(p_low: float, p_high: float) -> None:

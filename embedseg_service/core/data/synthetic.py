@@ -18,8 +18,9 @@ RadiusRange = tuple[float, float] | Sequence[tuple[float, float]]
 
 def _radius_ranges(radius: RadiusRange, dims: int) -> list[tuple[float, float]]:
     """Per-axis (min, max) semi-axis ranges in array order."""
-    if len(radius) == 2 and all(isinstance(r, (int, float)) for r in radius):
-        pairs = [(float(radius[0]), float(radius[1]))] * dims
+    numbers = [r for r in radius if isinstance(r, (int, float))]
+    if len(radius) == 2 and len(numbers) == 2:
+        pairs = [(float(numbers[0]), float(numbers[1]))] * dims
     else:
         pairs = [(float(lo), float(hi)) for lo, hi in radius]  # type: ignore[misc]
         if len(pairs) != dims:

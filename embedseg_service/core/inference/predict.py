@@ -1,4 +1,4 @@
-"""Prediction: raw network outputs for a whole image or volume, and instance labels (method.md §7, §11.3).
+"""Prediction: raw network outputs for a whole image or volume, and instance labels (docs/method.md §7, §11.3).
 
 :func:`predict_raw` runs the network in eval mode without gradients, block by block with the
 outputs of the whole image (:mod:`embedseg_service.core.inference.tiling`), optionally with test-time augmentation

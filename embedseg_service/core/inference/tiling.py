@@ -1,4 +1,4 @@
-"""Memory-bounded prediction whose raw outputs do not depend on the tile size (method.md §11.3).
+"""Memory-bounded prediction whose raw outputs do not depend on the tile size (docs/method.md §11.3).
 
 The network is run in three stages (:class:`NetworkStages`): a local encoder from the full-resolution
 image down to a grid of cells (8 pixels per axis for the ERF-Net), a context stage on that cell grid
@@ -25,7 +25,6 @@ activations at full resolution.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
@@ -35,14 +34,11 @@ import numpy as np
 import torch
 
 from embedseg_service.core.device import resolve_device
+from embedseg_service.core.inference.padding import SIZE_MULTIPLE, crop_padding, pad_to_multiple
+from embedseg_service.core.inference.tile_size import BYTES_PER_VOXEL, checked_tile_shape
 
-SIZE_MULTIPLE = 8
-BYTES_PER_VOXEL = {2: 400, 3: 256}
-"""Measured inference memory of the network per input voxel and batch item (float32), with margin."""
-MIN_AUTO_TILE = 32
 MIN_BLOCK = 64
 """Smallest block side (pixels) of a tiled prediction: a smaller one would spend most of its work on halos."""
-MAX_AUTO_VOXELS = 1 << 24
 
 Progress = Callable[[int, int], "bool | None"]
 """Called as ``progress(tiles_done, tiles_total)`` after each tile; returning ``False`` cancels."""
@@ -50,158 +46,6 @@ Progress = Callable[[int, int], "bool | None"]
 
 class PredictionCancelled(RuntimeError):
     """Raised when a progress callback asks to stop."""
-
-
-def round_up(n: int, multiple: int = SIZE_MULTIPLE) -> int:
-    """Smallest multiple of ``multiple`` that is ``>= n``."""
-    return -(-int(n) // multiple) * multiple
-
-
-def reflect_pad_end(x: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
-    """Pad the spatial axes of ``x`` ``(B, C, *S)`` at their end up to ``target`` by mirroring.
-
-    Pads longer than an axis mirror repeatedly (like ``numpy.pad(mode="reflect")``); a size-1 axis
-    is repeated.
-    """
-    spatial = x.dim() - 2
-    if len(target) != spatial:
-        raise ValueError(f"target needs {spatial} sizes, got {tuple(target)}")
-    for axis in range(spatial):
-        dim = 2 + axis
-        while x.shape[dim] < target[axis]:
-            size = x.shape[dim]
-            if size == 1:
-                x = torch.cat([x] * int(target[axis]), dim=dim)
-                break
-            step = min(target[axis] - size, size - 1)
-            mirrored = torch.flip(x.narrow(dim, size - 1 - step, step), dims=(dim,))
-            x = torch.cat([x, mirrored], dim=dim)
-    return x
-
-
-def padding_before(spatial: Sequence[int], multiple: int = SIZE_MULTIPLE) -> tuple[int, ...]:
-    """Pixels that :func:`pad_to_multiple` adds before the image on each axis: half the padding
-    (rounded down), the rest goes after it."""
-    return tuple((round_up(n, multiple) - int(n)) // 2 for n in spatial)
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
-    """Reflect-pad the spatial axes of ``(B, C, *S)`` to multiples of ``multiple``, centring the image.
-
-    Training crops of an image shorter than the crop (a 5-slice stack under 8-slice crops) hold it
-    centred between mirrored slices (:mod:`embedseg_service.core.data.crops`); the network learns that layout, so a
-    whole image is padded the same way. :func:`crop_padding` takes the image's part of an output back.
-    """
-    spatial = x.shape[2:]
-    before = padding_before(spatial, multiple)
-    flipped = tuple(range(2, x.dim()))
-    x = torch.flip(reflect_pad_end(torch.flip(x, flipped), [n + b for n, b in zip(spatial, before)]), flipped)
-    return reflect_pad_end(x, [round_up(n, multiple) for n in spatial])
-
-
-def crop_padding(y: np.ndarray, spatial: Sequence[int], multiple: int = SIZE_MULTIPLE) -> np.ndarray:
-    """The part of ``y`` ``(C, *P)``, computed on :func:`pad_to_multiple`'s output, that covers the
-    image ``spatial`` (a view)."""
-    before = padding_before(spatial, multiple)
-    return y[(slice(None), *(slice(b, b + int(n)) for b, n in zip(before, spatial)))]
-
-
-def available_memory(device: torch.device | str | None = None) -> int:
-    """Free memory in bytes of ``device``: CUDA free memory, or the RAM available on the host."""
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
-
-
-def auto_tile_shape(
-    spatial_shape: Sequence[int],
-    *,
-    device: torch.device | str | None = None,
-    batch: int = 1,
-    memory_fraction: float = 0.5,
-    free_bytes: int | None = None,
-) -> tuple[int, ...]:
-    """A tile shape (multiples of 8, or whole axes) whose inference fits the device's free memory.
-
-    ``batch`` is the number of tile-sized images run at once (the TTA chunk size). The tile is
-    as close to a cube as the volume allows and never larger than needed to cover the volume.
-    """
-    dims = len(spatial_shape)
-    if dims not in (2, 3):
-        raise ValueError(f"expected 2 or 3 spatial sizes, got {tuple(spatial_shape)}")
-    free = available_memory(device) if free_bytes is None else int(free_bytes)
-    max_voxels = min(MAX_AUTO_VOXELS, free * memory_fraction / (BYTES_PER_VOXEL[dims] * max(1, batch)))
-    full = [round_up(n) for n in spatial_shape]
-    if math.prod(full) <= max_voxels:
-        return tuple(int(n) for n in spatial_shape)
-    free_axes = list(range(dims))
-    fixed = 1.0
-    tile = [0] * dims
-    while True:
-        side = (max_voxels / fixed) ** (1.0 / len(free_axes))
-        small = [a for a in free_axes if full[a] <= side]
-        if not small:
-            break
-        for a in small:
-            tile[a] = int(spatial_shape[a])
-            fixed *= full[a]
-            free_axes.remove(a)
-    side_int = max(MIN_AUTO_TILE, int(side) // SIZE_MULTIPLE * SIZE_MULTIPLE)
-    for a in free_axes:
-        tile[a] = min(int(spatial_shape[a]), side_int)
-    return tuple(tile)
-
-
-def axis_starts(size: int, tile: int, overlap: float) -> list[int]:
-    """Start indices of the windows along one axis, all multiples of :data:`SIZE_MULTIPLE`.
-
-    The network downsamples by 8, so a window that starts elsewhere would see the image on another
-    sampling grid than the whole image does, and its outputs would differ everywhere, not only near
-    its borders. Consecutive windows overlap by at least ``overlap`` of the tile; the last window
-    reaches the end of the axis and may run past it by less than 8 (that part is reflect-padded,
-    as the whole image is).
-    """
-    if tile >= size:
-        return [0]
-    step = SIZE_MULTIPLE if tile % SIZE_MULTIPLE == 0 else 1
-    stride = max(step, (tile - int(round(overlap * tile))) // step * step)
-    starts = list(range(0, size - tile, stride))
-    last = -(-(size - tile) // step) * step
-    if last > starts[-1]:
-        starts.append(last)
-    return starts
-
-
-def _tile_shape(
-    spatial: Sequence[int], tile: Sequence[int] | str | None, batch: int, device: torch.device
-) -> list[int]:
-    dims = len(spatial)
-    if tile is None:
-        return list(spatial)
-    if isinstance(tile, str):
-        if tile != "auto":
-            raise ValueError(f"tile must be 'auto', None or {dims} sizes, got {tile!r}")
-        tile = auto_tile_shape(spatial, device=device, batch=batch)
-    tile = [int(t) for t in tile]
-    if len(tile) != dims:
-        raise ValueError(f"tile needs {dims} sizes (one per spatial axis, array order), got {tuple(tile)}")
-    if any(t < 1 for t in tile):
-        raise ValueError(f"tile sizes must be positive, got {tuple(tile)}")
-    # a tile is a multiple of 8 unless it spans the whole axis (then it is padded like a whole image)
-    return [min(round_up(t), n) for t, n in zip(tile, spatial)]
-
 
 
 Module = Callable[[torch.Tensor], torch.Tensor]
@@ -255,6 +99,11 @@ def _within(inner: Region, outer: Region, scale: int = 1) -> Region:
     return tuple(slice((i.start - o.start) * scale, (i.stop - o.start) * scale) for i, o in zip(inner, outer))
 
 
+def _all_of_batch(region: Region) -> tuple[slice, ...]:
+    """Index of the spatial ``region`` in every image and channel of a ``(B, C, *S)`` tensor."""
+    return (slice(None), slice(None), *region)
+
+
 def _pixels(region: Region, scale: int) -> Region:
     return tuple(slice(r.start * scale, r.stop * scale) for r in region)
 
@@ -292,10 +141,10 @@ class _Staged:
         assembled: torch.Tensor | None = None
         for region in regions:
             outer = _grow(region, st.encode_halo, cells)
-            part = self._run(st.encode, x[(slice(None), slice(None), *_pixels(outer, st.cell))])
+            part = self._run(st.encode, x[_all_of_batch(_pixels(outer, st.cell))])
             if assembled is None:
                 assembled = part.new_empty((*part.shape[:2], *cells))
-            assembled[(slice(None), slice(None), *region)] = part[(slice(None), slice(None), *_within(region, outer))]
+            assembled[_all_of_batch(region)] = part[_all_of_batch(_within(region, outer))]
             del part
             self.tick()
         assert assembled is not None
@@ -305,8 +154,8 @@ class _Staged:
         """Raw outputs ``(B, C_out, *region pixels)`` of the cells ``region`` of a context grid."""
         st = self.stages
         outer = _grow(region, st.decode_halo, grid.shape[2:])
-        out = self._run(st.decode, grid[(slice(None), slice(None), *outer)])
-        return out[(slice(None), slice(None), *_within(region, outer, st.cell))]
+        out = self._run(st.decode, grid[_all_of_batch(outer)])
+        return out[_all_of_batch(_within(region, outer, st.cell))]
 
 
 def _transformed_region(transform: Any, region: Region, cells: Sequence[int]) -> Region:
@@ -332,7 +181,8 @@ def _store(output: np.ndarray | None, y: torch.Tensor, region: Region, cell: int
         if all(t.start == 0 and t.stop == n for t, n in zip(target, spatial)):  # one block: no copy
             return np.ascontiguousarray(y[index].cpu().numpy())
         output = np.empty((y.shape[0], *spatial), dtype=np.float32)
-    output[(slice(None), *target)] = y[index].cpu().numpy()
+    channels_at: tuple[slice, ...] = (slice(None), *target)
+    output[channels_at] = y[index].cpu().numpy()
     return output
 
 
@@ -426,7 +276,7 @@ def predict_tiled(
         extra = combine_bytes_per_voxel(len(spatial), options.get("combine", TTACombine.median))
         batch = int(options.get("batch_size", DEFAULT_BATCH)) + math.ceil(extra / BYTES_PER_VOXEL[len(spatial)])
     stages = network_stages(net)
-    tile_shape = _tile_shape(spatial, tile, batch, dev)
+    tile_shape = checked_tile_shape(spatial, tile, batch, dev)
     chunk = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
     x = pad_to_multiple(chunk.to(device=dev, dtype=torch.float32).unsqueeze(0))
     if SIZE_MULTIPLE % stages.cell:

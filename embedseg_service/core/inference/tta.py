@@ -1,4 +1,4 @@
-"""Test-time augmentation: 8 transforms in 2D, 16 in 3D (method.md §7).
+"""Test-time augmentation: 8 transforms in 2D, 16 in 3D (docs/method.md §7).
 
 A transform rotates by ``k`` quarter turns in the (Y, X) plane (``torch.rot90`` over the last
 two axes, the same as ``numpy.rot90``), then optionally flips Y, then (3D) optionally flips Z;
@@ -8,19 +8,13 @@ channels are permuted (never negated) and the seed logit is left as it is.
 
 The passes are combined on raw outputs. By default (:attr:`TTACombine.median`) every channel is
 the per-pixel median over the passes (offsets and sigma before ``tanh`` and ``exp``): a pass
-that places an object's centre or bandwidth far off on some pixels cannot drag the result (a
-model trained for 15 CPU-minutes on BBBC007 cells scored AP0.5 0.80 without TTA, 0.43 with
-averaged offsets and sigma, 0.87 with their median). Inside the median's foreground the seed
-map is then rescaled so that its local maxima (5 pixels per axis) are as high as the median of
-the passes' own local maxima there: seed peaks that the passes place on neighbouring pixels keep
-their height instead of falling under the seed threshold (the reference's plain mean,
-:attr:`TTACombine.mean`, loses such objects), one confident pass alone does not make a seed,
-and passes that agree exactly give their common map unchanged. Measured AP0.5 without → with TTA
-on five trained 2D models (three BBBC007, two DSB): 0.885 → 0.901, 0.800 → 0.866, 0.898 → 0.911,
-0.464 → 0.684, 0.714 → 0.750 (measured with the lower of the two middle values as the median of the
-8 passes; their mean, now used, moved AP0.5 with TTA on four other models, same weights: 0.905 →
-0.912, 0.921 → 0.936, 0.937 → 0.935 on BBBC007 and 0.703 → 0.757 on DSB, mean AP unchanged on
-average). :attr:`TTACombine.rescaled_mean` (the previous default) and
+that places an object's centre or bandwidth far off on some pixels cannot drag the result. Inside
+the median's foreground the seed map is then rescaled so that its local maxima (5 pixels per axis)
+are as high as the median of the passes' own local maxima there: seed peaks that the passes place
+on neighbouring pixels keep their height instead of falling under the seed threshold (the
+reference's plain mean, :attr:`TTACombine.mean`, loses such objects), one confident pass alone does
+not make a seed, and passes that agree exactly give their common map unchanged (docs/method.md §7;
+measured effects in ``benchmarks/RESULTS.md``). :attr:`TTACombine.rescaled_mean` and
 :attr:`TTACombine.max_in_foreground` average offsets and sigma and differ in the seed rule.
 """
 
@@ -40,7 +34,7 @@ DEFAULT_BATCH = 8
 """Transformed images run through the network at once."""
 CPU_BATCH_VOXELS = 1 << 20
 """On the CPU a batch holds at most this many voxels (at least one image): large volumes run one at a
-time (64x256x256 with 16-fold TTA on two cores: 38.6 s one at a time, 43.9 s four at a time)."""
+time, which is faster there than several per call (``benchmarks/RESULTS.md``)."""
 LOCAL_MAX_WINDOW = 5
 """Side of the neighbourhood (pixels per axis) over which seed peaks are compared."""
 _PROBABILITY_EPS = 1e-6
@@ -300,8 +294,8 @@ def _median(values: torch.Tensor) -> torch.Tensor:
     """Median over dim 0; for an even count the mean of the two middle values (``torch.median``
     returns the lower one, which would bias every channel downwards where the passes disagree).
 
-    The even case sorts blocks of pixels with the passes on the last, contiguous axis: 2.3× faster on
-    the CPU than two ``kthvalue`` calls over dim 0 (identical values)."""
+    The even case sorts blocks of pixels with the passes on the last, contiguous axis, which gives the
+    values of two ``kthvalue`` calls over dim 0 at less cost on the CPU."""
     n = values.shape[0]
     if n % 2:
         return values.median(dim=0).values

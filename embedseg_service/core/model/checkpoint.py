@@ -1,4 +1,4 @@
-"""Self-contained model files (method.md §9).
+"""Self-contained model files (docs/method.md §9).
 
 A checkpoint is one file written by :func:`torch.save` holding a plain dict: the network
 weights, the optimiser state (for resuming), the epoch, the full training configuration,
@@ -25,13 +25,15 @@ import numpy as np
 import torch
 
 from embedseg_service.core.device import resolve_device
+from embedseg_service.core.inference.defaults import DEFAULT_TTA
+from embedseg_service.core.model.checkpoint_format import (
+    FORMAT_KEY,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    REQUIRED_KEYS,
+    VERSION_KEY,
+)
 from embedseg_service.core.model.embedding import normalize_step
-
-FORMAT_NAME = "embedseg-service-model"
-"""Value of the ``format`` key that marks a file as ours."""
-
-FORMAT_VERSION = 1
-"""Version of the checkpoint layout; files of another version are refused."""
 
 DEFAULT_MIN_OBJECT_SIZE = 36
 
@@ -71,8 +73,8 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = dict(_to_cpu(dict(payload)))
-    data["format"] = FORMAT_NAME
-    data["format_version"] = FORMAT_VERSION
+    data[FORMAT_KEY] = FORMAT_NAME
+    data[VERSION_KEY] = FORMAT_VERSION
     data.setdefault("versions", library_versions())
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -104,15 +106,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as exc:  # torch raises many types for a foreign or corrupt file
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path} is not an EmbedSeg model file (cannot read it as a checkpoint: {reason})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+    if not isinstance(data, dict) or data.get(FORMAT_KEY) != FORMAT_NAME:
         raise ValueError(f"{path} is not an EmbedSeg model file (no {FORMAT_NAME!r} format mark)")
-    version = data.get("format_version")
+    version = data.get(VERSION_KEY)
     if version != FORMAT_VERSION:
         raise ValueError(
             f"{path} is an EmbedSeg model file of format version {version!r}; this version reads "
             f"version {FORMAT_VERSION} only (retrain, or use the release that wrote it)"
         )
-    for key in ("state_dict", "spatial_dims", "in_channels", "step"):
+    for key in REQUIRED_KEYS:
         if key not in data:
             raise ValueError(f"{path} is an incomplete EmbedSeg model file (missing {key!r})")
     return data
@@ -144,14 +146,16 @@ class TrainedModel:
     def normalization(self) -> Any:
         """:class:`embedseg_service.core.data.normalization.NormalizationSettings` the training images were normalised
         with."""
-        from embedseg_service.core.data.normalization import NormalizationSettings
+        from embedseg_service.core.data.normalization import NormalizationMode, NormalizationSettings
 
         props = self.properties
         value = props.get("normalization")
         if isinstance(value, Mapping):
             return NormalizationSettings.from_dict(dict(value))
         return NormalizationSettings(
-            mode=value or "percentile", p_low=float(props.get("p_low", 1.0)), p_high=float(props.get("p_high", 99.8))
+            mode=NormalizationMode.parse(value or "percentile"),
+            p_low=float(props.get("p_low", 1.0)),
+            p_high=float(props.get("p_high", 99.8)),
         )
 
     @property
@@ -203,7 +207,7 @@ class TrainedModel:
         self,
         image: np.ndarray,
         *,
-        tta: bool = True,
+        tta: bool = DEFAULT_TTA,
         tile: str | Sequence[int] | None = "auto",
         device: str | torch.device | None = None,
         progress: Callable[..., Any] | None = None,

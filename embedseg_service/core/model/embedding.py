@@ -1,4 +1,4 @@
-"""Coordinate map and pixel embeddings (method.md §3).
+"""Coordinate map and pixel embeddings (docs/method.md §3).
 
 The embedding of pixel i is ``e_i = tanh(o_i) + c(i)`` where ``c(i)_a = index_a(i) * h_a``.
 ``h`` (the *step*) is the embedding length of one pixel step per axis.

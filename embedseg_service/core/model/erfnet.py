@@ -1,4 +1,4 @@
-"""Branched ERF-Net for 2D images and 3D volumes (method.md §1–2).
+"""Branched ERF-Net for 2D images and 3D volumes (docs/method.md §1–2).
 
 One shared encoder and two decoders: the first emits ``D`` offsets and ``D`` sigmas, the second
 the seed logit; their outputs are concatenated in that order, giving ``2*D + 1`` raw channels
@@ -106,11 +106,17 @@ class BranchedERFNet(nn.Module):
     def init_output(self) -> None:
         """Offsets weight 0 / bias 0; sigma weight 0 / bias 1 (λ = e¹⁰ at the start of training)."""
         d = self.spatial_dims
-        conv = self.decoders[0].output_conv  # transposed conv: weight is (in, out, *k)
+        decoder = self.decoders[0]
+        if not isinstance(decoder, Decoder):  # nn.ModuleList does not keep the element type
+            raise TypeError(f"the first decoder is a {type(decoder).__name__}")
+        conv = decoder.output_conv  # transposed conv: weight is (in, out, *k)
+        bias = conv.bias
+        if bias is None:
+            raise ValueError("the output convolution has no bias")
         with torch.no_grad():
             conv.weight.zero_()
-            conv.bias[:d].fill_(0.0)
-            conv.bias[d : 2 * d].fill_(1.0)
+            bias[:d].fill_(0.0)
+            bias[d : 2 * d].fill_(1.0)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` unless ``x`` is ``(B, in_channels, *S)`` with every size a multiple of 8."""

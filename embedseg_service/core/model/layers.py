@@ -1,4 +1,4 @@
-"""Building blocks of the ERF-Net in 2D and 3D, chosen by ``spatial_dims`` (method.md §2).
+"""Building blocks of the ERF-Net in 2D and 3D, chosen by ``spatial_dims`` (docs/method.md §2).
 
 Every factory takes ``spatial_dims`` (2 or 3) and returns the matching torch layer, so one
 network definition serves images ``(B, C, Y, X)`` and volumes ``(B, C, Z, Y, X)``.
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 BN_EPS = 1e-3
 
@@ -23,17 +25,17 @@ def _check_dims(spatial_dims: int) -> int:
     return spatial_dims
 
 
-def conv_layer(spatial_dims: int) -> type[nn.Module]:
+def conv_layer(spatial_dims: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
     """``nn.Conv2d`` or ``nn.Conv3d``."""
     return (nn.Conv2d, nn.Conv3d)[_check_dims(spatial_dims) - 2]
 
 
-def conv_transpose_layer(spatial_dims: int) -> type[nn.Module]:
+def conv_transpose_layer(spatial_dims: int) -> type[nn.ConvTranspose2d] | type[nn.ConvTranspose3d]:
     """``nn.ConvTranspose2d`` or ``nn.ConvTranspose3d``."""
     return (nn.ConvTranspose2d, nn.ConvTranspose3d)[_check_dims(spatial_dims) - 2]
 
 
-def batch_norm(spatial_dims: int, channels: int) -> nn.Module:
+def batch_norm(spatial_dims: int, channels: int) -> _BatchNorm:
     """Batch normalisation with ``eps = 1e-3``."""
     return (nn.BatchNorm2d, nn.BatchNorm3d)[_check_dims(spatial_dims) - 2](channels, eps=BN_EPS)
 
@@ -53,7 +55,7 @@ class _AxisConv3d(nn.Conv3d):
 
     Along Z the volume is a ``(Z, Y·X)`` image, along X a ``(Z·Y, X)`` one; a length-3 kernel on one axis
     never reaches across the merged axes, so the result is the 3D convolution's. The CPU's 2D kernels
-    are several times faster than its 3D ones on these shapes (``benchmarks/bench_train_step.py``).
+    are faster than its 3D ones on these shapes (``benchmarks/RESULTS.md``).
     """
 
     def __init__(self, channels: int, axis: int, dilation: int) -> None:
@@ -77,40 +79,56 @@ class _AxisConv3d(nn.Conv3d):
         return out.view(b, -1, z, y, xs)
 
 
-def axis_conv(spatial_dims: int, channels: int, axis: int, dilation: int = 1) -> nn.Module:
+def axis_conv(spatial_dims: int, channels: int, axis: int, dilation: int = 1) -> nn.Conv2d | nn.Conv3d:
     """A length-3 convolution along one spatial ``axis`` (0 = first spatial axis), size preserving."""
-    if _check_dims(spatial_dims) == 3:
+    if axis not in range(_check_dims(spatial_dims)):
+        raise ValueError(f"axis must be a spatial axis (0 to {spatial_dims - 1}), got {axis!r}")
+    if spatial_dims == 3:
         return _AxisConv3d(channels, axis, dilation)
-    kernel = [1] * spatial_dims
-    padding = [0] * spatial_dims
-    dil = [1] * spatial_dims
-    kernel[axis] = 3
-    padding[axis] = dilation
-    dil[axis] = dilation
-    return conv_layer(spatial_dims)(
-        channels, channels, tuple(kernel), stride=1, padding=tuple(padding), dilation=tuple(dil), bias=True
+
+    def along(value: int, other: int) -> tuple[int, int]:
+        return (value if axis == 0 else other, value if axis == 1 else other)
+
+    return nn.Conv2d(
+        channels, channels, along(3, 1), stride=1, padding=along(dilation, 0), dilation=along(dilation, 1), bias=True
     )
 
 
-def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def _bn_scale_shift(bn: _BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel ``(scale, shift)`` with ``bn(x) == x * scale + shift`` in eval mode."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None:
+        raise ValueError("a batch norm without running statistics cannot be folded into a convolution")
+    scale = bn.weight / torch.sqrt(var + bn.eps)
+    return scale, bn.bias - mean * scale
 
 
-def conv_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """``bn(conv(x))``; in eval mode as one convolution with the batch norm folded into it."""
+def _folded(conv: _ConvNd, scale: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``conv`` followed by ``x * scale + shift`` per output channel."""
+    view = [1] * conv.weight.dim()
+    view[1 if conv.transposed else 0] = -1
+    weight = conv.weight * scale.view(view)
+    bias = shift if conv.bias is None else conv.bias * scale + shift
+    return weight, bias
+
+
+def conv_bn(conv: nn.Module, bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """``bn(conv(x))``; in eval mode as one convolution with the batch norm folded into it.
+
+    ``conv`` is a ``Conv2d``/``Conv3d`` or ``ConvTranspose2d``/``ConvTranspose3d``.
+    """
     if bn.training or bn.running_mean is None:
         return bn(conv(x))
     scale, shift = _bn_scale_shift(bn)
-    transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
-    view = [1] * conv.weight.dim()
-    view[1 if transposed else 0] = -1
-    weight = conv.weight * scale.view(view)
-    bias = shift if conv.bias is None else conv.bias * scale + shift
-    if transposed:
+    if isinstance(conv, _ConvTransposeNd):
+        weight, bias = _folded(conv, scale, shift)
         fn = F.conv_transpose2d if x.dim() == 4 else F.conv_transpose3d
-        return fn(x, weight, bias, conv.stride, conv.padding, conv.output_padding, conv.groups, conv.dilation)
+        # torch types _ConvNd.padding as str | tuple; a transposed convolution refuses string padding
+        return fn(x, weight, bias, conv.stride, conv.padding, conv.output_padding, conv.groups,  # type: ignore[arg-type]
+                  conv.dilation)  # fmt: skip
+    if not isinstance(conv, (nn.Conv2d, nn.Conv3d)):
+        raise TypeError(f"conv_bn folds a batch norm into a convolution, got {type(conv).__name__}")
+    weight, bias = _folded(conv, scale, shift)
     return conv._conv_forward(x, weight, bias)
 
 
@@ -136,8 +154,7 @@ class Down(nn.Module):
         n_conv = self.conv.out_channels
         scale, shift = _bn_scale_shift(self.bn)
         view = (1, -1) + (1,) * (x.dim() - 2)
-        weight = self.conv.weight * scale[:n_conv].view(-1, *[1] * (x.dim() - 1))
-        conv = self.conv._conv_forward(x, weight, self.conv.bias * scale[:n_conv] + shift[:n_conv])
+        conv = self.conv._conv_forward(x, *_folded(self.conv, scale[:n_conv], shift[:n_conv]))
         pooled = torch.addcmul(shift[n_conv:].view(view), self.pool(x), scale[n_conv:].view(view))
         return F.relu_(torch.cat([conv, pooled], dim=1))
 

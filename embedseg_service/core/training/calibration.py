@@ -4,19 +4,13 @@ Training sees object-centred crops only: at the encoder's 1/8 scale a 48² crop 
 whose dilated convolutions read mostly padding, and the running statistics that batch norm keeps
 describe those maps. On a whole image the same layers see real context, their activations leave
 the range the statistics were taken on, and in eval mode they can grow block after block until a
-spurious seed with an enormous bandwidth swallows the image (on BBBC007 cells: encoder activations
-above 500 instead of about 50, one object per image, AP0.5 0.0). Re-estimating the statistics on
-whole training images, with the weights unchanged, removes that mismatch (AP0.5 0.0 → 0.80 on the
-same model).
+spurious seed with an enormous bandwidth swallows the image. Re-estimating the statistics on whole
+training images, with the weights unchanged, removes that mismatch.
 
 Whole-image statistics alone cost precision at object boundaries, though: they describe mostly
 background, while the weights were fitted under the statistics of object-centred crops. The saved
-statistics are therefore an equal mixture of the two distributions (:data:`KEEP_TRAINING`): on
-three BBBC007 models trained for 15 CPU-minutes (same weights each), AP0.5 / mean AP(0.5-0.9)
-on held-apart images went from 0.855 / 0.700, 0.778 / 0.658, 0.905 / 0.722 (whole images only)
-to 0.910 / 0.780, 0.805 / 0.689, 0.889 / 0.703, and with TTA from 0.900 / 0.754, 0.922 / 0.809,
-0.911 / 0.731 to 0.944 / 0.816, 0.955 / 0.835, 0.927 / 0.807; the crop statistics alone gave
-0.919 / 0.817 on the first model but let objects swallow whole images on the other two (0.366, 0.595).
+statistics are therefore an equal mixture of the two distributions (:data:`KEEP_TRAINING`;
+docs/method.md §9; measured effects in ``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -29,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from embedseg_service.core.inference.tiling import auto_tile_shape, axis_starts, pad_to_multiple
+from embedseg_service.core.inference.padding import pad_to_multiple
+from embedseg_service.core.inference.tile_size import auto_tile_shape, axis_starts
 
 MAX_WINDOWS = 64
 """Most forward passes spent on one calibration (a seeded subset of windows beyond that)."""
@@ -79,7 +74,7 @@ def calibrate_batch_norm(
         chosen = np.random.default_rng([seed, 11]).choice(len(windows), max_windows, replace=False)
         windows = [windows[int(i)] for i in np.sort(chosen)]
     calibrated.eval()
-    own = [(norm.running_mean.clone(), norm.running_var.clone()) for norm in norms]
+    own = [tuple(stat.clone() for stat in _running_statistics(norm)) for norm in norms]
     momenta = []
     for norm in norms:
         momenta.append(norm.momentum)
@@ -88,7 +83,7 @@ def calibrate_batch_norm(
         norm.train()
     try:
         for index, window in windows:
-            x = torch.from_numpy(np.ascontiguousarray(images[index][(slice(None), *window)], dtype=np.float32))
+            x = torch.from_numpy(np.ascontiguousarray(images[index][(slice(None),) + window], dtype=np.float32))
             calibrated(pad_to_multiple(x.unsqueeze(0).to(device)))
     finally:
         for norm, momentum in zip(norms, momenta):
@@ -96,8 +91,17 @@ def calibrate_batch_norm(
             norm.eval()
     if keep > 0.0:
         for norm, (mean, var) in zip(norms, own):
-            gap = (mean - norm.running_mean) ** 2
-            norm.running_mean.mul_(1.0 - keep).add_(keep * mean)
-            norm.running_var.mul_(1.0 - keep).add_(keep * var + keep * (1.0 - keep) * gap)
+            running_mean, running_var = _running_statistics(norm)
+            gap = (mean - running_mean) ** 2
+            running_mean.mul_(1.0 - keep).add_(keep * mean)
+            running_var.mul_(1.0 - keep).add_(keep * var + keep * (1.0 - keep) * gap)
     return calibrated
+
+
+def _running_statistics(norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running mean and variance of a batch-norm layer (the network's layers all keep them)."""
+    mean, var = norm.running_mean, norm.running_var
+    if mean is None or var is None:
+        raise ValueError(f"{type(norm).__name__} keeps no running statistics (track_running_stats=False)")
+    return mean, var
 

@@ -1,4 +1,4 @@
-"""Data-derived hyper-parameters (method.md §8), computed in one pass over the training masks.
+"""Data-derived hyper-parameters (docs/method.md §8), computed in one pass over the training masks.
 
 | parameter | rule | without objects |
 | --- | --- | --- |
@@ -46,9 +46,7 @@ MIN_CONTEXT_SIDE = {2: 96, 3: 0}
 """Smallest automatic training crop side in Y and X. An object-sized 2D crop of 48² is a 6 × 6 map at
 the encoder's 1/8 scale, far less context than a whole image gives the same layers at prediction;
 models trained on such crops sometimes put seeds with wide bandwidths on large dim, out-of-focus
-regions of whole images. On BBBC007 (15 CPU-minutes, seeds 0/1/2, ``benchmarks/bench_quality.py``)
-96² crops, 4 per step, gave held-out AP0.5 0.956 / 0.939 / 0.931 where 48² crops, 16 per step, gave
-0.941 / 0.718 / 0.940 with the same seeds. 3D keeps the object crop (not measured)."""
+regions of whole images (measured effect in ``benchmarks/RESULTS.md``). 3D keeps the object crop."""
 MIN_SEED_RADIUS = 4.0
 """Smallest data-derived seed radius limit (pixels)."""
 _VOXEL_RTOL = 1e-6
@@ -211,7 +209,7 @@ class DataProperties:
             object_crop_shape=object_crop,
             anisotropy=aniso,
             voxel_size=tuple(float(v) for v in voxel_size) if voxel_size is not None else None,
-            normalization=normalization,
+            normalization=NormalizationMode.parse(normalization),
             p_low=p_low,
             p_high=p_high,
             n_images=len(masks),

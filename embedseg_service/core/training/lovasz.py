@@ -1,4 +1,4 @@
-"""Lovász hinge, for one binary mask and segmented over many masks at once (method.md §4).
+"""Lovász hinge, for one binary mask and segmented over many masks at once (docs/method.md §4).
 
 For logits ``m`` and binary labels ``y`` the errors are ``ε_i = 1 − m_i (2y_i − 1)``. With the
 errors sorted in descending order, ``G`` the number of positives, and ``c⁺_j`` / ``c⁻_j`` the
@@ -45,33 +45,30 @@ def hinge_errors(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return 1 - logits * signs
 
 
-def _sort_by_segment_and_error(
-    errors: torch.Tensor, segments: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def sort_by_segment_and_error(
+    errors: torch.Tensor, segments: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort by segment (ascending), then by error (descending); errors must be >= 0 (or NaN).
 
     Float32 errors are packed with the segment into one int64 key (non-negative floats order like their
     bit patterns), so one stable sort does it and the sorted values come out of the sorted keys; other
-    dtypes take two stable sorts. Returns sorted errors, sorted segments (None without) and the order.
+    dtypes take two stable sorts. Returns sorted errors, sorted segments and the order.
     """
     if errors.dtype in (torch.float16, torch.bfloat16):
         errors = errors.float()
     if errors.dtype == torch.float32 and errors.numel():
         key = _FLOAT32_KEY_MAX - errors.view(torch.int32).to(torch.int64)
-        if segments is not None:
-            key += segments.to(torch.int64) << 31
+        key += segments.to(torch.int64) << 31
         key, order = torch.sort(key, stable=True)
         low = _FLOAT32_KEY_MAX - (key & _FLOAT32_KEY_MAX)
         errors_sorted = low.to(torch.int32).view(torch.float32)
-        return errors_sorted, (key >> 31 if segments is not None else None), order
+        return errors_sorted, key >> 31, order
     order = torch.sort(errors, descending=True, stable=True).indices
-    if segments is not None:
-        order = order[torch.sort(segments[order], stable=True).indices]
-        return errors[order], segments[order], order
-    return errors[order], None, order
+    order = order[torch.sort(segments[order], stable=True).indices]
+    return errors[order], segments[order], order
 
 
-def _weights_of_sorted(
+def weights_of_sorted(
     positive: torch.Tensor, segment_start: torch.Tensor, fg_count: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """Lovász weights ``g`` of elements already sorted by segment then descending error.
@@ -143,11 +140,11 @@ def segmented_lovasz_weights(
         keep = torch.nonzero((errors > 0) & (labels | (errors >= smallest[segments]))).squeeze(1)
         if keep.numel() == 0:
             return weights
-        _, seg_sorted, order = _sort_by_segment_and_error(errors[keep], segments[keep])
+        _, seg_sorted, order = sort_by_segment_and_error(errors[keep], segments[keep])
         index = keep[order]
         counts = torch.bincount(seg_sorted, minlength=num_segments)
         starts = torch.cumsum(counts, 0) - counts
-        weights[index] = _weights_of_sorted(labels[index], starts[seg_sorted], fg_counts[seg_sorted], errors.dtype).to(
+        weights[index] = weights_of_sorted(labels[index], starts[seg_sorted], fg_counts[seg_sorted], errors.dtype).to(
             torch.float64
         )
     return weights

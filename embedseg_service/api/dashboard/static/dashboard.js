@@ -703,9 +703,10 @@ function predictBody(form) {
 }
 
 function evaluateBody(form) {
+  const thresholds = String(form.get("thresholds") || "").trim();
   return {
     pairs: pairs("evaluate").map(([gt, pred]) => ({ gt_id: gt, pred_id: pred })),
-    thresholds: numbers(form.get("thresholds")),
+    thresholds: thresholds ? numbers(thresholds) : undefined,  // undefined: the server's defaults
   };
 }
 
