@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import DATA_DIR, DSB_MODEL_EPOCHS, DSB_MODEL_SEED, DSB_SPLIT_ROW, dsb_image, torch_threads
@@ -23,16 +24,22 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def dsb_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Checkpoint of a 2D model trained once per run on the top rows of the DSB image: :data:`DSB_MODEL_EPOCHS`
-    epochs x 10 steps of 7 crops, seed :data:`DSB_MODEL_SEED`, one torch thread on the CPU. It finds
-    objects, with no quality floor: for tests of the paths a trained model takes (tiles, services)."""
+def dsb_training(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The :class:`embedseg_service.core.training.train.TrainResult` of the 2D model trained once per run on
+    the top :data:`helpers.DSB_SPLIT_ROW` rows of the DSB image: :data:`helpers.DSB_MODEL_EPOCHS` epochs x
+    10 optimiser steps of 7 crops, seed :data:`helpers.DSB_MODEL_SEED`, one torch thread on the CPU.
+    ``tests/e2e/test_train_nuclei2d.py`` states its quality floors; other tests use it as a trained model."""
     from embedseg_service.core.training.train import TrainConfig, train
 
     image, mask = dsb_image()
-    config = TrainConfig(spatial_dims=2, epochs=DSB_MODEL_EPOCHS, samples_per_epoch=70, seed=DSB_MODEL_SEED,
+    config = TrainConfig(spatial_dims=2, epochs=DSB_MODEL_EPOCHS, samples_per_epoch=10 * 7, seed=DSB_MODEL_SEED,
                          device="cpu")  # fmt: skip
     with torch_threads(1):
-        result = train(image[:DSB_SPLIT_ROW], mask[:DSB_SPLIT_ROW], config,
-                       out_path=tmp_path_factory.mktemp("dsb-model") / "dsb.pt")  # fmt: skip
-    return Path(result.model_path)
+        return train(image[:DSB_SPLIT_ROW], mask[:DSB_SPLIT_ROW], config,
+                     out_path=tmp_path_factory.mktemp("dsb-model") / "dsb.pt")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def dsb_model(dsb_training: Any) -> Path:
+    """Checkpoint file of :func:`dsb_training`'s model."""
+    return Path(dsb_training.model_path)

@@ -24,7 +24,7 @@ from embedseg_service.core.metrics import average_precision
 DATA_DIR = Path(__file__).parent / "data"
 DSB_SPLIT_ROW = 384
 """Rows ``0:DSB_SPLIT_ROW`` of the DSB image train the session's ``dsb_model``; the rows below are held out."""
-DSB_MODEL_EPOCHS = 6
+DSB_MODEL_EPOCHS = 24
 DSB_MODEL_SEED = 0
 
 
