@@ -3,7 +3,7 @@ under-trained one, in 2D and 3D, for several tile sizes (the tile bounds memory,
 
 Models: 2D on the top 384 rows of the DSB image (seed 0: the session's ``dsb_model``, 24 epochs x 10
 steps; seeds 1, 2: 6 epochs x 10 steps; under-trained: 1 epoch x 2 steps), 3D on the synthetic nuclei
-volume (seeds 0, 1, 2: 4 epochs x 10 steps; under-trained: 1 epoch x 2 steps; it segments the volume
+volume (seeds 0, 1, 2: 6 epochs x 10 steps; under-trained: 1 epoch x 2 steps; it segments the volume
 repeated 2 x 2 in YX, so that blocks split it); one torch thread on the CPU. Each predicts the whole
 image once with ``tile=None`` and once with every tile size: the raw outputs must agree to float
 rounding and the labels clustered from them at IoU 0.9 (AP0.9 >= 0.99); those labels are clustered as
