@@ -1,5 +1,6 @@
-"""Helpers shared by the tests: the trivial segmentation baseline, TIFF uploads, the textbook Lovász
-hinge, seeds from the environment, and the production services (PostgreSQL, Redis, a Celery worker).
+"""Helpers shared by the tests: the DSB image and the split of the session's trained model, the trivial
+segmentation baseline, seeds from the environment, TIFF uploads, the textbook Lovász hinge, jobs over
+HTTP, and the services (the embedded default; PostgreSQL, Redis and a Celery worker).
 
 Importable as ``helpers`` from every test module (pytest puts ``tests/`` on ``sys.path`` for its
 ``conftest.py``). Heavy libraries are imported inside the helpers that need them.
