@@ -114,9 +114,8 @@ class _Steps:
 
 
 def _timed_train(images, masks, config, out: Path):
-    """``embedseg_service.core.training.train.train`` to ``out`` with a step-counting callback and the peak CUDA memory
-    reset first;
-    returns the result, the callback and the wall-clock seconds."""
+    """Train to ``out`` with a step-counting callback, the peak CUDA memory reset first; returns the
+    result, the callback and the wall-clock seconds."""
     from embedseg_service.core.training.train import train
 
     if DEVICE.type == "cuda":

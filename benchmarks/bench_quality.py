@@ -167,9 +167,8 @@ def score(gts: list[np.ndarray], preds: list[np.ndarray], names: list[str]) -> d
 
 
 class _OursProgress(CpuBudget):
-    """Progress callback of ``embedseg_service.core.training.train.train``: times steps and epochs in process CPU
-    seconds and stops
-    training on the budget (``stop_epochs``: also stop at an epoch end when another epoch would not fit)."""
+    """Progress callback of ``embedseg_service.core.train``: times steps and epochs in process CPU seconds
+    and stops training on the budget (``stop_epochs``: also stop at an epoch end when another epoch would not fit)."""
 
     def __init__(self, start: float, budget_s: float, stop_epochs: bool) -> None:
         super().__init__(start, budget_s)

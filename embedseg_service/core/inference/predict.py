@@ -156,9 +156,8 @@ def segment(
 
     ``step``: embedding length of one pixel step per array axis (default
     :func:`embedseg_service.core.model.embedding.step_for`); ``fg_thresh``, ``seed_thresh``, ``min_size``,
-    ``max_radius`` go to
-    :func:`embedseg_service.core.inference.clustering.cluster`, which runs on the same device as the network; objects
-    that later objects cut down to ``min_size`` pixels or fewer are dropped
+    ``max_radius`` go to :func:`embedseg_service.core.inference.clustering.cluster`, which runs on the same
+    device as the network; objects that later objects cut down to ``min_size`` pixels or fewer are dropped
     (:func:`embedseg_service.core.inference.clustering.drop_fragments`). ``combine`` is the rule that merges the TTA
     passes (:class:`embedseg_service.core.inference.tta.TTACombine`).
     """
