@@ -263,3 +263,18 @@ def test_dockerignore_keeps_local_state_out_but_not_the_sources() -> None:
         assert local in patterns
     for source in ("core", "api", "worker", "migrations", "pyproject.toml", "README.md"):
         assert source not in patterns and source + "/" not in patterns
+
+
+def test_ci_requires_the_production_services(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``.ci/run`` stops when Redis or PostgreSQL is down and makes their tests fail rather than skip."""
+    from helpers import service_missing
+
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "export EMBEDSEG_REQUIRE_SERVICES=1" in ci
+    assert "did not come up" in ci
+    monkeypatch.setenv("EMBEDSEG_REQUIRE_SERVICES", "1")
+    with pytest.raises(pytest.fail.Exception, match="Redis is down"):
+        service_missing("Redis is down")
+    monkeypatch.delenv("EMBEDSEG_REQUIRE_SERVICES")
+    with pytest.raises(pytest.skip.Exception, match="Redis is down"):
+        service_missing("Redis is down")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from helpers import service_missing
 
 from embedseg_service.api.app import create_app
 from embedseg_service.records.db import make_engine, run_migrations
@@ -43,7 +44,7 @@ def _postgres_up() -> bool:
 def _postgres_migrated(_postgres_up: bool) -> Iterator[str]:
     """URL of a PostgreSQL schema (in database ``test``) made by the migrations once per test run."""
     if not _postgres_up:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+        service_missing("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
     schema = f"t_{uuid.uuid4().hex[:12]}"
     admin = make_engine(POSTGRES_ADMIN_URL)
     with admin.begin() as connection:

@@ -39,6 +39,7 @@ from helpers import (
     baseline_ap,
     download_labels,
     dsb_image,
+    service_missing,
     smallest_object,
     tiff_bytes,
     upload,
@@ -193,7 +194,7 @@ def production(tmp_path: Path) -> Iterator[dict[str, str]]:
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
     except redis.RedisError:
-        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+        service_missing("Redis is not reachable at 127.0.0.1:6379")
     from embedseg_service.records.db import make_engine
 
     schema = f"e2e_{uuid.uuid4().hex[:12]}"
@@ -203,7 +204,7 @@ def production(tmp_path: Path) -> Iterator[dict[str, str]]:
             connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     except sa.exc.OperationalError:
         admin.dispose()
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+        service_missing("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
     queue = f"gpu-e2e-{uuid.uuid4().hex[:8]}"
     try:
         yield service_env(

@@ -29,6 +29,7 @@ from helpers import (
     embedded_service,
     production_services_problem,
     production_settings,
+    service_missing,
     tiff_bytes,
     upload,
     wait_job,
@@ -73,7 +74,7 @@ def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TestClie
         return
     problem = production_services_problem()
     if problem:
-        pytest.skip(problem)
+        service_missing(problem)
     with production_settings(tmp_path, "equal") as settings, celery_worker(settings):
         with TestClient(create_app(settings, migrate=False)) as client:
             yield client

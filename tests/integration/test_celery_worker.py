@@ -24,6 +24,7 @@ from helpers import (
     finished,
     production_services_problem,
     production_settings,
+    service_missing,
     wait_job,
 )
 
@@ -44,7 +45,7 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "nuclei2d_dsb"
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     problem = production_services_problem()
     if problem:
-        pytest.skip(problem)
+        service_missing(problem)
     with production_settings(tmp_path_factory.mktemp("celery")) as values:
         yield values
 

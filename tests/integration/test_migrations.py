@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from helpers import service_missing
 
 from embedseg_service.records.db import alembic_config, downgrade, make_engine, migrations_dir, run_migrations
 from embedseg_service.records.orm import Base
@@ -33,7 +34,7 @@ def postgres_url() -> Iterator[str]:
             connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     except sa.exc.OperationalError:
         admin.dispose()
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
+        service_missing("PostgreSQL is not reachable at 127.0.0.1:5432 (database test)")
     try:
         yield f"{POSTGRES}?options=-csearch_path%3D{schema}"
     finally:
