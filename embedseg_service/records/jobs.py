@@ -308,8 +308,8 @@ def finish_job(
     """End a job as ``succeeded``, ``failed`` or ``cancelled``, registering ``outputs`` atomically.
 
     ``outputs`` are new Volume/Model rows (their files already stored under job-scoped keys);
-    they get ``source_job_id`` and are inserted in the same transaction that marks the job,
-    so they exist exactly when the job succeeded. Returns False (inserting nothing) when the
+    they get ``source_job_id`` and the job's ``owner`` and are inserted in the same transaction
+    that marks the job, so they exist exactly when the job succeeded. Returns False (inserting nothing) when the
     job was not in a status that may become ``status`` (e.g. a duplicate run finishing late).
     Raises ValueError for a non-terminal ``status``, :class:`JobNotFound` for an unknown id.
     """
@@ -330,8 +330,10 @@ def finish_job(
         session.rollback()
         _get(session, job_id)
         return False
+    owner = session.scalar(select(Job.owner).where(Job.id == job_id))
     for row in outputs:
         row.source_job_id = job_id
+        row.owner = owner
         session.add(row)
     session.commit()
     return True

@@ -233,3 +233,27 @@ class JobVolume(Base):
         String(36), ForeignKey("volumes.id", ondelete="CASCADE"), primary_key=True, index=True
     )
     role: Mapped[str] = mapped_column(String(32), primary_key=True)
+
+
+class ApiKey(Base):
+    """An API key: only its SHA-256 is stored; ``prefix`` (its first characters) names it in listings.
+
+    A request with the key acts as ``owner``; an ``admin`` key sees and touches every owner's rows.
+    A revoked key (``revoked_at`` set) is refused. The table's having any row at all, revoked or
+    not, is what makes the API require keys.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(255), index=True)
+    name: Mapped[str | None] = mapped_column(String(255))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    def __repr__(self) -> str:
+        return f"ApiKey(id={self.id!r}, owner={self.owner!r}, prefix={self.prefix!r}, admin={self.admin!r})"
