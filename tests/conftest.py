@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import DATA_DIR, DSB_MODEL_EPOCHS, DSB_MODEL_SEED, DSB_SPLIT_ROW, dsb_image, torch_threads
+
+# Starlette's test client sends "Host: testserver"; every app the tests build answers it too.
+os.environ.setdefault("EMBEDSEG_ALLOWED_HOSTS", '["localhost", "127.0.0.1", "::1", "testserver"]')
 
 
 @pytest.fixture(scope="session")

@@ -176,6 +176,7 @@ def test_api_port_is_published_and_matches_serve(compose: dict) -> None:
     assert _option(argv, "--host") == "0.0.0.0"
     published = [str(item).split(":") for item in api["ports"]]
     assert [int(item[-1]) for item in published] == [port]
+    assert [item[0] for item in published] == ["127.0.0.1"], "the API is published on loopback only"
     exposed = re.search(r"^EXPOSE (\d+)$", (ROOT / "docker/Dockerfile.api").read_text(), re.M)
     assert int(exposed.group(1)) == port
 

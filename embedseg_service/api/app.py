@@ -6,12 +6,14 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from embedseg_service.api.auth import get_principal
 from embedseg_service.api.dashboard import mount_dashboard
 from embedseg_service.api.deps import JobBodies
 from embedseg_service.api.errors import install_error_handlers
+from embedseg_service.api.guards import RequestGuard
 from embedseg_service.api.routes import health, jobs, models, volumes
 from embedseg_service.records.db import make_engine, make_sessionmaker, run_migrations
 from embedseg_service.records.settings import Settings, get_settings
@@ -24,6 +26,10 @@ Hook = Callable[[FastAPI], None]
 
 ROUTERS = (health.router, volumes.router, jobs.router, models.router)
 """Every resource's router, mounted under :data:`API_PREFIX` in this order."""
+
+OPEN_ROUTERS = (health.router,)
+"""Routers answered without an API key (liveness and readiness probes); every other route needs one
+once any key exists (see :mod:`embedseg_service.api.auth`)."""
 
 
 def create_app(
@@ -81,14 +87,19 @@ def create_app(
 
     install_error_handlers(app)
     if settings.cors_origins:
+        # keys travel in the Authorization header, never in cookies: credentials stay off, so a
+        # '*' origin can never be combined with them
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
+            allow_credentials=False,
             allow_methods=["*"],
-            allow_headers=["*"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
             expose_headers=["Location"],
         )
+    app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins)
     for router in ROUTERS:
-        app.include_router(router, prefix=API_PREFIX)
+        guarded = [] if any(router is open_ for open_ in OPEN_ROUTERS) else [Depends(get_principal)]
+        app.include_router(router, prefix=API_PREFIX, dependencies=guarded)
     mount_dashboard(app)
     return app

@@ -10,10 +10,12 @@ with ``embedseg db upgrade``.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import sys
 from typing import Any
 
-from embedseg_service.records.settings import Settings, get_settings
+from embedseg_service.records.settings import LOOPBACK_NAMES, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,54 @@ def describe(settings: Settings, host: str, port: int) -> str:
     return "\n".join(lines)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listening address) is reachable only from this machine."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def access_check(settings: Settings, host: str, keys_configured: bool) -> tuple[bool, str]:
+    """(may start, what to print) for listening on ``host``: without API keys only a loopback address is allowed."""
+    if keys_configured:
+        notice = "Access:           API keys required (Authorization: Bearer <key>)"
+        if not is_loopback(host) and all(name in LOOPBACK_NAMES for name in settings.allowed_hosts):
+            notice += (
+                f"\nWarning:          only the Host names {', '.join(settings.allowed_hosts)} are answered; set "
+                "EMBEDSEG_ALLOWED_HOSTS to the names clients use (JSON list, e.g. '[\"gpu1.lab.org\"]')"
+            )
+        return True, notice
+    if is_loopback(host):
+        return True, (
+            "Access:           no API keys: open to anyone on this machine (create keys with "
+            "'embedseg keys create --owner LAB' to require them)"
+        )
+    return False, (
+        f"embedseg serve: refusing to listen on {host} without API keys: anyone who can reach the port could "
+        "read, change and delete every lab's data.\nCreate an admin key first:  embedseg keys create --owner admin "
+        "--admin\n(then one per lab: embedseg keys create --owner LAB), or listen on 127.0.0.1."
+    )
+
+
+def _keys_configured(settings: Settings) -> bool:
+    from sqlalchemy.exc import DBAPIError
+
+    from embedseg_service.records.db import get_sessionmaker
+    from embedseg_service.records.keys import keys_exist
+
+    try:
+        with get_sessionmaker(settings)() as session:
+            return keys_exist(session)
+    except DBAPIError as error:
+        raise SystemExit(
+            f"embedseg serve: cannot read the API keys from {redact(settings.database_url_resolved)} "
+            f"({type(error.orig).__name__}); is the database migrated? run: embedseg db upgrade"
+        ) from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -73,9 +123,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if migrate:
         settings.data_dir.expanduser().mkdir(parents=True, exist_ok=True)
         run_migrations(settings.database_url_resolved)
+    may_start, notice = access_check(settings, args.host, _keys_configured(settings))
+    if not may_start:
+        print(notice, file=sys.stderr, flush=True)
+        return 2
     on_startup, on_shutdown = local_worker_hooks(settings) if settings.embedded else ([], [])
     app = create_app(settings, migrate=False, on_startup=on_startup, on_shutdown=on_shutdown)
-    print(describe(settings, args.host, args.port), flush=True)
+    print(describe(settings, args.host, args.port), notice, sep="\n", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

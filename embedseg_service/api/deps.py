@@ -1,4 +1,4 @@
-"""FastAPI dependencies: settings, database session, storage, and one fetch-or-404 per resource."""
+"""FastAPI dependencies: settings, database session, storage, and the job-status bodies."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Path, Request
+from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from embedseg_service.records.jobs import StoredJobReader
-from embedseg_service.records.orm import Job, Model, Volume
 from embedseg_service.records.schemas import JobOut
 from embedseg_service.records.settings import Settings
 from embedseg_service.records.storage import Storage
@@ -44,27 +42,6 @@ SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[Storage, Depends(get_app_storage)]
 
 
-def get_volume(session: SessionDep, volume_id: Annotated[str, Path(max_length=64)]) -> Volume:
-    volume = session.get(Volume, volume_id)
-    if volume is None:
-        raise HTTPException(status_code=404, detail=f"Volume {volume_id} not found")
-    return volume
-
-
-def get_job(session: SessionDep, job_id: Annotated[str, Path(max_length=64)]) -> Job:
-    job = session.get(Job, job_id)
-    if job is None:
-        raise HTTPException(status_code=404, detail=f"Job {job_id} not found")
-    return job
-
-
-def get_model(session: SessionDep, model_id: Annotated[str, Path(max_length=64)]) -> Model:
-    model = session.get(Model, model_id)
-    if model is None:
-        raise HTTPException(status_code=404, detail=f"Model {model_id} not found")
-    return model
-
-
 class JobBodies:
     """``JobOut`` JSON bodies of single jobs, for the status route that clients poll.
 
@@ -81,6 +58,7 @@ class JobBodies:
         self.engine = engine
         self.size = size
         self.reader = StoredJobReader(list(JobOut.model_fields), engine.dialect)
+        self._owner_at = self.reader.names.index("owner")
         # SQLite is a local file: a primary-key read takes microseconds and, in WAL mode, is not
         # blocked by the writer, so it runs on the event loop; a database server is read in the
         # threadpool so that its round trips never hold up other requests.
@@ -93,6 +71,11 @@ class JobBodies:
 
         Database errors are raised as SQLAlchemy raises them (``OperationalError``: 503).
         """
+        found = self.get_with_owner(job_id)
+        return None if found is None else found[1]
+
+    def get_with_owner(self, job_id: str) -> tuple[str | None, bytes] | None:
+        """(the job's owner, its body), or None when no job has the id; see :meth:`get`."""
         dbapi_connection = self.engine.raw_connection()
         try:
             stored = self.reader.stored(dbapi_connection, job_id)
@@ -107,7 +90,7 @@ class JobBodies:
             cached = self._bodies.get(job_id)
             if cached is not None and cached[0] == stored:
                 self._bodies.move_to_end(job_id)
-                return cached[1]
+                return stored[self._owner_at], cached[1]
         with self.engine.connect() as connection:
             loaded = self.reader.load(connection, job_id)
         if loaded is None:
@@ -120,7 +103,7 @@ class JobBodies:
             self._bodies.move_to_end(job_id)
             while len(self._bodies) > self.size:
                 self._bodies.popitem(last=False)
-        return body
+        return values["owner"], body
 
     def _forget(self, job_id: str) -> None:
         with self._lock:
@@ -128,18 +111,3 @@ class JobBodies:
 
     def __len__(self) -> int:
         return len(self._bodies)
-
-
-async def get_job_body(request: Request, job_id: Annotated[str, Path(max_length=64)]) -> bytes:
-    """The job's ``JobOut`` body, or 404 (the same detail as :func:`get_job`)."""
-    bodies: JobBodies = request.app.state.job_bodies
-    body = bodies.get(job_id) if bodies.on_event_loop else await run_in_threadpool(bodies.get, job_id)
-    if body is None:
-        raise HTTPException(status_code=404, detail=f"Job {job_id} not found")
-    return body
-
-
-VolumeDep = Annotated[Volume, Depends(get_volume)]
-JobDep = Annotated[Job, Depends(get_job)]
-ModelDep = Annotated[Model, Depends(get_model)]
-JobBodyDep = Annotated[bytes, Depends(get_job_body)]

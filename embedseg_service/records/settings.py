@@ -10,6 +10,8 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+"""The host names of this machine's loopback interface (the default ``allowed_hosts``)."""
 
 
 class Settings(BaseSettings):
@@ -40,6 +42,11 @@ class Settings(BaseSettings):
     )
     max_job_minutes: float = Field(default=24 * 60, description="Longest time budget a training job may ask for.")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS; empty: no CORS.")
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: list(LOOPBACK_NAMES),
+        description="Host names the API answers (the Host header, without port); '*.example.org' matches "
+        "subdomains, '*' any host. Others get 400, which defeats DNS rebinding.",
+    )
     progress_throttle_s: float = Field(
         default=1.0, description="Least seconds between two progress writes of one job."
     )
@@ -112,6 +119,18 @@ class Settings(BaseSettings):
             if origin != "*" and not origin.startswith(("http://", "https://")):
                 raise ValueError(f"cors origin {origin!r} must start with http:// or https:// (or be '*')")
         return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        hosts = [host.strip().lower().strip("[]") for host in value if host.strip()]
+        if not hosts:
+            raise ValueError("allowed_hosts must name at least one host (or be '*')")
+        for host in hosts:
+            with_port = host.count(":") == 1  # an IPv6 address has several colons
+            if "/" in host or with_port:
+                raise ValueError(f"allowed host {host!r} must be a bare host name, without scheme or port")
+        return hosts
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:

@@ -262,7 +262,7 @@ async def _post_in_chunks(app, body: bytes, boundary: str, chunk: int) -> tuple[
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
         "path": V, "raw_path": V.encode(), "root_path": "", "query_string": b"", "server": ("test", 80),
         "client": ("test", 1), "app": app,
-        "headers": [(b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
+        "headers": [(b"host", b"testserver"), (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
                     (b"content-length", str(len(body)).encode())],
     }
     await app(scope, receive, send)
@@ -527,7 +527,7 @@ def test_client_disconnect_mid_upload_leaves_no_file(app, settings) -> None:  # 
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
         "path": V, "raw_path": V.encode(), "root_path": "", "query_string": b"", "server": ("test", 80),
         "client": ("test", 1), "app": app,
-        "headers": [(b"content-type", b"multipart/form-data; boundary=embedsegboundary")],
+        "headers": [(b"host", b"testserver"), (b"content-type", b"multipart/form-data; boundary=embedsegboundary")],
     }
 
     async def run() -> None:

@@ -14,8 +14,10 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from embedseg_service.api.deps import JobBodyDep, JobDep, SessionDep, SettingsDep
+from embedseg_service.api.auth import Principal, PrincipalDep, visible
+from embedseg_service.api.deps import SessionDep, SettingsDep
 from embedseg_service.api.dispatch import Dispatcher, DispatchError, make_dispatcher
+from embedseg_service.api.owned import JobBodyDep, JobDep
 from embedseg_service.records import jobs
 from embedseg_service.records.orm import Job, JobKind, JobStatus, Model, Volume, VolumeKind
 from embedseg_service.records.schemas import EvaluateSpec, JobOut, Page, PredictSpec, TrainSpec
@@ -45,9 +47,10 @@ def get_dispatcher(request: Request) -> Dispatcher:
 # --------------------------------------------------------------------------- checks
 
 
-def _fetch(session: Session, ids: Sequence[str], field: str) -> list[Volume]:
-    """The volumes in order; 404 naming the field and the first missing id."""
-    rows = {row.id: row for row in session.scalars(select(Volume).where(Volume.id.in_(list(ids)))).all()}
+def _fetch(session: Session, ids: Sequence[str], field: str, principal: Principal) -> list[Volume]:
+    """The volumes in order; 404 naming the field and the first id that is missing or not the caller's."""
+    statement = visible(select(Volume).where(Volume.id.in_(list(ids))), Volume.owner, principal)
+    rows = {row.id: row for row in session.scalars(statement).all()}
     for volume_id in ids:
         if volume_id not in rows:
             raise HTTPException(status_code=404, detail=f"{field}: Volume {volume_id} not found")
@@ -86,15 +89,15 @@ def _require_same_shape(images: Sequence[Volume], masks: Sequence[Volume], field
             )
 
 
-def _check_train(session: Session, spec: TrainSpec, settings: Settings) -> None:
+def _check_train(session: Session, spec: TrainSpec, settings: Settings, principal: Principal) -> None:
     if spec.max_time_minutes is not None and spec.max_time_minutes > settings.max_job_minutes:
         raise _unprocessable(
             f"max_time_minutes: must be at most {settings.max_job_minutes:g} (EMBEDSEG_MAX_JOB_MINUTES)"
         )
-    images = _fetch(session, spec.image_ids, "image_ids")
-    masks = _fetch(session, spec.mask_ids, "mask_ids")
-    val_images = _fetch(session, spec.val_image_ids or [], "val_image_ids")
-    val_masks = _fetch(session, spec.val_mask_ids or [], "val_mask_ids")
+    images = _fetch(session, spec.image_ids, "image_ids", principal)
+    masks = _fetch(session, spec.mask_ids, "mask_ids", principal)
+    val_images = _fetch(session, spec.val_image_ids or [], "val_image_ids", principal)
+    val_masks = _fetch(session, spec.val_mask_ids or [], "val_mask_ids", principal)
     _require_kind(images, VolumeKind.image, "image_ids")
     _require_kind(val_images, VolumeKind.image, "val_image_ids")
     _require_kind(masks, VolumeKind.labels, "mask_ids")
@@ -111,11 +114,11 @@ def _check_train(session: Session, spec: TrainSpec, settings: Settings) -> None:
         )
 
 
-def _check_predict(session: Session, spec: PredictSpec) -> None:
+def _check_predict(session: Session, spec: PredictSpec, principal: Principal) -> None:
     model = session.get(Model, spec.model_id)
-    if model is None:
+    if model is None or not principal.can_see(model.owner):
         raise HTTPException(status_code=404, detail=f"model_id: Model {spec.model_id} not found")
-    volumes = _fetch(session, spec.volume_ids, "volume_ids")
+    volumes = _fetch(session, spec.volume_ids, "volume_ids", principal)
     _require_kind(volumes, VolumeKind.image, "volume_ids")
     _require_dims(volumes, model.spatial_dims, "volume_ids", f"model {model.id}")
     in_channels = (model.config or {}).get("in_channels")
@@ -131,14 +134,14 @@ def _check_predict(session: Session, spec: PredictSpec) -> None:
             f"tile: give {model.spatial_dims} sizes for the {model.spatial_dims}D model, got {len(spec.tile)}"
         )
     if spec.gt_ids:
-        gts = _fetch(session, spec.gt_ids, "gt_ids")
+        gts = _fetch(session, spec.gt_ids, "gt_ids", principal)
         _require_kind(gts, VolumeKind.labels, "gt_ids")
         _require_same_shape(volumes, gts, "gt_ids", "ground truth")
 
 
-def _check_evaluate(session: Session, spec: EvaluateSpec) -> None:
-    gts = _fetch(session, [pair.gt_id for pair in spec.pairs], "pairs.gt_id")
-    preds = _fetch(session, [pair.pred_id for pair in spec.pairs], "pairs.pred_id")
+def _check_evaluate(session: Session, spec: EvaluateSpec, principal: Principal) -> None:
+    gts = _fetch(session, [pair.gt_id for pair in spec.pairs], "pairs.gt_id", principal)
+    preds = _fetch(session, [pair.pred_id for pair in spec.pairs], "pairs.pred_id", principal)
     _require_kind(gts, VolumeKind.labels, "pairs.gt_id")
     _require_kind(preds, VolumeKind.labels, "pairs.pred_id")
     for index, (gt, pred) in enumerate(zip(gts, preds)):
@@ -163,8 +166,11 @@ def _submit(
     session: Session,
     kind: JobKind,
     spec: TrainSpec | PredictSpec | EvaluateSpec,
+    principal: Principal,
 ) -> JobOut:
-    job = jobs.create_job(session, kind, spec.model_dump(mode="json"), owner=None, volumes=spec.volume_roles())
+    job = jobs.create_job(
+        session, kind, spec.model_dump(mode="json"), owner=principal.owner, volumes=spec.volume_roles()
+    )
     try:
         get_dispatcher(request).submit(job.id)
     except DispatchError as error:
@@ -182,25 +188,34 @@ def _submit(
 
 @router.post("/train", status_code=202, response_model=JobOut, responses=CREATED, summary="Train a model")
 def create_train_job(
-    spec: TrainSpec, request: Request, response: Response, session: SessionDep, settings: SettingsDep
+    spec: TrainSpec,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
 ) -> JobOut:
     """Image and mask volume ids (paired by position), optional validation volumes or fraction, and options."""
-    _check_train(session, spec, settings)
-    return _submit(request, response, session, JobKind.train, spec)
+    _check_train(session, spec, settings, principal)
+    return _submit(request, response, session, JobKind.train, spec, principal)
 
 
 @router.post("/predict", status_code=202, response_model=JobOut, responses=CREATED, summary="Segment volumes")
-def create_predict_job(spec: PredictSpec, request: Request, response: Response, session: SessionDep) -> JobOut:
+def create_predict_job(
+    spec: PredictSpec, request: Request, response: Response, session: SessionDep, principal: PrincipalDep
+) -> JobOut:
     """A model id, one or many image volume ids, TTA on/off, tile ``"auto"`` or sizes, optional GT ids for AP."""
-    _check_predict(session, spec)
-    return _submit(request, response, session, JobKind.predict, spec)
+    _check_predict(session, spec, principal)
+    return _submit(request, response, session, JobKind.predict, spec, principal)
 
 
 @router.post("/evaluate", status_code=202, response_model=JobOut, responses=CREATED, summary="Score predictions")
-def create_evaluate_job(spec: EvaluateSpec, request: Request, response: Response, session: SessionDep) -> JobOut:
+def create_evaluate_job(
+    spec: EvaluateSpec, request: Request, response: Response, session: SessionDep, principal: PrincipalDep
+) -> JobOut:
     """Pairs of ground-truth and predicted label volume ids; the job's metrics hold the AP table."""
-    _check_evaluate(session, spec)
-    return _submit(request, response, session, JobKind.evaluate, spec)
+    _check_evaluate(session, spec, principal)
+    return _submit(request, response, session, JobKind.evaluate, spec, principal)
 
 
 # --------------------------------------------------------------------------- read
@@ -210,6 +225,7 @@ def create_evaluate_job(spec: EvaluateSpec, request: Request, response: Response
 def list_jobs(
     session: SessionDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
     status: JobStatus | None = None,
     kind: JobKind | None = None,
     limit: Annotated[int, Query(ge=1, description="Page size")] = 50,
@@ -222,9 +238,12 @@ def list_jobs(
         where.append(Job.status == status.value)
     if kind is not None:
         where.append(Job.kind == kind.value)
-    total = session.scalar(select(func.count()).select_from(Job).where(*where)) or 0
+    total = session.scalar(visible(select(func.count()).select_from(Job).where(*where), Job.owner, principal)) or 0
     rows = session.scalars(
-        select(Job).where(*where).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+        visible(select(Job).where(*where), Job.owner, principal)
+        .order_by(Job.created_at.desc(), Job.id)
+        .limit(limit)
+        .offset(offset)
     ).all()
     return Page[JobOut](items=[JobOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
 

@@ -11,8 +11,10 @@ from python_multipart.multipart import parse_options_header
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
+from embedseg_service.api.auth import PrincipalDep, visible
 from embedseg_service.api.checkpoints import CheckpointInvalid, read_checkpoint_summary
-from embedseg_service.api.deps import ModelDep, SessionDep, SettingsDep, StorageDep
+from embedseg_service.api.deps import SessionDep, SettingsDep, StorageDep
+from embedseg_service.api.owned import ModelDep
 from embedseg_service.api.uploads import UploadRejected, receive_upload
 from embedseg_service.records.orm import Model, new_id
 from embedseg_service.records.removal import delete_unless_in_use
@@ -33,6 +35,7 @@ def _download_name(name: str) -> str:
 def list_models(
     session: SessionDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
     spatial_dims: Annotated[int | None, Query(ge=2, le=3, description="Only 2D or 3D models")] = None,
     limit: Annotated[int, Query(ge=1, description="Page size")] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
@@ -40,9 +43,12 @@ def list_models(
     if limit > settings.page_limit_max:
         raise HTTPException(status_code=422, detail=f"query.limit: must be at most {settings.page_limit_max}")
     where = [] if spatial_dims is None else [Model.spatial_dims == spatial_dims]
-    total = session.scalar(select(func.count()).select_from(Model).where(*where)) or 0
+    total = session.scalar(visible(select(func.count()).select_from(Model).where(*where), Model.owner, principal)) or 0
     rows = session.scalars(
-        select(Model).where(*where).order_by(Model.created_at.desc(), Model.id).limit(limit).offset(offset)
+        visible(select(Model).where(*where), Model.owner, principal)
+        .order_by(Model.created_at.desc(), Model.id)
+        .limit(limit)
+        .offset(offset)
     ).all()
     return Page[ModelOut](items=[ModelOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
 
@@ -79,7 +85,12 @@ def download_model(model: ModelDep, storage: StorageDep) -> FileResponse:
     },
 )
 async def upload_model(
-    request: Request, response: Response, session: SessionDep, settings: SettingsDep, storage: StorageDep
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    principal: PrincipalDep,
 ) -> ModelOut:
     content_type, _ = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data":
@@ -120,6 +131,7 @@ async def upload_model(
     config.setdefault("in_channels", summary.in_channels)
     row = Model(
         id=model_id,
+        owner=principal.owner,
         name=(name or base or "uploaded model")[:255],
         spatial_dims=summary.spatial_dims,
         config=config,

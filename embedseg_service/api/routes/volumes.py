@@ -14,7 +14,9 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from embedseg_service.api.deps import SessionDep, SettingsDep, StorageDep, VolumeDep
+from embedseg_service.api.auth import Principal, PrincipalDep, visible
+from embedseg_service.api.deps import SessionDep, SettingsDep, StorageDep
+from embedseg_service.api.owned import VolumeDep
 from embedseg_service.api.preview import Projection, render_preview
 from embedseg_service.api.uploads import UploadRejected, receive_upload
 from embedseg_service.core.data.io import inspect_tiff, read_tiff
@@ -85,7 +87,12 @@ def _default_name(filename: str | None) -> str:
 
 
 def _validate_and_store(
-    session: Session, storage: Storage, volume_id: str, received, fields: dict[str, str]  # type: ignore[no-untyped-def]
+    session: Session,
+    storage: Storage,
+    volume_id: str,
+    received,  # type: ignore[no-untyped-def]
+    fields: dict[str, str],
+    principal: Principal,
 ) -> Volume:
     """Check the received file (TIFF, layout, dtype, form fields), commit it and insert the row."""
     pending = received.pending
@@ -128,7 +135,7 @@ def _validate_and_store(
             if kind != VolumeKind.labels.value:
                 raise UploadRejected(422, "image_id links a label image to its image; send it with kind=labels")
             image = session.get(Volume, image_id)
-            if image is None:
+            if image is None or not principal.can_see(image.owner):
                 raise UploadRejected(422, f"image_id: Volume {image_id} not found")
             if image.spatial_shape != spatial_shape:
                 raise UploadRejected(
@@ -154,6 +161,7 @@ def _validate_and_store(
         raise
     row = Volume(
         id=volume_id,
+        owner=principal.owner,
         name=name or _default_name(received.filename),
         kind=kind,
         sha256=sha256,
@@ -229,7 +237,12 @@ def _chunks(path: Path, size: int = 1024 * 1024):  # type: ignore[no-untyped-def
     },
 )
 async def upload_volume(
-    request: Request, response: Response, session: SessionDep, settings: SettingsDep, storage: StorageDep
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    principal: PrincipalDep,
 ) -> VolumeOut:
     volume_id = new_id()
     try:
@@ -240,7 +253,9 @@ async def upload_volume(
             max_bytes=settings.max_upload_bytes,
             chunk_bytes=settings.upload_chunk_bytes,
         )
-        row = await run_in_threadpool(_validate_and_store, session, storage, volume_id, received, received.fields)
+        row = await run_in_threadpool(
+            _validate_and_store, session, storage, volume_id, received, received.fields, principal
+        )
     except UploadRejected as rejected:
         raise HTTPException(status_code=rejected.status, detail=rejected.detail) from None
     except ClientDisconnect:
@@ -255,6 +270,7 @@ async def upload_volume(
 def list_volumes(
     session: SessionDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
     limit: Annotated[int, Query(ge=1, description="Page size")] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
     kind: VolumeKind | None = None,
@@ -262,9 +278,13 @@ def list_volumes(
     if limit > settings.page_limit_max:
         raise HTTPException(status_code=422, detail=f"query.limit: must be at most {settings.page_limit_max}")
     where = [] if kind is None else [Volume.kind == kind.value]
-    total = session.scalar(select(func.count()).select_from(Volume).where(*where)) or 0
+    counted = visible(select(func.count()).select_from(Volume).where(*where), Volume.owner, principal)
+    total = session.scalar(counted) or 0
     rows = session.scalars(
-        select(Volume).where(*where).order_by(Volume.created_at.desc(), Volume.id).limit(limit).offset(offset)
+        visible(select(Volume).where(*where), Volume.owner, principal)
+        .order_by(Volume.created_at.desc(), Volume.id)
+        .limit(limit)
+        .offset(offset)
     ).all()
     return Page[VolumeOut](items=[VolumeOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
 
@@ -292,10 +312,14 @@ def delete_volume(volume: VolumeDep, session: SessionDep, storage: StorageDep) -
     return Response(status_code=204)
 
 
-def _latest_prediction(session: Session, volume_id: str) -> Volume | None:
+def _latest_prediction(session: Session, volume: Volume) -> Volume | None:
     return session.scalars(
         select(Volume)
-        .where(Volume.image_volume_id == volume_id, Volume.kind == VolumeKind.labels.value)
+        .where(
+            Volume.image_volume_id == volume.id,
+            Volume.kind == VolumeKind.labels.value,
+            Volume.owner.is_(None) if volume.owner is None else Volume.owner == volume.owner,
+        )
         .order_by(Volume.created_at.desc(), Volume.id)
         .limit(1)
     ).first()
@@ -324,11 +348,11 @@ def preview_volume(
         labels_path = storage.path_for(volume.storage_key)
         if overlay and volume.image_volume_id:
             image = session.get(Volume, volume.image_volume_id)
-            if image is not None and storage.exists(image.storage_key):
+            if image is not None and image.owner == volume.owner and storage.exists(image.storage_key):
                 image_path = storage.path_for(image.storage_key)
     else:
         image_path = storage.path_for(volume.storage_key)
-        prediction = _latest_prediction(session, volume.id) if overlay else None
+        prediction = _latest_prediction(session, volume) if overlay else None
         if prediction is not None and storage.exists(prediction.storage_key):
             labels_path = storage.path_for(prediction.storage_key)
     try:
