@@ -47,6 +47,10 @@ class Settings(BaseSettings):
         description="Host names the API answers (the Host header, without port); '*.example.org' matches "
         "subdomains, '*' any host. Others get 400, which defeats DNS rebinding.",
     )
+    quota_stored_bytes: int = Field(
+        default=1024**4, description="Bytes of volumes and models one owner may store (413 above)."
+    )
+    quota_queued_jobs: int = Field(default=200, description="Jobs one owner may have waiting in the queue (429 above).")
     progress_throttle_s: float = Field(
         default=1.0, description="Least seconds between two progress writes of one job."
     )
@@ -91,7 +95,7 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("max_upload_bytes", "upload_chunk_bytes", "job_visibility_timeout_s", "local_workers",
-                     "page_limit_max", "preview_max_px")
+                     "page_limit_max", "preview_max_px", "quota_stored_bytes", "quota_queued_jobs")
     @classmethod
     def _positive(cls, value: int, info: ValidationInfo) -> int:
         if value <= 0:

@@ -18,6 +18,7 @@ from embedseg_service.api.auth import Principal, PrincipalDep, visible
 from embedseg_service.api.deps import SessionDep, SettingsDep
 from embedseg_service.api.dispatch import Dispatcher, DispatchError, make_dispatcher
 from embedseg_service.api.owned import JobBodyDep, JobDep
+from embedseg_service.api.quotas import check_queue, check_storage
 from embedseg_service.records import jobs
 from embedseg_service.records.orm import Job, JobKind, JobStatus, Model, Volume, VolumeKind
 from embedseg_service.records.schemas import EvaluateSpec, JobOut, Page, PredictSpec, TrainSpec
@@ -167,7 +168,10 @@ def _submit(
     kind: JobKind,
     spec: TrainSpec | PredictSpec | EvaluateSpec,
     principal: Principal,
+    settings: Settings,
 ) -> JobOut:
+    check_queue(session, settings, principal)
+    check_storage(session, settings, principal)
     job = jobs.create_job(
         session, kind, spec.model_dump(mode="json"), owner=principal.owner, volumes=spec.volume_roles()
     )
@@ -197,25 +201,35 @@ def create_train_job(
 ) -> JobOut:
     """Image and mask volume ids (paired by position), optional validation volumes or fraction, and options."""
     _check_train(session, spec, settings, principal)
-    return _submit(request, response, session, JobKind.train, spec, principal)
+    return _submit(request, response, session, JobKind.train, spec, principal, settings)
 
 
 @router.post("/predict", status_code=202, response_model=JobOut, responses=CREATED, summary="Segment volumes")
 def create_predict_job(
-    spec: PredictSpec, request: Request, response: Response, session: SessionDep, principal: PrincipalDep
+    spec: PredictSpec,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
 ) -> JobOut:
     """A model id, one or many image volume ids, TTA on/off, tile ``"auto"`` or sizes, optional GT ids for AP."""
     _check_predict(session, spec, principal)
-    return _submit(request, response, session, JobKind.predict, spec, principal)
+    return _submit(request, response, session, JobKind.predict, spec, principal, settings)
 
 
 @router.post("/evaluate", status_code=202, response_model=JobOut, responses=CREATED, summary="Score predictions")
 def create_evaluate_job(
-    spec: EvaluateSpec, request: Request, response: Response, session: SessionDep, principal: PrincipalDep
+    spec: EvaluateSpec,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    principal: PrincipalDep,
 ) -> JobOut:
     """Pairs of ground-truth and predicted label volume ids; the job's metrics hold the AP table."""
     _check_evaluate(session, spec, principal)
-    return _submit(request, response, session, JobKind.evaluate, spec, principal)
+    return _submit(request, response, session, JobKind.evaluate, spec, principal, settings)
 
 
 # --------------------------------------------------------------------------- read

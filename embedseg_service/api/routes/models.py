@@ -15,6 +15,7 @@ from embedseg_service.api.auth import PrincipalDep, visible
 from embedseg_service.api.checkpoints import CheckpointInvalid, read_checkpoint_summary
 from embedseg_service.api.deps import SessionDep, SettingsDep, StorageDep
 from embedseg_service.api.owned import ModelDep
+from embedseg_service.api.quotas import check_received, check_storage
 from embedseg_service.api.uploads import UploadRejected, receive_upload
 from embedseg_service.records.orm import Model, new_id
 from embedseg_service.records.removal import delete_unless_in_use
@@ -97,6 +98,7 @@ async def upload_model(
         raise HTTPException(
             status_code=415, detail="send the checkpoint as multipart/form-data with the file in the form field 'file'"
         )
+    await run_in_threadpool(check_storage, session, settings, principal)
     model_id = new_id()
     key = model_key(model_id)
     try:
@@ -106,6 +108,7 @@ async def upload_model(
     except UploadRejected as rejected:
         raise HTTPException(status_code=rejected.status, detail=rejected.detail) from None
     pending = received.pending
+    await run_in_threadpool(check_received, session, settings, principal, pending)
     try:
         unknown = sorted(set(received.fields) - set(FORM_FIELDS))
         if unknown:

@@ -18,6 +18,7 @@ from embedseg_service.api.auth import Principal, PrincipalDep, visible
 from embedseg_service.api.deps import SessionDep, SettingsDep, StorageDep
 from embedseg_service.api.owned import VolumeDep
 from embedseg_service.api.preview import Projection, render_preview
+from embedseg_service.api.quotas import check_received, check_storage
 from embedseg_service.api.uploads import UploadRejected, receive_upload
 from embedseg_service.core.data.io import inspect_tiff, read_tiff
 from embedseg_service.core.data.tiff_write import write_tiff
@@ -245,6 +246,7 @@ async def upload_volume(
     principal: PrincipalDep,
 ) -> VolumeOut:
     volume_id = new_id()
+    await run_in_threadpool(check_storage, session, settings, principal)
     try:
         received = await receive_upload(
             request,
@@ -253,6 +255,7 @@ async def upload_volume(
             max_bytes=settings.max_upload_bytes,
             chunk_bytes=settings.upload_chunk_bytes,
         )
+        await run_in_threadpool(check_received, session, settings, principal, received.pending)
         row = await run_in_threadpool(
             _validate_and_store, session, storage, volume_id, received, received.fields, principal
         )
