@@ -257,3 +257,20 @@ class ApiKey(Base):
 
     def __repr__(self) -> str:
         return f"ApiKey(id={self.id!r}, owner={self.owner!r}, prefix={self.prefix!r}, admin={self.admin!r})"
+
+
+class IdempotencyKey(Base):
+    """A client's ``Idempotency-Key`` on a creating POST: the request it was first used with, and what it made.
+
+    ``scope`` is the owner ('' for anonymous requests): keys of different owners never collide.
+    ``resource_id`` is None while the first request is still being handled.
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    scope: Mapped[str] = mapped_column(String(255), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    route: Mapped[str] = mapped_column(String(64))
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    resource_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

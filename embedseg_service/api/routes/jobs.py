@@ -7,13 +7,14 @@ worker); the row is the truth for status, stage, progress, ETA, metrics, error a
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from embedseg_service.api import idempotency
 from embedseg_service.api.auth import Principal, PrincipalDep, visible
 from embedseg_service.api.deps import SessionDep, SettingsDep
 from embedseg_service.api.dispatch import Dispatcher, DispatchError, make_dispatcher
@@ -169,12 +170,31 @@ def _submit(
     spec: TrainSpec | PredictSpec | EvaluateSpec,
     principal: Principal,
     settings: Settings,
+    check: Callable[[], None],
 ) -> JobOut:
-    check_queue(session, settings, principal)
-    check_storage(session, settings, principal)
-    job = jobs.create_job(
-        session, kind, spec.model_dump(mode="json"), owner=principal.owner, volumes=spec.volume_roles()
-    )
+    """Check (``check``, quotas), insert and dispatch the job, or replay the job an ``Idempotency-Key`` made."""
+    key = idempotency.request_key(request)
+    held = None
+    if key is not None:
+        digest = idempotency.fingerprint(f"POST /jobs/{kind.value}", spec.model_dump_json())
+        held_or_id = idempotency.claim(session, principal, key, f"POST /jobs/{kind.value}", digest)
+        if isinstance(held_or_id, str):
+            first = session.get(Job, held_or_id)
+            if first is None:
+                raise idempotency.gone("job", held_or_id, key)
+            idempotency.replayed(response)
+            response.headers["Location"] = str(request.url_for("get_job", job_id=first.id).path)
+            return JobOut.model_validate(jobs.get_job(session, first.id))
+        held = held_or_id
+    with idempotency.holding(session, held):
+        check()
+        check_queue(session, settings, principal)
+        check_storage(session, settings, principal)
+        job = jobs.create_job(
+            session, kind, spec.model_dump(mode="json"), owner=principal.owner, volumes=spec.volume_roles()
+        )
+    if held is not None:
+        idempotency.settle(session, held, job.id)
     try:
         get_dispatcher(request).submit(job.id)
     except DispatchError as error:
@@ -200,8 +220,8 @@ def create_train_job(
     principal: PrincipalDep,
 ) -> JobOut:
     """Image and mask volume ids (paired by position), optional validation volumes or fraction, and options."""
-    _check_train(session, spec, settings, principal)
-    return _submit(request, response, session, JobKind.train, spec, principal, settings)
+    return _submit(request, response, session, JobKind.train, spec, principal, settings,
+                   lambda: _check_train(session, spec, settings, principal))  # fmt: skip
 
 
 @router.post("/predict", status_code=202, response_model=JobOut, responses=CREATED, summary="Segment volumes")
@@ -214,8 +234,8 @@ def create_predict_job(
     principal: PrincipalDep,
 ) -> JobOut:
     """A model id, one or many image volume ids, TTA on/off, tile ``"auto"`` or sizes, optional GT ids for AP."""
-    _check_predict(session, spec, principal)
-    return _submit(request, response, session, JobKind.predict, spec, principal, settings)
+    return _submit(request, response, session, JobKind.predict, spec, principal, settings,
+                   lambda: _check_predict(session, spec, principal))  # fmt: skip
 
 
 @router.post("/evaluate", status_code=202, response_model=JobOut, responses=CREATED, summary="Score predictions")
@@ -228,8 +248,8 @@ def create_evaluate_job(
     principal: PrincipalDep,
 ) -> JobOut:
     """Pairs of ground-truth and predicted label volume ids; the job's metrics hold the AP table."""
-    _check_evaluate(session, spec, principal)
-    return _submit(request, response, session, JobKind.evaluate, spec, principal, settings)
+    return _submit(request, response, session, JobKind.evaluate, spec, principal, settings,
+                   lambda: _check_evaluate(session, spec, principal))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- read

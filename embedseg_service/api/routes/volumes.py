@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from embedseg_service.api import idempotency
 from embedseg_service.api.auth import Principal, PrincipalDep, visible
 from embedseg_service.api.deps import SessionDep, SettingsDep, StorageDep
 from embedseg_service.api.owned import VolumeDep
@@ -246,7 +247,9 @@ async def upload_volume(
     principal: PrincipalDep,
 ) -> VolumeOut:
     volume_id = new_id()
+    key = idempotency.request_key(request)
     await run_in_threadpool(check_storage, session, settings, principal)
+    held = None
     try:
         received = await receive_upload(
             request,
@@ -255,16 +258,34 @@ async def upload_volume(
             max_bytes=settings.max_upload_bytes,
             chunk_bytes=settings.upload_chunk_bytes,
         )
-        await run_in_threadpool(check_received, session, settings, principal, received.pending)
-        row = await run_in_threadpool(
-            _validate_and_store, session, storage, volume_id, received, received.fields, principal
-        )
+        if key is not None:
+            held = await run_in_threadpool(
+                idempotency.claim_received, session, principal, key, "POST /volumes", received
+            )
+            if isinstance(held, str):
+                return _replay(request, response, session, held, key)
+        with idempotency.holding(session, held):
+            await run_in_threadpool(check_received, session, settings, principal, received.pending)
+            row = await run_in_threadpool(
+                _validate_and_store, session, storage, volume_id, received, received.fields, principal
+            )
+        if held is not None:
+            await run_in_threadpool(idempotency.settle, session, held, row.id)
     except UploadRejected as rejected:
         raise HTTPException(status_code=rejected.status, detail=rejected.detail) from None
     except ClientDisconnect:
         raise HTTPException(
             status_code=400, detail="the client disconnected before the end of the upload; resend the file"
         ) from None
+    response.headers["Location"] = str(request.url_for("get_volume", volume_id=row.id).path)
+    return VolumeOut.model_validate(row)
+
+
+def _replay(request: Request, response: Response, session: Session, volume_id: str, key: str) -> VolumeOut:
+    row = session.get(Volume, volume_id)
+    if row is None:
+        raise idempotency.gone("volume", volume_id, key)
+    idempotency.replayed(response)
     response.headers["Location"] = str(request.url_for("get_volume", volume_id=row.id).path)
     return VolumeOut.model_validate(row)
 
