@@ -95,7 +95,7 @@ def create_app(
             allow_credentials=False,
             allow_methods=["*"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
-            expose_headers=["Location"],
+            expose_headers=["Location", "Content-Disposition", "Idempotent-Replayed", "Retry-After"],
         )
     app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins)
     for router in ROUTERS:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import warnings
 from html.parser import HTMLParser
+from typing import Any
 
+import numpy as np
 import pytest
+from helpers import tiff_bytes, upload
 
 from embedseg_service.api.dashboard import DASHBOARD_PATH, static_dir
 from embedseg_service.records.orm import VolumeKind
@@ -19,6 +23,27 @@ with warnings.catch_warnings():  # starlette's notice about its httpx-based test
     from fastapi.testclient import TestClient
 
 ROUTE = re.compile(r'"(GET|POST|PUT|PATCH|DELETE) (/api/v1[^"]*)"')
+NODE = shutil.which("node")
+needs_node = pytest.mark.skipif(NODE is None, reason="Node.js is not installed")
+
+# Loads dashboard.js into a Node vm context with a stub document and in-memory Web Storage, then
+# prints the JSON of the expression given as the second argument.
+NODE_HARNESS = """
+const vm = require("vm");
+const fs = require("fs");
+function memoryStorage() {
+  const items = new Map();
+  return {
+    getItem: (key) => (items.has(key) ? items.get(key) : null),
+    setItem: (key, value) => { items.set(key, String(value)); },
+    removeItem: (key) => { items.delete(key); },
+  };
+}
+const window = { sessionStorage: memoryStorage(), localStorage: memoryStorage() };
+const context = vm.createContext({ window, document: { addEventListener() {} }, URL, URLSearchParams, console });
+vm.runInContext(fs.readFileSync(process.argv[1], "utf8"), context);
+console.log(JSON.stringify(vm.runInContext(process.argv[2], context)));
+"""
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +207,118 @@ def test_links_and_ids_of_the_page_exist(app) -> None:
         assert element_id in assets.ids, f"dashboard.js looks up #{element_id}, which index.html lacks"
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def run_script(expression: str) -> Any:
+    """The JSON value of a JavaScript ``expression`` evaluated after dashboard.js was loaded (Node.js)."""
+    assert NODE is not None
+    result = subprocess.run([NODE, "-e", NODE_HARNESS, str(static_dir() / "dashboard.js"), expression],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def _functions_calling(script: str, call: str) -> set[str]:
+    """Names of the top-level functions of ``script`` whose bodies contain ``call`` (not its definition)."""
+    starts = [(match.start(), match.group(1)) for match in re.finditer(r"^(?:async )?function (\w+)\(", script, re.M)]
+    names = set()
+    for match in re.finditer(r"(?<!function )" + re.escape(call), script):
+        enclosing = [name for start, name in starts if start < match.start()]
+        names.add(enclosing[-1] if enclosing else "<top level>")
+    return names
+
+
+def test_page_has_the_key_field() -> None:
+    html = (static_dir() / "index.html").read_text()
+    form = re.search(r'<form id="key-form".*?</form>', html, re.S).group(0)
+    assert re.search(r'<label for="api-key">API key</label>', form)
+    key_input = re.search(r'<input [^>]*id="api-key"[^>]*>', form).group(0)
+    assert 'type="password"' in key_input and 'autocomplete="off"' in key_input
+    assert re.search(r'<input type="checkbox" id="key-remember">\s*remember on this browser', form)
+    assert re.search(r'<button type="submit" id="key-save">Save</button>', form)
+    assert re.search(r'<button type="button" id="key-forget"[^>]*>Forget</button>', form)
+    # the 401 notice starts hidden and is announced when shown
+    assert re.search(r'<div id="key-needed" [^>]*role="alert" hidden>', html)
+    assert 'id="key-detail"' in html
+
+
+def test_every_call_of_the_script_can_carry_the_key() -> None:
+    script = (static_dir() / "dashboard.js").read_text()
+    # one fetch and one XMLHttpRequest, both with the key's header
+    assert _functions_calling(script, "fetch(") == {"send"}
+    assert "headers: withKey(headers)" in script
+    assert _functions_calling(script, "new XMLHttpRequest()") == {"sendForm"}
+    assert "Object.entries(withKey({ Accept: \"application/json\" }))" in script
+    # URLs of the API go to links that fetch with the key when one is set, never to a bare <img src>
+    assert _functions_calling(script, "routeUrl(") == {"send", "sendForm", "downloadLink", "viewLink"}
+    assert not re.search(r"\bsrc:", script)
+    # 401s are shown beside the key field, not as toasts, and stop the polling
+    assert "if (response.status === 401) throw keyNeeded(detail);" in script
+    assert "if (pollBusy || document.hidden || auth.locked) return;" in script
+    assert "document.cookie" not in script
+
+
+@needs_node
+def test_key_is_stored_per_tab_or_remembered() -> None:
+    stored = run_script("""(() => {
+      const seen = [storedKey()];
+      storeKey("esk_tab", false);
+      seen.push(storedKey(), window.localStorage.getItem(KEY_STORAGE));
+      storeKey("esk_browser", true);
+      seen.push(storedKey(), window.sessionStorage.getItem(KEY_STORAGE));
+      forgetStoredKey();
+      seen.push(storedKey(), window.localStorage.getItem(KEY_STORAGE));
+      return seen;
+    })()""")
+    assert stored == [
+        {"key": "", "remembered": False},
+        {"key": "esk_tab", "remembered": False}, None,
+        {"key": "esk_browser", "remembered": True}, None,
+        {"key": "", "remembered": False}, None,
+    ]  # fmt: skip
+
+
+@needs_node
+def test_requests_carry_the_key_once_set() -> None:
+    headers = run_script("""(() => {
+      const before = withKey({ Accept: "application/json" });
+      auth.key = "esk_abc";
+      return [before, withKey({ Accept: "application/json" })];
+    })()""")
+    assert headers == [{"Accept": "application/json"},
+                       {"Accept": "application/json", "Authorization": "Bearer esk_abc"}]  # fmt: skip
+
+
+@needs_node
+@pytest.mark.parametrize(
+    ("header", "name"),
+    [
+        ('attachment; filename="cells.tif"', "cells.tif"),
+        ("attachment; filename=model.pt", "model.pt"),
+        ('attachment; filename="a \\"quoted\\" name.tif"', 'a "quoted" name.tif'),
+        ("attachment; filename*=utf-8''z%C3%BCrich%20cells.tif", "zürich cells.tif"),
+        ('attachment; filename="old.tif"; filename*=UTF-8\'\'new.tif', "new.tif"),
+        ('attachment; filename*=UTF-8\'\'%E0%A4%A; filename="fallback.tif"', "fallback.tif"),
+        ('attachment; filename="../../etc/passwd"', "passwd"),
+        ("attachment", ""),
+        (None, ""),
+    ],
+)
+def test_download_names_come_from_content_disposition(header: str | None, name: str) -> None:
+    assert run_script(f"dispositionName({json.dumps(header)})") == name
+
+
+@needs_node
+def test_download_name_of_the_server_is_read_back(tmp_path) -> None:
+    from embedseg_service.api.app import create_app
+
+    with TestClient(create_app(Settings(data_dir=tmp_path, _env_file=None), migrate=True)) as client:
+        response = upload(client, tiff_bytes(np.zeros((8, 8), np.uint8)), filename="x.tif", name="zürich 1")
+        assert response.status_code == 201, response.text
+        download = client.get(f"/api/v1/volumes/{response.json()['id']}/download")
+    assert download.status_code == 200
+    assert run_script(f"dispositionName({json.dumps(download.headers['content-disposition'])})") == "zürich 1.tif"
+
+
+@needs_node
 def test_script_parses() -> None:
     result = subprocess.run(["node", "--check", str(static_dir() / "dashboard.js")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

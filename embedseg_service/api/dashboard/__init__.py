@@ -1,6 +1,9 @@
 """Browser dashboard: one static page (HTML, vanilla JS, CSS; no build step) served at ``/dashboard``.
 
-The page talks to the service only through the public ``/api/v1`` routes.
+The page talks to the service only through the public ``/api/v1`` routes. On a server with API keys
+it asks for one and sends it as ``Authorization: Bearer <key>`` with every call, previews and
+downloads included (fetched with the header, shown or saved from blob URLs); the key is kept in the
+browser's sessionStorage, or localStorage when the user ticks "remember on this browser".
 """
 
 from __future__ import annotations

@@ -68,20 +68,190 @@ function errorText(body, status) {
   return `HTTP ${status}`;
 }
 
-async function api(name, { params = {}, query = null, json = undefined, form = undefined } = {}) {
-  const [method] = ROUTES[name].split(" ");
-  const init = { method, headers: { Accept: "application/json" } };
-  if (json !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(json);
-  } else if (form !== undefined) {
-    init.body = form;
-  }
-  const response = await fetch(routeUrl(name, params, query), init);
+// Answers to requests sent before the key changed are dropped, so nothing of another key's owner is shown.
+class StaleAnswer extends Error {}
+
+// The server answered 401: the page shows its detail beside the key field (not in a toast).
+class KeyNeeded extends Error {}
+
+// Errors worth a toast: not 401s (shown beside the key field) nor dropped stale answers.
+function report(error) {
+  if (!(error instanceof KeyNeeded) && !(error instanceof StaleAnswer)) toast(error.message);
+}
+
+async function jsonOf(response) {
   const type = response.headers.get("content-type") || "";
-  const body = type.includes("json") ? await response.json() : null;
-  if (!response.ok) throw new Error(errorText(body, response.status));
-  return body;
+  if (!type.includes("json")) return null;
+  try {
+    return await response.json();
+  } catch (_) {
+    return null;
+  }
+}
+
+// fetch a route with the API key; resolves with the Response when it is 2xx, rejects with the server's
+// detail otherwise (KeyNeeded on 401, StaleAnswer when the key changed meanwhile).
+async function send(name, { params = {}, query = null, headers = {}, body = undefined } = {}) {
+  const [method] = ROUTES[name].split(" ");
+  const epoch = auth.epoch;
+  const response = await fetch(routeUrl(name, params, query), { method, headers: withKey(headers), body });
+  if (epoch !== auth.epoch) throw new StaleAnswer(`${name}: the API key changed`);
+  if (response.ok) return response;
+  const detail = errorText(await jsonOf(response), response.status);
+  if (epoch !== auth.epoch) throw new StaleAnswer(`${name}: the API key changed`);
+  if (response.status === 401) throw keyNeeded(detail);
+  throw new Error(detail);
+}
+
+async function api(name, { params = {}, query = null, json = undefined, form = undefined } = {}) {
+  const headers = { Accept: "application/json" };
+  let body;
+  if (json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(json);
+  } else if (form !== undefined) {
+    body = form;
+  }
+  const response = await send(name, { params, query, headers, body });
+  return jsonOf(response);
+}
+
+// A file of the API as { blob, filename } (filename: from Content-Disposition, "" when absent).
+async function fetchFile(name, params) {
+  const response = await send(name, { params });
+  const filename = dispositionName(response.headers.get("content-disposition"));
+  return { blob: await response.blob(), filename };
+}
+
+// The file name of a Content-Disposition header (RFC 6266: filename* first, then filename), "" if none.
+function dispositionName(header) {
+  if (!header) return "";
+  const extended = /filename\*\s*=\s*([\w!#$%&+.^`|~-]*)'[^']*'([^;\s]+)/i.exec(header);
+  if (extended) {
+    try {
+      return baseName(decodeURIComponent(extended[2]));
+    } catch (_) {
+      // malformed percent-encoding: fall back to the plain filename parameter
+    }
+  }
+  const plain = /(?:^|;)\s*filename\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))/i.exec(header);
+  if (!plain) return "";
+  return baseName(plain[1] !== undefined ? plain[1].replace(/\\(.)/g, "$1") : plain[2]);
+}
+
+function baseName(name) {
+  return name.split(/[\\/]/).pop().trim();
+}
+
+// ------------------------------------------------------------------ API key
+
+// The key lives in sessionStorage (this tab, until it is closed), or in localStorage when "remember on
+// this browser" is ticked. Never in a cookie: other sites cannot make the browser send it.
+const KEY_STORAGE = "embedseg.apiKey";
+const REVOKE_AFTER_MS = 60000;  // object URLs handed to a download or a new tab live this long
+
+const auth = {
+  key: "",
+  locked: false,  // a 401 came back: polling stops until a key is saved
+  epoch: 0,  // bumped on every key change
+};
+
+function storage(kind) {
+  try {
+    return kind === "local" ? window.localStorage : window.sessionStorage;
+  } catch (_) {
+    return null;  // storage disabled by the browser's settings
+  }
+}
+
+function storedKey() {
+  for (const kind of ["session", "local"]) {
+    const store = storage(kind);
+    const key = store ? store.getItem(KEY_STORAGE) : null;
+    if (key) return { key, remembered: kind === "local" };
+  }
+  return { key: "", remembered: false };
+}
+
+// Keep `key` in one storage (localStorage when `remember`), removing it from the other; false if refused.
+function storeKey(key, remember) {
+  forgetStoredKey();
+  const store = storage(remember ? "local" : "session");
+  try {
+    store.setItem(KEY_STORAGE, key);
+    return true;
+  } catch (_) {
+    return false;
+  }
+}
+
+function forgetStoredKey() {
+  for (const kind of ["session", "local"]) {
+    const store = storage(kind);
+    if (store) store.removeItem(KEY_STORAGE);
+  }
+}
+
+function withKey(headers) {
+  return auth.key ? { ...headers, Authorization: `Bearer ${auth.key}` } : headers;
+}
+
+// A 401: show the server's detail, empty the lists (they belong to the key that no longer works),
+// stop polling and put the focus on the key field. Returns the error to throw.
+function keyNeeded(detail) {
+  const first = !auth.locked;
+  auth.locked = true;
+  document.getElementById("key-detail").textContent = detail;
+  document.getElementById("key-needed").hidden = false;
+  clearData("Enter an API key above.");
+  if (first) document.getElementById("api-key").focus();
+  return new KeyNeeded(detail);
+}
+
+function showKeyState(remembered) {
+  const status = document.getElementById("key-status");
+  const input = document.getElementById("api-key");
+  if (auth.key) {
+    // The first characters name a key (embedseg keys list shows them); the rest stays hidden.
+    status.textContent = `${auth.key.slice(0, 12)}… ${remembered ? "(this browser)" : "(this tab)"}`;
+    input.placeholder = "replace the key";
+  } else {
+    status.textContent = "no key";
+    input.placeholder = "API key";
+  }
+  document.getElementById("key-forget").disabled = !auth.key;
+  document.getElementById("key-remember").checked = remembered;
+}
+
+function setKey(key, remembered) {
+  auth.key = key;
+  auth.epoch += 1;
+  auth.locked = false;
+  document.getElementById("key-needed").hidden = true;
+  clearData("Loading…");
+  showKeyState(remembered);
+  reloadAll();
+}
+
+function saveKey(event) {
+  event.preventDefault();
+  const input = document.getElementById("api-key");
+  const key = input.value.trim();
+  if (!key) {
+    toast("Type or paste an API key first.");
+    input.focus();
+    return;
+  }
+  const remember = document.getElementById("key-remember").checked;
+  if (!storeKey(key, remember)) toast("The browser refused to store the key: it is kept for this page only.");
+  input.value = "";
+  setKey(key, remember);
+}
+
+function forgetKey() {
+  forgetStoredKey();
+  document.getElementById("api-key").value = "";
+  setKey("", false);
 }
 
 // ------------------------------------------------------------------ small helpers
@@ -109,6 +279,96 @@ function svg(tag, attrs = {}, text = null) {
   if (text !== null) node.textContent = text;
   return node;
 }
+
+// ------------------------------------------------------------------ files
+
+// Save a blob as a download named `filename`.
+function saveBlob(blob, filename) {
+  const url = URL.createObjectURL(blob);
+  const link = el("a", { href: url, download: filename, hidden: true });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), REVOKE_AFTER_MS);
+}
+
+// A download link to a file route. Without a key it is a plain link (the browser streams the file);
+// with a key a click fetches the file with it and saves it under the server's file name
+// (Content-Disposition), else `fallbackName`.
+function downloadLink(route, params, text, fallbackName) {
+  const link = el("a", { href: routeUrl(route, params), download: fallbackName }, text);
+  link.addEventListener("click", async (event) => {
+    if (!auth.key) return;
+    event.preventDefault();
+    try {
+      const { blob, filename } = await fetchFile(route, params);
+      saveBlob(blob, filename || fallbackName);
+    } catch (error) {
+      report(error);
+    }
+  });
+  return link;
+}
+
+// A link opening a route's image in a new tab: a plain link without a key; with one, the image is
+// fetched with the key and the tab shows it through an object URL.
+function viewLink(route, params, ...children) {
+  const link = el("a", { href: routeUrl(route, params), target: "_blank", rel: "noopener" }, ...children);
+  link.addEventListener("click", async (event) => {
+    if (!auth.key) return;
+    event.preventDefault();
+    const tab = window.open("", "_blank");  // opened now, while the click still allows it
+    try {
+      const { blob } = await fetchFile(route, params);
+      const url = URL.createObjectURL(blob);
+      setTimeout(() => URL.revokeObjectURL(url), REVOKE_AFTER_MS);
+      if (!tab) throw new Error("the browser blocked the new tab; allow pop-ups for this page");
+      tab.location.href = url;
+    } catch (error) {
+      if (tab) tab.close();
+      report(error);
+    }
+  });
+  return link;
+}
+
+// Preview images are fetched with the key and shown through object URLs: one per volume whose tile is
+// on the page, reused when the tiles are drawn again, revoked when its tile leaves or the key changes.
+const previews = new Map();  // volume id -> { url: object URL once fetched, promise }
+
+function showPreview(img, volumeId) {
+  let entry = previews.get(volumeId);
+  if (!entry) {
+    const made = { url: null };
+    made.promise = fetchFile("volumePreview", { volume_id: volumeId }).then(({ blob }) => {
+      const url = URL.createObjectURL(blob);
+      if (previews.get(volumeId) !== made) {  // its tile left the page meanwhile
+        URL.revokeObjectURL(url);
+        return null;
+      }
+      made.url = url;
+      return url;
+    });
+    made.promise.catch(() => { if (previews.get(volumeId) === made) previews.delete(volumeId); });
+    previews.set(volumeId, made);
+    entry = made;
+  }
+  entry.promise.then((url) => { if (url) img.src = url; }, (error) => {
+    img.alt = error instanceof KeyNeeded ? "preview needs an API key" : `no preview: ${error.message}`;
+    img.classList.add("missing");
+  });
+}
+
+// Revoke the object URLs of the previews of every volume not in `keep` (a Set of ids).
+function releasePreviews(keep) {
+  for (const [volumeId, entry] of previews) {
+    if (keep.has(volumeId)) continue;
+    if (entry.url) URL.revokeObjectURL(entry.url);
+    previews.delete(volumeId);
+  }
+}
+
+// ------------------------------------------------------------------ small helpers (text)
 
 function shortId(id) {
   return id ? id.slice(0, 8) : "";
@@ -195,6 +455,7 @@ async function loadVolumes() {
   document.getElementById("volumes-total").textContent = `(${page.total})`;
   renderPager("volumes", page);
   const grid = document.getElementById("volumes");
+  releasePreviews(new Set(page.items.map((volume) => volume.id)));
   grid.replaceChildren();
   if (!page.items.length) {
     grid.append(el("p", { class: "empty" }, "No volumes yet: upload a TIFF above."));
@@ -204,7 +465,8 @@ async function loadVolumes() {
 }
 
 function volumeTile(volume) {
-  const preview = routeUrl("volumePreview", { volume_id: volume.id });
+  const image = el("img", { alt: `preview of ${volume.name}` });
+  showPreview(image, volume.id);
   const remove = el("button", { type: "button", class: "danger small", title: "Delete this volume" }, "Delete");
   remove.addEventListener("click", async () => {
     if (!confirm(`Delete volume ${volume.name}?`)) return;
@@ -213,13 +475,12 @@ function volumeTile(volume) {
       toast(`Deleted ${volume.name}`, "ok");
       await refresh("volumes");
     } catch (error) {
-      toast(error.message);
+      report(error);
     }
   });
   const voxel = volume.voxel_size ? `voxel ${volume.voxel_size.map((v) => formatNumber(v, 3)).join("×")}` : "";
   return el("div", { class: "tile", "data-volume-id": volume.id },
-    el("a", { href: preview, target: "_blank", rel: "noopener" },
-      el("img", { src: preview, alt: `preview of ${volume.name}`, loading: "lazy" })),
+    viewLink("volumePreview", { volume_id: volume.id }, image),
     el("div", { class: "meta" },
       el("span", { class: "name", title: volume.name }, volume.name),
       el("span", {}, el("span", { class: `kind kind-${volume.kind}` }, volume.kind), " ",
@@ -228,7 +489,7 @@ function volumeTile(volume) {
       voxel ? el("span", { class: "muted" }, voxel) : null,
       el("span", { class: "muted mono", title: volume.id }, shortId(volume.id))),
     el("div", { class: "actions" },
-      el("a", { href: routeUrl("volumeDownload", { volume_id: volume.id }), download: volume.name }, "Download"),
+      downloadLink("volumeDownload", { volume_id: volume.id }, "Download", `${volume.name}.tif`),
       remove));
 }
 
@@ -260,13 +521,16 @@ function sendForm(route, data, bar) {
   return new Promise((resolve, reject) => {
     const request = new XMLHttpRequest();
     const [method] = ROUTES[route].split(" ");
+    const epoch = auth.epoch;
     request.open(method, routeUrl(route));
-    request.setRequestHeader("Accept", "application/json");
+    for (const [name, value] of Object.entries(withKey({ Accept: "application/json" }))) request.setRequestHeader(name, value);
     request.upload.addEventListener("progress", (e) => { if (e.lengthComputable) bar.value = e.loaded / e.total; });
     request.addEventListener("load", () => {
       let parsed = null;
       try { parsed = JSON.parse(request.responseText); } catch (_) { parsed = null; }
-      if (request.status >= 200 && request.status < 300) resolve(parsed);
+      if (epoch !== auth.epoch) reject(new StaleAnswer(`${route}: the API key changed`));
+      else if (request.status >= 200 && request.status < 300) resolve(parsed);
+      else if (request.status === 401) reject(keyNeeded(errorText(parsed, request.status)));
       else reject(new Error(errorText(parsed, request.status)));
     });
     request.addEventListener("error", () => reject(new Error("upload failed: the server could not be reached")));
@@ -299,7 +563,7 @@ function uploadHandler(route, describe, after) {
       formNode.reset();
       await after();
     } catch (error) {
-      toast(error.message);
+      report(error);
     } finally {
       button.disabled = false;
       bar.hidden = true;
@@ -344,7 +608,7 @@ function modelRow(model) {
       toast(`Deleted model ${model.name}`, "ok");
       await refresh("models");
     } catch (error) {
-      toast(error.message);
+      report(error);
     }
   });
   const use = el("button", { type: "button", class: "ghost small", title: "Use in a prediction job" }, "Predict");
@@ -359,7 +623,8 @@ function modelRow(model) {
       model.source_job_id ? el("div", {}, el("a", { href: `#job=${model.source_job_id}`, onclick: (e) => { e.preventDefault(); selectJob(model.source_job_id); } },
         `job ${shortId(model.source_job_id)}`)) : null),
     el("td", { class: "muted" }, formatDate(model.created_at)),
-    el("td", {}, el("a", { href: routeUrl("modelDownload", { model_id: model.id }) }, "Download"), " ", use, " ", remove));
+    el("td", {}, downloadLink("modelDownload", { model_id: model.id }, "Download", `${model.name}.pt`), " ", use, " ",
+      remove));
 }
 
 function fillModelSelects() {
@@ -412,7 +677,7 @@ function selectJob(jobId) {
   for (const row of document.querySelectorAll("#jobs tr[data-job-id]")) {
     row.classList.toggle("selected", row.dataset.jobId === jobId);
   }
-  loadJobDetail().catch((error) => toast(error.message));
+  loadJobDetail().catch(report);
 }
 
 async function loadJobDetail() {
@@ -425,6 +690,7 @@ async function loadJobDetail() {
   try {
     job = await api("getJob", { params: { job_id: state.selectedJob } });
   } catch (error) {
+    if (error instanceof KeyNeeded || error instanceof StaleAnswer) throw error;
     node.hidden = false;
     node.replaceChildren(el("p", { class: "error" }, error.message));
     return;
@@ -446,9 +712,9 @@ function jobDetail(job) {
         await api("cancelJob", { params: { job_id: job.id } });
         toast(`Cancel requested for job ${shortId(job.id)}`, "ok");
       } catch (error) {
-        toast(error.message);
+        report(error);
       }
-      await Promise.all([loadJobs(), loadJobDetail()]);
+      await Promise.all([loadJobs(), loadJobDetail()]).catch(report);
     });
   }
   parts.push(el("div", { class: "detail-head" },
@@ -615,12 +881,12 @@ function resultLinks(job) {
   if (result.model_id) {
     links.push(el("span", {}, job.kind === "train" ? "trained model " : "model ",
       el("span", { class: "mono", title: result.model_id }, shortId(result.model_id)), " · ",
-      el("a", { href: routeUrl("modelDownload", { model_id: result.model_id }) }, "download checkpoint")));
+      downloadLink("modelDownload", { model_id: result.model_id }, "download checkpoint", `model-${shortId(result.model_id)}.pt`)));
   }
   for (const volumeId of result.label_volume_ids || []) {
     links.push(el("span", {}, "labels ", el("span", { class: "mono", title: volumeId }, volumeName(volumeId)), " · ",
-      el("a", { href: routeUrl("volumePreview", { volume_id: volumeId }), target: "_blank", rel: "noopener" }, "preview"),
-      " · ", el("a", { href: routeUrl("volumeDownload", { volume_id: volumeId }) }, "download labels")));
+      viewLink("volumePreview", { volume_id: volumeId }, "preview"),
+      " · ", downloadLink("volumeDownload", { volume_id: volumeId }, "download labels", `${volumeName(volumeId)}.tif`)));
   }
   return links;
 }
@@ -729,7 +995,7 @@ async function submitJob(event, kind) {
     selectJob(job.id);
     await loadJobs();
   } catch (error) {
-    toast(error.message);
+    report(error);
   } finally {
     button.disabled = false;
   }
@@ -756,18 +1022,41 @@ async function refresh(kind) {
   try {
     await LOADERS[kind]();
   } catch (error) {
-    toast(error.message);
+    report(error);
   }
+}
+
+function reloadAll() {
+  loadHealth();
+  return Promise.all([refresh("volumes"), refresh("models"), refresh("jobs"), loadJobDetail().catch(report)]);
+}
+
+// Empty every list (on a 401 or a key change: they may belong to another key's owner).
+function clearData(message) {
+  releasePreviews(new Set());
+  state.allVolumes = [];
+  state.models = [];
+  for (const select of document.querySelectorAll("select[data-kind]")) fillVolumeSelect(select);
+  fillModelSelects();
+  for (const kind of ["volumes", "jobs", "models"]) {
+    document.getElementById(`${kind}-total`).textContent = "";
+    document.querySelector(`[data-pager="${kind}"]`).replaceChildren();
+  }
+  document.getElementById("volumes").replaceChildren(el("p", { class: "empty" }, message));
+  for (const id of ["jobs", "models"]) {
+    document.getElementById(id).replaceChildren(el("tr", {}, el("td", { colspan: 5, class: "empty" }, message)));
+  }
+  document.getElementById("job-detail").hidden = true;
 }
 
 let pollBusy = false;
 async function poll() {
-  if (pollBusy || document.hidden) return;
+  if (pollBusy || document.hidden || auth.locked) return;
   pollBusy = true;
   try {
     await Promise.all([loadJobs(), loadJobDetail()]);
   } catch (error) {
-    await loadHealth();
+    if (!(error instanceof KeyNeeded || error instanceof StaleAnswer)) await loadHealth();
   } finally {
     pollBusy = false;
   }
@@ -792,10 +1081,14 @@ function init() {
   for (const kind of Object.keys(JOB_FORMS)) {
     document.getElementById(`${kind}-form`).addEventListener("submit", (event) => submitJob(event, kind));
   }
-  loadHealth();
+  document.getElementById("key-form").addEventListener("submit", saveKey);
+  document.getElementById("key-forget").addEventListener("click", forgetKey);
+  const stored = storedKey();
+  auth.key = stored.key;
+  showKeyState(stored.remembered);
   const linked = /^#job=([\w-]+)$/.exec(location.hash);
-  if (linked) selectJob(linked[1]);
-  Promise.all([refresh("volumes"), refresh("models"), refresh("jobs")]);
+  if (linked) state.selectedJob = linked[1];
+  reloadAll();
   setInterval(poll, POLL_MS);
   document.addEventListener("visibilitychange", () => { if (!document.hidden) poll(); });
 }
