@@ -288,3 +288,37 @@ def embedded_service(root: Path) -> Iterator[Any]:
 
     with TestClient(create_app(settings, migrate=True, on_startup=[start], on_shutdown=[stop])) as client:
         yield client
+
+
+async def post_in_chunks(
+    app: Any, path: str, body: bytes, boundary: str, chunk: int, *, content_length: bool = True
+) -> tuple[int, bytes, int]:
+    """POST a multipart ``body`` to the ASGI ``app`` in ``chunk``-byte messages, as a server does;
+    returns (status, response body, messages the app read)."""
+    position = 0
+    reads = 0
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        nonlocal position, reads
+        reads += 1
+        if position < len(body):
+            piece = body[position:position + chunk]
+            position += len(piece)
+            return {"type": "http.request", "body": piece, "more_body": position < len(body)}
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    headers = [(b"host", b"testserver"), (b"content-type", f"multipart/form-data; boundary={boundary}".encode())]
+    if content_length:
+        headers.append((b"content-length", str(len(body)).encode()))
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "server": ("test", 80),
+        "client": ("test", 1), "app": app, "headers": headers,
+    }  # fmt: skip
+    await app(scope, receive, send)
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"), reads

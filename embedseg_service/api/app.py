@@ -14,10 +14,11 @@ from embedseg_service.api.dashboard import mount_dashboard
 from embedseg_service.api.deps import JobBodies
 from embedseg_service.api.errors import install_error_handlers
 from embedseg_service.api.guards import RequestGuard
+from embedseg_service.api.openapi import install_openapi
 from embedseg_service.api.routes import health, jobs, models, volumes
 from embedseg_service.records.db import make_engine, make_sessionmaker, run_migrations
 from embedseg_service.records.settings import Settings, get_settings
-from embedseg_service.records.storage import get_storage
+from embedseg_service.records.storage import STALE_TEMP_S, get_storage
 
 API_PREFIX = "/api/v1"
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def create_app(
         if migrate:
             run_migrations(settings.database_url_resolved)
         app.state.storage.root.mkdir(parents=True, exist_ok=True)
+        app.state.storage.clean_temp(older_than_s=STALE_TEMP_S)  # uploads cut off by a crash
         for hook in on_startup:
             hook(app)
         try:
@@ -102,4 +104,5 @@ def create_app(
         guarded = [] if any(router is open_ for open_ in OPEN_ROUTERS) else [Depends(get_principal)]
         app.include_router(router, prefix=API_PREFIX, dependencies=guarded)
     mount_dashboard(app)
+    install_openapi(app)
     return app

@@ -1,11 +1,20 @@
-"""Torch-free reading of a model file's description, for validating uploaded checkpoints in the API.
+"""Validation of uploaded model files in the API, in two passes.
 
 A checkpoint written by :func:`embedseg_service.core.model.checkpoint.save_checkpoint` is a
 ``torch.save`` zip archive whose pickle member holds a plain dict (the layout:
-:mod:`embedseg_service.core.model.checkpoint_format`). This module reads that dict with a
-restricted unpickler: tensors become :class:`TensorStub` placeholders (shape only, no data
-read), only a fixed set of harmless globals is accepted, and nothing from the file is ever
-executed. The worker loads the file for real (``torch.load(weights_only=True)``) when a job uses it.
+:mod:`embedseg_service.core.model.checkpoint_format`).
+
+1. Without torch, the dict is read with a restricted unpickler: tensors become
+   :class:`TensorStub` placeholders (shape only, no data read), only a fixed set of harmless
+   globals is accepted, nothing from the file is executed. This checks the format mark, the
+   version and the description.
+2. Then the file is loaded with ``torch.load(weights_only=True)`` (memory-mapped) and its
+   weights are checked against the network: the spatial dimensions and input channels are read
+   from the first convolution's weight, the network for them is built on the ``meta`` device
+   (no memory, never run), and every key, shape and kind of number of its ``state_dict`` must
+   match. The dimensions and channels the file declares must be those of its weights.
+
+torch is imported by the second pass only, when a model file is uploaded.
 """
 
 from __future__ import annotations
@@ -111,7 +120,8 @@ def _plain(value: Any) -> Any:
 
 
 def read_checkpoint_summary(path: str | Path) -> CheckpointSummary:
-    """Describe the model file at ``path`` without torch; raises :class:`CheckpointInvalid` saying what is wrong."""
+    """Describe the model file at ``path`` and check its weights against the network (both passes of the
+    module docstring); raises :class:`CheckpointInvalid` saying what is wrong."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):
@@ -153,8 +163,70 @@ def read_checkpoint_summary(path: str | Path) -> CheckpointSummary:
     step = data["step"]
     if not isinstance(step, (list, tuple)) or len(step) != dims or not all(isinstance(h, (int, float)) for h in step):
         raise CheckpointInvalid(f"its embedding step {_plain(step)!r} does not have {dims} numbers")
+    weight_dims, weight_channels = check_weights(path)
+    if (weight_dims, weight_channels) != (dims, channels):
+        raise CheckpointInvalid(
+            f"it declares spatial_dims={dims}, in_channels={channels} but its weights are those of a "
+            f"{weight_dims}D network with {weight_channels} input channel(s)"
+        )
     description = {key: _plain(data.get(key) or {}) for key in DESCRIPTION_KEYS}
     return CheckpointSummary(
         spatial_dims=int(dims), in_channels=int(channels), step=[float(h) for h in step], n_tensors=len(state),
         **description,
     )
+
+
+def _load_weights(path: str | Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many types for a foreign or corrupt file
+        lines = str(error).strip().splitlines()
+        raise CheckpointInvalid(
+            f"it cannot be loaded as weights only ({lines[0][:200] if lines else type(error).__name__})"
+        ) from None
+    state = data.get("state_dict") if isinstance(data, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointInvalid("its state_dict holds no network weights")
+    return state
+
+
+def _network_tensors(spatial_dims: int, in_channels: int) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """(shape, is floating point) of every tensor of the network's ``state_dict``, built on the meta device."""
+    import torch
+
+    from embedseg_service.core.model.checkpoint import build_network
+
+    with torch.device("meta"):
+        state = build_network(spatial_dims, in_channels).state_dict()
+    return {key: (tuple(value.shape), value.is_floating_point()) for key, value in state.items()}
+
+
+def check_weights(path: str | Path) -> tuple[int, int]:
+    """(spatial_dims, in_channels) of the weights in the model file at ``path``, after checking every key,
+    shape and kind of number against the network built for them; :class:`CheckpointInvalid` otherwise."""
+    state = _load_weights(path)
+    first = next(iter(_network_tensors(2, 1)))
+    weight = state.get(first)
+    if weight is None or weight.ndim not in (4, 5):
+        raise CheckpointInvalid(
+            f"its weights are not those of this service's network (no 2D or 3D convolution weight {first!r})"
+        )
+    dims, channels = weight.ndim - 2, int(weight.shape[1])
+    try:
+        expected = _network_tensors(dims, channels)
+    except Exception as error:  # no network has that many input channels
+        raise CheckpointInvalid(f"its first convolution takes {channels} input channels ({error})") from None
+    found = {key: (tuple(value.shape), value.is_floating_point()) for key, value in state.items()}
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    different = [key for key in expected if key in found and found[key] != expected[key]]
+    if missing or unexpected or different:
+        kinds = ((missing, "missing"), (unexpected, "unexpected"), (different, "of another shape or type"))
+        problems = [f"{len(keys)} {what} (e.g. {keys[0]!r})" for keys, what in kinds if keys]
+        raise CheckpointInvalid(
+            f"its weights do not fit this service's {dims}D network with {channels} input channel(s): "
+            f"{len(found)} tensors, {'; '.join(problems)}"
+        )
+    return dims, channels

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
@@ -111,3 +111,10 @@ class JobBodies:
 
     def __len__(self) -> int:
         return len(self._bodies)
+
+
+MAX_OFFSET = 2**31 - 1
+"""Largest ``offset`` a list route accepts (beyond any real listing, within every database's integers)."""
+
+LimitQuery = Annotated[int, Query(ge=1, description="Page size (at most EMBEDSEG_PAGE_LIMIT_MAX)")]
+OffsetQuery = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Items to skip")]

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi import HTTPException, Request, Response
 from sqlalchemy import delete, update
@@ -23,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from embedseg_service.api.auth import Principal
 from embedseg_service.api.uploads import ReceivedUpload
-from embedseg_service.records.orm import IdempotencyKey
+from embedseg_service.records.orm import IdempotencyKey, Job, Model, Volume
 
 HEADER = "Idempotency-Key"
 _VALID = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -140,3 +141,22 @@ def claim_received(
     if isinstance(outcome, str):
         received.pending.abort()
     return outcome
+
+
+R = TypeVar("R", Job, Volume, Model)
+
+
+def replay(request: Request, response: Response, session: Session, cls: type[R], resource_id: str, key: str) -> R:
+    """The row a key's first request made, with the answer's ``Location`` and ``Idempotent-Replayed``
+    headers set; 409 when it was deleted since."""
+    row = session.get(cls, resource_id, populate_existing=True)
+    if row is None:
+        raise gone(cls.__name__.lower(), resource_id, key)
+    replayed(response)
+    route, parameter = _ROUTES[cls]
+    response.headers["Location"] = str(request.url_for(route, **{parameter: row.id}).path)
+    return row
+
+
+_ROUTES: dict[type, tuple[str, str]] = {Job: ("get_job", "job_id"), Volume: ("get_volume", "volume_id"),
+                                        Model: ("get_model", "model_id")}  # fmt: skip

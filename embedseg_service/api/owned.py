@@ -14,8 +14,9 @@ from starlette.concurrency import run_in_threadpool
 from embedseg_service.api.auth import PrincipalDep
 from embedseg_service.api.deps import JobBodies, SessionDep
 from embedseg_service.records.orm import Job, Model, Volume
+from embedseg_service.records.schemas import ID_PATTERN
 
-IdPath = Annotated[str, Path(max_length=64)]
+IdPath = Annotated[str, Path(max_length=64, pattern=ID_PATTERN)]
 
 
 def not_found(what: str, row_id: str) -> HTTPException:

@@ -1,4 +1,9 @@
-"""PNG previews of stored volumes: one plane (middle slice or max projection), labels in colour."""
+"""PNG previews of stored volumes: one plane (middle slice or max projection), labels in colour.
+
+Memory and time stay bounded whatever the volume's size: a preview reads the pages it shows
+(a max projection at most :data:`PREVIEW_READ_BYTES` of them, every k-th slice beyond) and, within a
+page, only the rows it keeps.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,18 @@ import math
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from PIL import Image
 
 from embedseg_service.core.data.axes import channel_count, has_channel_axis
-from embedseg_service.core.data.io import inspect_tiff, read_tiff
+from embedseg_service.core.data.io import open_tiff, read_tiff
+from embedseg_service.core.data.tiff_errors import TiffTooLarge
+from embedseg_service.core.data.tiff_pixels import plane_page, read_plane
 
 OVERLAY_ALPHA = 0.45
+PREVIEW_READ_BYTES = 128 * 1024**2
+"""Most decoded bytes of pages a max projection reads; larger volumes are projected over every k-th slice."""
+PREVIEW_WHOLE_BYTES = 64 * 1024**2
+"""Largest volume read whole for a preview when its pages are not Y-X planes."""
 
 
 class Projection(str, enum.Enum):
@@ -67,26 +77,56 @@ def _colour_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return colours, labels > 0
 
 
-def load_plane(path: Path, projection: Projection, z: int | None, channel: int) -> np.ndarray:
-    """One 2D plane (Y, X) of the volume at ``path``: its middle/``z`` slice or its max projection.
+def _slices(depth: int, plane_bytes: int, projection: Projection, z: int | None) -> range:
+    """The Z slices a preview reads: one, or for a max projection every k-th slice such that at most
+    :data:`PREVIEW_READ_BYTES` are read (every slice when that fits)."""
+    if projection is Projection.max:
+        step = max(1, math.ceil(depth * plane_bytes / PREVIEW_READ_BYTES))
+        return range(0, depth, step)
+    middle = depth // 2 if z is None else z
+    return range(middle, middle + 1)
 
-    A 3D volume stored one page per slice is read a page at a time (never whole); other
-    layouts are read whole. Raises ValueError when ``z``/``channel`` are out of range.
+
+def load_plane(
+    path: Path,
+    projection: Projection,
+    z: int | None,
+    channel: int,
+    *,
+    stride: int = 1,
+    max_voxels: int | None = None,
+) -> np.ndarray:
+    """One 2D plane (Y, X) of the volume at ``path``, every ``stride``-th row and column: its middle or
+    ``z`` slice, or its max projection over the slices of :func:`_slices`.
+
+    Reads a page at a time and, within a page, only the strips holding kept rows. Volumes whose
+    pages are not Y-X planes are read whole, up to :data:`PREVIEW_WHOLE_BYTES`. Raises ValueError
+    when ``z``/``channel`` are out of range, the volume is over ``max_voxels`` or cannot be read.
     """
-    info = inspect_tiff(path)
-    _check(info.shape, info.axes, z, channel)
-    if info.axes == "ZYX":
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            if tuple(series.shape) == tuple(info.shape) and len(series.pages) == info.shape[0]:
-                if projection is Projection.max:
-                    plane = tif.asarray(key=0, series=0)
-                    for k in range(1, info.shape[0]):
-                        np.maximum(plane, tif.asarray(key=k, series=0), out=plane)
-                    return plane
-                return tif.asarray(key=info.shape[0] // 2 if z is None else z, series=0)
-    volume = read_tiff(path)
-    return _plane(volume.data, volume.axes, projection, z, channel)
+    with open_tiff(path, max_voxels=max_voxels) as (tif, layout):
+        shape, axes = layout.canonical_shape, layout.canonical
+        _check(shape, axes, z, channel)
+        if plane_page(layout, channel, 0) is not None:
+            depth = shape[axes.index("Z")] if "Z" in axes else 1
+            plane_bytes = shape[-2] * shape[-1] * np.dtype(layout.dtype).itemsize
+            slices = _slices(depth, plane_bytes, projection, z)
+            plane = read_plane(tif, layout, channel, slices[0], stride)
+            for k in slices[1:]:
+                np.maximum(plane, read_plane(tif, layout, channel, k, stride), out=plane)
+            return plane
+        size = math.prod(layout.shape) * np.dtype(layout.dtype).itemsize
+    if size > PREVIEW_WHOLE_BYTES:
+        raise ValueError(
+            f"this volume's pages are not Y-X planes, and at {size} bytes it is too large to preview whole "
+            f"(at most {PREVIEW_WHOLE_BYTES} bytes)"
+        )
+    volume = read_tiff(path, max_voxels=max_voxels)
+    return _plane(volume.data, volume.axes, projection, z, channel)[::stride, ::stride]
+
+
+def _plane_stride(path: Path, max_px: int, max_voxels: int | None) -> int:
+    with open_tiff(path, max_voxels=max_voxels) as (_, layout):
+        return _stride(layout.canonical_shape[-2:], max_px)
 
 
 def render_preview(
@@ -97,27 +137,33 @@ def render_preview(
     z: int | None = None,
     channel: int = 0,
     max_px: int = 1024,
+    max_voxels: int | None = None,
 ) -> bytes:
     """PNG bytes of one plane of the image at ``path`` with the labels at ``labels_path`` overlaid.
 
-    Either may be None (a labels-only preview is drawn on black). Planes are subsampled so the
-    longest side is at most ``max_px``. Raises ValueError when ``z``/``channel`` are out of range.
+    Either may be None (a labels-only preview is drawn on black). Planes are read subsampled so the
+    longest side is at most ``max_px``, a bounded number of pages at a time (:func:`load_plane`).
+    Raises ValueError when ``z``/``channel`` are out of range, a volume has more than ``max_voxels``
+    voxels or cannot be read.
     """
-    image_plane = labels_plane = None
-    stride = 1
-    if path is not None:
-        image_plane = load_plane(path, projection, z, channel)
-        stride = _stride(image_plane.shape, max_px)
-        image_plane = image_plane[::stride, ::stride]
-    if labels_path is not None:
-        labels_plane = load_plane(labels_path, projection, z, 0)
-        if path is None:
-            stride = _stride(labels_plane.shape, max_px)
-        labels_plane = labels_plane[::stride, ::stride]
-        if image_plane is not None and labels_plane.shape != image_plane.shape:
-            labels_plane = None
-    if image_plane is None and labels_plane is None:
-        raise ValueError("nothing to preview")
+    try:
+        image_plane = labels_plane = None
+        first = path if path is not None else labels_path
+        if first is None:
+            raise ValueError("nothing to preview")
+        stride = _plane_stride(first, max_px, max_voxels)
+        if path is not None:
+            image_plane = load_plane(path, projection, z, channel, stride=stride, max_voxels=max_voxels)
+        if labels_path is not None:
+            labels_plane = load_plane(labels_path, projection, z, 0, stride=stride, max_voxels=max_voxels)
+            if image_plane is not None and labels_plane.shape != image_plane.shape:
+                labels_plane = None
+    except TiffTooLarge as error:
+        raise ValueError(f"{error}; raise EMBEDSEG_MAX_VOXELS to preview it") from None
+    return _png(image_plane, labels_plane)
+
+
+def _png(image_plane: np.ndarray | None, labels_plane: np.ndarray | None) -> bytes:
     if image_plane is not None:
         gray = _gray(image_plane)
         rgb = np.repeat(gray[..., None], 3, axis=-1).astype(np.float32)

@@ -1,10 +1,27 @@
-"""Celery settings shared by the API's producer and the workers (plain data: Celery is not imported here)."""
+"""Celery settings shared by the API's producer and the workers (plain data: Celery is not imported here),
+and a read-only look into the Redis queue: which jobs have a task message waiting there.
+
+The queue and the job rows can disagree: a broker restart without persistence loses the
+messages, and a crash between committing a row and sending its message loses one. A queued row
+older than ``requeue_after_s`` whose message is not waiting is what a worker's reconciler sends
+again and what ``/ready`` reports (:func:`unsent_jobs`).
+"""
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
+from sqlalchemy.orm import Session
+
+from embedseg_service.records import jobs
 from embedseg_service.records.settings import Settings
+
+PRIORITY_SEPARATOR = "\x06\x16"
+PRIORITY_STEPS = (3, 6, 9)
+"""kombu's Redis transport keeps a message of priority p > 0 in the list ``<queue>\\x06\\x16<p>``."""
+PAGE = 500
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -31,3 +48,62 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_track_started": False,
         "worker_hijack_root_logger": False,
     }
+
+
+def queue_keys(queue: str) -> list[str]:
+    """The Redis lists that hold a queue's waiting messages (one per priority step)."""
+    return [queue] + [f"{queue}{PRIORITY_SEPARATOR}{step}" for step in PRIORITY_STEPS]
+
+
+def message_job_id(raw: bytes | str, task_name: str) -> str | None:
+    """The job id a waiting kombu message of the task ``task_name`` carries, or None (another task,
+    or a message this does not understand)."""
+    try:
+        message = json.loads(raw)
+        if message.get("headers", {}).get("task") != task_name:
+            return None
+        body: Any = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        decoded = json.loads(body)
+        args = decoded[0] if isinstance(decoded, list) else decoded.get("args")
+        return str(args[0]) if args else None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+
+
+def waiting_job_ids(settings: Settings) -> set[str]:
+    """Ids of the jobs whose task message waits in the broker queue (read without consuming anything).
+
+    Messages a worker has taken but not yet acknowledged (its running job) are not counted.
+    Raises ``redis.RedisError`` when the broker cannot be reached.
+    """
+    import redis
+
+    if settings.broker_url is None:
+        return set()
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=5, socket_timeout=30)
+    ids: set[str] = set()
+    try:
+        for key in queue_keys(settings.gpu_queue):
+            length = int(client.llen(key))
+            for start in range(0, length, PAGE):
+                for raw in client.lrange(key, start, start + PAGE - 1):
+                    job_id = message_job_id(raw, settings.task_name)
+                    if job_id is not None:
+                        ids.add(job_id)
+    finally:
+        client.close()
+    return ids
+
+
+def unsent_jobs(session: Session, settings: Settings) -> list[str]:
+    """Queued jobs created more than ``settings.requeue_after_s`` ago whose message is not waiting in the
+    broker queue (oldest first); none on the embedded default, where the database is the queue."""
+    if settings.broker_url is None:
+        return []
+    overdue = jobs.overdue_queued(session, settings.requeue_after_s)
+    if not overdue:
+        return []
+    waiting = waiting_job_ids(settings)
+    return [job_id for job_id in overdue if job_id not in waiting]

@@ -8,7 +8,11 @@ Transitions::
 Terminal states (succeeded, failed, cancelled) never change. Every state change is a
 compare-and-set ``UPDATE ... WHERE status IN (...)``, so two workers racing for one job (a
 message delivered twice) cannot both win, and a finished job is never run again.
-Every function here commits its own transaction.
+
+A claim increments ``attempts``; the worker's writes name that attempt number (``attempt=``) and
+apply only while the job is still ``running`` under it, so a worker that lost its claim (its
+heartbeat went stale and another worker took the job over) can neither change the row nor
+register outputs. Every function here commits its own transaction.
 """
 
 from __future__ import annotations
@@ -25,13 +29,17 @@ from sqlalchemy import (
     Dialect,
     Result,
     Text,
+    and_,
     bindparam,
     cast,
+    func,
+    or_,
     select,
     type_coerce,
     update,
 )
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.types import NullType
 
 from embedseg_service.records.orm import (
@@ -73,6 +81,26 @@ class InvalidTransition(ValueError):
         self.target = target
 
 
+class ClaimLost(RuntimeError):
+    """A fenced write found the job no longer running under the writer's attempt: another worker owns it
+    now, or it has finished. The writer must stop and register nothing."""
+
+    def __init__(self, job_id: str, attempt: int) -> None:
+        super().__init__(f"job {job_id} is no longer running under attempt {attempt}")
+        self.job_id = job_id
+        self.attempt = attempt
+
+
+class InputsMissing(LookupError):
+    """A job's input volume or model was deleted before the job was created; ``missing`` names them."""
+
+    def __init__(self, missing: Sequence[str]) -> None:
+        super().__init__(
+            f"{', '.join(missing)} not found: deleted while the job was being submitted; store it again and resubmit"
+        )
+        self.missing = list(missing)
+
+
 E = TypeVar("E", bound=Enum)
 
 
@@ -94,15 +122,25 @@ def _get(session: Session, job_id: str) -> Job:
     return job
 
 
-def _cas(session: Session, job_id: str, target: JobStatus, values: Mapping[str, Any]) -> bool:
-    """Set ``status = target`` plus ``values`` if the job is in a status that may become ``target``."""
+def _cas(
+    session: Session, job_id: str, target: JobStatus, values: Mapping[str, Any], attempt: int | None = None
+) -> bool:
+    """Set ``status = target`` plus ``values`` if the job is in a status that may become ``target``
+    (with ``attempt``: only while it is running under that claim)."""
     statement = (
         update(Job)
-        .where(Job.id == job_id, Job.status.in_(_sources(target)))
+        .where(Job.id == job_id, Job.status.in_(_sources(target)), *_fence(attempt))
         .values(status=target.value, **values)
         .execution_options(synchronize_session=False)
     )
     return rows_matched(session.execute(statement)) == 1
+
+
+def _fence(attempt: int | None) -> list[Any]:
+    """The extra conditions of a write fenced by ``attempt`` (none without one)."""
+    if attempt is None:
+        return []
+    return [Job.status == JobStatus.running.value, Job.attempts == attempt]
 
 
 def get_job(session: Session, job_id: str) -> Job:
@@ -168,47 +206,104 @@ def create_job(
     owner: str | None = None,
     *,
     volumes: Iterable[tuple[str, str]] = (),
+    model_id: str | None = None,
 ) -> Job:
     """Insert a ``queued`` job and its (volume_id, role) links, and commit.
 
-    Dispatch the job only after this returns (the row must exist before a worker looks for it).
-    Raises ValueError for an unknown ``kind``.
+    The input volumes and ``model_id`` (the model a predict job reads, also named in its spec) are
+    locked against deletion and checked to exist in the same transaction, so a concurrent delete
+    either waits for this job (and then refuses, the inputs being in use) or wins, and this raises
+    :class:`InputsMissing`: no job is ever left without its inputs. Dispatch the job only after this
+    returns (the row must exist before a worker looks for it). Raises ValueError for an unknown ``kind``.
     """
     job_kind = _enum(JobKind, kind, "kind")
+    links = sorted({(volume_id, role) for volume_id, role in volumes})
     job = Job(kind=job_kind.value, status=JobStatus.queued.value, spec=dict(spec), owner=owner, progress=0.0)
-    session.add(job)
-    session.flush()
-    links = {(volume_id, role) for volume_id, role in volumes}
-    for volume_id, role in sorted(links):
-        session.add(JobVolume(job_id=job.id, volume_id=volume_id, role=role))
+    try:
+        session.add(job)
+        session.flush()  # the first write: on SQLite it takes the database's write lock
+        missing = _lock_inputs(session, sorted({volume_id for volume_id, _ in links}), model_id)
+        if missing:
+            raise InputsMissing(missing)
+        for volume_id, role in links:
+            session.add(JobVolume(job_id=job.id, volume_id=volume_id, role=role))
+        try:
+            session.flush()
+        except IntegrityError:  # a volume deleted between the check and its link (the foreign key refused)
+            session.rollback()
+            raise InputsMissing(_missing_inputs(session, [v for v, _ in links], model_id)) from None
+    except BaseException:
+        session.rollback()
+        raise
     session.commit()
     return job
 
 
-def claim_job(session: Session, job_id: str, worker: str) -> bool:
-    """Move the job from ``queued`` to ``running`` for ``worker``; False if someone else got it first.
+def _lock_inputs(session: Session, volume_ids: Sequence[str], model_id: str | None) -> list[str]:
+    """Share-lock the input rows (PostgreSQL ``FOR SHARE``: a delete waits for this transaction);
+    returns the ones that do not exist, as "Volume <id>" / "Model <id>"."""
+    found = set(session.scalars(select(Volume.id).where(Volume.id.in_(volume_ids)).with_for_update(read=True)))
+    missing = [f"Volume {volume_id}" for volume_id in volume_ids if volume_id not in found]
+    if model_id is not None:
+        if session.scalar(select(Model.id).where(Model.id == model_id).with_for_update(read=True)) is None:
+            missing.append(f"Model {model_id}")
+    return missing
 
-    A redelivered message whose job is already running or finished loses the claim and should
-    exit quietly. Raises :class:`JobNotFound` for an unknown id.
+
+def _missing_inputs(session: Session, volume_ids: Sequence[str], model_id: str | None) -> list[str]:
+    found = set(session.scalars(select(Volume.id).where(Volume.id.in_(list(volume_ids)))))
+    missing = [f"Volume {volume_id}" for volume_id in sorted(set(volume_ids)) if volume_id not in found]
+    if model_id is not None and session.scalar(select(Model.id).where(Model.id == model_id)) is None:
+        missing.append(f"Model {model_id}")
+    session.commit()
+    return missing or ["an input volume"]
+
+
+def claim(session: Session, job_id: str, worker: str, *, max_running: int | None = None) -> int | None:
+    """Move the job from ``queued`` to ``running`` for ``worker``; returns the claim's attempt number
+    (the new ``attempts``, which fences the worker's later writes), or None if someone else got it first.
+
+    With ``max_running``, the claim also fails while the job's owner already has that many jobs
+    running (the job stays ``queued``). A redelivered message whose job is already running or
+    finished loses the claim and should exit quietly. Raises :class:`JobNotFound` for an unknown id.
     """
     now = utcnow()
-    won = _cas(
-        session,
-        job_id,
-        JobStatus.running,
-        {
-            "worker": worker,
-            "started_at": now,
-            "heartbeat_at": now,
-            "attempts": Job.attempts + 1,
-            "stage": "starting",
-            "error": None,
-        },
+    conditions = [Job.id == job_id, Job.status.in_(_sources(JobStatus.running))]
+    if max_running is not None:
+        other = aliased(Job)
+        running = (
+            select(func.count())
+            .select_from(other)
+            .where(other.status == JobStatus.running.value,
+                   or_(other.owner == Job.owner, and_(other.owner.is_(None), Job.owner.is_(None))))  # fmt: skip
+            .scalar_subquery()
+        )
+        conditions.append(running < max_running)
+    statement = (
+        update(Job)
+        .where(*conditions)
+        .values(status=JobStatus.running.value, worker=worker, started_at=now, heartbeat_at=now,
+                attempts=Job.attempts + 1, stage="starting", error=None)
+        .returning(Job.attempts)
+        .execution_options(synchronize_session=False)
     )
+    attempt = session.execute(statement).scalar_one_or_none()
     session.commit()
-    if not won:
+    if attempt is None:
         _get(session, job_id)
-    return won
+    return attempt
+
+
+def claim_job(session: Session, job_id: str, worker: str) -> bool:
+    """:func:`claim` that answers only whether ``worker`` won the claim."""
+    return claim(session, job_id, worker) is not None
+
+
+def holds_claim(session: Session, job_id: str, attempt: int) -> bool:
+    """Whether the job is still running under the claim ``attempt``."""
+    found = session.scalar(select(Job.id).where(Job.id == job_id, *_fence(attempt)))
+    session.commit()
+    return found is not None
 
 
 def update_progress(
@@ -219,12 +314,14 @@ def update_progress(
     stage: str | None = None,
     eta_s: float | None = None,
     metrics: Mapping[str, Any] | None = None,
+    attempt: int | None = None,
 ) -> bool:
     """Write progress (0..1), stage, ETA and metrics of a running job and beat its heartbeat.
 
     The caller throttles (see ``Settings.progress_throttle_s``). ``metrics`` replaces the stored
     metrics. Returns True when cancellation was requested (the worker should stop at the next
-    step); False otherwise, including when the job is no longer running.
+    step); False otherwise, including when the job is no longer running. With ``attempt`` the
+    write is fenced: it raises :class:`ClaimLost` when the job is not running under that claim.
     """
     if progress is not None and not 0.0 <= progress <= 1.0:
         raise ValueError(f"progress must be within [0, 1], got {progress}")
@@ -237,27 +334,30 @@ def update_progress(
         values["eta_s"] = max(0.0, float(eta_s))
     if metrics is not None:
         values["metrics"] = dict(metrics)
+    return _write_running(session, job_id, values, attempt)
+
+
+def heartbeat(session: Session, job_id: str, attempt: int | None = None) -> bool:
+    """Record that the worker running the job is alive; returns the cancel flag.
+
+    With ``attempt``: fenced, raises :class:`ClaimLost` when the job is not running under that claim.
+    """
+    return _write_running(session, job_id, {"heartbeat_at": utcnow()}, attempt)
+
+
+def _write_running(session: Session, job_id: str, values: Mapping[str, Any], attempt: int | None) -> bool:
     statement = (
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.running.value)
+        .where(Job.id == job_id, Job.status == JobStatus.running.value, *_fence(attempt))
         .values(**values)
         .returning(Job.cancel_requested)
         .execution_options(synchronize_session=False)
     )
     flag = session.execute(statement).scalar_one_or_none()
     session.commit()
+    if flag is None and attempt is not None:
+        raise ClaimLost(job_id, attempt)
     return bool(flag)
-
-
-def heartbeat(session: Session, job_id: str) -> None:
-    """Record that the worker running the job is alive."""
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.running.value)
-        .values(heartbeat_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
 
 
 def request_cancel(session: Session, job_id: str) -> Job:
@@ -304,13 +404,15 @@ def finish_job(
     error: str | None = None,
     outputs: Sequence[Volume | Model] = (),
     metrics: Mapping[str, Any] | None = None,
+    attempt: int | None = None,
 ) -> bool:
     """End a job as ``succeeded``, ``failed`` or ``cancelled``, registering ``outputs`` atomically.
 
     ``outputs`` are new Volume/Model rows (their files already stored under job-scoped keys);
     they get ``source_job_id`` and the job's ``owner`` and are inserted in the same transaction
     that marks the job, so they exist exactly when the job succeeded. Returns False (inserting nothing) when the
-    job was not in a status that may become ``status`` (e.g. a duplicate run finishing late).
+    job was not in a status that may become ``status`` (e.g. a duplicate run finishing late), or,
+    with ``attempt``, when it is not running under that claim (a worker that lost its claim).
     Raises ValueError for a non-terminal ``status``, :class:`JobNotFound` for an unknown id.
     """
     target = _enum(JobStatus, status, "status")
@@ -325,7 +427,7 @@ def finish_job(
         values["error"] = error
     if metrics is not None:
         values["metrics"] = dict(metrics)
-    won = _cas(session, job_id, target, values)
+    won = _cas(session, job_id, target, values, attempt)
     if not won:
         session.rollback()
         _get(session, job_id)
@@ -339,11 +441,58 @@ def finish_job(
     return True
 
 
-def requeue_job(session: Session, job_id: str) -> bool:
-    """Put a running job back to ``queued`` (its worker was lost); False if it was not running."""
-    won = _cas(session, job_id, JobStatus.queued, {"worker": None, "stage": "requeued", "heartbeat_at": None})
+def requeue_job(session: Session, job_id: str, attempt: int | None = None) -> bool:
+    """Put a running job back to ``queued`` (its worker was lost or is stopping); False if it was not
+    running (with ``attempt``: not running under that claim)."""
+    won = _cas(session, job_id, JobStatus.queued, {"worker": None, "stage": "requeued", "heartbeat_at": None},
+               attempt)
     session.commit()
     return won
+
+
+def overdue_queued(session: Session, older_than_s: float, now: datetime | None = None, limit: int = 1000) -> list[str]:
+    """Ids of queued jobs created more than ``older_than_s`` seconds ago (oldest first, at most ``limit``)."""
+    cutoff = (now or utcnow()) - timedelta(seconds=older_than_s)
+    rows = session.scalars(
+        select(Job.id)
+        .where(Job.status == JobStatus.queued.value, Job.created_at < cutoff)
+        .order_by(Job.created_at, Job.id)
+        .limit(limit)
+    ).all()
+    session.commit()
+    return list(rows)
+
+
+def finished_since(session: Session, since: datetime) -> list[tuple[str, str, int]]:
+    """(id, status, attempts) of the jobs that finished at or after ``since``."""
+    rows = session.execute(
+        select(Job.id, Job.status, Job.attempts).where(
+            Job.status.in_([s.value for s in TERMINAL_STATUSES]), Job.finished_at >= since
+        )
+    ).all()
+    session.commit()
+    return [(job_id, status, attempts) for job_id, status, attempts in rows]
+
+
+def job_states(session: Session, job_ids: Sequence[str]) -> dict[str, tuple[str, int]]:
+    """``id -> (status, attempts)`` of the jobs among ``job_ids`` that exist."""
+    rows = session.execute(select(Job.id, Job.status, Job.attempts).where(Job.id.in_(list(job_ids)))).all()
+    session.commit()
+    return {job_id: (status, attempts) for job_id, status, attempts in rows}
+
+
+def registered_keys(session: Session, job_ids: Sequence[str]) -> dict[str, set[str]]:
+    """``job id -> storage keys`` of the volumes and models each of ``job_ids`` registered (its outputs)."""
+    keys: dict[str, set[str]] = {job_id: set() for job_id in job_ids}
+    for table in (Volume, Model):
+        rows = session.execute(
+            select(table.source_job_id, table.storage_key).where(table.source_job_id.in_(list(job_ids)))
+        ).all()
+        for job_id, key in rows:
+            if job_id is not None:
+                keys[job_id].add(key)
+    session.commit()
+    return keys
 
 
 def stale_jobs(session: Session, older_than_s: float, now: datetime | None = None) -> list[Job]:

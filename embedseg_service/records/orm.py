@@ -224,13 +224,17 @@ class Model(Base):
 
 
 class JobVolume(Base):
-    """A volume a job reads (``role``: image, mask, val_image, val_mask, input, gt, pred)."""
+    """A volume a job reads (``role``: image, mask, val_image, val_mask, input, gt, pred).
+
+    A linked volume cannot be deleted (``RESTRICT``): deleting a volume first removes the links of
+    finished jobs, and refuses while a queued or running job's link remains.
+    """
 
     __tablename__ = "job_volumes"
 
     job_id: Mapped[str] = mapped_column(String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     volume_id: Mapped[str] = mapped_column(
-        String(36), ForeignKey("volumes.id", ondelete="CASCADE"), primary_key=True, index=True
+        String(36), ForeignKey("volumes.id", ondelete="RESTRICT"), primary_key=True, index=True
     )
     role: Mapped[str] = mapped_column(String(32), primary_key=True)
 

@@ -9,6 +9,7 @@ default from :mod:`embedseg_service.core.inference.defaults` (both dependency-fr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -22,6 +23,8 @@ from embedseg_service.records.orm import JobKind, JobStatus, VolumeKind
 T = TypeVar("T")
 
 MAX_IDS = 1000
+MAX_CROP_SIZE = 16384
+"""Largest side of an explicit training crop, whatever the data."""
 
 
 class Orm(BaseModel):
@@ -90,7 +93,10 @@ def parse_axes(text: str | None) -> str | None:
 
 # --------------------------------------------------------------------------- jobs
 
-VolumeId = Annotated[str, Field(min_length=1, max_length=64)]
+ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+"""What a row id may look like (ids are UUIDs; this also keeps control characters out of queries)."""
+
+VolumeId = Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)]
 
 
 def _unique(ids: list[str], what: str) -> list[str]:
@@ -148,7 +154,10 @@ class TrainSpec(BaseModel):
     @field_validator("crop_size", mode="before")
     @classmethod
     def _crop(cls, value: object) -> int | str:
-        return _check_crop(value, "crop_size")
+        crop = _check_crop(value, "crop_size")
+        if isinstance(crop, int) and crop > MAX_CROP_SIZE:
+            raise ValueError(f"crop_size must be at most {MAX_CROP_SIZE} (or 'auto'), got {crop}")
+        return crop
 
     @field_validator("voxel_size")
     @classmethod
@@ -203,12 +212,41 @@ class TrainSpec(BaseModel):
         return roles
 
 
+def check_train_size(spec: TrainSpec, image_shapes: Sequence[Sequence[int]], *, max_batch_voxels: int) -> None:
+    """Refuse a training spec too large for its data or for one batch, with a ``ValueError`` saying how to fix it.
+
+    ``image_shapes`` are the spatial shapes of the spec's training images. Rules: each side of an
+    explicit ``crop_size`` is at most the largest side of those images rounded up to a multiple of
+    8; ``batch_size`` times the crop's voxels (``crop_size ** dims``) is at most
+    ``max_batch_voxels`` (an automatic batch size counts as 1, an automatic crop is sized by the
+    trainer and not checked here).
+    """
+    if not isinstance(spec.crop_size, int):
+        return
+    crop = spec.crop_size
+    largest = max((int(n) for shape in image_shapes for n in shape), default=0)
+    limit = -(-largest // 8) * 8
+    if image_shapes and crop > limit:
+        raise ValueError(
+            f"crop_size {crop} is larger than the training images need (their largest side is {largest}); "
+            f"use at most {limit}, or 'auto'"
+        )
+    batch = spec.batch_size or 1
+    voxels = batch * crop**spec.dims
+    if voxels > max_batch_voxels:
+        raise ValueError(
+            f"batch_size {batch} times a crop of {crop}^{spec.dims} voxels is {voxels} voxels per batch, more "
+            f"than the limit of {max_batch_voxels} (EMBEDSEG_MAX_BATCH_VOXELS); use a smaller batch_size or "
+            "crop_size"
+        )
+
+
 class PredictSpec(BaseModel):
     """A prediction job: a model applied to one or many volumes, optionally scored against ground truth."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model_id: str = Field(min_length=1, max_length=64)
+    model_id: str = Field(min_length=1, max_length=64, pattern=ID_PATTERN)
     volume_ids: list[VolumeId] = Field(min_length=1, max_length=MAX_IDS)
     tta: bool = DEFAULT_TTA
     tile: Literal["auto"] | list[int] = "auto"

@@ -51,15 +51,32 @@ class Settings(BaseSettings):
         default=1024**4, description="Bytes of volumes and models one owner may store (413 above)."
     )
     quota_queued_jobs: int = Field(default=200, description="Jobs one owner may have waiting in the queue (429 above).")
+    quota_running_jobs: int = Field(
+        default=4, description="Jobs of one owner that run at once; the owner's other jobs wait in the queue."
+    )
     progress_throttle_s: float = Field(
         default=1.0, description="Least seconds between two progress writes of one job."
     )
     heartbeat_s: float = Field(default=30.0, description="Seconds between worker heartbeats on a running job.")
+    requeue_after_s: float = Field(
+        default=300.0,
+        description="Seconds a queued job may wait with no message in the broker queue before a worker's "
+        "reconciler sends it again (e.g. after a broker restart lost the queue); /ready reports such jobs.",
+    )
     local_workers: int = Field(default=1, description="Jobs the embedded local worker runs at once.")
     gpu_queue: str = Field(default="gpu", description="Celery queue the GPU workers consume.")
     task_name: str = Field(default="embedseg.run_job", description="Name of the Celery task that runs a job.")
     page_limit_max: int = Field(default=500, description="Largest page size a list route answers.")
     preview_max_px: int = Field(default=1024, description="Longest side of a preview.png.")
+    max_voxels: int = Field(
+        default=2**31, gt=0,
+        description="Most voxels (all axes, channels included) a TIFF may declare; checked from its header "
+        "before any pixel is decoded (413 above).",
+    )
+    max_batch_voxels: int = Field(
+        default=2**27, gt=0,
+        description="Most voxels of one training batch, batch_size times the crop's voxels (422 above).",
+    )
     sql_echo: bool = Field(default=False, description="Log every SQL statement.")
 
     @field_validator("data_dir", "storage_dir", mode="after")
@@ -95,14 +112,15 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("max_upload_bytes", "upload_chunk_bytes", "job_visibility_timeout_s", "local_workers",
-                     "page_limit_max", "preview_max_px", "quota_stored_bytes", "quota_queued_jobs")
+                     "page_limit_max", "preview_max_px", "quota_stored_bytes", "quota_queued_jobs",
+                     "quota_running_jobs")
     @classmethod
     def _positive(cls, value: int, info: ValidationInfo) -> int:
         if value <= 0:
             raise ValueError(f"{info.field_name} must be a positive integer, got {value}")
         return value
 
-    @field_validator("progress_throttle_s", "heartbeat_s", "max_job_minutes")
+    @field_validator("progress_throttle_s", "heartbeat_s", "requeue_after_s", "max_job_minutes")
     @classmethod
     def _positive_float(cls, value: float, info: ValidationInfo) -> float:
         if not value > 0:

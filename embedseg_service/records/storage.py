@@ -3,7 +3,10 @@
 :class:`Storage` is the interface (an S3-compatible store can implement it); :class:`LocalStorage`
 keeps files under a folder. Writes go to a temporary file that is renamed into place only when
 complete, so a reader never sees a partial file and a failed write leaves nothing behind.
-Keys are relative POSIX paths such as ``volumes/<id>.tif`` or ``jobs/<job id>/labels-<id>.tif``.
+Keys are relative POSIX paths such as ``volumes/<id>.tif`` or ``jobs/<job id>/a<attempt>/labels-<id>.tif``.
+
+A temporary file's name records the host and process writing it, so that files left by a process
+that died (a killed upload, a killed worker) can be told from files still being written.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import hashlib
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -23,6 +28,10 @@ if TYPE_CHECKING:
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TEMP_DIR = ".tmp"
+STALE_TEMP_S = 3600.0
+"""A temporary file of another host (whose writer cannot be checked) left unmodified this long is abandoned."""
+PROCESS_STARTED = time.time()
+"""When this process started (about: when this module was imported)."""
 
 
 class StorageError(OSError):
@@ -47,9 +56,64 @@ def model_key(model_id: str) -> str:
     return check_key(f"models/{model_id}.pt")
 
 
-def job_output_key(job_id: str, name: str) -> str:
-    """Job-scoped key of an output file, so that a rerun of the job overwrites, never duplicates."""
-    return check_key(f"jobs/{job_id}/{name}")
+def job_prefix(job_id: str) -> str:
+    """The folder of every file a job writes (its outputs and checkpoints, all attempts)."""
+    return check_key(f"jobs/{job_id}")
+
+
+def attempt_prefix(job_id: str, attempt: int) -> str:
+    """The folder of the files one attempt (claim) of a job writes: ``jobs/<job id>/a<attempt>``."""
+    if attempt < 1:
+        raise ValueError(f"attempt numbers start at 1, got {attempt}")
+    return check_key(f"jobs/{job_id}/a{attempt}")
+
+
+def job_output_key(job_id: str, name: str, attempt: int | None = None) -> str:
+    """Key of a job's output file: under the attempt's folder when ``attempt`` is given, so that a
+    late or duplicate run writes beside the winner's files, never over them."""
+    if attempt is None:
+        return check_key(f"jobs/{job_id}/{name}")
+    return check_key(f"{attempt_prefix(job_id, attempt)}/{name}")
+
+
+def checkpoint_key(job_id: str, attempt: int) -> str:
+    """Key of the resumable training state an attempt of a train job keeps (replaced every epoch)."""
+    return job_output_key(job_id, "last.pt", attempt)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def writer_tag() -> str:
+    """``<host>@<pid>``: who writes a temporary file (its name starts with it)."""
+    return f"{socket.gethostname()}@{os.getpid()}"
+
+
+def writer_gone(name: str, modified: float, older_than_s: float) -> bool:
+    """Whether the temporary file or folder ``name`` (starting ``<host>@<pid>@``), last modified at
+    ``modified`` (epoch seconds), was abandoned by its writer.
+
+    Abandoned: anything when ``older_than_s`` is 0 or less; written on this host by a process that
+    no longer runs, or by this process before it started (an earlier process with the same id, e.g.
+    in a restarted container); of another host or without a tag: unmodified for ``older_than_s`` seconds.
+    """
+    if older_than_s <= 0:
+        return True
+    host, _, rest = name.partition("@")
+    pid = rest.partition("@")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return time.time() - modified >= older_than_s
+    if int(pid) == os.getpid():
+        return modified < PROCESS_STARTED
+    return not process_alive(int(pid))
 
 
 class PendingWrite:
@@ -175,8 +239,20 @@ class Storage(Protocol):
         """Remove every key under the folder ``prefix``; returns how many files went."""
         ...
 
+    def list_keys(self, prefix: str) -> list[str]:
+        """Keys of the files under the folder ``prefix`` (sorted; empty when there is none)."""
+        ...
+
+    def list_folders(self, prefix: str) -> list[str]:
+        """Names of the folders directly under ``prefix`` (sorted; e.g. the job ids under ``jobs``)."""
+        ...
+
     def reachable(self) -> str | None:
         """None when the store can be written and read, else a sentence saying what is wrong."""
+        ...
+
+    def clean_temp(self, older_than_s: float = 0.0) -> int:
+        """Remove temporary files their writers abandoned; returns how many went."""
         ...
 
 
@@ -200,7 +276,7 @@ class LocalStorage:
 
     def begin_write(self, key: str) -> PendingWrite:
         final = self._path(key)
-        temp = self._temp_dir() / f"{uuid.uuid4().hex}.part"
+        temp = self._temp_dir() / f"{writer_tag()}@{uuid.uuid4().hex}.part"
         return PendingWrite(final, temp, key)
 
     @contextmanager
@@ -260,8 +336,20 @@ class LocalStorage:
         if not folder.is_dir():
             return 0
         count = sum(1 for item in folder.rglob("*") if item.is_file())
-        shutil.rmtree(folder)
+        shutil.rmtree(folder, ignore_errors=True)
         return count
+
+    def list_keys(self, prefix: str) -> list[str]:
+        folder = self._path(prefix)
+        if not folder.is_dir():
+            return []
+        return sorted(item.relative_to(self.root).as_posix() for item in folder.rglob("*") if item.is_file())
+
+    def list_folders(self, prefix: str) -> list[str]:
+        folder = self._path(prefix)
+        if not folder.is_dir():
+            return []
+        return sorted(item.name for item in folder.iterdir() if item.is_dir())
 
     def reachable(self) -> str | None:
         try:
@@ -273,16 +361,23 @@ class LocalStorage:
             return f"storage folder {self.root} is not writable: {error.strerror or error}"
         return None if ok else f"storage folder {self.root} returned different bytes than written"
 
-    def clean_temp(self) -> int:
-        """Remove leftover temporary files (from a crash); returns how many went."""
+    def clean_temp(self, older_than_s: float = 0.0) -> int:
+        """Remove temporary files abandoned by their writer (see :func:`writer_gone`); returns how many went.
+
+        The default, 0, removes every temporary file: only when nothing writes to the store. Processes
+        that start beside others sharing the store (API, workers) pass :data:`STALE_TEMP_S`.
+        """
         temp = self.root / TEMP_DIR
         if not temp.is_dir():
             return 0
         count = 0
         for item in temp.iterdir():
-            if item.is_file():
-                item.unlink(missing_ok=True)
-                count += 1
+            try:
+                if item.is_file() and writer_gone(item.name, item.stat().st_mtime, older_than_s):
+                    item.unlink(missing_ok=True)
+                    count += 1
+            except FileNotFoundError:  # committed or aborted meanwhile
+                continue
         return count
 
 

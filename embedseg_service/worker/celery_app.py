@@ -4,6 +4,16 @@ Run a worker with ``embedseg worker --queues gpu`` or ``celery -A embedseg_servi
 The configuration (late acks, requeue on a lost worker, prefetch 1, visibility timeout above the
 longest job, routing of ``embedseg.run_job`` to the ``gpu`` queue) is shared with the API's
 producer: see :func:`embedseg_service.records.broker.celery_config`.
+
+The reconciler lives here, in a thread of each worker's main process
+(:class:`embedseg_service.worker.reconcile.Reconciler`): the workers are what must run alongside
+the broker for jobs to run at all, they already hold a producer connection, and a duplicate send
+from two workers is harmless (the claim is a compare-and-set), so no separate beat process or
+leader election is needed. At start the worker also removes what dead processes left behind.
+
+SIGTERM (``docker compose stop``) starts Celery's warm shutdown; the main process asks its pool
+processes to stop their jobs, which stop at their next step and are put back to the queue and
+sent again (:mod:`embedseg_service.worker.shutdown`).
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import task_prerun, worker_ready, worker_shutdown, worker_shutting_down
 
 from embedseg_service.records.broker import celery_config
 from embedseg_service.records.settings import Settings, get_settings
@@ -40,43 +50,77 @@ def create_celery(settings: Settings | None = None) -> Celery:
     return app
 
 
-def recover_and_resend(app: Celery, settings: Settings) -> list[str]:
-    """Requeue running jobs whose worker stopped beating and send their task again; returns their ids."""
-    from embedseg_service.worker.runner import recover_stale_jobs
-
-    requeued = recover_stale_jobs(settings)
-    for job_id in requeued:
-        app.send_task(settings.task_name, args=[job_id], queue=settings.gpu_queue)
-    return requeued
+def send_job(app: Celery, settings: Settings, job_id: str) -> None:
+    """Send the job's task (by name) to the GPU queue."""
+    app.send_task(settings.task_name, args=[job_id], queue=settings.gpu_queue)
 
 
-_recovery: dict[int, threading.Event] = {}
+_reconcilers: dict[int, threading.Event] = {}
 
 
-def _recovery_loop(app: Celery, settings: Settings, stop: threading.Event) -> None:
+def _reconcile_loop(app: Celery, settings: Settings, stop: threading.Event) -> None:
+    from embedseg_service.worker.cleanup import clean_at_start
+    from embedseg_service.worker.reconcile import Reconciler
+
+    reconciler = Reconciler(settings, lambda job_id: send_job(app, settings, job_id))
+    try:
+        clean_at_start(reconciler.storage, reconciler.sessions)
+    except Exception as error:  # the database or the store briefly unreachable: the passes go on
+        log.warning("clean-up at start: %s: %s", type(error).__name__, error)
     while not stop.wait(settings.heartbeat_s):
         try:
-            recover_and_resend(app, settings)
+            reconciler.run_once()
         except Exception as error:  # database or broker briefly down: try again next period
-            log.warning("stale-job recovery: %s: %s", type(error).__name__, error)
+            log.warning("reconciler: %s: %s", type(error).__name__, error)
 
 
 @worker_ready.connect(weak=False)
-def _start_recovery(sender: Any = None, **_: Any) -> None:
-    """Each worker watches for jobs abandoned by a lost worker (killed, out of memory) and re-sends them."""
+def _start_reconciler(sender: Any = None, **_: Any) -> None:
+    """Each worker runs the reconciler (lost workers' jobs, messages lost by the broker, leftover files)."""
     app = getattr(sender, "app", None)
     settings = getattr(getattr(app, "conf", None), "embedseg_settings", None)
-    if app is None or settings is None or id(app) in _recovery:
+    if app is None or settings is None or id(app) in _reconcilers:
         return
-    stop = _recovery[id(app)] = threading.Event()
-    threading.Thread(target=_recovery_loop, args=(app, settings, stop), name="embedseg-recovery", daemon=True).start()
+    stop = _reconcilers[id(app)] = threading.Event()
+    threading.Thread(target=_reconcile_loop, args=(app, settings, stop), name="embedseg-reconciler",
+                     daemon=True).start()
 
 
 @worker_shutdown.connect(weak=False)
-def _stop_recovery(**_: Any) -> None:
-    for stop in _recovery.values():
+def _stop_reconciler(**_: Any) -> None:
+    for stop in _reconcilers.values():
         stop.set()
-    _recovery.clear()
+    _reconcilers.clear()
+
+
+@worker_shutting_down.connect(weak=False)
+def _stop_running_jobs(**_: Any) -> None:
+    """Warm shutdown (SIGTERM): the job running here (solo, threads pool) or in a pool process
+    (prefork, signalled) stops at its next step and goes back to the queue."""
+    from embedseg_service.worker.shutdown import POOL_STOP_SIGNAL, forward_to_children, request_stop
+
+    request_stop()
+    forward_to_children(POOL_STOP_SIGNAL)
+
+
+_pool_handler_installed: list[bool] = []
+
+
+@task_prerun.connect(weak=False)
+def _pool_process_stops_on_request(**_: Any) -> None:
+    """A prefork pool process turns the main process's stop signal into a stop request of its job.
+
+    Installed when the process runs its first task: billiard sets its own handlers after the
+    process starts, and the job runs in the process's main thread.
+    """
+    from billiard.process import current_process
+
+    from embedseg_service.worker.shutdown import POOL_STOP_SIGNAL, install_stop_handler
+
+    if _pool_handler_installed or current_process()._name == "MainProcess":  # solo and threads pools
+        return
+    install_stop_handler(POOL_STOP_SIGNAL)
+    _pool_handler_installed.append(True)
 
 
 app = create_celery()

@@ -12,13 +12,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from embedseg_service.records.orm import JobKind, Model, Volume
 from embedseg_service.records.settings import Settings
-from embedseg_service.records.storage import Storage
+from embedseg_service.records.storage import Storage, job_output_key
 from embedseg_service.worker.progress import JobReporter
 
 
 @dataclass
 class JobContext:
-    """What a handler gets: the job's id, kind and validated spec, storage, progress and scratch space."""
+    """What a handler gets: the job's id, kind and validated spec, storage, progress and scratch space,
+    and the claim's ``attempt`` number (its output files go under that attempt's storage folder)."""
 
     job_id: str
     kind: JobKind
@@ -28,9 +29,14 @@ class JobContext:
     sessions: sessionmaker[Session]
     reporter: JobReporter
     scratch: Path
+    attempt: int | None = None
 
     def session(self) -> Session:
         return self.sessions()
+
+    def output_key(self, name: str) -> str:
+        """The storage key of the output file ``name`` of this attempt (``jobs/<job>/a<attempt>/<name>``)."""
+        return job_output_key(self.job_id, name, self.attempt)
 
 
 @dataclass

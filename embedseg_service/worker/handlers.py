@@ -1,14 +1,19 @@
 """The job handlers: train, predict and evaluate, each ``handler(context) -> JobOutcome``.
 
-Handlers read their input volumes from storage, run :mod:`core`, write their outputs under
-job-scoped storage keys (``jobs/<job id>/...``, temp file + rename, so a rerun overwrites and
-never duplicates) and return the new rows; the runner registers them in the transaction that
-marks the job succeeded. They report progress through ``context.reporter`` and stop with
+Handlers read their input volumes from storage, run :mod:`core`, write their outputs under the
+attempt's storage folder (``jobs/<job id>/a<attempt>/...``, temp file + rename: a late or
+duplicate run writes beside the winner's files, never over them) and return the new rows; the
+runner registers them in the transaction that marks the job succeeded, if the claim is still
+theirs. They report progress through ``context.reporter`` and stop with
 :class:`embedseg_service.worker.progress.JobCancelled` when cancellation is requested.
+
+A train job stores its resumable state (``last.pt``) in its attempt's folder after every epoch;
+a later attempt of the job (after a worker stopped or was lost) resumes from the newest one.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -18,15 +23,16 @@ import numpy as np
 
 from embedseg_service.records.orm import JobKind, Model, Volume, VolumeKind, new_id
 from embedseg_service.records.schemas import EvaluateSpec, PredictSpec, TrainSpec
-from embedseg_service.records.storage import job_output_key
+from embedseg_service.records.storage import StorageError, checkpoint_key
 from embedseg_service.worker.context import Handler, JobContext, JobOutcome
-from embedseg_service.worker.progress import JobCancelled, JobReporter
+from embedseg_service.worker.progress import JobCancelled
 
 if TYPE_CHECKING:
     from embedseg_service.core.training.config import TrainConfig
     from embedseg_service.core.training.train import TrainProgress, TrainResult
 
 CHUNK = 1024 * 1024
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- reading and storing
@@ -73,8 +79,10 @@ def read_volume(context: JobContext, row: Volume) -> np.ndarray:
 
 
 def _store_file(context: JobContext, name: str, path: Path) -> tuple[str, str, int]:
-    """Store a local file under the job-scoped key ``jobs/<job>/<name>``; returns (key, sha256, size)."""
-    key = job_output_key(context.job_id, name)
+    """Store a local file under the attempt's key ``jobs/<job>/a<attempt>/<name>`` while the claim is
+    still this worker's; returns (key, sha256, size)."""
+    context.reporter.check_claim()
+    key = context.output_key(name)
     written = context.storage.put(key, _chunks(path))
     return key, written.sha256, written.size
 
@@ -137,24 +145,60 @@ def _train_config(spec: TrainSpec, context: JobContext, image_rows: list[Volume]
     return config_from_options(options, data_voxel_size=data_voxel_size)
 
 
-def _train_progress(reporter: JobReporter) -> Callable[[TrainProgress], bool]:
-    """A training progress callback that reports the stage, the fraction done and one record per epoch."""
+def _train_progress(
+    context: JobContext, last_path: Path, resumed_from: int | None
+) -> Callable[[TrainProgress], bool]:
+    """A training progress callback that reports the stage, the fraction done and one record per epoch,
+    and stores the resumable state written at each epoch's end (``last_path``) under the attempt's key."""
+    reporter = context.reporter
     epochs: list[dict[str, Any]] = []
+    extra = {} if resumed_from is None else {"resumed_from_epoch": resumed_from}
 
     def on_progress(info: TrainProgress) -> bool:
         epoch_end = info.step == 0 and info.epoch >= 1 and (not epochs or epochs[-1]["epoch"] < info.epoch)
         if epoch_end:
             epochs.append(json_safe({"epoch": info.epoch, "loss": info.loss, "val_iou": info.val_iou,
                                      "val_ap": info.val_ap, "val_map": info.val_map}))
+        if epoch_end and context.attempt is not None and last_path.is_file():
+            reporter.check_claim()  # stored before a stop request is acted on, so the epoch is kept
+            context.storage.put_file(checkpoint_key(context.job_id, context.attempt), last_path)
         return bool(reporter.update(
             progress=0.97 * info.fraction,
             stage=f"training epoch {min(info.epoch + (0 if info.step == 0 else 1), info.epochs)}/{info.epochs}",
             eta_s=info.eta_s,
-            metrics={"epochs": epochs, "epochs_total": info.epochs},
+            metrics={"epochs": epochs, "epochs_total": info.epochs, **extra},
             force=epoch_end,
         ))
 
     return on_progress
+
+
+def resume_point(context: JobContext, config: TrainConfig) -> tuple[Path, int] | None:
+    """(local copy, epoch) of the newest resumable state an earlier attempt of the job stored, or None.
+
+    Earlier attempts are tried newest first; a state that cannot be read or does not fit the
+    configuration is skipped (the job then trains from the start).
+    """
+    from embedseg_service.core.model.checkpoint import load_checkpoint
+    from embedseg_service.core.training.prepare import check_resume
+
+    for attempt in range((context.attempt or 1) - 1, 0, -1):
+        key = checkpoint_key(context.job_id, attempt)
+        local = context.scratch / f"resume-a{attempt}.pt"
+        try:
+            if not context.storage.exists(key):
+                continue
+            with context.storage.open_read(key) as source, open(local, "wb") as target:
+                while chunk := source.read(CHUNK):
+                    target.write(chunk)
+            data = load_checkpoint(local)
+            check_resume(data, config)
+            return local, int(data.get("epoch", 0))
+        except (StorageError, OSError, ValueError, KeyError, RuntimeError) as error:
+            log.warning("job %s: the state of attempt %d is not resumable (%s); trying an older one",
+                        context.job_id, attempt, error)
+            local.unlink(missing_ok=True)
+    return None
 
 
 def _train_metrics(spec: TrainSpec, result: TrainResult) -> tuple[dict[str, Any], Any]:
@@ -181,7 +225,7 @@ def _train_metrics(spec: TrainSpec, result: TrainResult) -> tuple[dict[str, Any]
 
 def run_train(context: JobContext) -> JobOutcome:
     """Train a model on the spec's image/mask volumes; registers a model row with config, properties, metrics."""
-    from embedseg_service.core.training.train import train
+    from embedseg_service.core.training.train import last_checkpoint_path, train
 
     spec = TrainSpec.model_validate(context.spec)
     reporter = context.reporter
@@ -200,13 +244,18 @@ def run_train(context: JobContext) -> JobOutcome:
     reporter.raise_if_cancelled(poll=True)
     config = _train_config(spec, context, image_rows, channels.pop())
 
-    reporter.update(stage="training", force=True)
+    resume = resume_point(context, config)
+    resumed_from = None if resume is None else resume[1]
+    reporter.update(stage="training" if resume is None else f"resuming at epoch {resumed_from}", force=True)
     model_file = context.scratch / "model.pt"
     result = train(
         images, masks, config, out_path=model_file, val_images=val_images, val_masks=val_masks,
-        progress=_train_progress(reporter),
+        resume_from=None if resume is None else resume[0],
+        progress=_train_progress(context, last_checkpoint_path(model_file), resumed_from),
     )
     metrics, history = _train_metrics(spec, result)
+    if resumed_from is not None:
+        metrics["resumed_from_epoch"] = resumed_from
     if result.stopped == "requested":
         cancelled = JobCancelled(context.job_id)
         cancelled.metrics = metrics  # type: ignore[attr-defined]

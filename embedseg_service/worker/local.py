@@ -1,11 +1,13 @@
 """The embedded local worker: jobs run in separate processes that poll the database (no broker).
 
 :class:`LocalWorker` starts ``settings.local_workers`` processes (spawn context, so the API
-process never imports torch and a job's memory goes when it ends). Each process loops: recover
-abandoned jobs, claim the oldest queued job by compare-and-set, run it, and otherwise wait
-for a wake-up (``submit``) or the poll interval. Queued jobs left by an earlier run of the
-service are therefore picked up at start-up. Stopping the service asks idle processes to exit
-and interrupts busy ones, whose jobs go back to the queue for the next start.
+process never imports torch and a job's memory goes when it ends). Each process removes what
+dead processes left behind, then loops: reconcile (recover abandoned jobs, remove the files
+finished jobs did not register), claim the oldest queued job by compare-and-set, run it, and
+otherwise wait for a wake-up (``submit``) or the poll interval. Queued jobs left by an earlier
+run of the service are therefore picked up at start-up. Stopping the service asks idle processes
+to exit and sends SIGTERM to busy ones: their jobs stop at the next step and go back to the
+queue for the next start (a train job resumes from its last checkpoint).
 
 ``embedseg serve`` imports this module only when it starts the embedded worker; it imports no torch itself.
 """
@@ -14,9 +16,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import signal
 import socket
+import time
 from typing import Any
 
 from sqlalchemy import select
@@ -25,21 +27,12 @@ from embedseg_service.records import jobs
 from embedseg_service.records.db import get_sessionmaker
 from embedseg_service.records.orm import Job, JobStatus
 from embedseg_service.records.settings import Settings, set_settings
+from embedseg_service.records.storage import process_alive
 
 log = logging.getLogger(__name__)
 
 POLL_S = 2.0
 STOP_GRACE_S = 5.0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def requeue_orphans(settings: Settings) -> list[str]:
@@ -58,11 +51,11 @@ def requeue_orphans(settings: Settings) -> list[str]:
         ).all()
         for job_id, worker, attempts in running:
             name, _, pid = (worker or "").rpartition(":")
-            if name != host or not pid.isdigit() or _pid_alive(int(pid)):
+            if name != host or not pid.isdigit() or process_alive(int(pid)):
                 continue
             if attempts >= MAX_ATTEMPTS:
                 fail_lost(session, job_id, attempts)
-            elif jobs.requeue_job(session, job_id):
+            elif jobs.requeue_job(session, job_id, attempt=attempts):
                 requeued.append(job_id)
     return requeued
 
@@ -81,21 +74,29 @@ def serve_jobs(settings: Settings, wake: Any, stop: Any, poll_s: float = POLL_S)
     """Body of one local worker process: run queued jobs until ``stop`` is set."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [worker %(process)d] %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us
-    from embedseg_service.worker.runner import WorkerShutdown, install_shutdown_handler, recover_stale_jobs, run_job
+    from embedseg_service.worker.cleanup import clean_at_start
+    from embedseg_service.worker.reconcile import Reconciler
+    from embedseg_service.worker.runner import run_job
+    from embedseg_service.worker.shutdown import WorkerShutdown, install_stop_handler, stop_requested
 
     set_settings(settings)
-    install_shutdown_handler()
+    install_stop_handler()
+    reconciler = Reconciler(settings, None)
     try:
         requeue_orphans(settings)
-        while not stop.is_set():
+        clean_at_start(reconciler.storage, reconciler.sessions)
+        reconciled_at = 0.0
+        while not stop.is_set() and not stop_requested():
             wake.clear()
             ran = False
             try:
-                recover_stale_jobs(settings)
+                if time.monotonic() - reconciled_at >= settings.heartbeat_s:
+                    reconciler.run_once()
+                    reconciled_at = time.monotonic()
                 for job_id in next_queued(settings):
-                    if stop.is_set():
+                    if stop.is_set() or stop_requested():
                         break
-                    if run_job(job_id, settings=settings) != "skipped":
+                    if run_job(job_id, settings=settings) not in ("skipped", "deferred"):
                         ran = True
                         break  # look again from the oldest queued job
             except WorkerShutdown:
@@ -105,7 +106,8 @@ def serve_jobs(settings: Settings, wake: Any, stop: Any, poll_s: float = POLL_S)
             if not ran:
                 wake.wait(poll_s)
     except WorkerShutdown:
-        log.info("local worker stopped")
+        pass
+    log.info("local worker stopped")
 
 
 class LocalWorker:
@@ -152,7 +154,7 @@ class LocalWorker:
             proc.join(grace_s)
         for proc in self._procs:
             if proc.is_alive():
-                proc.terminate()  # SIGTERM: the runner requeues the job
+                proc.terminate()  # SIGTERM: the job stops at its next step and is requeued
         for proc in self._procs:
             proc.join(30)
             if proc.is_alive():

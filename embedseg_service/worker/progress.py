@@ -1,4 +1,10 @@
-"""Throttled progress, heartbeat and cancel flag of a running job, all on its database row."""
+"""Throttled progress, heartbeat and cancel flag of a running job, all on its database row.
+
+The writes are fenced by the claim's attempt number: once the row is no longer running under it
+(another worker took the job over, or it finished), the job stops at its next step with
+:class:`embedseg_service.worker.shutdown.LostClaim`; it stops with
+:class:`embedseg_service.worker.shutdown.WorkerShutdown` once the process is asked to stop.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from embedseg_service.records import jobs
+from embedseg_service.worker.shutdown import LostClaim, WorkerShutdown, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +33,10 @@ class JobReporter:
     ``throttle_s`` has passed since the last write (or when ``force``); every write also reads the
     cancel flag. A background thread (:meth:`start`/:meth:`stop`) beats the heartbeat every
     ``heartbeat_s`` seconds and reads the flag too, so a job in a long step stays visibly alive.
-    Database errors while reporting are logged, not raised: progress is best effort, the final
-    status is not.
+    With ``attempt`` (the claim's number) every write is fenced, and :meth:`update` raises
+    :class:`LostClaim` once a write found the job no longer running under it; it raises
+    :class:`WorkerShutdown` once the process was asked to stop. Other database errors while
+    reporting are logged, not raised: progress is best effort, the final status is not.
     """
 
     def __init__(
@@ -38,8 +47,10 @@ class JobReporter:
         throttle_s: float = 1.0,
         heartbeat_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        attempt: int | None = None,
     ) -> None:
         self.job_id = job_id
+        self.attempt = attempt
         self._sessions = session_factory
         self.throttle_s = float(throttle_s)
         self.heartbeat_s = float(heartbeat_s)
@@ -48,6 +59,7 @@ class JobReporter:
         self._pending: dict[str, Any] = {}
         self._last_write: float | None = None
         self._cancel = threading.Event()
+        self._lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.writes = 0
@@ -65,8 +77,10 @@ class JobReporter:
     ) -> bool:
         """Record progress (0..1), stage, ETA (s) and the job's full metrics; write when due.
 
-        Returns True while the job should go on, False once cancellation was requested.
+        Returns True while the job should go on, False once cancellation was requested; raises
+        :class:`LostClaim` or :class:`WorkerShutdown` when the job must stop without an outcome.
         """
+        self.raise_if_interrupted()
         with self._lock:
             if progress is not None:
                 self._pending["progress"] = min(1.0, max(0.0, float(progress)))
@@ -80,6 +94,7 @@ class JobReporter:
             due = force or self._last_write is None or now - self._last_write >= self.throttle_s
             if due and self._pending:
                 self._write(now)
+        self.raise_if_interrupted()
         return not self._cancel.is_set()
 
     def flush(self) -> bool:
@@ -91,9 +106,11 @@ class JobReporter:
         self._last_write = now
         try:
             with self._sessions() as session:
-                if jobs.update_progress(session, self.job_id, **values):
+                if jobs.update_progress(session, self.job_id, attempt=self.attempt, **values):
                     self._cancel.set()
             self.writes += 1
+        except jobs.ClaimLost:
+            self._lost.set()
         except Exception as error:  # a progress write must never kill the job
             log.warning("job %s: progress not written (%s: %s)", self.job_id, type(error).__name__, error)
 
@@ -118,9 +135,31 @@ class JobReporter:
         return self._cancel.is_set()
 
     def raise_if_cancelled(self, poll: bool = False) -> None:
-        """Raise :class:`JobCancelled` when cancellation was requested (``poll`` reads the row first)."""
+        """Raise :class:`JobCancelled` when cancellation was requested (``poll`` reads the row first),
+        and what :meth:`raise_if_interrupted` raises."""
+        self.raise_if_interrupted()
         if (poll and self.poll_cancel()) or self._cancel.is_set():
             raise JobCancelled(self.job_id)
+
+    def raise_if_interrupted(self) -> None:
+        """Raise :class:`LostClaim` when the job is no longer ours, :class:`WorkerShutdown` when the process
+        was asked to stop."""
+        if self._lost.is_set():
+            raise LostClaim(f"job {self.job_id} is no longer running under attempt {self.attempt}")
+        if stop_requested():
+            raise WorkerShutdown(f"job {self.job_id} interrupted: the worker is stopping")
+
+    def check_claim(self) -> None:
+        """Read the row now and raise :class:`LostClaim` unless the job runs under this reporter's attempt
+        (before writing an output file); no-op without an attempt."""
+        if self.attempt is None:
+            return
+        if not self._lost.is_set():
+            with self._sessions() as session:
+                if not jobs.holds_claim(session, self.job_id, self.attempt):
+                    self._lost.set()
+        if self._lost.is_set():
+            raise LostClaim(f"job {self.job_id} is no longer running under attempt {self.attempt}")
 
     # ------------------------------------------------------------------ heartbeat
 
@@ -143,9 +182,11 @@ class JobReporter:
         while not self._stop.wait(self.heartbeat_s):
             try:
                 with self._sessions() as session:
-                    jobs.heartbeat(session, self.job_id)
-                    if jobs.is_cancel_requested(session, self.job_id):
+                    if jobs.heartbeat(session, self.job_id, attempt=self.attempt):
                         self._cancel.set()
+            except jobs.ClaimLost:
+                self._lost.set()
+                return
             except Exception as error:
                 log.warning("job %s: heartbeat failed (%s: %s)", self.job_id, type(error).__name__, error)
 

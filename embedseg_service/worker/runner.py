@@ -2,11 +2,14 @@
 
 The row is the truth. :func:`run_job` claims the job by compare-and-set (``queued`` ->
 ``running``); a duplicate or redelivered message that loses the claim, or finds the job
-finished, returns ``"skipped"`` without touching anything, so a job runs once. The handler
-writes its files under job-scoped storage keys (temp file + rename) and returns the rows to
-register; they are inserted in the same transaction that marks the job ``succeeded``.
-Cancellation is cooperative (checked between epochs, steps and tiles) and ends ``cancelled``;
-any other error ends ``failed`` with a sentence saying what went wrong.
+finished, returns ``"skipped"`` without touching anything, so a job runs once. The claim's
+attempt number fences every later write: the handler writes its files under the attempt's
+storage folder (temp file + rename) and returns the rows to register; they are inserted in the
+same transaction that marks the job ``succeeded``, and only while the job still runs under that
+attempt. A worker that lost its claim (its heartbeat went stale and another worker took over)
+stops at its next step and removes its files. Cancellation is cooperative (checked between
+epochs, steps and tiles) and ends ``cancelled``; any other error ends ``failed`` with a sentence
+saying what went wrong. Once the job has finished, the files it did not register are removed.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import tempfile
 import traceback
@@ -29,10 +31,15 @@ from embedseg_service.records import jobs
 from embedseg_service.records.db import get_sessionmaker
 from embedseg_service.records.orm import Job, JobKind, JobStatus, utcnow
 from embedseg_service.records.settings import Settings, get_settings
-from embedseg_service.records.storage import Storage, get_storage
+from embedseg_service.records.storage import Storage, attempt_prefix, get_storage
+from embedseg_service.worker.cleanup import purge_job_files, scratch_prefix
 from embedseg_service.worker.context import Handler, JobContext
 from embedseg_service.worker.handlers import HANDLERS
 from embedseg_service.worker.progress import JobCancelled, JobReporter
+from embedseg_service.worker.shutdown import LostClaim, WorkerShutdown
+from embedseg_service.worker.shutdown import install_stop_handler as install_shutdown_handler
+
+__all__ = ["MAX_ATTEMPTS", "WorkerShutdown", "install_shutdown_handler", "recover_stale_jobs", "run_job"]
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +48,6 @@ MAX_ATTEMPTS = 3
 
 STALE_HEARTBEATS = 4
 """A running job whose heartbeat is older than this many heartbeat periods has lost its worker."""
-
-
-class WorkerShutdown(BaseException):  # a BaseException, like SystemExit
-    """The worker process is stopping while a job runs: the job goes back to the queue."""
 
 
 def worker_name() -> str:
@@ -76,13 +79,15 @@ def requeue_if_stale(session: Session, job_id: str, older_than_s: float) -> bool
 
 
 def fail_lost(session: Session, job_id: str, attempts: int) -> bool:
-    """Fail a job whose worker was lost ``attempts`` (:data:`MAX_ATTEMPTS` or more) times; False if already final."""
+    """Fail a job whose worker was lost ``attempts`` (:data:`MAX_ATTEMPTS` or more) times; False if it is no
+    longer running under that claim."""
     return jobs.finish_job(
         session,
         job_id,
         JobStatus.failed,
         error=f"the worker running this job was lost {attempts} times (killed or out of memory); "
         "resubmit it with smaller inputs, a smaller tile or batch size",
+        attempt=attempts,
     )
 
 
@@ -109,16 +114,18 @@ def recover_stale_jobs(
     return requeued
 
 
-def _claim(session: Session, job_id: str, me: str, settings: Settings) -> bool:
-    if jobs.claim_job(session, job_id, me):
-        return True
+def _claim(session: Session, job_id: str, me: str, settings: Settings) -> int | None:
+    """The attempt number of this worker's claim of the job, or None when it is not ours to run."""
+    attempt = jobs.claim(session, job_id, me, max_running=settings.quota_running_jobs)
+    if attempt is not None:
+        return attempt
     job = jobs.get_job(session, job_id)
     if job.status == JobStatus.running.value and job.heartbeat_at is not None:
         # a redelivery after the previous worker died: take over once its heartbeat is stale
         if job.attempts < MAX_ATTEMPTS and requeue_if_stale(session, job_id, stale_after_s(settings)):
             log.warning("job %s: taking over from lost worker %s", job_id, job.worker)
-            return jobs.claim_job(session, job_id, me)
-    return False
+            return jobs.claim(session, job_id, me, max_running=settings.quota_running_jobs)
+    return None
 
 
 def free_accelerator_memory() -> None:
@@ -148,18 +155,25 @@ def run_job(
     handlers: dict[JobKind, Handler] | None = None,
     name: str | None = None,
 ) -> str:
-    """Claim and run the job ``job_id``; returns its final status, or ``"skipped"``/``"missing"``.
+    """Claim and run the job ``job_id``; returns its final status, ``"skipped"``/``"missing"`` (not
+    run), ``"deferred"`` (still queued: its owner runs ``quota_running_jobs`` jobs already), or
+    ``"lost"`` (another worker took the job over meanwhile; nothing of this run is kept).
 
-    Database errors before the claim propagate (the Celery task retries them); everything
-    after the claim ends in a final status on the row.
+    Database errors before the claim propagate (the Celery task retries them); everything after
+    the claim ends in a final status on the row, except a stop of the worker process: the job
+    goes back to ``queued`` and :class:`WorkerShutdown` propagates.
     """
     settings = settings or get_settings()
     sessions = get_sessionmaker(settings)
     me = name or worker_name()
     with sessions() as session:
         try:
-            if not _claim(session, job_id, me, settings):
+            attempt = _claim(session, job_id, me, settings)
+            if attempt is None:
                 job = jobs.get_job(session, job_id)
+                if job.status == JobStatus.queued.value:
+                    log.info("job %s waits: its owner runs %d jobs already", job_id, settings.quota_running_jobs)
+                    return "deferred"
                 log.info("job %s is %s (worker %s); this delivery does nothing", job_id, job.status, job.worker)
                 return "skipped"
         except jobs.JobNotFound:
@@ -170,64 +184,72 @@ def run_job(
         spec = dict(job.spec or {})
         cancel_early = bool(job.cancel_requested)
 
-    storage = storage or get_storage(settings)
     reporter = JobReporter(
-        job_id, sessions, throttle_s=settings.progress_throttle_s, heartbeat_s=settings.heartbeat_s
+        job_id, sessions, throttle_s=settings.progress_throttle_s, heartbeat_s=settings.heartbeat_s, attempt=attempt
     ).start()
-    scratch = Path(tempfile.mkdtemp(prefix=f"embedseg-job-{job_id[:8]}-"))
-    status = JobStatus.failed
+    scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix()))
+    context = JobContext(job_id, kind, spec, settings, storage or get_storage(settings), sessions, reporter, scratch,
+                         attempt)  # fmt: skip
     try:
-        try:
-            if cancel_early:
-                raise JobCancelled(job_id)
-            handler = (handlers or HANDLERS)[kind]
-            context = JobContext(job_id, kind, spec, settings, storage, sessions, reporter, scratch)
-            outcome = handler(context)
-            reporter.stop()
-            with sessions() as session:
-                won = jobs.finish_job(
-                    session, job_id, JobStatus.succeeded, result=outcome.result, metrics=outcome.metrics,
-                    outputs=outcome.outputs,
-                )
-            status = JobStatus.succeeded if won else JobStatus(_status_of(sessions, job_id))
-            if not won:
-                log.warning("job %s finished but was no longer ours to finish (now %s)", job_id, status.value)
-        except JobCancelled as cancelled:
-            reporter.stop()
-            metrics = getattr(cancelled, "metrics", None)
-            with sessions() as session:
-                jobs.finish_job(session, job_id, JobStatus.cancelled, metrics=metrics,
-                                error="cancelled on request")
-            status = JobStatus.cancelled
-            log.info("job %s cancelled", job_id)
-        except (WorkerShutdown, KeyboardInterrupt, SystemExit):
-            reporter.stop()
-            with sessions() as session:
-                jobs.requeue_job(session, job_id)
-            log.warning("job %s interrupted by a worker shutdown; requeued", job_id)
-            raise
-        except Exception as error:
-            reporter.stop()
-            log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-            with sessions() as session:
-                jobs.finish_job(session, job_id, JobStatus.failed, error=describe_error(error))
-            status = JobStatus.failed
+        return _run_claimed(context, (handlers or HANDLERS)[kind], cancel_early)
     finally:
         reporter.stop()
         shutil.rmtree(scratch, ignore_errors=True)
         free_accelerator_memory()
+
+
+def _run_claimed(context: JobContext, handler: Handler, cancel_early: bool) -> str:
+    job_id = context.job_id
+    try:
+        if cancel_early:
+            raise JobCancelled(job_id)
+        outcome = handler(context)
+    except JobCancelled as cancelled:
+        log.info("job %s cancelled", job_id)
+        return _finish(context, JobStatus.cancelled, metrics=getattr(cancelled, "metrics", None),
+                       error="cancelled on request")
+    except LostClaim:
+        context.reporter.stop()
+        _discard_attempt(context)
+        log.warning("job %s: attempt %s lost its claim (another worker runs the job); stopped", job_id,
+                    context.attempt)
+        return "lost"
+    except (WorkerShutdown, KeyboardInterrupt, SystemExit):
+        context.reporter.stop()
+        with context.sessions() as session:
+            requeued = jobs.requeue_job(session, job_id, attempt=context.attempt)
+        if requeued:
+            log.warning("job %s interrupted by a worker shutdown; requeued", job_id)
+        else:
+            _discard_attempt(context)
+        raise
+    except Exception as error:
+        log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+        return _finish(context, JobStatus.failed, error=describe_error(error))
+    return _finish(context, JobStatus.succeeded, result=outcome.result, metrics=outcome.metrics,
+                   outputs=outcome.outputs)
+
+
+def _finish(context: JobContext, status: JobStatus, **values: Any) -> str:
+    """End the job as ``status`` if the claim is still ours, then drop its files it does not keep."""
+    context.reporter.stop()
+    with context.sessions() as session:
+        won = jobs.finish_job(session, context.job_id, status, attempt=context.attempt, **values)
+    if not won:
+        _discard_attempt(context)
+        log.warning("job %s ended %s but was no longer ours to finish (now %s)", context.job_id, status.value,
+                    _status_of(context.sessions, context.job_id))
+        return "lost"
+    purge_job_files(context.storage, context.sessions, [context.job_id])
     return status.value
+
+
+def _discard_attempt(context: JobContext) -> None:
+    """Remove the files this attempt wrote (it lost its claim: none of them is registered)."""
+    if context.attempt is not None:
+        context.storage.delete_prefix(attempt_prefix(context.job_id, context.attempt))
 
 
 def _status_of(sessions: sessionmaker[Session], job_id: str) -> str:
     with sessions() as session:
         return jobs.get_job(session, job_id).status
-
-
-def install_shutdown_handler() -> None:
-    """Make SIGTERM raise :class:`WorkerShutdown` in this process (the running job is requeued)."""
-
-    def _raise(signum: int, _frame: Any) -> None:
-        raise WorkerShutdown(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, _raise)

@@ -2,7 +2,8 @@
 
 The task is thin: the job row holds the spec, status and results. It retries only when the
 infrastructure (database, broker) is unreachable before the job could be claimed; errors of
-the job itself are written to the row by the runner and do not make Celery retry.
+the job itself are written to the row by the runner and do not make Celery retry. A job
+interrupted by the worker's shutdown is back in ``queued``; the task sends it again and ends.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 
 INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (OperationalError, DBAPIError, ConnectionError, TimeoutError)
 MAX_RETRIES = 10
+DEFER_S = 15
+"""Seconds before a job whose owner already runs ``quota_running_jobs`` jobs is offered again."""
 
 
 def register_tasks(app: Celery, settings: Settings) -> Task:
@@ -37,9 +40,19 @@ def register_tasks(app: Celery, settings: Settings) -> Task:
         max_retries=MAX_RETRIES,
     )
     def run_job(self: Task, job_id: str) -> str:
+        from embedseg_service.worker.runner import WorkerShutdown
         from embedseg_service.worker.runner import run_job as run
 
-        outcome = run(job_id, settings=settings)
+        try:
+            outcome = run(job_id, settings=settings)
+        except WorkerShutdown:
+            outcome = "requeued"
+            try:
+                app.send_task(settings.task_name, args=[job_id], queue=settings.gpu_queue)
+            except Exception as error:  # the broker is down too: the reconciler sends it later
+                log.warning("job %s requeued but not sent again (%s: %s)", job_id, type(error).__name__, error)
+        if outcome == "deferred":  # its owner runs its quota of jobs: look again later
+            app.send_task(settings.task_name, args=[job_id], queue=settings.gpu_queue, countdown=DEFER_S)
         log.info("job %s: %s (delivery %s)", job_id, outcome, self.request.id)
         return outcome
 

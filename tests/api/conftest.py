@@ -82,7 +82,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     try:
         with engine.begin() as connection:
             connection.execute(sa.text("SET LOCAL lock_timeout = '20s'"))
-            connection.execute(sa.text("TRUNCATE job_volumes, volumes, models, jobs, api_keys, idempotency_keys CASCADE"))
+            tables = "job_volumes, volumes, models, jobs, api_keys, idempotency_keys"
+            connection.execute(sa.text(f"TRUNCATE {tables} CASCADE"))
     finally:
         engine.dispose()
     return url

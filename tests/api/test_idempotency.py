@@ -80,6 +80,12 @@ def test_a_resent_upload_stores_one_volume(client: Any, session: Any) -> None:
     changed = _upload(client, data, headers, name="b")
     assert changed.status_code == 409
     assert session.query(Volume).count() == 1
+    assert client.delete(f"{API}/volumes/{first.json()['id']}").status_code == 204
+    deleted = _upload(client, data, headers, name="a")
+    assert deleted.status_code == 409
+    assert deleted.json()["detail"] == (
+        f"Idempotency-Key 'upload-1' made volume {first.json()['id']}, which was deleted since; send a new key"
+    )
     bad_key = _upload(client, data, {"Idempotency-Key": "bad key with spaces"})
     assert bad_key.status_code == 422
     assert bad_key.json()["detail"] == "header.Idempotency-Key: must be 1-255 visible ASCII characters (e.g. a UUID)"
@@ -113,3 +119,26 @@ def test_concurrent_resends_make_one_job(client: Any, session: Any, pair: tuple[
     assert all(a.status_code in (202, 409) for a in answers)
     assert all("still being handled" in a.json()["detail"] for a in answers if a.status_code == 409)
     assert session.query(Job).count() == 1
+
+
+def test_a_resent_model_upload_stores_one_model(settings: Any, session: Any, tmp_path: Any) -> None:
+    from fastapi.testclient import TestClient
+    from test_models import checkpoint_bytes
+
+    from embedseg_service.api.app import create_app
+    from embedseg_service.records.orm import Model
+
+    content = checkpoint_bytes(tmp_path)  # a real network's weights: larger than the fixture's upload limit
+    app = create_app(settings.model_copy(update={"max_upload_bytes": 4 * len(content)}), migrate=False)
+    headers = {"Idempotency-Key": "model-1"}
+    with TestClient(app) as client:
+
+        def post(name: str) -> Any:
+            return client.post(f"{API}/models", files={"file": ("m.pt", content, "application/octet-stream")},
+                               data={"name": name}, headers=headers)  # fmt: skip
+
+        first, again, other = post("m"), post("m"), post("other")
+    assert first.status_code == again.status_code == 201, first.text
+    assert again.json() == first.json() and again.headers["idempotent-replayed"] == "true"
+    assert other.status_code == 409
+    assert session.query(Model).count() == 1

@@ -196,3 +196,28 @@ def test_transition_table_is_closed() -> None:
         if status.terminal:
             assert jobs.TRANSITIONS[status] == frozenset()
     assert Job.__tablename__ == "jobs"
+
+
+def test_a_claim_waits_while_the_owner_runs_its_quota_of_jobs(db) -> None:  # type: ignore[no-untyped-def]
+    a1, a2 = (jobs.create_job(db, "evaluate", {}, owner="lab-a").id for _ in range(2))
+    b1 = jobs.create_job(db, "evaluate", {}, owner="lab-b").id
+    anonymous = [jobs.create_job(db, "evaluate", {}).id for _ in range(2)]
+    assert jobs.claim(db, a1, "w1", max_running=1) == 1
+    assert jobs.claim(db, a2, "w2", max_running=1) is None
+    assert jobs.get_job(db, a2).status == "queued"
+    assert jobs.claim(db, b1, "w2", max_running=1) == 1  # another owner is not held up
+    assert jobs.claim(db, anonymous[0], "w3", max_running=1) == 1
+    assert jobs.claim(db, anonymous[1], "w3", max_running=1) is None
+    assert jobs.claim(db, a2, "w2", max_running=2) == 1  # a larger quota lets it run
+    assert jobs.claim(db, anonymous[1], "w3") == 1  # without a quota the claim is unconditional
+
+
+def test_run_job_defers_a_job_whose_owner_is_at_its_quota(db, database_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from embedseg_service.records.settings import Settings
+    from embedseg_service.worker.runner import run_job
+
+    settings = Settings(_env_file=None, data_dir=tmp_path, database_url=database_url, quota_running_jobs=1)
+    first, second = (jobs.create_job(db, "evaluate", {}, owner="lab-a").id for _ in range(2))
+    assert jobs.claim(db, first, "elsewhere") == 1
+    assert run_job(second, settings=settings, handlers={}) == "deferred"
+    assert jobs.get_job(db, second).status == "queued"

@@ -416,3 +416,17 @@ def test_a_queued_job_keeps_its_volumes(client, pair) -> None:
     assert job["id"] in response.json()["detail"]
     client.post(f"{API}/jobs/{job['id']}/cancel")
     assert client.delete(f"{API}/volumes/{mask}").status_code == 204
+
+
+def test_train_crop_and_batch_are_bounded_by_the_images_and_the_voxel_budget(client, app, pair) -> None:  # type: ignore[no-untyped-def]
+    app.state.dispatcher = Recorder(app)
+    image, mask = pair  # 32 x 48
+    body = {"image_ids": [image], "mask_ids": [mask]}
+    too_wide = client.post(f"{API}/jobs/train", json={**body, "crop_size": 128})
+    assert too_wide.status_code == 422
+    assert too_wide.json()["detail"].startswith("crop_size 128 is larger than the training images need (their "
+                                                "largest side is 48)")  # fmt: skip
+    huge = client.post(f"{API}/jobs/train", json={**body, "crop_size": 1048576, "batch_size": 1024})
+    assert huge.status_code == 422 and "crop_size" in huge.json()["detail"]
+    fine = client.post(f"{API}/jobs/train", json={**body, "crop_size": 48, "batch_size": 2})
+    assert fine.status_code == 202, fine.text

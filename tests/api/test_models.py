@@ -1,7 +1,8 @@
-"""``/models`` routes on SQLite and PostgreSQL: upload (validated without torch), list, get, download, delete."""
+"""``/models`` routes on SQLite and PostgreSQL: upload (checked against the network), list, get, download, delete."""
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import zipfile
@@ -13,17 +14,28 @@ import torch
 from helpers import tiff_bytes, upload
 
 from embedseg_service.api.checkpoints import CheckpointInvalid, read_checkpoint_summary
-from embedseg_service.core.model.checkpoint import save_checkpoint
+from embedseg_service.core.model.checkpoint import build_network, save_checkpoint
 from embedseg_service.records.orm import Model
 
 M = "/api/v1/models"
 
 
+@functools.cache
+def network_weights(spatial_dims: int = 2, in_channels: int = 1) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a fresh network (what a model file must hold)."""
+    return build_network(spatial_dims, in_channels).state_dict()
+
+
+@pytest.fixture
+def settings(settings):  # type: ignore[no-untyped-def]
+    """The API's settings with room for a real network's weights (9 MB in 2D)."""
+    return settings.model_copy(update={"max_upload_bytes": 24 * 1024 * 1024})
+
+
 def checkpoint_bytes(tmp_path: Path, **overrides) -> bytes:  # type: ignore[no-untyped-def]
-    """A small model file as written by embedseg_service.core.model.checkpoint (a two-tensor state dict keeps it
-    tiny)."""
+    """A model file as written by embedseg_service.core.model.checkpoint, with a fresh 2D network's weights."""
     payload = {
-        "state_dict": {"head.weight": torch.zeros(5, 3), "head.bias": torch.zeros(5)},
+        "state_dict": network_weights(),
         "spatial_dims": 2,
         "in_channels": 1,
         "step": [1 / 1023, 1 / 1023],
@@ -151,7 +163,7 @@ def test_upload_form_refusals(client, tmp_path, settings) -> None:
     response = post_model(client, b"\0" * (settings.max_upload_bytes + 1))
     assert response.status_code == 413
     assert response.json() == {
-        "detail": f"upload exceeds the limit of {settings.max_upload_bytes} bytes (4.0 MiB); send a smaller file or "
+        "detail": f"upload exceeds the limit of {settings.max_upload_bytes} bytes (24.0 MiB); send a smaller file or "
         "raise EMBEDSEG_MAX_UPLOAD_BYTES"
     }
     response = client.post(M, files={"other": ("m.pt", content)})
@@ -204,9 +216,7 @@ def test_trained_model_rows_show_their_source_job(client, session) -> None:
     assert body["source_job_id"] == job["id"] and body["spatial_dims"] == 3 and body["metrics"] == {"best_epoch": 1}
 
 
-def test_summary_reads_a_real_network_checkpoint_without_torch(tmp_path) -> None:
-    from embedseg_service.core.model.checkpoint import build_network
-
+def test_summary_reads_a_real_network_checkpoint(tmp_path) -> None:
     net = build_network(3, 2)
     path = save_checkpoint(tmp_path / "net.pt", {
         "state_dict": net.state_dict(), "spatial_dims": 3, "in_channels": 2, "step": [0.002, 0.001, 0.001],

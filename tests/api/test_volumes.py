@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
-from helpers import tiff_bytes, upload
+from helpers import post_in_chunks, tiff_bytes, upload
 from PIL import Image
 
 from embedseg_service.api import preview
@@ -242,34 +243,6 @@ def test_declared_content_length_over_limit_is_refused_before_reading(client) ->
     assert response.status_code == 413
 
 
-async def _post_in_chunks(app, body: bytes, boundary: str, chunk: int) -> tuple[int, bytes]:  # type: ignore[no-untyped-def]
-    """Send ``body`` to the ASGI app as ``chunk``-byte messages, like a server does."""
-    position = 0
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        nonlocal position
-        if position < len(body):
-            piece = body[position:position + chunk]
-            position += len(piece)
-            return {"type": "http.request", "body": piece, "more_body": position < len(body)}
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": V, "raw_path": V.encode(), "root_path": "", "query_string": b"", "server": ("test", 80),
-        "client": ("test", 1), "app": app,
-        "headers": [(b"host", b"testserver"), (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
-                    (b"content-length", str(len(body)).encode())],
-    }
-    await app(scope, receive, send)
-    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
-    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-
-
 def test_upload_is_streamed_in_chunks_not_held_in_memory(client, app, settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     data = np.random.default_rng(1).integers(0, 65535, size=(1500, 1200), dtype=np.uint16)  # 3.6 MB
     content = tiff_bytes(data)
@@ -288,7 +261,7 @@ def test_upload_is_streamed_in_chunks_not_held_in_memory(client, app, settings, 
     monkeypatch.setattr(PendingWrite, "write_unhashed", recording_write)
     tracemalloc.start()
     try:
-        status, _ = asyncio.run(_post_in_chunks(app, body, boundary, 16 * 1024))
+        status, _, _ = asyncio.run(post_in_chunks(app, V, body, boundary, 16 * 1024))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -500,8 +473,12 @@ def test_disk_error_while_writing_leaves_no_file(client, app, settings, monkeypa
 
     monkeypatch.setattr(PendingWrite, "write_unhashed", failing_write)
     content = tiff_bytes(image2d(shape=(600, 500)))
-    with pytest.raises(OSError, match="No space left on device"):  # the test transport re-raises after the 500
-        asyncio.run(_post_in_chunks(app, _multipart(content), "embedsegboundary", 16 * 1024))
+    status, body, _ = asyncio.run(post_in_chunks(app, V, _multipart(content), "embedsegboundary", 16 * 1024))
+    assert status == 507
+    assert json.loads(body) == {
+        "detail": "the server's storage cannot hold this (No space left on device); nothing was stored and stored "
+        "data is intact; retry later or ask the operator to free space"
+    }
     assert calls
     assert stored_files(settings) == before
     assert client.get(V).json()["total"] == 1 and client.get(f"{V}/{kept['id']}").status_code == 200

@@ -126,6 +126,25 @@ def test_constraint_names_follow_the_convention(url: str) -> None:
         engine.dispose()
 
 
+def volume_link_ondelete(url: str) -> str | None:
+    """The ``ON DELETE`` rule of the job_volumes -> volumes foreign key."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            (link,) = [fk for fk in sa.inspect(connection).get_foreign_keys("job_volumes")
+                       if fk["referred_table"] == "volumes"]
+    finally:
+        engine.dispose()
+    return (link.get("options") or {}).get("ondelete")
+
+
+def test_a_volume_linked_to_a_job_is_restricted_and_the_downgrade_restores_cascade(url: str) -> None:
+    run_migrations(url)
+    assert volume_link_ondelete(url) == "RESTRICT"
+    downgrade(url, "0003_idempotency_keys")
+    assert volume_link_ondelete(url) == "CASCADE"
+
+
 def test_migrations_ship_inside_the_package() -> None:
     folder = migrations_dir()
     assert (folder / "env.py").is_file()

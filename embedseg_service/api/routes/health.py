@@ -1,11 +1,14 @@
-"""Liveness (``/health``) and readiness (``/ready``: database, broker and storage reachable)."""
+"""Liveness (``/health``) and readiness (``/ready``: database, broker and storage reachable, and the
+broker queue agreeing with the queued job rows)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
 from embedseg_service.api.deps import SessionDep, SettingsDep, StorageDep
+from embedseg_service.records.broker import unsent_jobs
 from embedseg_service.records.schemas import Health, Ready
 from embedseg_service.records.settings import Settings
 
@@ -32,6 +35,25 @@ def _broker_problem(settings: Settings) -> str | None:
     return None
 
 
+def _queue_problem(session: Session, settings: Settings) -> str | None:
+    """The queued jobs whose message the broker no longer holds (lost by a broker restart, or by a crash
+    between the row's commit and the send), if any."""
+    import redis
+
+    try:
+        unsent = unsent_jobs(session, settings)
+    except redis.RedisError as error:
+        return f"broker queue {settings.gpu_queue!r} could not be read: {error}"
+    if not unsent:
+        return None
+    return (
+        f"{len(unsent)} queued job(s) (oldest {unsent[0]}) waited more than {settings.requeue_after_s:g} s "
+        f"(EMBEDSEG_REQUEUE_AFTER_S) with no message in the broker queue {settings.gpu_queue!r}: the queue and "
+        f"the database disagree; a running worker sends them again within {settings.heartbeat_s:g} s, so start "
+        "a worker ('embedseg worker') if none runs"
+    )
+
+
 def _redact(url: str) -> str:
     """The URL without a password."""
     if "@" not in url:
@@ -43,18 +65,25 @@ def _redact(url: str) -> str:
 @router.get(
     "/ready",
     response_model=Ready,
-    summary="Database, broker and storage are reachable",
-    responses={503: {"description": "A dependency is down; `detail` says which"}},
+    summary="Database, broker and storage are reachable, and the broker queue agrees with the database",
+    responses={503: {"description": "A dependency is down, or queued jobs have no broker message; `detail` "
+                                    "says which"}},
 )
 def ready(session: SessionDep, settings: SettingsDep, storage: StorageDep) -> Ready:
     problems = []
+    database_up = True
     try:
         session.execute(text("SELECT 1"))
     except Exception as error:  # any driver error means not ready
         problems.append(f"database unreachable: {type(error).__name__}")
+        database_up = False
     broker = _broker_problem(settings)
     if broker:
         problems.append(broker)
+    elif database_up:
+        queue = _queue_problem(session, settings)
+        if queue:
+            problems.append(queue)
     store = storage.reachable()
     if store:
         problems.append(store)

@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from embedseg_service.api import idempotency
 from embedseg_service.api.auth import Principal, PrincipalDep, visible
-from embedseg_service.api.deps import SessionDep, SettingsDep
+from embedseg_service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep
 from embedseg_service.api.dispatch import Dispatcher, DispatchError, make_dispatcher
 from embedseg_service.api.owned import JobBodyDep, JobDep
 from embedseg_service.api.quotas import check_queue, check_storage
 from embedseg_service.records import jobs
 from embedseg_service.records.orm import Job, JobKind, JobStatus, Model, Volume, VolumeKind
-from embedseg_service.records.schemas import EvaluateSpec, JobOut, Page, PredictSpec, TrainSpec
+from embedseg_service.records.schemas import EvaluateSpec, JobOut, Page, PredictSpec, TrainSpec, check_train_size
 from embedseg_service.records.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,10 @@ def _check_train(session: Session, spec: TrainSpec, settings: Settings, principa
     _require_dims(val_images, spec.dims, "val_image_ids", what)
     _require_same_shape(images, masks, "mask_ids", "mask")
     _require_same_shape(val_images, val_masks, "val_mask_ids", "mask")
+    try:
+        check_train_size(spec, [row.spatial_shape for row in images], max_batch_voxels=settings.max_batch_voxels)
+    except ValueError as error:
+        raise _unprocessable(str(error)) from None
     channels = {row.n_channels for row in images + val_images}
     if len(channels) > 1:
         raise _unprocessable(
@@ -179,19 +183,19 @@ def _submit(
         digest = idempotency.fingerprint(f"POST /jobs/{kind.value}", spec.model_dump_json())
         held_or_id = idempotency.claim(session, principal, key, f"POST /jobs/{kind.value}", digest)
         if isinstance(held_or_id, str):
-            first = session.get(Job, held_or_id)
-            if first is None:
-                raise idempotency.gone("job", held_or_id, key)
-            idempotency.replayed(response)
-            response.headers["Location"] = str(request.url_for("get_job", job_id=first.id).path)
-            return JobOut.model_validate(jobs.get_job(session, first.id))
+            return JobOut.model_validate(idempotency.replay(request, response, session, Job, held_or_id, key))
         held = held_or_id
     with idempotency.holding(session, held):
         check()
         check_queue(session, settings, principal)
         check_storage(session, settings, principal)
         job = jobs.create_job(
-            session, kind, spec.model_dump(mode="json"), owner=principal.owner, volumes=spec.volume_roles()
+            session,
+            kind,
+            spec.model_dump(mode="json"),
+            owner=principal.owner,
+            volumes=spec.volume_roles(),
+            model_id=spec.model_id if isinstance(spec, PredictSpec) else None,
         )
     if held is not None:
         idempotency.settle(session, held, job.id)
@@ -262,8 +266,8 @@ def list_jobs(
     principal: PrincipalDep,
     status: JobStatus | None = None,
     kind: JobKind | None = None,
-    limit: Annotated[int, Query(ge=1, description="Page size")] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: LimitQuery = 50,
+    offset: OffsetQuery = 0,
 ) -> Page[JobOut]:
     if limit > settings.page_limit_max:
         raise HTTPException(status_code=422, detail=f"query.limit: must be at most {settings.page_limit_max}")

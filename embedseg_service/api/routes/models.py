@@ -9,18 +9,20 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
 from python_multipart.multipart import parse_options_header
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from embedseg_service.api.auth import PrincipalDep, visible
+from embedseg_service.api import idempotency
+from embedseg_service.api.auth import Principal, PrincipalDep, visible
 from embedseg_service.api.checkpoints import CheckpointInvalid, read_checkpoint_summary
-from embedseg_service.api.deps import SessionDep, SettingsDep, StorageDep
+from embedseg_service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep, StorageDep
 from embedseg_service.api.owned import ModelDep
 from embedseg_service.api.quotas import check_received, check_storage
-from embedseg_service.api.uploads import UploadRejected, receive_upload
+from embedseg_service.api.uploads import ReceivedUpload, UploadRejected, receive_upload
 from embedseg_service.records.orm import Model, new_id
 from embedseg_service.records.removal import delete_unless_in_use
 from embedseg_service.records.schemas import ModelOut, Page
-from embedseg_service.records.storage import model_key
+from embedseg_service.records.storage import Storage, model_key
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -38,8 +40,8 @@ def list_models(
     settings: SettingsDep,
     principal: PrincipalDep,
     spatial_dims: Annotated[int | None, Query(ge=2, le=3, description="Only 2D or 3D models")] = None,
-    limit: Annotated[int, Query(ge=1, description="Page size")] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: LimitQuery = 50,
+    offset: OffsetQuery = 0,
 ) -> Page[ModelOut]:
     if limit > settings.page_limit_max:
         raise HTTPException(status_code=422, detail=f"query.limit: must be at most {settings.page_limit_max}")
@@ -82,6 +84,7 @@ def download_model(model: ModelDep, storage: StorageDep) -> FileResponse:
         400: {"description": "Malformed multipart body"},
         413: {"description": "Larger than EMBEDSEG_MAX_UPLOAD_BYTES"},
         415: {"description": "Not multipart/form-data"},
+        507: {"description": "The server's storage is full; nothing stored was lost"},
         422: {"description": "Not a model file of this service, or a bad form field"},
     },
 )
@@ -98,17 +101,39 @@ async def upload_model(
         raise HTTPException(
             status_code=415, detail="send the checkpoint as multipart/form-data with the file in the form field 'file'"
         )
+    key = idempotency.request_key(request)
     await run_in_threadpool(check_storage, session, settings, principal)
     model_id = new_id()
-    key = model_key(model_id)
     try:
         received = await receive_upload(
-            request, storage, key, max_bytes=settings.max_upload_bytes, chunk_bytes=settings.upload_chunk_bytes
+            request,
+            storage,
+            model_key(model_id),
+            max_bytes=settings.max_upload_bytes,
+            chunk_bytes=settings.upload_chunk_bytes,
+            fields=FORM_FIELDS,
         )
     except UploadRejected as rejected:
         raise HTTPException(status_code=rejected.status, detail=rejected.detail) from None
+    held = None
+    if key is not None:
+        held = await run_in_threadpool(idempotency.claim_received, session, principal, key, "POST /models", received)
+        if isinstance(held, str):
+            return ModelOut.model_validate(idempotency.replay(request, response, session, Model, held, key))
+    with idempotency.holding(session, held):
+        await run_in_threadpool(check_received, session, settings, principal, received.pending)
+        row = await run_in_threadpool(_store_model, session, storage, principal, received, model_id)
+    if held is not None:
+        await run_in_threadpool(idempotency.settle, session, held, row.id)
+    response.headers["Location"] = str(request.url_for("get_model", model_id=row.id).path)
+    return ModelOut.model_validate(row)
+
+
+def _store_model(
+    session: Session, storage: Storage, principal: Principal, received: ReceivedUpload, model_id: str
+) -> Model:
+    """Check the received checkpoint and form fields, commit the file and insert the model's row."""
     pending = received.pending
-    await run_in_threadpool(check_received, session, settings, principal, pending)
     try:
         unknown = sorted(set(received.fields) - set(FORM_FIELDS))
         if unknown:
@@ -120,7 +145,7 @@ async def upload_model(
             raise HTTPException(status_code=422, detail="the uploaded file is empty; send a model file (.pt)")
         pending.close()
         try:
-            summary = await run_in_threadpool(read_checkpoint_summary, pending.temp_path)
+            summary = read_checkpoint_summary(pending.temp_path)
         except CheckpointInvalid as error:
             raise HTTPException(status_code=422, detail=f"not a usable model file: {error}") from None
         pending.commit()
@@ -140,7 +165,7 @@ async def upload_model(
         config=config,
         data_properties=summary.properties or None,
         metrics=summary.metrics or None,
-        storage_key=key,
+        storage_key=pending.key,
         size_bytes=pending.size,
     )
     try:
@@ -148,10 +173,9 @@ async def upload_model(
         session.commit()
     except BaseException:
         session.rollback()
-        storage.delete(key)
+        storage.delete(pending.key)
         raise
-    response.headers["Location"] = str(request.url_for("get_model", model_id=row.id).path)
-    return ModelOut.model_validate(row)
+    return row
 
 
 @router.delete(

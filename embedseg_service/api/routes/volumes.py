@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import tifffile
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import func, select
@@ -16,13 +15,13 @@ from starlette.requests import ClientDisconnect
 
 from embedseg_service.api import idempotency
 from embedseg_service.api.auth import Principal, PrincipalDep, visible
-from embedseg_service.api.deps import SessionDep, SettingsDep, StorageDep
+from embedseg_service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep, StorageDep
 from embedseg_service.api.owned import VolumeDep
 from embedseg_service.api.preview import Projection, render_preview
 from embedseg_service.api.quotas import check_received, check_storage
+from embedseg_service.api.tiff_checks import check_upload_values, inspect_upload, rewrite_upload
 from embedseg_service.api.uploads import UploadRejected, receive_upload
-from embedseg_service.core.data.io import inspect_tiff, read_tiff
-from embedseg_service.core.data.tiff_write import write_tiff
+from embedseg_service.core.data.io import TiffInfo, inspect_tiff
 from embedseg_service.records.orm import Volume, VolumeKind, new_id
 from embedseg_service.records.removal import delete_unless_in_use
 from embedseg_service.records.schemas import Page, VolumeOut, parse_voxel_size
@@ -40,22 +39,21 @@ def _read_magic(path: Path) -> bytes:
         return handle.read(4)
 
 
-def _truncation(path: Path) -> str | None:
-    """A sentence when the file's pixel data runs past its end (an interrupted copy), else None."""
-    with tifffile.TiffFile(path) as tif:
-        size = tif.filehandle.size
-        series = tif.series[0]
-        if series.dataoffset is not None:
-            end = series.dataoffset + series.nbytes
-        else:
-            end = max(
-                (offset + count for page in tif.pages for offset, count in zip(page.dataoffsets, page.databytecounts)),
-                default=0,
-            )
-    if end > size:
-        return f"the TIFF is truncated: its pixel data ends at byte {end} but the file has {size} bytes; " \
-            "upload the complete file"
-    return None
+def _check_pixel_type(kind: str, info: TiffInfo) -> str:
+    """The pixel type's name; :class:`UploadRejected` when ``kind`` does not allow it or the axes."""
+    dtype = np.dtype(info.dtype).name
+    if kind == VolumeKind.image.value and dtype not in IMAGE_DTYPES:
+        raise UploadRejected(
+            422,
+            f"pixel type {dtype} is not supported for images; use uint8, uint16 or float32 "
+            "(or send kind=labels for a label image)",
+        )
+    if kind == VolumeKind.labels.value:
+        if not np.issubdtype(np.dtype(info.dtype), np.integer):
+            raise UploadRejected(422, f"a label image must hold integers (0 = background), got {dtype}")
+        if "C" in info.axes:
+            raise UploadRejected(422, f"a label image has no channel axis, got axes {info.axes}")
+    return dtype
 
 
 def _check_fields(fields: dict[str, str]) -> tuple[str, str | None, list[float] | None, str | None, str | None]:
@@ -73,6 +71,8 @@ def _check_fields(fields: dict[str, str]) -> tuple[str, str | None, list[float] 
     name = fields.get("name", "").strip() or None
     if name is not None and len(name) > 255:
         raise UploadRejected(422, "name is longer than 255 characters")
+    if name is not None and (set(name) & {"/", "\\"} or any(ord(ch) < 32 or ord(ch) == 127 for ch in name)):
+        raise UploadRejected(422, "name must not contain '/', '\\' or control characters; send a plain name")
     image_id = fields.get("image_id", "").strip() or None
     return kind, axes, voxel_size, name, image_id
 
@@ -96,7 +96,8 @@ def _validate_and_store(
     fields: dict[str, str],
     principal: Principal,
 ) -> Volume:
-    """Check the received file (TIFF, layout, dtype, form fields), commit it and insert the row."""
+    """Check the received file (form fields; TIFF header, voxel budget and pixel data layout; pixel type;
+    pixel values, decoded a strip at a time), commit it and insert the row."""
     pending = received.pending
     try:
         kind, axes, voxel_size, name, image_id = _check_fields(fields)
@@ -104,27 +105,9 @@ def _validate_and_store(
             raise UploadRejected(415, "the uploaded file is empty; send a TIFF file")
         if _read_magic(pending.temp_path) not in TIFF_MAGIC:
             raise UploadRejected(415, "the uploaded file is not a TIFF (no TIFF header); send a .tif/.tiff file")
-        try:
-            info = inspect_tiff(pending.temp_path, axes=axes)
-        except ValueError as error:
-            message = str(error)
-            status = 415 if message.startswith("not a readable TIFF") else 422
-            raise UploadRejected(status, f"unsupported TIFF: {message}") from None
-        truncated = _truncation(pending.temp_path)
-        if truncated:
-            raise UploadRejected(422, truncated)
-        dtype = np.dtype(info.dtype).name
-        if kind == VolumeKind.image.value and dtype not in IMAGE_DTYPES:
-            raise UploadRejected(
-                422,
-                f"pixel type {dtype} is not supported for images; use uint8, uint16 or float32 "
-                "(or send kind=labels for a label image)",
-            )
-        if kind == VolumeKind.labels.value:
-            if not np.issubdtype(np.dtype(info.dtype), np.integer):
-                raise UploadRejected(422, f"a label image must hold integers (0 = background), got {dtype}")
-            if "C" in info.axes:
-                raise UploadRejected(422, f"a label image has no channel axis, got axes {info.axes}")
+        info = inspect_upload(pending.temp_path, axes=axes, max_voxels=received.max_voxels)
+        dtype = _check_pixel_type(kind, info)
+        check_upload_values(pending.temp_path, axes=axes, labels=kind == VolumeKind.labels.value)
         spatial_dims = info.spatial_dims
         if voxel_size is not None and len(voxel_size) != spatial_dims:
             raise UploadRejected(
@@ -146,10 +129,11 @@ def _validate_and_store(
         key = volume_key(volume_id)
         if axes is not None and _needs_rewrite(pending.temp_path, info):
             # the file's own metadata would read back differently: store it in canonical order
-            volume = read_tiff(pending.temp_path, axes=axes)
             rewritten = pending.temp_path.with_suffix(".canonical.tif")
             try:
-                write_tiff(rewritten, volume.data, axes=volume.axes, voxel_size=voxel)
+                rewrite_upload(
+                    pending.temp_path, rewritten, axes=axes, voxel_size=voxel, max_voxels=received.max_voxels
+                )
                 pending.abort()
                 stored = storage.put(key, _chunks(rewritten))
             finally:
@@ -235,6 +219,7 @@ def _chunks(path: Path, size: int = 1024 * 1024):  # type: ignore[no-untyped-def
         400: {"description": "Malformed multipart body"},
         413: {"description": "Larger than EMBEDSEG_MAX_UPLOAD_BYTES"},
         415: {"description": "Not multipart, or not a TIFF"},
+        507: {"description": "The server's storage is full; nothing stored was lost"},
         422: {"description": "Unsupported layout, pixel type or form field"},
     },
 )
@@ -257,13 +242,15 @@ async def upload_volume(
             volume_key(volume_id),
             max_bytes=settings.max_upload_bytes,
             chunk_bytes=settings.upload_chunk_bytes,
+            fields=FORM_FIELDS,
+            max_voxels=settings.max_voxels,
         )
         if key is not None:
             held = await run_in_threadpool(
                 idempotency.claim_received, session, principal, key, "POST /volumes", received
             )
             if isinstance(held, str):
-                return _replay(request, response, session, held, key)
+                return VolumeOut.model_validate(idempotency.replay(request, response, session, Volume, held, key))
         with idempotency.holding(session, held):
             await run_in_threadpool(check_received, session, settings, principal, received.pending)
             row = await run_in_threadpool(
@@ -281,22 +268,13 @@ async def upload_volume(
     return VolumeOut.model_validate(row)
 
 
-def _replay(request: Request, response: Response, session: Session, volume_id: str, key: str) -> VolumeOut:
-    row = session.get(Volume, volume_id)
-    if row is None:
-        raise idempotency.gone("volume", volume_id, key)
-    idempotency.replayed(response)
-    response.headers["Location"] = str(request.url_for("get_volume", volume_id=row.id).path)
-    return VolumeOut.model_validate(row)
-
-
 @router.get("", response_model=Page[VolumeOut], summary="List volumes, newest first")
 def list_volumes(
     session: SessionDep,
     settings: SettingsDep,
     principal: PrincipalDep,
-    limit: Annotated[int, Query(ge=1, description="Page size")] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: LimitQuery = 50,
+    offset: OffsetQuery = 0,
     kind: VolumeKind | None = None,
 ) -> Page[VolumeOut]:
     if limit > settings.page_limit_max:
@@ -387,6 +365,7 @@ def preview_volume(
             z=z,
             channel=channel,
             max_px=settings.preview_max_px,
+            max_voxels=settings.max_voxels,
         )
     except ValueError as error:
         raise HTTPException(status_code=422, detail=str(error)) from None

@@ -1,6 +1,8 @@
 """Axes and voxel sizes of a TIFF's main image, as :func:`embedseg_service.core.data.io.read_tiff` names them.
 
-Axis policy and units: module docstring of :mod:`embedseg_service.core.data.io`. Torch-free.
+Axis policy and units: module docstring of :mod:`embedseg_service.core.data.io`. Torch-free. Layouts
+that are not supported raise :class:`~embedseg_service.core.data.tiff_errors.TiffUnsupported`; voxel
+sizes are optional metadata, so a malformed resolution tag or OME block means "no voxel size".
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from embedseg_service.core.data.tiff_errors import TiffUnsupported
+
 # --------------------------------------------------------------------------- axes
 
 
@@ -18,11 +22,13 @@ def check_explicit_axes(axes: str, shape: tuple[int, ...]) -> str:
     """``axes`` in upper case: one letter of ``CZYX`` per dimension of ``shape``, each at most once, Y and X present."""
     axes = axes.upper()
     if len(axes) != len(shape):
-        raise ValueError(f"axes {axes!r} has {len(axes)} letters but the image has {len(shape)} dimensions {shape}")
+        raise TiffUnsupported(
+            f"axes {axes!r} has {len(axes)} letters but the image has {len(shape)} dimensions {shape}"
+        )
     if set(axes) - set("CZYX") or len(set(axes)) != len(axes):
-        raise ValueError(f"axes {axes!r} must use each of the letters C, Z, Y, X at most once")
+        raise TiffUnsupported(f"axes {axes!r} must use each of the letters C, Z, Y, X at most once")
     if "Y" not in axes or "X" not in axes:
-        raise ValueError(f"axes {axes!r} must contain Y and X")
+        raise TiffUnsupported(f"axes {axes!r} must contain Y and X")
     return axes
 
 
@@ -42,26 +48,28 @@ def resolve_axes(shape: tuple[int, ...], file_axes: str, declared: bool) -> tupl
             letters[i] = "?"
             continue
         if a == "S" and n > 1:
-            raise ValueError(
+            raise TiffUnsupported(
                 f"colour (RGB/RGBA) images are not supported (shape {shape}, {n} samples per pixel); "
                 "save a single-channel grayscale image, or the channels as separate planes"
             )
         if a == "T" and n > 1:
-            raise ValueError(f"time series are not supported ({n} time points, shape {shape}); save one time point")
+            raise TiffUnsupported(
+                f"time series are not supported ({n} time points, shape {shape}); save one time point"
+            )
         if a not in "CZYX":
             letters[i] = "?"
     named = {a for a in letters if a != "?"}
     for a in named:
         if letters.count(a) > 1:
-            raise ValueError(f"the file declares axis {a} twice (axes {file_axes!r}); pass axes explicitly")
+            raise TiffUnsupported(f"the file declares axis {a} twice (axes {file_axes!r}); pass axes explicitly")
     if "Y" not in named and "X" not in named:
         # the last two axes are Y and X
         if letters[-1] != "?" or letters[-2] != "?":
-            raise ValueError(f"cannot tell which axes are Y and X (axes {file_axes!r}); pass axes explicitly")
+            raise TiffUnsupported(f"cannot tell which axes are Y and X (axes {file_axes!r}); pass axes explicitly")
         letters[-2], letters[-1] = "Y", "X"
         others = [i for i, n in enumerate(shape[:-2]) if n > 1]
         if others and shape[-1] <= 4 and shape[-2] > 4:
-            raise ValueError(
+            raise TiffUnsupported(
                 f"the last axis of shape {shape} has only {shape[-1]} values: this looks like a "
                 "colour or channel-last layout, which is not supported; store channels first "
                 "or pass axes explicitly"
@@ -74,14 +82,16 @@ def resolve_axes(shape: tuple[int, ...], file_axes: str, declared: bool) -> tupl
     if unknown:
         free = [a for a in "CZ" if a not in letters]
         if len(unknown) > len(free):
-            raise ValueError(f"image of shape {shape} has more than 4 dimensions (C, Z, Y, X); this is not supported")
+            raise TiffUnsupported(
+                f"image of shape {shape} has more than 4 dimensions (C, Z, Y, X); this is not supported"
+            )
         if len(unknown) == 1:
             letters[unknown[0]] = "Z" if "Z" in free else "C"
         elif len(unknown) == 2:
             letters[unknown[0]], letters[unknown[1]] = "C", "Z"
     kept_axes = "".join(a for a in letters if a != "_")
     if "Y" not in kept_axes or "X" not in kept_axes:
-        raise ValueError(f"image of shape {shape} (axes {file_axes!r}) has no Y and X axes")
+        raise TiffUnsupported(f"image of shape {shape} (axes {file_axes!r}) has no Y and X axes")
     return "".join(letters), [i for i, a in enumerate(letters) if a == "_"]
 
 
@@ -138,7 +148,15 @@ def _ome_voxel_size(tif: tifffile.TiffFile) -> dict[str, float]:
 
 
 def file_voxel_size(tif: tifffile.TiffFile) -> dict[str, float]:
-    """Voxel sizes by axis letter (X, Y, Z) that the file states."""
+    """Voxel sizes by axis letter (X, Y, Z) that the file states; empty when it states none or its
+    resolution metadata is malformed (a voxel size is optional, a broken one is not a reason to refuse)."""
+    try:
+        return _stated_voxel_size(tif)
+    except (ValueError, TypeError, ArithmeticError, LookupError, AttributeError):
+        return {}
+
+
+def _stated_voxel_size(tif: tifffile.TiffFile) -> dict[str, float]:
     if tif.is_ome:
         ome = _ome_voxel_size(tif)
         if ome:

@@ -42,6 +42,38 @@ def _check_voxel_size(voxel_size: Sequence[float] | None, spatial_dims: int) -> 
     return values
 
 
+def _file_layout(axes: str, dtype: np.dtype, voxel: tuple[float, ...] | None) -> tuple[bool, dict[str, Any]]:
+    """Whether the file stores Z before C (ImageJ order), and the :func:`tifffile.imwrite` arguments that
+    record the axes and voxel size: an ImageJ hyperstack for uint8/uint16/float32, else OME-TIFF."""
+    spatial = axes.replace("C", "")
+    if dtype.name in _IMAGEJ_DTYPES:
+        metadata: dict[str, Any] = {"axes": axes.replace("CZ", "ZC")}
+        resolution = None
+        if voxel is not None:
+            resolution = (1.0 / voxel[-1], 1.0 / voxel[-2])
+            metadata["unit"] = "um"
+            if "Z" in spatial:
+                metadata["spacing"] = voxel[0]
+        return axes == "CZYX", {"imagej": True, "resolution": resolution, "metadata": metadata}
+    metadata = {"axes": axes}
+    if voxel is not None:
+        for letter, size in zip(spatial, voxel):
+            metadata[f"PhysicalSize{letter}"] = size
+            metadata[f"PhysicalSize{letter}Unit"] = "µm"
+    return False, {"ome": True, "metadata": metadata}
+
+
+def _check_array(axes: str, shape: tuple[int, ...], dtype: np.dtype) -> str:
+    axes = axes.upper()
+    if axes not in CANONICAL_AXES:
+        raise ValueError(f"axes must be one of {', '.join(CANONICAL_AXES)}, got {axes!r}")
+    if len(shape) != len(axes):
+        raise ValueError(f"axes {axes!r} do not fit an array of shape {shape}")
+    if dtype.name not in SUPPORTED_DTYPES:
+        raise ValueError(f"pixel type {dtype.name} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}")
+    return axes
+
+
 def write_tiff(
     path: str | os.PathLike,
     data: np.ndarray,
@@ -57,41 +89,48 @@ def write_tiff(
     file is written to a temporary name in the same folder, then renamed into place.
     """
     data = np.asarray(data)
-    axes = axes.upper()
-    if axes not in CANONICAL_AXES:
-        raise ValueError(f"axes must be one of {', '.join(CANONICAL_AXES)}, got {axes!r}")
-    if data.ndim != len(axes):
-        raise ValueError(f"axes {axes!r} do not fit an array of shape {data.shape}")
-    if data.dtype.name not in SUPPORTED_DTYPES:
-        raise ValueError(f"pixel type {data.dtype.name} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}")
-    spatial = axes.replace("C", "")
-    voxel = _check_voxel_size(voxel_size, len(spatial))
+    axes = _check_array(axes, data.shape, data.dtype)
+    voxel = _check_voxel_size(voxel_size, len(axes.replace("C", "")))
+    z_first, options = _file_layout(axes, data.dtype, voxel)
+    array = np.moveaxis(data, 0, 1) if z_first else data
     compression = "zlib" if compress else None
-    if data.dtype.name in _IMAGEJ_DTYPES:
-        ij_axes = axes.replace("CZ", "ZC")
-        array = np.moveaxis(data, 0, 1) if axes == "CZYX" else data
-        metadata: dict[str, Any] = {"axes": ij_axes}
-        resolution = None
-        if voxel is not None:
-            resolution = (1.0 / voxel[-1], 1.0 / voxel[-2])
-            metadata["unit"] = "um"
-            if "Z" in spatial:
-                metadata["spacing"] = voxel[0]
 
-        def write(tmp: str) -> None:
-            tifffile.imwrite(
-                tmp, array, imagej=True, resolution=resolution, metadata=metadata, compression=compression
-            )
+    def write(tmp: str) -> None:
+        tifffile.imwrite(tmp, array, compression=compression, **options)
 
+    _atomic_write(path, write)
+
+
+def write_tiff_planes(
+    path: str | os.PathLike,
+    plane: Callable[[int, int], np.ndarray],
+    *,
+    shape: Sequence[int],
+    dtype: np.dtype,
+    axes: str,
+    voxel_size: Sequence[float] | None = None,
+    compress: bool = True,
+) -> None:
+    """Write the image of ``shape`` and ``axes`` whose ``(Y, X)`` plane of channel ``c`` and slice ``z`` is
+    ``plane(c, z)``, one plane at a time (never the whole image in memory); the file is the one
+    :func:`write_tiff` writes for the same array."""
+    shape = tuple(int(n) for n in shape)
+    dtype = np.dtype(dtype)
+    axes = _check_array(axes, shape, dtype)
+    voxel = _check_voxel_size(voxel_size, len(axes.replace("C", "")))
+    z_first, options = _file_layout(axes, dtype, voxel)
+    channels = shape[0] if axes.startswith("C") else 1
+    depth = shape[axes.index("Z")] if "Z" in axes else 1
+    if z_first:
+        order = [(c, z) for z in range(depth) for c in range(channels)]
+        stored = (shape[1], shape[0], *shape[2:])
     else:
-        metadata = {"axes": axes}
-        if voxel is not None:
-            for letter, size in zip(spatial, voxel):
-                metadata[f"PhysicalSize{letter}"] = size
-                metadata[f"PhysicalSize{letter}Unit"] = "µm"
+        order = [(c, z) for c in range(channels) for z in range(depth)]
+        stored = shape
 
-        def write(tmp: str) -> None:
-            tifffile.imwrite(tmp, data, ome=True, metadata=metadata, compression=compression)
+    def write(tmp: str) -> None:
+        planes = (np.ascontiguousarray(plane(c, z), dtype=dtype) for c, z in order)
+        tifffile.imwrite(tmp, planes, shape=stored, dtype=dtype, compression="zlib" if compress else None, **options)
 
     _atomic_write(path, write)
 

@@ -1,0 +1,92 @@
+"""The reconciler: makes the broker queue, the job rows and the stored files agree again.
+
+Every Celery worker runs one in a thread of its main process, every ``heartbeat_s`` seconds
+(:mod:`embedseg_service.worker.celery_app`); the embedded local worker runs it in its poll loop,
+without a broker. One pass:
+
+- running jobs whose heartbeat is stale (their worker was killed or lost) go back to ``queued``
+  and their task is sent again (a job lost :data:`~embedseg_service.worker.runner.MAX_ATTEMPTS`
+  times is failed instead);
+- queued jobs older than ``requeue_after_s`` whose message is not waiting in the broker queue
+  (lost by a broker restart, or by a crash between the row's commit and the send) are sent again;
+- the files of jobs that finished since the last pass and that they did not register are removed.
+
+Sending a job twice is harmless: the claim is a compare-and-set, so a second delivery does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from embedseg_service.records import jobs
+from embedseg_service.records.broker import unsent_jobs
+from embedseg_service.records.db import get_sessionmaker
+from embedseg_service.records.orm import utcnow
+from embedseg_service.records.settings import Settings
+from embedseg_service.records.storage import Storage, get_storage
+from embedseg_service.worker.cleanup import purge_job_files
+from embedseg_service.worker.runner import recover_stale_jobs
+
+log = logging.getLogger(__name__)
+
+LOOKBACK = timedelta(days=1)
+"""The first pass of a reconciler purges the files of jobs that finished this long before it started."""
+CLOCK_SLACK = timedelta(minutes=2)
+"""Each pass looks this much before the previous one (the workers' clocks stamp ``finished_at``)."""
+
+Send = Callable[[str], None]
+
+
+@dataclass
+class Reconciled:
+    """What one pass did: jobs requeued after a lost worker, queued jobs sent again, files removed."""
+
+    requeued: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
+    files_removed: int = 0
+
+
+class Reconciler:
+    """Runs the passes described in the module docstring; ``send(job_id)`` sends a job's task (None:
+    no broker, the local worker polls the database)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        send: Send | None,
+        *,
+        storage: Storage | None = None,
+        sessions: sessionmaker[Session] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.send = send
+        self.storage = storage or get_storage(settings)
+        self.sessions = sessions or get_sessionmaker(settings)
+        self.since: datetime = utcnow() - LOOKBACK
+
+    def run_once(self) -> Reconciled:
+        """One pass; database and broker errors propagate (the caller tries again next period)."""
+        done = Reconciled()
+        done.requeued = recover_stale_jobs(self.settings, sessions=self.sessions)
+        if self.send is not None:
+            for job_id in done.requeued:
+                self.send(job_id)
+            with self.sessions() as session:
+                unsent = unsent_jobs(session, self.settings)
+            done.resent = [job_id for job_id in unsent if job_id not in done.requeued]
+            for job_id in done.resent:
+                self.send(job_id)
+            if done.resent:
+                log.warning("%d queued job(s) had no message in the broker queue %r; sent again: %s",
+                            len(done.resent), self.settings.gpu_queue, ", ".join(done.resent))
+        started = utcnow()
+        with self.sessions() as session:
+            finished = [job_id for job_id, _, _ in jobs.finished_since(session, self.since - CLOCK_SLACK)]
+        done.files_removed = purge_job_files(self.storage, self.sessions, finished)
+        self.since = started
+        return done
