@@ -441,11 +441,13 @@ def finish_job(
     return True
 
 
-def requeue_job(session: Session, job_id: str, attempt: int | None = None) -> bool:
-    """Put a running job back to ``queued`` (its worker was lost or is stopping); False if it was not
-    running (with ``attempt``: not running under that claim)."""
-    won = _cas(session, job_id, JobStatus.queued, {"worker": None, "stage": "requeued", "heartbeat_at": None},
-               attempt)
+def requeue_job(session: Session, job_id: str, attempt: int | None = None, *, lost: bool = False) -> bool:
+    """Put a running job back to ``queued`` (its worker is stopping, or was ``lost``: counted in
+    ``lost_workers``); False if it was not running (with ``attempt``: not running under that claim)."""
+    values: dict[str, Any] = {"worker": None, "stage": "requeued", "heartbeat_at": None}
+    if lost:
+        values["lost_workers"] = Job.lost_workers + 1
+    won = _cas(session, job_id, JobStatus.queued, values, attempt)
     session.commit()
     return won
 

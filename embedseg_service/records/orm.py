@@ -149,6 +149,8 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lost_workers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Claims that ended because their worker vanished (not a graceful stop); too many fail the job."""
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, kind={self.kind!r}, status={self.status!r})"

@@ -47,15 +47,15 @@ def requeue_orphans(settings: Settings) -> list[str]:
     sessions = get_sessionmaker(settings)
     with sessions() as session:
         running = session.execute(
-            select(Job.id, Job.worker, Job.attempts).where(Job.status == JobStatus.running.value)
+            select(Job.id, Job.worker, Job.attempts, Job.lost_workers).where(Job.status == JobStatus.running.value)
         ).all()
-        for job_id, worker, attempts in running:
+        for job_id, worker, attempts, lost in running:
             name, _, pid = (worker or "").rpartition(":")
             if name != host or not pid.isdigit() or process_alive(int(pid)):
                 continue
-            if attempts >= MAX_ATTEMPTS:
-                fail_lost(session, job_id, attempts)
-            elif jobs.requeue_job(session, job_id, attempt=attempts):
+            if lost + 1 >= MAX_ATTEMPTS:
+                fail_lost(session, job_id, attempts, lost + 1)
+            elif jobs.requeue_job(session, job_id, attempt=attempts, lost=True):
                 requeued.append(job_id)
     return requeued
 

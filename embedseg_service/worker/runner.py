@@ -44,6 +44,7 @@ __all__ = ["MAX_ATTEMPTS", "WorkerShutdown", "install_shutdown_handler", "recove
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
+"""A job whose worker vanished this many times is failed (a crash loop); graceful stops do not count."""
 """A job whose worker was lost this many times is failed instead of run again (crash loop)."""
 
 STALE_HEARTBEATS = 4
@@ -70,7 +71,8 @@ def requeue_if_stale(session: Session, job_id: str, older_than_s: float) -> bool
     statement = (
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.heartbeat_at < cutoff)
-        .values(status=JobStatus.queued.value, worker=None, stage="requeued", heartbeat_at=None)
+        .values(status=JobStatus.queued.value, worker=None, stage="requeued", heartbeat_at=None,
+                lost_workers=Job.lost_workers + 1)
         .execution_options(synchronize_session=False)
     )
     won = jobs.rows_matched(session.execute(statement)) == 1
@@ -78,16 +80,16 @@ def requeue_if_stale(session: Session, job_id: str, older_than_s: float) -> bool
     return won
 
 
-def fail_lost(session: Session, job_id: str, attempts: int) -> bool:
-    """Fail a job whose worker was lost ``attempts`` (:data:`MAX_ATTEMPTS` or more) times; False if it is no
-    longer running under that claim."""
+def fail_lost(session: Session, job_id: str, attempt: int, lost: int) -> bool:
+    """Fail a job whose worker was lost ``lost`` (:data:`MAX_ATTEMPTS` or more) times; False if it is no
+    longer running under the claim ``attempt``."""
     return jobs.finish_job(
         session,
         job_id,
         JobStatus.failed,
-        error=f"the worker running this job was lost {attempts} times (killed or out of memory); "
+        error=f"the worker running this job was lost {lost} times (killed or out of memory); "
         "resubmit it with smaller inputs, a smaller tile or batch size",
-        attempt=attempts,
+        attempt=attempt,
     )
 
 
@@ -96,7 +98,7 @@ def recover_stale_jobs(
 ) -> list[str]:
     """Put running jobs whose worker stopped beating back to ``queued``; returns their ids.
 
-    A job already tried :data:`MAX_ATTEMPTS` times is failed instead. The caller re-dispatches
+    A job whose worker was lost :data:`MAX_ATTEMPTS` times is failed instead. The caller re-dispatches
     the returned ids (Celery) or simply lets its poll loop find them (embedded worker).
     """
     settings = settings or get_settings()
@@ -105,9 +107,9 @@ def recover_stale_jobs(
     requeued = []
     with sessions() as session:
         for job in jobs.stale_jobs(session, older):
-            if job.attempts >= MAX_ATTEMPTS:
-                if fail_lost(session, job.id, job.attempts):
-                    log.error("job %s failed: worker lost %d times", job.id, job.attempts)
+            if job.lost_workers + 1 >= MAX_ATTEMPTS:
+                if fail_lost(session, job.id, job.attempts, job.lost_workers + 1):
+                    log.error("job %s failed: worker lost %d times", job.id, job.lost_workers + 1)
             elif requeue_if_stale(session, job.id, older):
                 log.warning("job %s: worker %s stopped beating; job requeued", job.id, job.worker)
                 requeued.append(job.id)
@@ -122,7 +124,7 @@ def _claim(session: Session, job_id: str, me: str, settings: Settings) -> int | 
     job = jobs.get_job(session, job_id)
     if job.status == JobStatus.running.value and job.heartbeat_at is not None:
         # a redelivery after the previous worker died: take over once its heartbeat is stale
-        if job.attempts < MAX_ATTEMPTS and requeue_if_stale(session, job_id, stale_after_s(settings)):
+        if job.lost_workers + 1 < MAX_ATTEMPTS and requeue_if_stale(session, job_id, stale_after_s(settings)):
             log.warning("job %s: taking over from lost worker %s", job_id, job.worker)
             return jobs.claim(session, job_id, me, max_running=settings.quota_running_jobs)
     return None

@@ -539,3 +539,21 @@ def test_predict_job_with_a_degenerate_model_carries_the_warnings(client, sessio
     assert warnings[0].startswith("the model predicted no objects on its validation data")
     (volume,) = metrics["volumes"]
     assert any(w.startswith(f"no objects found in volume(s) {image}") for w in warnings) == (volume["n_objects"] == 0)
+
+
+def test_graceful_stops_do_not_count_as_lost_workers(session, fast, evaluate_job) -> None:  # type: ignore[no-untyped-def]
+    job_id, _, _ = evaluate_job
+    for _ in range(3):  # three scale-downs: the job is stopped and requeued by its worker each time
+        attempt = jobs.claim(session, job_id, "stopping")
+        assert jobs.requeue_job(session, job_id, attempt=attempt)
+    for lost in (1, 2):
+        assert jobs.claim(session, job_id, f"dead:{lost}")
+        _age_heartbeat(session, job_id, 60)
+        assert recover_stale_jobs(fast) == [job_id]
+        row = jobs.get_job(session, job_id)
+        assert (row.status, row.attempts, row.lost_workers) == ("queued", 3 + lost, lost)
+    assert jobs.claim(session, job_id, "dead:3")
+    _age_heartbeat(session, job_id, 60)
+    assert recover_stale_jobs(fast) == []
+    row = jobs.get_job(session, job_id)
+    assert row.status == "failed" and row.error.startswith("the worker running this job was lost 3 times")
