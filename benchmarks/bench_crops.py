@@ -58,9 +58,11 @@ def bench_centres(ref, name: str, stem: str, repeats: int, anisotropy: float = 1
     mask = read_tiff(DATA / name / "masks" / f"{stem}.tif").data.astype(np.int64)
     ids = np.unique(mask)[1:]
     if mask.ndim == 2:
+
         def run_ref():
             return ref.generate_center_image(mask, "medoid", ids, False)
     else:
+
         def run_ref():
             return ref.generate_center_image_3d(mask, "medoid", ids, False, anisotropy, 1)
 

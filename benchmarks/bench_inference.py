@@ -98,13 +98,19 @@ def main() -> None:
             diff = float(np.abs(out_ref[:6] - out_ours[:6]).max())
             print(f"max |offsets, sigma ours (median) - reference (mean)| with TTA: {diff:.3g}")
         else:
-            print(f"max |raw ours - raw reference| without TTA: {float(np.abs(out_ref - out_ours).max()):.3g} "
-                  f"(outputs up to {float(np.abs(out_ref).max()):.3g})")
-    print(f"{'case':8} {'volume':>14} {'ref wall s':>10} {'ours wall s':>11} {'ref vox/s':>10} {'ours vox/s':>10} "
-          f"{'ratio':>6} {'ref cpu s':>9} {'ours cpu s':>10} {'cpu ratio':>9}")
+            print(
+                f"max |raw ours - raw reference| without TTA: {float(np.abs(out_ref - out_ours).max()):.3g} "
+                f"(outputs up to {float(np.abs(out_ref).max()):.3g})"
+            )
+    print(
+        f"{'case':8} {'volume':>14} {'ref wall s':>10} {'ours wall s':>11} {'ref vox/s':>10} {'ours vox/s':>10} "
+        f"{'ratio':>6} {'ref cpu s':>9} {'ours cpu s':>10} {'cpu ratio':>9}"
+    )
     for name, shape, voxels, w_ref, w_ours, c_ref, c_ours in rows:
-        print(f"{name:8} {'x'.join(map(str, shape)):>14} {w_ref:10.2f} {w_ours:11.2f} {voxels / w_ref:10.3g} "
-              f"{voxels / w_ours:10.3g} {w_ref / w_ours:6.2f} {c_ref:9.2f} {c_ours:10.2f} {c_ref / c_ours:9.2f}")
+        print(
+            f"{name:8} {'x'.join(map(str, shape)):>14} {w_ref:10.2f} {w_ours:11.2f} {voxels / w_ref:10.3g} "
+            f"{voxels / w_ours:10.3g} {w_ref / w_ours:6.2f} {c_ref:9.2f} {c_ours:10.2f} {c_ref / c_ours:9.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 def upload(client: httpx.Client, path: Path, kind: str) -> str:
     with path.open("rb") as handle:
-        response = client.post("/api/v1/volumes", files={"file": (path.name, handle, "image/tiff")},
-                               data={"kind": kind})
+        response = client.post(
+            "/api/v1/volumes", files={"file": (path.name, handle, "image/tiff")}, data={"kind": kind}
+        )
     response.raise_for_status()
     return response.json()["id"]
 
@@ -114,12 +115,16 @@ def pickups(client: httpx.Client, body: dict, count: int) -> None:
         server_ms.append(row_ms)
         client_ms.append((seen - start) * 1000)
         note = " (first after start, not counted)" if index == 0 else ""
-        print(f"  job {index:2d}{note}: started {row_ms:7.1f} ms after its row was created; client saw it leave "
-              f"queued {client_ms[-1]:7.1f} ms after sending the POST (POST took {(posted - start) * 1000:.1f} ms); "
-              f"ended {job['status']}")
+        print(
+            f"  job {index:2d}{note}: started {row_ms:7.1f} ms after its row was created; client saw it leave "
+            f"queued {client_ms[-1]:7.1f} ms after sending the POST (POST took {(posted - start) * 1000:.1f} ms); "
+            f"ended {job['status']}"
+        )
     server_ms, client_ms = server_ms[1:], client_ms[1:]
-    print(f"POST to running, idle worker ({count} jobs): median {statistics.median(server_ms):.1f} ms (row), "
-          f"{statistics.median(client_ms):.1f} ms (client), max {max(server_ms):.1f} / {max(client_ms):.1f} ms")
+    print(
+        f"POST to running, idle worker ({count} jobs): median {statistics.median(server_ms):.1f} ms (row), "
+        f"{statistics.median(client_ms):.1f} ms (client), max {max(server_ms):.1f} / {max(client_ms):.1f} ms"
+    )
 
 
 # ------------------------------------------------------------------ latency under load
@@ -186,8 +191,17 @@ def wrk_latency(url: str, clients: int, seconds: float) -> Latency:
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
         script.write(WRK_REPORT)
         script.flush()
-        command = ["wrk", "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
-                   "-s", script.name, url]
+        command = [
+            "wrk",
+            "-t1",
+            f"-c{clients}",
+            f"-d{max(1, round(seconds))}s",
+            "--timeout",
+            "30s",
+            "-s",
+            script.name,
+            url,
+        ]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     fields = next(line for line in out.splitlines() if line.startswith("RESULT ")).split()[1:]
     requests, duration_us, failed, p50, p90, p99, worst = (int(value) for value in fields)
@@ -237,12 +251,14 @@ def latency(target: Target, job_id: str, clients: int, label: str) -> Latency:
     # serves at most 1 / cpu_ms requests per ms, and by Little's law the clients then wait on
     # average clients / rate.
     bound = f"at most {1000 / cpu_ms:.0f} req/s on one core" if cpu_ms > 0 else "too little to measure"
-    print(f"GET /api/v1/jobs/{{id}} {label} [{target.client}]: {result.requests} requests, {clients_text}, "
-          f"{rate:.0f} req/s (mean wait {clients / rate * 1000:.1f} ms by Little's law); p50 {result.p50:.1f} ms, "
-          f"p90 {result.p90:.1f} ms, p99 {result.p99:.1f} ms, max {result.max:.1f} ms "
-          f"(target p99 < {TARGET_P99_MS:.0f} ms: {verdict})\n"
-          f"    API CPU {cpu_ms:.2f} ms/request ({bound}), client CPU {client_ms:.2f} ms/request, "
-          f"load average {load:.1f}")
+    print(
+        f"GET /api/v1/jobs/{{id}} {label} [{target.client}]: {result.requests} requests, {clients_text}, "
+        f"{rate:.0f} req/s (mean wait {clients / rate * 1000:.1f} ms by Little's law); p50 {result.p50:.1f} ms, "
+        f"p90 {result.p90:.1f} ms, p99 {result.p99:.1f} ms, max {result.max:.1f} ms "
+        f"(target p99 < {TARGET_P99_MS:.0f} ms: {verdict})\n"
+        f"    API CPU {cpu_ms:.2f} ms/request ({bound}), client CPU {client_ms:.2f} ms/request, "
+        f"load average {load:.1f}"
+    )
     return result
 
 
@@ -258,15 +274,28 @@ def running_training_job(data_dir: Path, epochs: int) -> str:
     engine = make_engine(f"sqlite:///{data_dir / 'embedseg.db'}")
     try:
         with make_sessionmaker(engine)() as session:
-            job = jobs.create_job(session, "train", {"image_ids": ["bench"], "mask_ids": ["bench"], "dims": 2,
-                                                     "epochs": 2 * epochs})
+            job = jobs.create_job(
+                session, "train", {"image_ids": ["bench"], "mask_ids": ["bench"], "dims": 2, "epochs": 2 * epochs}
+            )
             jobs.claim_job(session, job.id, "bench-host:0")
             rng = np.random.default_rng(0)
-            history = [{"epoch": epoch, "loss": float(1 / epoch + rng.random() / 100),
-                        "val_iou": float(rng.random()), "val_ap": float(rng.random())}
-                       for epoch in range(1, epochs + 1)]
-            jobs.update_progress(session, job.id, progress=0.5, stage=f"training epoch {epochs + 1}/{2 * epochs}",
-                                 eta_s=600.0, metrics={"epochs": history, "epochs_total": 2 * epochs})
+            history = [
+                {
+                    "epoch": epoch,
+                    "loss": float(1 / epoch + rng.random() / 100),
+                    "val_iou": float(rng.random()),
+                    "val_ap": float(rng.random()),
+                }
+                for epoch in range(1, epochs + 1)
+            ]
+            jobs.update_progress(
+                session,
+                job.id,
+                progress=0.5,
+                stage=f"training epoch {epochs + 1}/{2 * epochs}",
+                eta_s=600.0,
+                metrics={"epochs": history, "epochs_total": 2 * epochs},
+            )
             return job.id
     finally:
         engine.dispose()
@@ -275,16 +304,23 @@ def running_training_job(data_dir: Path, epochs: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--client", choices=("wrk", "httpx"), default="wrk" if shutil.which("wrk") else "httpx",
-                        help="load generator (default: wrk when on PATH, else httpx)")
+    parser.add_argument(
+        "--client",
+        choices=("wrk", "httpx"),
+        default="wrk" if shutil.which("wrk") else "httpx",
+        help="load generator (default: wrk when on PATH, else httpx)",
+    )
     parser.add_argument("--requests", type=int, default=100, help="requests per client (httpx)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one run (wrk)")
     parser.add_argument("--pickups", type=int, default=10, help="jobs timed from POST to running")
     parser.add_argument("--repeats", type=int, default=3, help="latency runs (each printed)")
-    parser.add_argument("--metrics-epochs", type=int, default=1000,
-                        help="also poll a training job with this many epochs of metrics (0: skip)")
-    parser.add_argument("--during-training", action="store_true",
-                        help="also measure latency while a training job runs")
+    parser.add_argument(
+        "--metrics-epochs",
+        type=int,
+        default=1000,
+        help="also poll a training job with this many epochs of metrics (0: skip)",
+    )
+    parser.add_argument("--during-training", action="store_true", help="also measure latency while a training job runs")
     args = parser.parse_args(argv)
     if args.client == "wrk" and shutil.which("wrk") is None:
         parser.error("--client wrk: wrk is not on PATH (e.g. apt-get install wrk)")
@@ -298,8 +334,10 @@ def main(argv: list[str] | None = None) -> int:
             gt = upload(client, mask, "labels")
             pred = upload(client, mask, "labels")
             evaluate = {"pairs": [{"gt_id": gt, "pred_id": pred}]}
-            print(f"server {base} (API process {api_pid}); evaluate job on {mask.relative_to(ROOT)} against itself; "
-                  f"client {args.client}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+            print(
+                f"server {base} (API process {api_pid}); evaluate job on {mask.relative_to(ROOT)} against itself; "
+                f"client {args.client}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+            )
             pickups(client, evaluate, args.pickups)
 
             job_id = post_job(client, "evaluate", evaluate)
@@ -316,8 +354,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.during_training:
                 image_id = upload(client, image, "image")
-                train = {"image_ids": [image_id], "mask_ids": [gt], "dims": 2, "epochs": 1000,
-                         "max_time_minutes": 10}
+                train = {"image_ids": [image_id], "mask_ids": [gt], "dims": 2, "epochs": 1000, "max_time_minutes": 10}
                 train_id = post_job(client, "train", train)
                 wait_status(client, train_id, "running")
                 time.sleep(2.0)

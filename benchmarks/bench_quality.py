@@ -479,8 +479,12 @@ def main() -> None:
     add_reference_option(parser)
     parser.add_argument("--ours-budget", choices=("callback", "clock"), default="callback",
                         help="how ours keeps to the budget (see the description)")  # fmt: skip
-    parser.add_argument("--ours-option", action="append", metavar="KEY=VALUE",
-                        help="TrainConfig field for ours, e.g. random_crops=1.0 (repeatable; values read as JSON)")
+    parser.add_argument(
+        "--ours-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="TrainConfig field for ours, e.g. random_crops=1.0 (repeatable; values read as JSON)",
+    )
     parser.add_argument("--rescore", action="store_true", help="segment and score again from saved checkpoints")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -39,8 +39,7 @@ def run_case(case: str, tile: tuple[int, ...], tta: bool) -> None:
     with torch.inference_mode():  # warm the kernels on a small input so both cases start alike
         model(torch.zeros((1, 1) + (8,) * dims))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    raw = predict_raw(model, image, device="cpu", tile=None if case != "tiled" else tile, tta=tta,
-                      tta_batch_size=2)
+    raw = predict_raw(model, image, device="cpu", tile=None if case != "tiled" else tile, tta=tta, tta_batch_size=2)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     arrays = image.nbytes + raw.nbytes
     print(json.dumps({"case": case, "shape": shape, "peak": peak, "before": before, "arrays": arrays}))
@@ -74,8 +73,10 @@ def main() -> None:
     print(f"{'case':7} {'peak MiB':>9} {'before MiB':>11} {'above MiB':>10} {'arrays MiB':>11}")
     for c in cases:
         m = med[c]
-        print(f"{c:7} {m['peak'] / mib:9.0f} {m['before'] / mib:11.0f} {(m['peak'] - m['before']) / mib:10.0f} "
-              f"{m['arrays'] / mib:11.0f}")
+        print(
+            f"{c:7} {m['peak'] / mib:9.0f} {m['before'] / mib:11.0f} {(m['peak'] - m['before']) / mib:10.0f} "
+            f"{m['arrays'] / mib:11.0f}"
+        )
     s, t = med["single"], med["tiled"]
     extra = t["arrays"] - s["arrays"]
     print(f"tiled peak / (single peak + extra arrays) = {t['peak'] / (s['peak'] + extra):.3f} (target <= 1.2)")
@@ -83,8 +84,10 @@ def main() -> None:
     print(f"same, memory above the state before prediction = {above:.3f}")
     if "whole" in med:
         w = med["whole"]
-        print(f"whole-volume peak / tiled peak = {w['peak'] / t['peak']:.2f} "
-              f"(above-before: {(w['peak'] - w['before']) / (t['peak'] - t['before']):.2f})")
+        print(
+            f"whole-volume peak / tiled peak = {w['peak'] / t['peak']:.2f} "
+            f"(above-before: {(w['peak'] - w['before']) / (t['peak'] - t['before']):.2f})"
+        )
 
 
 if __name__ == "__main__":

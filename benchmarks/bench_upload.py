@@ -76,8 +76,10 @@ def multipart_body(path: Path, chunk_bytes: int = 1 << 20) -> tuple[Iterator[byt
     Built by hand so that the client reads 1 MiB at a time and sends an exact Content-Length.
     """
     boundary = uuid.uuid4().hex
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
-            "Content-Type: image/tiff\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+        "Content-Type: image/tiff\r\n\r\n"
+    ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     length = len(head) + path.stat().st_size + len(tail)
 
@@ -109,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size-mib", type=int, default=1024, help="size of the TIFF (default 1024 = 1 GiB)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tmp", type=Path, default=None, help="folder for the TIFF and the server's data")
-    parser.add_argument("--server", choices=("serve", "uvicorn"), default="serve",
-                        help="`embedseg serve` (embedded default, default) or uvicorn on the app factory alone")
+    parser.add_argument(
+        "--server",
+        choices=("serve", "uvicorn"),
+        default="serve",
+        help="`embedseg serve` (embedded default, default) or uvicorn on the app factory alone",
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="embedseg-bench-upload-", dir=args.tmp) as tmp:
@@ -124,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         limit = {"EMBEDSEG_MAX_UPLOAD_BYTES": str(2 * size + 2**20)}
         with running_server(data_dir, env=limit, server=args.server) as (base, process):
             pid = listening_pid(process.pid, int(base.rsplit(":", 1)[1]))
-            print(f"server {base} (API process {pid}); repeats {args.repeats}; "
-                  f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+            print(
+                f"server {base} (API process {pid}); repeats {args.repeats}; "
+                f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+            )
             rates, extras = [], []
             for repeat in range(args.repeats):
                 can_reset = reset_peak(pid)
@@ -137,15 +145,19 @@ def main(argv: list[str] | None = None) -> int:
                 extra_mib = max(0, after["VmHWM"] - baseline) / 1024
                 rates.append(rate)
                 extras.append(extra_mib)
-                print(f"  upload {repeat + 1}: {seconds:6.2f} s  {rate:7.1f} MB/s  "
-                      f"extra peak RSS {extra_mib:6.1f} MiB  (RSS {before['VmRSS'] / 1024:.0f} -> "
-                      f"{after['VmRSS'] / 1024:.0f} MiB; shape {body['shape']})")
+                print(
+                    f"  upload {repeat + 1}: {seconds:6.2f} s  {rate:7.1f} MB/s  "
+                    f"extra peak RSS {extra_mib:6.1f} MiB  (RSS {before['VmRSS'] / 1024:.0f} -> "
+                    f"{after['VmRSS'] / 1024:.0f} MiB; shape {body['shape']})"
+                )
                 httpx.delete(f"{base}/api/v1/volumes/{body['id']}", timeout=60).raise_for_status()
             rate, extra = statistics.median(rates), statistics.median(extras)
             verdict = "met" if rate >= TARGET_MB_S else "MISSED"
-            print(f"median: {rate:.1f} MB/s (target >= {TARGET_MB_S:.0f}: {verdict}), "
-                  f"extra peak RSS {extra:.1f} MiB (target < {TARGET_EXTRA_MIB:.0f}: "
-                  f"{'met' if extra < TARGET_EXTRA_MIB else 'MISSED'})")
+            print(
+                f"median: {rate:.1f} MB/s (target >= {TARGET_MB_S:.0f}: {verdict}), "
+                f"extra peak RSS {extra:.1f} MiB (target < {TARGET_EXTRA_MIB:.0f}: "
+                f"{'met' if extra < TARGET_EXTRA_MIB else 'MISSED'})"
+            )
     return 0
 
 

@@ -294,8 +294,17 @@ def _training_dicts(
     mode = "3d" if dims == 3 else "2d"
     batches = (BATCH_SIZE_3D if dims == 3 else BATCH_SIZE, BATCH_SIZE)
     datasets = [
-        cd.create_dataset_dict(data_dir=str(work / "crops"), project_name=PROJECT, center=CENTER, size=size,
-                               batch_size=batch, one_hot=False, type=subset, name=mode, workers=0)  # fmt: skip
+        cd.create_dataset_dict(
+            data_dir=str(work / "crops"),
+            project_name=PROJECT,
+            center=CENTER,
+            size=size,
+            batch_size=batch,
+            one_hot=False,
+            type=subset,
+            name=mode,
+            workers=0,
+        )  # fmt: skip
         for subset, size, batch in zip(("train", "val"), sizes, batches)
     ]
     if dims == 3:

@@ -744,19 +744,29 @@ def report(tally: Tally, wall: float, setup: float, config: Config, where: str) 
     for plans in make_plans(config):
         for plan in plans:
             kinds[plan.kind] += 1
-    print(f"soak: {config.jobs} jobs ({kinds['predict']} predict, {kinds['evaluate']} evaluate) from "
-          f"{config.clients} clients of {config.owners} owners, {config.in_flight} in flight each; {where}")
+    print(
+        f"soak: {config.jobs} jobs ({kinds['predict']} predict, {kinds['evaluate']} evaluate) from "
+        f"{config.clients} clients of {config.owners} owners, {config.in_flight} in flight each; {where}"
+    )
     print(f"submitted   {counts['submitted']} (distinct Idempotency-Keys accepted; {bad['refused']} refused)")
-    print(f"resent      {counts['resent']} POSTs with a used key ({counts['replayed']} answered "
-          f"'Idempotent-Replayed: true'); {counts['retries']} retries after 409/429/5xx or a dropped connection")
-    print(f"completed   {sum(1 for s in tally.final.values() if s == 'succeeded')} succeeded, "
-          f"{counts['failed']} failed, {counts['cancelled']} cancelled")
+    print(
+        f"resent      {counts['resent']} POSTs with a used key ({counts['replayed']} answered "
+        f"'Idempotent-Replayed: true'); {counts['retries']} retries after 409/429/5xx or a dropped connection"
+    )
+    print(
+        f"completed   {sum(1 for s in tally.final.values() if s == 'succeeded')} succeeded, "
+        f"{counts['failed']} failed, {counts['cancelled']} cancelled"
+    )
     print(f"lost        {bad['lost']}")
     print(f"duplicated  {bad['duplicated']}")
-    print(f"leaks       {bad['leaks']} (cross-owner probes: {counts['probes']}, answered other than 404: "
-          f"{counts['probe errors']}; listings checked)")
-    print(f"downloads   {counts['downloads']} predicted label volumes, sha256 matching the row; "
-          f"{bad['sha256 mismatches']} mismatches")
+    print(
+        f"leaks       {bad['leaks']} (cross-owner probes: {counts['probes']}, answered other than 404: "
+        f"{counts['probe errors']}; listings checked)"
+    )
+    print(
+        f"downloads   {counts['downloads']} predicted label volumes, sha256 matching the row; "
+        f"{bad['sha256 mismatches']} mismatches"
+    )
     print(f"client errors {bad['client errors']}")
     print(f"latency ms {'n':>7}{'p50':>9}{'p99':>9}{'max':>9}")
     for name in LATENCIES:
@@ -785,8 +795,12 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("predict_fraction", "resend_fraction", "poll_s"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
-    parser.add_argument("--timeout", type=float, default=defaults.timeout_s,
-                        help="seconds a job may take from acceptance to a final state before it counts as lost")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=defaults.timeout_s,
+        help="seconds a job may take from acceptance to a final state before it counts as lost",
+    )
     args = parser.parse_args(argv)
     if args.url and not args.keys:
         parser.error("--url needs --keys (one API key per owner)")

@@ -187,7 +187,6 @@ POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/15"
 
 
-
 def service_missing(problem: str) -> NoReturn:
     """Skip a test whose real service (PostgreSQL, Redis) is down, or fail it where the services are
     required (``EMBEDSEG_REQUIRE_SERVICES=1``, as ``.ci/run`` sets): CI must not pass by skipping them."""
@@ -303,7 +302,7 @@ async def post_in_chunks(
         nonlocal position, reads
         reads += 1
         if position < len(body):
-            piece = body[position:position + chunk]
+            piece = body[position : position + chunk]
             position += len(piece)
             return {"type": "http.request", "body": piece, "more_body": position < len(body)}
         return {"type": "http.disconnect"}

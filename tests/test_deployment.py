@@ -92,7 +92,7 @@ def _check_cli(argv: list[str], pyproject: dict) -> argparse.Namespace:
 def _dockerfile_cmd(path: Path) -> list[str]:
     lines = [line for line in path.read_text().splitlines() if line.startswith("CMD ")]
     assert len(lines) == 1, f"{path.name} must have exactly one exec-form CMD"
-    return json.loads(lines[0][len("CMD "):])
+    return json.loads(lines[0][len("CMD ") :])
 
 
 def test_compose_has_every_service_and_named_volume(compose: dict) -> None:
@@ -257,7 +257,8 @@ def test_images_install_the_pinned_torch_build(pyproject: dict) -> None:
 
 def test_dockerignore_keeps_local_state_out_but_not_the_sources() -> None:
     patterns = [
-        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     for local in (".git", ".venv", "embedseg-data"):

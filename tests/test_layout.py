@@ -344,6 +344,4 @@ def test_package_discovery_installs_every_module_and_data_file() -> None:
         patterns = [*package_data.get("*", ()), *package_data.get(package, ())]
         if package not in packages or not any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns):
             unshipped.append(str(path.relative_to(ROOT)))
-    assert not unshipped, "files the wheel would leave out (no package-data pattern matches):\n" + "\n".join(
-        unshipped
-    )
+    assert not unshipped, "files the wheel would leave out (no package-data pattern matches):\n" + "\n".join(unshipped)

@@ -171,7 +171,10 @@ def read_checkpoint_summary(path: str | Path) -> CheckpointSummary:
         )
     description = {key: _plain(data.get(key) or {}) for key in DESCRIPTION_KEYS}
     return CheckpointSummary(
-        spatial_dims=int(dims), in_channels=int(channels), step=[float(h) for h in step], n_tensors=len(state),
+        spatial_dims=int(dims),
+        in_channels=int(channels),
+        step=[float(h) for h in step],
+        n_tensors=len(state),
         **description,
     )
 

@@ -59,8 +59,10 @@ def describe(settings: Settings, host: str, port: int) -> str:
         lines.insert(2, f"Data directory:   {settings.data_dir.expanduser().resolve()}")
         lines.append(f"Jobs:             embedded local worker ({settings.local_workers} process(es))")
     else:
-        lines.append(f"Jobs:             Celery via {redact(settings.broker_url or '')}, queue '{settings.gpu_queue}' "
-                     "(start workers with: embedseg worker)")
+        lines.append(
+            f"Jobs:             Celery via {redact(settings.broker_url or '')}, queue '{settings.gpu_queue}' "
+            "(start workers with: embedseg worker)"
+        )
     return "\n".join(lines)
 
 
@@ -193,4 +195,3 @@ def register_db(subparsers: Any) -> argparse.ArgumentParser:
     sub.add_parser("current", help="print the database's revision and the newest one")
     parser.set_defaults(func=cmd_db)
     return parser
-

@@ -22,6 +22,7 @@ from embedseg_service.records.settings import Settings
 
 log = logging.getLogger(__name__)
 
+
 class DispatchError(RuntimeError):
     """The job could not be handed to the broker."""
 

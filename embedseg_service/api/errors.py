@@ -36,9 +36,9 @@ def format_validation_errors(errors: Sequence[Any]) -> str:
             loc = loc[1:]
         message = str(error.get("msg", "invalid value"))
         if message.startswith("Value error, "):
-            message = message[len("Value error, "):]
+            message = message[len("Value error, ") :]
         elif message.startswith("Assertion failed, "):
-            message = message[len("Assertion failed, "):]
+            message = message[len("Assertion failed, ") :]
         parts.append(f"{'.'.join(loc)}: {message}" if loc else message)
     return "; ".join(parts) or "invalid request"
 

@@ -52,8 +52,9 @@ class RequestGuard:
         origin = headers.get("origin")
         if scope["method"] not in SAFE_METHODS and origin is not None and not self._same_site(origin, host):
             await _refuse(
-                send, 403, f"cross-origin request from {origin} refused; add the origin to EMBEDSEG_CORS_ORIGINS "
-                "to allow it"
+                send,
+                403,
+                f"cross-origin request from {origin} refused; add the origin to EMBEDSEG_CORS_ORIGINS to allow it",
             )
             return
         await self.app(scope, receive, send)

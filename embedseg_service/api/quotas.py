@@ -57,10 +57,14 @@ def check_received(session: Session, settings: Settings, principal: Principal, p
 def check_queue(session: Session, settings: Settings, principal: Principal) -> None:
     """429 when the caller already has ``quota_queued_jobs`` jobs waiting to run."""
     limit = settings.quota_queued_jobs
-    queued = session.scalar(
-        select(func.count()).select_from(Job).where(_owned(Job.owner, principal.owner),
-                                                    Job.status == JobStatus.queued.value)  # fmt: skip
-    ) or 0
+    queued = (
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(_owned(Job.owner, principal.owner), Job.status == JobStatus.queued.value)  # fmt: skip
+        )
+        or 0
+    )
     if queued >= limit:
         raise HTTPException(
             status_code=429,

@@ -70,7 +70,11 @@ def check_upload_values(path: Path, *, axes: str | None, labels: bool) -> None:
 
 
 def rewrite_upload(
-    source: Path, target: str | os.PathLike, *, axes: str, voxel_size: Sequence[float] | None,
+    source: Path,
+    target: str | os.PathLike,
+    *,
+    axes: str,
+    voxel_size: Sequence[float] | None,
     max_voxels: int | None,
 ) -> None:
     """Write the uploaded TIFF in canonical axis order to ``target``, a plane at a time."""

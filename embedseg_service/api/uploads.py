@@ -195,18 +195,20 @@ class _Form:
         filename = options.get(b"filename")
         if name == self.file_field:
             if self.file_seen:
-                self.fail(UploadRejected(
-                    422, f"send exactly one file per request in the form field '{self.file_field}'"
-                ))
+                self.fail(
+                    UploadRejected(422, f"send exactly one file per request in the form field '{self.file_field}'")
+                )
             self.in_file = True
             self.file_seen = True
             self.filename = filename.decode("utf-8", "replace") if filename else None
         elif filename is not None:
             self.fail(self._no_file())
         elif name not in self.allowed:
-            self.fail(UploadRejected(
-                422, f"unknown form field '{name[:100]}'; use {', '.join((self.file_field, *self.allowed))}"
-            ))
+            self.fail(
+                UploadRejected(
+                    422, f"unknown form field '{name[:100]}'; use {', '.join((self.file_field, *self.allowed))}"
+                )
+            )
         elif name in self.fields:
             self.fail(UploadRejected(422, f"form field '{name}' is sent twice; send each field once"))
 
@@ -221,9 +223,11 @@ class _Form:
             self.buffer.append(data[start:end])
             self.buffered += size
         elif len(self.field_value) + size > MAX_FIELD_BYTES:
-            self.fail(UploadRejected(
-                413, f"form field '{self.part_name}' is longer than {MAX_FIELD_BYTES} bytes; send a shorter value"
-            ))
+            self.fail(
+                UploadRejected(
+                    413, f"form field '{self.part_name}' is longer than {MAX_FIELD_BYTES} bytes; send a shorter value"
+                )
+            )
         else:
             self.field_value += data[start:end]
 

@@ -274,16 +274,25 @@ def claim(session: Session, job_id: str, worker: str, *, max_running: int | None
         running = (
             select(func.count())
             .select_from(other)
-            .where(other.status == JobStatus.running.value,
-                   or_(other.owner == Job.owner, and_(other.owner.is_(None), Job.owner.is_(None))))  # fmt: skip
+            .where(
+                other.status == JobStatus.running.value,
+                or_(other.owner == Job.owner, and_(other.owner.is_(None), Job.owner.is_(None))),
+            )  # fmt: skip
             .scalar_subquery()
         )
         conditions.append(running < max_running)
     statement = (
         update(Job)
         .where(*conditions)
-        .values(status=JobStatus.running.value, worker=worker, started_at=now, heartbeat_at=now,
-                attempts=Job.attempts + 1, stage="starting", error=None)
+        .values(
+            status=JobStatus.running.value,
+            worker=worker,
+            started_at=now,
+            heartbeat_at=now,
+            attempts=Job.attempts + 1,
+            stage="starting",
+            error=None,
+        )
         .returning(Job.attempts)
         .execution_options(synchronize_session=False)
     )
@@ -370,8 +379,7 @@ def request_cancel(session: Session, job_id: str) -> Job:
     statement = (
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.queued.value)
-        .values(status=JobStatus.cancelled.value, cancel_requested=True, finished_at=now, stage="cancelled",
-                eta_s=None)
+        .values(status=JobStatus.cancelled.value, cancel_requested=True, finished_at=now, stage="cancelled", eta_s=None)
         .execution_options(synchronize_session=False)
     )
     if rows_matched(session.execute(statement)) != 1:

@@ -70,8 +70,9 @@ def parse_voxel_size(text: str | None, ndim: int | None = None) -> list[float] |
     try:
         values = [float(part) for part in parts]
     except ValueError:
-        raise ValueError(f"voxel_size {text!r} must be comma-separated numbers in array order, e.g. '2.0,0.5,0.5'") \
-            from None
+        raise ValueError(
+            f"voxel_size {text!r} must be comma-separated numbers in array order, e.g. '2.0,0.5,0.5'"
+        ) from None
     if len(values) not in (2, 3):
         raise ValueError(f"voxel_size {text!r} must have 2 (y,x) or 3 (z,y,x) values, got {len(values)}")
     if any(not math.isfinite(v) or v <= 0 for v in values):
@@ -128,7 +129,10 @@ class TrainSpec(BaseModel):
     val_image_ids: list[VolumeId] | None = Field(None, max_length=MAX_IDS)
     val_mask_ids: list[VolumeId] | None = Field(None, max_length=MAX_IDS)
     val_fraction: float | None = Field(
-        None, gt=0, lt=1, description="fraction held out for validation when no validation volumes are given "
+        None,
+        gt=0,
+        lt=1,
+        description="fraction held out for validation when no validation volumes are given "
         f"(default {option_default('val_fraction')})",
     )
     dims: Literal[2, 3] = 2
@@ -142,11 +146,15 @@ class TrainSpec(BaseModel):
     seed: int = Field(option_default("seed"), ge=0, le=2**32 - 1)
     amp: bool = option_default("amp")
     min_object_size: int | None = Field(
-        option_default("min_object_size"), ge=0, le=10**9,
+        option_default("min_object_size"),
+        ge=0,
+        le=10**9,
         description="override the data-derived minimum object size (pixels)",
     )
     foreground_weight: float | None = Field(
-        option_default("foreground_weight"), gt=0, le=1000,
+        option_default("foreground_weight"),
+        gt=0,
+        le=1000,
         description="override the data-derived foreground weight of the seed loss",
     )
     name: str | None = Field(None, max_length=255)
@@ -179,8 +187,9 @@ class TrainSpec(BaseModel):
             raise ValueError("give both val_image_ids and val_mask_ids, or neither")
         if self.val_image_ids is not None:
             if self.val_fraction is not None:
-                raise ValueError("give either validation volumes (val_image_ids, val_mask_ids) or val_fraction, "
-                                 "not both")
+                raise ValueError(
+                    "give either validation volumes (val_image_ids, val_mask_ids) or val_fraction, not both"
+                )
             assert self.val_mask_ids is not None
             if len(self.val_image_ids) != len(self.val_mask_ids):
                 raise ValueError(
@@ -193,8 +202,10 @@ class TrainSpec(BaseModel):
             _unique(self.val_mask_ids, "val_mask_ids")
             overlap = set(self.val_image_ids) & set(self.image_ids)
             if overlap:
-                raise ValueError(f"volume {sorted(overlap)[0]} is both a training and a validation image; "
-                                 "validation images must be held out")
+                raise ValueError(
+                    f"volume {sorted(overlap)[0]} is both a training and a validation image; "
+                    "validation images must be held out"
+                )
         if self.voxel_size is not None and len(self.voxel_size) != self.dims:
             raise ValueError(f"voxel_size has {len(self.voxel_size)} values but dims is {self.dims}")
         return self
@@ -251,7 +262,9 @@ class PredictSpec(BaseModel):
     tta: bool = DEFAULT_TTA
     tile: Literal["auto"] | list[int] = "auto"
     min_size: int | None = Field(
-        None, ge=0, le=10**9,
+        None,
+        ge=0,
+        le=10**9,
         description="objects need more pixels than this (default: the model's minimum object size)",
     )
     gt_ids: list[VolumeId] | None = Field(None, max_length=MAX_IDS)
@@ -297,7 +310,9 @@ class EvaluateSpec(BaseModel):
 
     pairs: list[EvalPair] = Field(min_length=1, max_length=MAX_IDS)
     thresholds: list[float] | None = Field(
-        None, min_length=1, max_length=100,
+        None,
+        min_length=1,
+        max_length=100,
         description="IoU thresholds (default: the standard ones of the volumes' dimensionality, "
         "embedseg_service.core.metrics.default_thresholds)",
     )

@@ -54,9 +54,7 @@ class Settings(BaseSettings):
     quota_running_jobs: int = Field(
         default=4, description="Jobs of one owner that run at once; the owner's other jobs wait in the queue."
     )
-    progress_throttle_s: float = Field(
-        default=1.0, description="Least seconds between two progress writes of one job."
-    )
+    progress_throttle_s: float = Field(default=1.0, description="Least seconds between two progress writes of one job.")
     heartbeat_s: float = Field(default=30.0, description="Seconds between worker heartbeats on a running job.")
     requeue_after_s: float = Field(
         default=300.0,
@@ -69,12 +67,14 @@ class Settings(BaseSettings):
     page_limit_max: int = Field(default=500, description="Largest page size a list route answers.")
     preview_max_px: int = Field(default=1024, description="Longest side of a preview.png.")
     max_voxels: int = Field(
-        default=2**31, gt=0,
+        default=2**31,
+        gt=0,
         description="Most voxels (all axes, channels included) a TIFF may declare; checked from its header "
         "before any pixel is decoded (413 above).",
     )
     max_batch_voxels: int = Field(
-        default=2**27, gt=0,
+        default=2**27,
+        gt=0,
         description="Most voxels of one training batch, batch_size times the crop's voxels (422 above).",
     )
     sql_echo: bool = Field(default=False, description="Log every SQL statement.")
@@ -111,9 +111,17 @@ class Settings(BaseSettings):
             raise ValueError("broker_url must be a Redis URL (redis://host:6379/0) or unset for the local worker")
         return value
 
-    @field_validator("max_upload_bytes", "upload_chunk_bytes", "job_visibility_timeout_s", "local_workers",
-                     "page_limit_max", "preview_max_px", "quota_stored_bytes", "quota_queued_jobs",
-                     "quota_running_jobs")
+    @field_validator(
+        "max_upload_bytes",
+        "upload_chunk_bytes",
+        "job_visibility_timeout_s",
+        "local_workers",
+        "page_limit_max",
+        "preview_max_px",
+        "quota_stored_bytes",
+        "quota_queued_jobs",
+        "quota_running_jobs",
+    )
     @classmethod
     def _positive(cls, value: int, info: ValidationInfo) -> int:
         if value <= 0:

@@ -256,7 +256,6 @@ class Storage(Protocol):
         ...
 
 
-
 class LocalStorage:
     """:class:`Storage` on a local folder (temp files under ``<root>/.tmp`` on the same file system)."""
 

@@ -82,8 +82,9 @@ def _start_reconciler(sender: Any = None, **_: Any) -> None:
     if app is None or settings is None or id(app) in _reconcilers:
         return
     stop = _reconcilers[id(app)] = threading.Event()
-    threading.Thread(target=_reconcile_loop, args=(app, settings, stop), name="embedseg-reconciler",
-                     daemon=True).start()
+    threading.Thread(
+        target=_reconcile_loop, args=(app, settings, stop), name="embedseg-reconciler", daemon=True
+    ).start()
 
 
 @worker_shutdown.connect(weak=False)

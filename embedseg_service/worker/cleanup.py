@@ -41,8 +41,10 @@ def clean_scratch(root: Path | None = None) -> int:
     count = 0
     for item in root.glob(f"{SCRATCH_PREFIX}*"):
         try:
-            abandoned = item.is_dir() and item.name.startswith(f"{SCRATCH_PREFIX}{socket.gethostname()}@") and (
-                writer_gone(item.name[len(SCRATCH_PREFIX):], item.stat().st_mtime, float("inf"))
+            abandoned = (
+                item.is_dir()
+                and item.name.startswith(f"{SCRATCH_PREFIX}{socket.gethostname()}@")
+                and (writer_gone(item.name[len(SCRATCH_PREFIX) :], item.stat().st_mtime, float("inf")))
             )
         except FileNotFoundError:
             continue
@@ -57,7 +59,7 @@ def purge_job_files(storage: Storage, sessions: sessionmaker[Session], job_ids: 
     many files went. Queued and running jobs (and unknown ids) are left alone."""
     removed = 0
     for start in range(0, len(job_ids), BATCH):
-        batch = list(job_ids[start:start + BATCH])
+        batch = list(job_ids[start : start + BATCH])
         with sessions() as session:
             states = jobs.job_states(session, batch)
             succeeded = [job_id for job_id, (status, _) in states.items() if status == JobStatus.succeeded.value]
@@ -78,6 +80,9 @@ def clean_at_start(storage: Storage, sessions: sessionmaker[Session]) -> dict[st
     counts = {"temp": storage.clean_temp(older_than_s=STALE_TEMP_S), "scratch": clean_scratch()}
     counts["job_files"] = purge_job_files(storage, sessions, storage.list_folders("jobs"))
     if any(counts.values()):
-        log.info("removed at start: %(temp)d temporary file(s), %(scratch)d scratch folder(s), "
-                 "%(job_files)d file(s) of finished jobs", counts)
+        log.info(
+            "removed at start: %(temp)d temporary file(s), %(scratch)d scratch folder(s), "
+            "%(job_files)d file(s) of finished jobs",
+            counts,
+        )
     return counts

@@ -18,8 +18,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from embedseg_service.worker.celery_app import app
 
     queues = args.queues or settings.gpu_queue
-    argv = ["worker", "--queues", queues, "--concurrency", str(args.concurrency), "--loglevel", args.loglevel,
-            "--pool", args.pool, "--without-gossip", "--without-mingle"]
+    argv = [
+        "worker",
+        "--queues",
+        queues,
+        "--concurrency",
+        str(args.concurrency),
+        "--loglevel",
+        args.loglevel,
+        "--pool",
+        args.pool,
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if args.hostname:
         argv += ["--hostname", args.hostname]
     app.worker_main(argv)
@@ -36,8 +47,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--queues", default=None, help="comma-separated queues (default: EMBEDSEG_GPU_QUEUE, 'gpu')")
     parser.add_argument("--concurrency", type=int, default=1, help="jobs run at once (default 1: one GPU)")
-    parser.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
-                        help="Celery pool (default prefork: each job in a child process)")
+    parser.add_argument(
+        "--pool",
+        default="prefork",
+        choices=["prefork", "solo", "threads"],
+        help="Celery pool (default prefork: each job in a child process)",
+    )
     parser.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--hostname", default=None, help="Celery node name (default: celery@<host>)")
     parser.set_defaults(func=cmd_worker)

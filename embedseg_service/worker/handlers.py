@@ -95,8 +95,16 @@ def _ap_summary(result: Any) -> dict[str, Any]:
 
 
 def _image_ap(result: Any, **ids: str | None) -> dict[str, Any]:
-    return json_safe({**ids, "n_gt": result.n_gt, "n_pred": result.n_pred, "thresholds": result.thresholds,
-                      "ap": result.ap, "results": [r.to_dict() for r in result.results]})
+    return json_safe(
+        {
+            **ids,
+            "n_gt": result.n_gt,
+            "n_pred": result.n_pred,
+            "thresholds": result.thresholds,
+            "ap": result.ap,
+            "results": [r.to_dict() for r in result.results],
+        }
+    )
 
 
 # --------------------------------------------------------------------------- warnings
@@ -118,8 +126,10 @@ def prediction_warnings(model_metrics: dict[str, Any] | None, empty_volume_ids: 
     """Warnings of a predict job: a model known to find no objects, volumes where nothing was found."""
     warnings = []
     if (model_metrics or {}).get("best", {}).get("degenerate"):
-        warnings.append("the model predicted no objects on its validation data when it was trained; "
-                        "train it longer before trusting its labels")
+        warnings.append(
+            "the model predicted no objects on its validation data when it was trained; "
+            "train it longer before trusting its labels"
+        )
     if empty_volume_ids:
         warnings.append(
             f"no objects found in volume(s) {', '.join(empty_volume_ids)}: check that the images resemble the "
@@ -145,9 +155,7 @@ def _train_config(spec: TrainSpec, context: JobContext, image_rows: list[Volume]
     return config_from_options(options, data_voxel_size=data_voxel_size)
 
 
-def _train_progress(
-    context: JobContext, last_path: Path, resumed_from: int | None
-) -> Callable[[TrainProgress], bool]:
+def _train_progress(context: JobContext, last_path: Path, resumed_from: int | None) -> Callable[[TrainProgress], bool]:
     """A training progress callback that reports the stage, the fraction done and one record per epoch,
     and stores the resumable state written at each epoch's end (``last_path``) under the attempt's key."""
     reporter = context.reporter
@@ -157,18 +165,29 @@ def _train_progress(
     def on_progress(info: TrainProgress) -> bool:
         epoch_end = info.step == 0 and info.epoch >= 1 and (not epochs or epochs[-1]["epoch"] < info.epoch)
         if epoch_end:
-            epochs.append(json_safe({"epoch": info.epoch, "loss": info.loss, "val_iou": info.val_iou,
-                                     "val_ap": info.val_ap, "val_map": info.val_map}))
+            epochs.append(
+                json_safe(
+                    {
+                        "epoch": info.epoch,
+                        "loss": info.loss,
+                        "val_iou": info.val_iou,
+                        "val_ap": info.val_ap,
+                        "val_map": info.val_map,
+                    }
+                )
+            )
         if epoch_end and context.attempt is not None and last_path.is_file():
             reporter.check_claim()  # stored before a stop request is acted on, so the epoch is kept
             context.storage.put_file(checkpoint_key(context.job_id, context.attempt), last_path)
-        return bool(reporter.update(
-            progress=0.97 * info.fraction,
-            stage=f"training epoch {min(info.epoch + (0 if info.step == 0 else 1), info.epochs)}/{info.epochs}",
-            eta_s=info.eta_s,
-            metrics={"epochs": epochs, "epochs_total": info.epochs, **extra},
-            force=epoch_end,
-        ))
+        return bool(
+            reporter.update(
+                progress=0.97 * info.fraction,
+                stage=f"training epoch {min(info.epoch + (0 if info.step == 0 else 1), info.epochs)}/{info.epochs}",
+                eta_s=info.eta_s,
+                metrics={"epochs": epochs, "epochs_total": info.epochs, **extra},
+                force=epoch_end,
+            )
+        )
 
     return on_progress
 
@@ -195,8 +214,12 @@ def resume_point(context: JobContext, config: TrainConfig) -> tuple[Path, int] |
             check_resume(data, config)
             return local, int(data.get("epoch", 0))
         except (StorageError, OSError, ValueError, KeyError, RuntimeError) as error:
-            log.warning("job %s: the state of attempt %d is not resumable (%s); trying an older one",
-                        context.job_id, attempt, error)
+            log.warning(
+                "job %s: the state of attempt %d is not resumable (%s); trying an older one",
+                context.job_id,
+                attempt,
+                error,
+            )
             local.unlink(missing_ok=True)
     return None
 
@@ -249,7 +272,12 @@ def run_train(context: JobContext) -> JobOutcome:
     reporter.update(stage="training" if resume is None else f"resuming at epoch {resumed_from}", force=True)
     model_file = context.scratch / "model.pt"
     result = train(
-        images, masks, config, out_path=model_file, val_images=val_images, val_masks=val_masks,
+        images,
+        masks,
+        config,
+        out_path=model_file,
+        val_images=val_images,
+        val_masks=val_masks,
         resume_from=None if resume is None else resume[0],
         progress=_train_progress(context, last_checkpoint_path(model_file), resumed_from),
     )
@@ -343,8 +371,11 @@ def run_predict(context: JobContext) -> JobOutcome:
             image_volume_id=row.id,
         )
         outputs.append(output)
-        entry: dict[str, Any] = {"volume_id": row.id, "labels_id": output.id, "n_objects": int(np.unique(
-            labels[labels > 0]).size)}
+        entry: dict[str, Any] = {
+            "volume_id": row.id,
+            "labels_id": output.id,
+            "n_objects": int(np.unique(labels[labels > 0]).size),
+        }
         if gt_row is not None:
             gt = read_volume(context, gt_row)
             if gt.shape != labels.shape:

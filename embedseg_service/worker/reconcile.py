@@ -82,8 +82,12 @@ class Reconciler:
             for job_id in done.resent:
                 self.send(job_id)
             if done.resent:
-                log.warning("%d queued job(s) had no message in the broker queue %r; sent again: %s",
-                            len(done.resent), self.settings.gpu_queue, ", ".join(done.resent))
+                log.warning(
+                    "%d queued job(s) had no message in the broker queue %r; sent again: %s",
+                    len(done.resent),
+                    self.settings.gpu_queue,
+                    ", ".join(done.resent),
+                )
         started = utcnow()
         with self.sessions() as session:
             finished = [job_id for job_id, _, _ in jobs.finished_since(session, self.since - CLOCK_SLACK)]

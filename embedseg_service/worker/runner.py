@@ -71,8 +71,13 @@ def requeue_if_stale(session: Session, job_id: str, older_than_s: float) -> bool
     statement = (
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.heartbeat_at < cutoff)
-        .values(status=JobStatus.queued.value, worker=None, stage="requeued", heartbeat_at=None,
-                lost_workers=Job.lost_workers + 1)
+        .values(
+            status=JobStatus.queued.value,
+            worker=None,
+            stage="requeued",
+            heartbeat_at=None,
+            lost_workers=Job.lost_workers + 1,
+        )
         .execution_options(synchronize_session=False)
     )
     won = jobs.rows_matched(session.execute(statement)) == 1
@@ -208,13 +213,13 @@ def _run_claimed(context: JobContext, handler: Handler, cancel_early: bool) -> s
         outcome = handler(context)
     except JobCancelled as cancelled:
         log.info("job %s cancelled", job_id)
-        return _finish(context, JobStatus.cancelled, metrics=getattr(cancelled, "metrics", None),
-                       error="cancelled on request")
+        return _finish(
+            context, JobStatus.cancelled, metrics=getattr(cancelled, "metrics", None), error="cancelled on request"
+        )
     except LostClaim:
         context.reporter.stop()
         _discard_attempt(context)
-        log.warning("job %s: attempt %s lost its claim (another worker runs the job); stopped", job_id,
-                    context.attempt)
+        log.warning("job %s: attempt %s lost its claim (another worker runs the job); stopped", job_id, context.attempt)
         return "lost"
     except (WorkerShutdown, KeyboardInterrupt, SystemExit):
         context.reporter.stop()
@@ -228,8 +233,9 @@ def _run_claimed(context: JobContext, handler: Handler, cancel_early: bool) -> s
     except Exception as error:
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         return _finish(context, JobStatus.failed, error=describe_error(error))
-    return _finish(context, JobStatus.succeeded, result=outcome.result, metrics=outcome.metrics,
-                   outputs=outcome.outputs)
+    return _finish(
+        context, JobStatus.succeeded, result=outcome.result, metrics=outcome.metrics, outputs=outcome.outputs
+    )
 
 
 def _finish(context: JobContext, status: JobStatus, **values: Any) -> str:
@@ -239,8 +245,12 @@ def _finish(context: JobContext, status: JobStatus, **values: Any) -> str:
         won = jobs.finish_job(session, context.job_id, status, attempt=context.attempt, **values)
     if not won:
         _discard_attempt(context)
-        log.warning("job %s ended %s but was no longer ours to finish (now %s)", context.job_id, status.value,
-                    _status_of(context.sessions, context.job_id))
+        log.warning(
+            "job %s ended %s but was no longer ours to finish (now %s)",
+            context.job_id,
+            status.value,
+            _status_of(context.sessions, context.job_id),
+        )
         return "lost"
     purge_job_files(context.storage, context.sessions, [context.job_id])
     return status.value

@@ -54,7 +54,7 @@ class Recorder:
 def api_routes(app: Any) -> set[tuple[str, str]]:
     """(method, path below the prefix) of every operation in the OpenAPI schema."""
     return {
-        (method.upper(), path[len(API_PREFIX):])
+        (method.upper(), path[len(API_PREFIX) :])
         for path, operations in app.openapi()["paths"].items()
         for method in operations
     }
@@ -66,7 +66,9 @@ def bearer(secret: str) -> dict[str, str]:
 
 def _upload(client: Any, secret: str, data: np.ndarray, **fields: str) -> str:
     response = client.post(
-        f"{API_PREFIX}/volumes", files={"file": ("x.tif", tiff_bytes(data), "image/tiff")}, data=fields,
+        f"{API_PREFIX}/volumes",
+        files={"file": ("x.tif", tiff_bytes(data), "image/tiff")},
+        data=fields,
         headers=bearer(secret),
     )
     assert response.status_code == 201, response.text
@@ -93,7 +95,8 @@ def world(client: Any, app: Any, session: Any) -> dict[str, Any]:
     session.add(model)
     session.commit()
     response = client.post(
-        f"{API_PREFIX}/jobs/train", json={"image_ids": [image], "mask_ids": [labels], "epochs": 1},
+        f"{API_PREFIX}/jobs/train",
+        json={"image_ids": [image], "mask_ids": [labels], "epochs": 1},
         headers=bearer(secrets["a"]),
     )
     assert response.status_code == 202, response.text
@@ -194,8 +197,10 @@ def test_rows_get_the_owner_of_the_key(client: Any, world: dict[str, Any]) -> No
     assert client.get(f"{API_PREFIX}/volumes/{image}", headers=bearer(b)).json()["owner"] == "lab-b"
     # labels of B can never point at A's image: 422 as for an unknown image
     response = client.post(
-        f"{API_PREFIX}/volumes", files={"file": ("l.tif", tiff_bytes(np.zeros((32, 48), np.uint16)), "image/tiff")},
-        data={"kind": "labels", "image_id": world["volume"]}, headers=bearer(b),
+        f"{API_PREFIX}/volumes",
+        files={"file": ("l.tif", tiff_bytes(np.zeros((32, 48), np.uint16)), "image/tiff")},
+        data={"kind": "labels", "image_id": world["volume"]},
+        headers=bearer(b),
     )
     assert response.status_code == 422
     assert response.json()["detail"] == f"image_id: Volume {world['volume']} not found"
@@ -218,7 +223,7 @@ def test_the_openapi_schema_declares_the_bearer_scheme(client: Any) -> None:
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
             secured = operation.get("security") == [{"ApiKey": []}]
-            assert secured == ((method.upper(), path[len(API_PREFIX):]) not in OPEN), (method, path)
+            assert secured == ((method.upper(), path[len(API_PREFIX) :]) not in OPEN), (method, path)
 
 
 def test_foreign_hosts_and_cross_site_writes_are_refused(client: Any) -> None:

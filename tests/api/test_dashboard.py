@@ -173,7 +173,7 @@ def test_job_forms_start_at_the_schemas_defaults() -> None:
     thresholds = re.search(r'<input[^>]*name="thresholds"[^>]*>', html).group(0)
     assert "value=" not in thresholds and EvaluateSpec.model_fields["thresholds"].default is None
     script = (static_dir() / "dashboard.js").read_text()
-    assert 'thresholds: thresholds ? numbers(thresholds) : undefined' in script
+    assert "thresholds: thresholds ? numbers(thresholds) : undefined" in script
 
 
 def test_upload_form_sends_the_fields_the_volume_route_reads() -> None:
@@ -246,7 +246,7 @@ def test_every_call_of_the_script_can_carry_the_key() -> None:
     assert _functions_calling(script, "fetch(") == {"send"}
     assert "headers: withKey(headers)" in script
     assert _functions_calling(script, "new XMLHttpRequest()") == {"sendForm"}
-    assert "Object.entries(withKey({ Accept: \"application/json\" }))" in script
+    assert 'Object.entries(withKey({ Accept: "application/json" }))' in script
     # URLs of the API go to links that fetch with the key when one is set, never to a bare <img src>
     assert _functions_calling(script, "routeUrl(") == {"send", "sendForm", "downloadLink", "viewLink"}
     assert not re.search(r"\bsrc:", script)
@@ -295,8 +295,8 @@ def test_requests_carry_the_key_once_set() -> None:
         ("attachment; filename=model.pt", "model.pt"),
         ('attachment; filename="a \\"quoted\\" name.tif"', 'a "quoted" name.tif'),
         ("attachment; filename*=utf-8''z%C3%BCrich%20cells.tif", "zürich cells.tif"),
-        ('attachment; filename="old.tif"; filename*=UTF-8\'\'new.tif', "new.tif"),
-        ('attachment; filename*=UTF-8\'\'%E0%A4%A; filename="fallback.tif"', "fallback.tif"),
+        ("attachment; filename=\"old.tif\"; filename*=UTF-8''new.tif", "new.tif"),
+        ("attachment; filename*=UTF-8''%E0%A4%A; filename=\"fallback.tif\"", "fallback.tif"),
         ('attachment; filename="../../etc/passwd"', "passwd"),
         ("attachment", ""),
         (None, ""),

@@ -96,8 +96,14 @@ def test_openapi_and_docs(client) -> None:  # type: ignore[no-untyped-def]
     assert client.get("/docs").status_code == 200
     schema = client.get("/api/v1/openapi.json").json()
     paths = schema["paths"]
-    for path in ("/api/v1/health", "/api/v1/ready", "/api/v1/volumes", "/api/v1/volumes/{volume_id}",
-                 "/api/v1/volumes/{volume_id}/download", "/api/v1/volumes/{volume_id}/preview.png"):
+    for path in (
+        "/api/v1/health",
+        "/api/v1/ready",
+        "/api/v1/volumes",
+        "/api/v1/volumes/{volume_id}",
+        "/api/v1/volumes/{volume_id}/download",
+        "/api/v1/volumes/{volume_id}/preview.png",
+    ):
         assert path in paths
     assert set(paths["/api/v1/volumes/{volume_id}"]) == {"get", "delete"}
     form = paths["/api/v1/volumes"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]

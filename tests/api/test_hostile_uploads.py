@@ -43,8 +43,15 @@ def database_url(tmp_path: Path, _sqlite_template: Path) -> str:
 
 
 def classic_tiff(
-    width: int, height: int, blob: bytes, offsets: list[int] | None = None, counts: list[int] | None = None, *,
-    compression: int = 1, bits: int = 8, rows_per_strip: int | None = None,
+    width: int,
+    height: int,
+    blob: bytes,
+    offsets: list[int] | None = None,
+    counts: list[int] | None = None,
+    *,
+    compression: int = 1,
+    bits: int = 8,
+    rows_per_strip: int | None = None,
 ) -> bytes:
     """A little-endian classic TIFF with one grayscale page: ``blob`` at byte 8, then the strip tables and
     the IFD. ``offsets`` are relative to the blob (default: one strip holding the whole blob)."""
@@ -55,13 +62,19 @@ def classic_tiff(
     tables = 8 + len(blob)
     ifd = tables + (8 * n if n > 1 else 0)
     tags = [
-        (256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, bits), (259, 3, 1, compression), (262, 3, 1, 1),
-        (273, 4, n, absolute[0] if n == 1 else tables), (277, 3, 1, 1),
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, 1, bits),
+        (259, 3, 1, compression),
+        (262, 3, 1, 1),
+        (273, 4, n, absolute[0] if n == 1 else tables),
+        (277, 3, 1, 1),
         (278, 4, 1, rows_per_strip if rows_per_strip is not None else height),
         (279, 4, n, counts[0] if n == 1 else tables + 4 * n),
     ]
     entries = b"".join(
-        struct.pack("<HHIHH", code, kind, count, value, 0) if kind == 3 and count == 1
+        struct.pack("<HHIHH", code, kind, count, value, 0)
+        if kind == 3 and count == 1
         else struct.pack("<HHII", code, kind, count, value)
         for code, kind, count, value in tags
     )
@@ -90,8 +103,9 @@ def sparse_giant() -> bytes:
 def missing_strips() -> bytes:
     """64 rows of one row per strip, but only 4 strips listed."""
     row = zlib.compress(bytes(64))
-    return classic_tiff(64, 64, row * 4, [k * len(row) for k in range(4)], [len(row)] * 4, compression=8,
-                        rows_per_strip=1)
+    return classic_tiff(
+        64, 64, row * 4, [k * len(row) for k in range(4)], [len(row)] * 4, compression=8, rows_per_strip=1
+    )
 
 
 def float_image_with(values: dict[tuple[int, int], float]) -> bytes:
@@ -139,66 +153,146 @@ def body_case(parts: Callable[[], list[tuple[str, bytes, str | None]]]) -> Send:
 
 
 CASES: list[tuple[str, Send, int, str]] = [
-    ("shared_strip_bomb", file_case(shared_strip_bomb), 422,
-     "the TIFF's strips/tiles share bytes (two of its 16384 data segments start at bytes 8 and 8), so the file "
-     "would decode to far more pixels than it holds; save the image again with a standard TIFF writer"),
-    ("declares_100000_squared", file_case(lambda: classic_tiff(100000, 100000, bytes(800_000))), 413,
-     "the TIFF declares shape (100000, 100000) = 10000000000 voxels, more than the limit of 2147483648 voxels; "
-     "send a smaller image, or raise EMBEDSEG_MAX_VOXELS"),
-    ("zip_bomb_in_a_strip", file_case(zip_bomb_in_a_strip), 422,
-     "a compressed strip/tile of the TIFF inflates to more than the 4096 bytes it declares; save the image again "
-     "with a standard TIFF writer"),
-    ("sparse_giant", file_case(sparse_giant), 422,
-     "the TIFF declares 1600000000 bytes of pixels in a file of 122 bytes, more than 4096 times its size, so it "
-     "does not hold the pixels it declares; save the image again with a standard TIFF writer, uncompressed or "
-     "with zlib/deflate"),
-    ("missing_strips", file_case(missing_strips), 422,
-     "page 0 of the TIFF lists 4 strip/tile offsets and 4 byte counts but its shape needs 64; save the image "
-     "again with a standard TIFF writer"),
-    ("six_dimensions", file_case(lambda: tiff_bytes(np.zeros((2, 2, 2, 2, 8, 8), np.uint8))), 422,
-     "unsupported TIFF: image of shape (2, 2, 2, 2, 8, 8) has more than 4 dimensions (C, Z, Y, X); this is not "
-     "supported"),
-    ("truncated", file_case(lambda: small_image()[:200]), 422,
-     "the TIFF is truncated: its pixel data ends at byte 768 but the file has 200 bytes; upload the complete file"),
-    ("broken_ifd", file_case(lambda: b"II*\x00\x08\x00\x00\x00\x01\x00" + bytes(4)), 415,
-     "unsupported TIFF: not a readable TIFF file: corrupted IFD structure"),
-    ("ifd_past_the_end", file_case(lambda: b"II*\x00\x08\x00\x00\x00"), 422,
-     "unsupported TIFF: the TIFF file contains no image"),
-    ("nan_and_inf", file_case(lambda: float_image_with({(1, 1): np.nan, (2, 2): np.nan, (3, 3): np.inf})), 422,
-     "the image holds 2 NaN and 1 infinite value(s); replace them with finite numbers (e.g. 0) and upload it again"),
-    ("negative_labels", file_case(labels_with_negatives, kind="labels"), 422,
-     "the label image holds 25 negative value(s); label ids must be >= 0 (0 = background, objects 1, 2, ...)"),
-    ("noise_as_labels",
-     file_case(lambda: tiff_bytes(np.random.default_rng(0).integers(1, 60000, (128, 128)).astype(np.uint16)),
-               kind="labels"), 422,
-     "this does not look like a label image: 100% of its 16256 pairs of neighbouring foreground voxels have "
-     "different ids, where objects of one id each would give few; upload it with kind=image, or upload the "
-     "instance labels (0 = background, one id per object)"),
-    ("long_text_field", body_case(lambda: [("name", b"n" * 70_000, None), ("file", small_image(), "a.tif")]), 413,
-     "form field 'name' is longer than 65536 bytes; send a shorter value"),
-    ("500_repeated_fields", body_case(lambda: [("kind", b"image", None)] * 500 + [("file", small_image(), "a.tif")]),
-     422, "form field 'kind' is sent twice; send each field once"),
-    ("500_unknown_fields",
-     body_case(lambda: [(f"f{k}", b"v" * 1000, None) for k in range(500)] + [("file", small_image(), "a.tif")]),
-     422, f"unknown form field 'f0'; {FIELDS_DETAIL}"),
-    ("fields_past_the_size_limit",
-     body_case(lambda: [("file", bytes(4 * 1024**2 - 100_000), "a.tif")]
-               + [(name, b"x" * 60_000, None) for name in ("name", "kind", "axes", "voxel_size", "image_id")]),
-     413, "upload exceeds the limit of 4194304 bytes (4.0 MiB); send a smaller file or raise "
-     "EMBEDSEG_MAX_UPLOAD_BYTES"),
-    ("unknown_field_first", body_case(lambda: [("colour", b"red", None), ("file", small_image(), "a.tif")]), 422,
-     f"unknown form field 'colour'; {FIELDS_DETAIL}"),
-    ("path_in_name", file_case(small_image, name="../../etc/passwd"), 422,
-     "name must not contain '/', '\\' or control characters; send a plain name"),
-    ("control_character_in_name", file_case(small_image, name="a\x00b"), 422,
-     "name must not contain '/', '\\' or control characters; send a plain name"),
+    (
+        "shared_strip_bomb",
+        file_case(shared_strip_bomb),
+        422,
+        "the TIFF's strips/tiles share bytes (two of its 16384 data segments start at bytes 8 and 8), so the file "
+        "would decode to far more pixels than it holds; save the image again with a standard TIFF writer",
+    ),
+    (
+        "declares_100000_squared",
+        file_case(lambda: classic_tiff(100000, 100000, bytes(800_000))),
+        413,
+        "the TIFF declares shape (100000, 100000) = 10000000000 voxels, more than the limit of 2147483648 voxels; "
+        "send a smaller image, or raise EMBEDSEG_MAX_VOXELS",
+    ),
+    (
+        "zip_bomb_in_a_strip",
+        file_case(zip_bomb_in_a_strip),
+        422,
+        "a compressed strip/tile of the TIFF inflates to more than the 4096 bytes it declares; save the image again "
+        "with a standard TIFF writer",
+    ),
+    (
+        "sparse_giant",
+        file_case(sparse_giant),
+        422,
+        "the TIFF declares 1600000000 bytes of pixels in a file of 122 bytes, more than 4096 times its size, so it "
+        "does not hold the pixels it declares; save the image again with a standard TIFF writer, uncompressed or "
+        "with zlib/deflate",
+    ),
+    (
+        "missing_strips",
+        file_case(missing_strips),
+        422,
+        "page 0 of the TIFF lists 4 strip/tile offsets and 4 byte counts but its shape needs 64; save the image "
+        "again with a standard TIFF writer",
+    ),
+    (
+        "six_dimensions",
+        file_case(lambda: tiff_bytes(np.zeros((2, 2, 2, 2, 8, 8), np.uint8))),
+        422,
+        "unsupported TIFF: image of shape (2, 2, 2, 2, 8, 8) has more than 4 dimensions (C, Z, Y, X); this is not "
+        "supported",
+    ),
+    (
+        "truncated",
+        file_case(lambda: small_image()[:200]),
+        422,
+        "the TIFF is truncated: its pixel data ends at byte 768 but the file has 200 bytes; upload the complete file",
+    ),
+    (
+        "broken_ifd",
+        file_case(lambda: b"II*\x00\x08\x00\x00\x00\x01\x00" + bytes(4)),
+        415,
+        "unsupported TIFF: not a readable TIFF file: corrupted IFD structure",
+    ),
+    (
+        "ifd_past_the_end",
+        file_case(lambda: b"II*\x00\x08\x00\x00\x00"),
+        422,
+        "unsupported TIFF: the TIFF file contains no image",
+    ),
+    (
+        "nan_and_inf",
+        file_case(lambda: float_image_with({(1, 1): np.nan, (2, 2): np.nan, (3, 3): np.inf})),
+        422,
+        "the image holds 2 NaN and 1 infinite value(s); replace them with finite numbers (e.g. 0) and upload it again",
+    ),
+    (
+        "negative_labels",
+        file_case(labels_with_negatives, kind="labels"),
+        422,
+        "the label image holds 25 negative value(s); label ids must be >= 0 (0 = background, objects 1, 2, ...)",
+    ),
+    (
+        "noise_as_labels",
+        file_case(
+            lambda: tiff_bytes(np.random.default_rng(0).integers(1, 60000, (128, 128)).astype(np.uint16)), kind="labels"
+        ),
+        422,
+        "this does not look like a label image: 100% of its 16256 pairs of neighbouring foreground voxels have "
+        "different ids, where objects of one id each would give few; upload it with kind=image, or upload the "
+        "instance labels (0 = background, one id per object)",
+    ),
+    (
+        "long_text_field",
+        body_case(lambda: [("name", b"n" * 70_000, None), ("file", small_image(), "a.tif")]),
+        413,
+        "form field 'name' is longer than 65536 bytes; send a shorter value",
+    ),
+    (
+        "500_repeated_fields",
+        body_case(lambda: [("kind", b"image", None)] * 500 + [("file", small_image(), "a.tif")]),
+        422,
+        "form field 'kind' is sent twice; send each field once",
+    ),
+    (
+        "500_unknown_fields",
+        body_case(lambda: [(f"f{k}", b"v" * 1000, None) for k in range(500)] + [("file", small_image(), "a.tif")]),
+        422,
+        f"unknown form field 'f0'; {FIELDS_DETAIL}",
+    ),
+    (
+        "fields_past_the_size_limit",
+        body_case(
+            lambda: (
+                [("file", bytes(4 * 1024**2 - 100_000), "a.tif")]
+                + [(name, b"x" * 60_000, None) for name in ("name", "kind", "axes", "voxel_size", "image_id")]
+            )
+        ),
+        413,
+        "upload exceeds the limit of 4194304 bytes (4.0 MiB); send a smaller file or raise EMBEDSEG_MAX_UPLOAD_BYTES",
+    ),
+    (
+        "unknown_field_first",
+        body_case(lambda: [("colour", b"red", None), ("file", small_image(), "a.tif")]),
+        422,
+        f"unknown form field 'colour'; {FIELDS_DETAIL}",
+    ),
+    (
+        "path_in_name",
+        file_case(small_image, name="../../etc/passwd"),
+        422,
+        "name must not contain '/', '\\' or control characters; send a plain name",
+    ),
+    (
+        "control_character_in_name",
+        file_case(small_image, name="a\x00b"),
+        422,
+        "name must not contain '/', '\\' or control characters; send a plain name",
+    ),
     ("path_in_filename", file_case(small_image, filename="../../etc/passwd"), 201, "passwd"),
     ("windows_path_in_filename", file_case(small_image, filename="..\\..\\evil.tif"), 201, "evil"),
     ("valid_2d", file_case(small_image), 201, "x"),
     ("valid_3d_zlib", file_case(lambda: tiff_bytes(np.ones((4, 20, 30), np.uint16), compression="zlib")), 201, "x"),
-    ("valid_float_imagej",
-     file_case(lambda: tiff_bytes(np.full((3, 8, 8), 0.5, np.float32), imagej=True, metadata={"axes": "ZYX"})),
-     201, "x"),
+    (
+        "valid_float_imagej",
+        file_case(lambda: tiff_bytes(np.full((3, 8, 8), 0.5, np.float32), imagej=True, metadata={"axes": "ZYX"})),
+        201,
+        "x",
+    ),
 ]
 
 
@@ -222,7 +316,7 @@ def _entries(data: bytes) -> list[int]:
         order = tif.byteorder
         starts = []
         for page in tif.pages:
-            count = struct.unpack(order + "H", data[page.offset:page.offset + 2])[0]
+            count = struct.unpack(order + "H", data[page.offset : page.offset + 2])[0]
             starts += [page.offset + 2 + 12 * k for k in range(count)]
     return starts
 
@@ -236,16 +330,30 @@ def mutate(data: bytes, entries: list[int], rng: random.Random) -> bytes:
         if roll < 0.65:
             start, width = rng.choice([(0, 2), (2, 2), (4, 4), (8, 4)])
             position = rng.choice(entries) + start
-            old = int.from_bytes(out[position:position + width], "little")
-            value = rng.choice([0, 1, 2, 3, 0xFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, old + 1, old - 1, old * 16,
-                                rng.getrandbits(8 * width)])
-            out[position:position + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
+            old = int.from_bytes(out[position : position + width], "little")
+            value = rng.choice(
+                [
+                    0,
+                    1,
+                    2,
+                    3,
+                    0xFF,
+                    0xFFFF,
+                    0x7FFFFFFF,
+                    0xFFFFFFFF,
+                    old + 1,
+                    old - 1,
+                    old * 16,
+                    rng.getrandbits(8 * width),
+                ]
+            )
+            out[position : position + width] = (value % (1 << (8 * width))).to_bytes(width, "little")
         elif roll < 0.85:
             out[rng.randrange(len(out))] = rng.randrange(256)
         elif roll < 0.93:
             out[4 + rng.randrange(4)] = rng.randrange(256)
         else:
-            del out[rng.randrange(8, len(out)):]
+            del out[rng.randrange(8, len(out)) :]
     return bytes(out)
 
 

@@ -29,8 +29,14 @@ def test_body_is_jobout_of_the_row_byte_for_byte(client, session) -> None:  # ty
     job_id = _new_job(session)
     assert jobs.claim_job(session, job_id, "host:1")
     epochs = [{"epoch": e, "loss": 1.0 / e, "val_iou": None, "val_ap": 0.25 * e} for e in range(1, 4)]
-    jobs.update_progress(session, job_id, progress=0.5, stage="training epoch 2/3", eta_s=12.5,
-                         metrics={"epochs": epochs, "epochs_total": 3, "note": "µm, \"quoted\""})
+    jobs.update_progress(
+        session,
+        job_id,
+        progress=0.5,
+        stage="training epoch 2/3",
+        eta_s=12.5,
+        metrics={"epochs": epochs, "epochs_total": 3, "note": 'µm, "quoted"'},
+    )
     assert jobs.finish_job(session, job_id, JobStatus.failed, error="out of memory", result={"partial": [1, 2]})
 
     response = client.get(f"{API}/jobs/{job_id}")
@@ -39,7 +45,7 @@ def test_body_is_jobout_of_the_row_byte_for_byte(client, session) -> None:  # ty
     assert response.content == _orm_body(session, job_id)
     body = response.json()
     assert body["status"] == "failed" and body["error"] == "out of memory" and body["result"] == {"partial": [1, 2]}
-    assert body["metrics"]["epochs"] == epochs and body["metrics"]["note"] == "µm, \"quoted\""
+    assert body["metrics"]["epochs"] == epochs and body["metrics"]["note"] == 'µm, "quoted"'
     assert body["created_at"].endswith("Z") and body["attempts"] == 1 and body["cancel_requested"] is False
 
 
@@ -122,8 +128,14 @@ def test_stored_reader_reads_through_the_driver_and_loads_as_the_orm(app, sessio
     assert stored[:2] == (job_id, "running") and isinstance(stored[2], str) and stored[3] is None
     assert loaded[0] == stored  # the same values, so that an unchanged row is recognised
     row = session.get(Job, job_id)
-    assert loaded[1] == {"id": job_id, "status": "running", "spec": SPEC, "metrics": None,
-                         "started_at": row.started_at, "cancel_requested": False}
+    assert loaded[1] == {
+        "id": job_id,
+        "status": "running",
+        "spec": SPEC,
+        "metrics": None,
+        "started_at": row.started_at,
+        "cancel_requested": False,
+    }
     assert loaded[1]["started_at"].tzinfo is not None
 
 

@@ -59,8 +59,9 @@ def _jobs_without_inputs(session) -> list[str]:  # type: ignore[no-untyped-def]
     session.expire_all()
     volumes = set(session.scalars(sa.select(Volume.id)))
     models = set(session.scalars(sa.select(Model.id)))
-    links = {(job_id, volume_id) for job_id, volume_id in session.execute(sa.select(JobVolume.job_id,
-                                                                                      JobVolume.volume_id))}
+    links = {
+        (job_id, volume_id) for job_id, volume_id in session.execute(sa.select(JobVolume.job_id, JobVolume.volume_id))
+    }
     broken = []
     for job in session.scalars(sa.select(Job)):
         spec = job.spec or {}
@@ -79,8 +80,9 @@ def test_submit_and_delete_at_once_never_leave_a_job_without_its_volume(client, 
     for _ in range(ROUNDS):
         volume = upload(client, tiff_bytes(_labels()), kind="labels").json()["id"]
         submit, delete = _race(
-            lambda volume=volume: client.post(f"{API}/jobs/evaluate",
-                                              json={"pairs": [{"gt_id": volume, "pred_id": volume}]}),
+            lambda volume=volume: client.post(
+                f"{API}/jobs/evaluate", json={"pairs": [{"gt_id": volume, "pred_id": volume}]}
+            ),
             lambda volume=volume: client.delete(f"{API}/volumes/{volume}"),
         )
         outcomes[(submit.status_code, delete.status_code)] += 1
@@ -99,8 +101,16 @@ def test_submit_and_delete_at_once_never_leave_a_job_without_its_volume(client, 
 
 
 def test_a_linked_volume_cannot_be_deleted_behind_the_checks_back(session) -> None:  # type: ignore[no-untyped-def]
-    volume = Volume(name="v", kind="labels", sha256="0" * 64, shape=[8, 8], dtype="uint16", axes="YX",
-                    size_bytes=1, storage_key="volumes/v.tif")
+    volume = Volume(
+        name="v",
+        kind="labels",
+        sha256="0" * 64,
+        shape=[8, 8],
+        dtype="uint16",
+        axes="YX",
+        size_bytes=1,
+        storage_key="volumes/v.tif",
+    )
     session.add(volume)
     session.commit()
     jobs.create_job(session, "evaluate", {}, volumes=[(volume.id, "gt")])
@@ -126,16 +136,16 @@ def test_create_and_delete_of_a_model_at_once(app, settings) -> None:  # type: i
     outcomes: Counter[str] = Counter()
     for round_ in range(ROUNDS):
         with sessions() as setup:
-            model = Model(name=f"m{round_}", spatial_dims=2, config={}, storage_key=f"models/m{round_}.pt",
-                          size_bytes=1)
+            model = Model(
+                name=f"m{round_}", spatial_dims=2, config={}, storage_key=f"models/m{round_}.pt", size_bytes=1
+            )
             setup.add(model)
             setup.commit()
         storage.put(model.storage_key, [b"x"])
 
         def create(model_id: str = model.id) -> Job:
             with sessions() as session:
-                return jobs.create_job(session, "predict", {"model_id": model_id, "volume_ids": []},
-                                       model_id=model_id)
+                return jobs.create_job(session, "predict", {"model_id": model_id, "volume_ids": []}, model_id=model_id)
 
         def remove(model_id: str = model.id) -> None:
             with sessions() as session:

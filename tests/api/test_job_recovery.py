@@ -56,8 +56,16 @@ def _handlers(handler: Callable[[JobContext], JobOutcome]) -> dict[JobKind, Call
 
 
 def _labels_row(key: str, sha256: str, size: int) -> Volume:
-    return Volume(name="out", kind=VolumeKind.labels.value, sha256=sha256, shape=[2, 2], dtype="uint16", axes="YX",
-                  size_bytes=size, storage_key=key)
+    return Volume(
+        name="out",
+        kind=VolumeKind.labels.value,
+        sha256=sha256,
+        shape=[2, 2],
+        dtype="uint16",
+        axes="YX",
+        size_bytes=size,
+        storage_key=key,
+    )
 
 
 # --------------------------------------------------------------------------- fencing
@@ -195,10 +203,14 @@ def test_temporary_files_of_dead_writers_are_removed_at_start(tmp_path: Path) ->
     temp.mkdir(parents=True)
     host, me, dead, parent = socket.gethostname(), os.getpid(), _dead_pid(), os.getppid()
     names = {
-        "mine-now": f"{host}@{me}@a.part", "mine-before-start": f"{host}@{me}@b.part",
-        "dead": f"{host}@{dead}@c.part", "dead-rewrite": f"{host}@{dead}@d.canonical.tif",
-        "alive": f"{host}@{parent}@e.part", "other-host": f"elsewhere@{dead}@f.part",
-        "other-host-old": f"elsewhere@{dead}@g.part", "untagged-old": "h.part",
+        "mine-now": f"{host}@{me}@a.part",
+        "mine-before-start": f"{host}@{me}@b.part",
+        "dead": f"{host}@{dead}@c.part",
+        "dead-rewrite": f"{host}@{dead}@d.canonical.tif",
+        "alive": f"{host}@{parent}@e.part",
+        "other-host": f"elsewhere@{dead}@f.part",
+        "other-host-old": f"elsewhere@{dead}@g.part",
+        "untagged-old": "h.part",
     }
     for name in names.values():
         (temp / name).write_bytes(b"x")
@@ -248,8 +260,9 @@ def _age(session, job_id: str, seconds: float) -> None:  # type: ignore[no-untyp
 
 
 @pytest.mark.redis
-def test_queued_jobs_without_a_broker_message_are_reported_and_sent_again(app, client, session,
-                                                                          broker_settings) -> None:  # type: ignore[no-untyped-def]
+def test_queued_jobs_without_a_broker_message_are_reported_and_sent_again(
+    app, client, session, broker_settings
+) -> None:  # type: ignore[no-untyped-def]
     app.state.settings = broker_settings
     waiting, lost, fresh = _job(session), _job(session), _job(session)
     for job_id in (waiting, lost):

@@ -26,8 +26,16 @@ def db(make_session):  # type: ignore[no-untyped-def]
 
 
 def volume(db, name: str = "v", kind: str = "image") -> Volume:  # type: ignore[no-untyped-def]
-    row = Volume(name=name, kind=kind, sha256="0" * 64, shape=[8, 8], dtype="uint16", axes="YX", size_bytes=1,
-                 storage_key=f"volumes/{name}.tif")
+    row = Volume(
+        name=name,
+        kind=kind,
+        sha256="0" * 64,
+        shape=[8, 8],
+        dtype="uint16",
+        axes="YX",
+        size_bytes=1,
+        storage_key=f"volumes/{name}.tif",
+    )
     db.add(row)
     db.commit()
     return row
@@ -35,11 +43,17 @@ def volume(db, name: str = "v", kind: str = "image") -> Volume:  # type: ignore[
 
 def test_create_job_is_queued_with_links(db) -> None:  # type: ignore[no-untyped-def]
     image, mask = volume(db, "i"), volume(db, "m", "labels")
-    job = jobs.create_job(db, "train", {"epochs": 3}, owner=None,
-                          volumes=[(image.id, "image"), (mask.id, "mask"), (image.id, "image")])
+    job = jobs.create_job(
+        db, "train", {"epochs": 3}, owner=None, volumes=[(image.id, "image"), (mask.id, "mask"), (image.id, "image")]
+    )
     fresh = jobs.get_job(db, job.id)
     assert (fresh.status, fresh.kind, fresh.progress, fresh.attempts, fresh.cancel_requested) == (
-        "queued", "train", 0.0, 0, False)
+        "queued",
+        "train",
+        0.0,
+        0,
+        False,
+    )
     assert fresh.spec == {"epochs": 3}
     assert fresh.created_at.tzinfo is not None
     links = sorted((link.volume_id, link.role) for link in db.query(JobVolume).filter_by(job_id=job.id))
@@ -131,23 +145,44 @@ def test_finish_registers_outputs_atomically_and_once(db) -> None:  # type: igno
     image = volume(db, "img")
     job = jobs.create_job(db, "train", {}, volumes=[(image.id, "image")])
     jobs.claim_job(db, job.id, "w")
-    labels = Volume(name="pred", kind="labels", sha256="1" * 64, shape=[8, 8], dtype="uint16", axes="YX",
-                    size_bytes=1, storage_key=f"jobs/{job.id}/labels.tif", image_volume_id=image.id)
+    labels = Volume(
+        name="pred",
+        kind="labels",
+        sha256="1" * 64,
+        shape=[8, 8],
+        dtype="uint16",
+        axes="YX",
+        size_bytes=1,
+        storage_key=f"jobs/{job.id}/labels.tif",
+        image_volume_id=image.id,
+    )
     model = Model(name="m", spatial_dims=2, config={"dims": 2}, storage_key=f"jobs/{job.id}/model.pt", size_bytes=9)
     assert labels.id and model.id  # ids exist before insertion, for the result
     result = {"model_id": model.id, "volume_ids": [labels.id]}
-    assert jobs.finish_job(db, job.id, JobStatus.succeeded, result=result, outputs=[labels, model],
-                           metrics={"ap": 0.8})
+    assert jobs.finish_job(db, job.id, JobStatus.succeeded, result=result, outputs=[labels, model], metrics={"ap": 0.8})
     fresh = jobs.get_job(db, job.id)
     assert (fresh.status, fresh.progress, fresh.stage, fresh.result, fresh.metrics) == (
-        "succeeded", 1.0, "succeeded", result, {"ap": 0.8})
+        "succeeded",
+        1.0,
+        "succeeded",
+        result,
+        {"ap": 0.8},
+    )
     assert db.get(Volume, labels.id).source_job_id == job.id
     assert db.get(Model, model.id).source_job_id == job.id
     assert jobs.active_jobs_using_volume(db, image.id) == []
 
     # a duplicate run finishing late registers nothing and changes nothing
-    late = Volume(name="late", kind="labels", sha256="2" * 64, shape=[8, 8], dtype="uint16", axes="YX",
-                  size_bytes=1, storage_key=f"jobs/{job.id}/late.tif")
+    late = Volume(
+        name="late",
+        kind="labels",
+        sha256="2" * 64,
+        shape=[8, 8],
+        dtype="uint16",
+        axes="YX",
+        size_bytes=1,
+        storage_key=f"jobs/{job.id}/late.tif",
+    )
     assert jobs.finish_job(db, job.id, "failed", error="boom", outputs=[late]) is False
     assert db.get(Volume, late.id) is None
     assert jobs.get_job(db, job.id).status == "succeeded"

@@ -34,8 +34,13 @@ def pair(client) -> tuple[str, str]:  # type: ignore[no-untyped-def]
 @pytest.fixture
 def model_id(session) -> str:  # type: ignore[no-untyped-def]
     """A 2D single-channel model row (its file is never read by the API)."""
-    model = Model(name="m", spatial_dims=2, config={"in_channels": 1, "spatial_dims": 2},
-                  storage_key="models/test-model.pt", size_bytes=1)
+    model = Model(
+        name="m",
+        spatial_dims=2,
+        config={"in_channels": 1, "spatial_dims": 2},
+        storage_key="models/test-model.pt",
+        size_bytes=1,
+    )
     session.add(model)
     session.commit()
     return model.id
@@ -197,8 +202,11 @@ def test_predict_job_refusals(client, pair, model_id) -> None:
             422,
             f"volume_ids: volume {mask} is a label image; give intensity images here (uploaded with kind=image)",
         ),
-        ({"model_id": model_id, "volume_ids": [volume3d]}, 422, f"volume_ids: volume {volume3d} is 3D but model "
-         f"{model_id} is 2D"),
+        (
+            {"model_id": model_id, "volume_ids": [volume3d]},
+            422,
+            f"volume_ids: volume {volume3d} is 3D but model {model_id} is 2D",
+        ),
         (
             {"model_id": model_id, "volume_ids": [two_channels]},
             422,
@@ -230,8 +238,11 @@ def test_predict_job_refusals(client, pair, model_id) -> None:
             422,
             "tile: tile must be 'auto' or 2 (y,x) or 3 (z,y,x) sizes, each a positive multiple of 8",
         ),
-        ({"model_id": model_id, "volume_ids": []}, 422, "volume_ids: List should have at least 1 item after "
-         "validation, not 0"),
+        (
+            {"model_id": model_id, "volume_ids": []},
+            422,
+            "volume_ids: List should have at least 1 item after validation, not 0",
+        ),
     ]
     for body, status, detail in cases:
         response = client.post(f"{API}/jobs/predict", json=body)
@@ -379,8 +390,7 @@ def test_list_refusals(client, params, detail) -> None:  # type: ignore[no-untyp
 def test_cancel_queued_running_and_finished_jobs(client, session, pair) -> None:
     image, mask = pair
     queued, running = (
-        client.post(f"{API}/jobs/train", json={"image_ids": [image], "mask_ids": [mask]}).json()["id"]
-        for _ in range(2)
+        client.post(f"{API}/jobs/train", json={"image_ids": [image], "mask_ids": [mask]}).json()["id"] for _ in range(2)
     )
     assert jobs.claim_job(session, running, "host:2")
 

@@ -24,8 +24,13 @@ def test_banner_says_where_the_docs_and_the_data_are(tmp_path: Path) -> None:
     assert f"Data directory:   {(tmp_path / 'd').resolve()}" in embedded
     assert f"Files:            {(tmp_path / 'd' / 'storage').resolve()}" in embedded
     assert "Jobs:             embedded local worker (1 process(es))" in embedded
-    production = describe(Settings(_env_file=None, database_url="postgresql+psycopg://u:secret@db/x",
-                                   broker_url="redis://:pw@redis:6379/0"), "0.0.0.0", 8000)
+    production = describe(
+        Settings(
+            _env_file=None, database_url="postgresql+psycopg://u:secret@db/x", broker_url="redis://:pw@redis:6379/0"
+        ),
+        "0.0.0.0",
+        8000,
+    )
     assert "http://localhost:8000/docs" in production
     assert "Database:         postgresql+psycopg://u:***@db/x" in production
     assert "Celery via redis://:***@redis:6379/0, queue 'gpu'" in production

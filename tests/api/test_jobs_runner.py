@@ -48,8 +48,9 @@ def evaluate_job(client) -> tuple[str, str, str]:  # type: ignore[no-untyped-def
     gt = upload(client, tiff_bytes(_labels()), kind="labels").json()["id"]
     pred_labels = _labels(boxes=((4, 14, 6, 20),))  # one of the two objects found
     pred = upload(client, tiff_bytes(pred_labels), kind="labels").json()["id"]
-    job = client.post(f"{API}/jobs/evaluate", json={"pairs": [{"gt_id": gt, "pred_id": pred}],
-                                                    "thresholds": [0.5, 0.9]})
+    job = client.post(
+        f"{API}/jobs/evaluate", json={"pairs": [{"gt_id": gt, "pred_id": pred}], "thresholds": [0.5, 0.9]}
+    )
     assert job.status_code == 202, job.text
     return job.json()["id"], gt, pred
 
@@ -147,8 +148,18 @@ def test_outputs_are_registered_only_with_success(client, session, fast, evaluat
 
     def produce(context: JobContext) -> JobOutcome:
         written = storage.put(f"jobs/{context.job_id}/labels-x.tif", [b"II*\x00data"])
-        row = Volume(id=new_id(), name="out", kind=VolumeKind.labels.value, sha256=written.sha256, shape=[2, 2],
-                     dtype="uint16", axes="YX", size_bytes=written.size, storage_key=written.key, image_volume_id=gt)
+        row = Volume(
+            id=new_id(),
+            name="out",
+            kind=VolumeKind.labels.value,
+            sha256=written.sha256,
+            shape=[2, 2],
+            dtype="uint16",
+            axes="YX",
+            size_bytes=written.size,
+            storage_key=written.key,
+            image_volume_id=gt,
+        )
         return JobOutcome(result={"label_volume_ids": [row.id]}, outputs=[row])
 
     assert run_job(job_id, settings=fast, handlers=_fake_handlers(produce)) == "succeeded"
@@ -159,9 +170,23 @@ def test_outputs_are_registered_only_with_success(client, session, fast, evaluat
 
     # a late duplicate that somehow ran cannot register its outputs a second time
     session.expire_all()
-    assert not jobs.finish_job(session, job_id, JobStatus.succeeded, outputs=[Volume(
-        name="dup", kind="labels", sha256="0" * 64, shape=[2, 2], dtype="uint16", axes="YX", size_bytes=1,
-        storage_key=f"jobs/{job_id}/dup.tif")])
+    assert not jobs.finish_job(
+        session,
+        job_id,
+        JobStatus.succeeded,
+        outputs=[
+            Volume(
+                name="dup",
+                kind="labels",
+                sha256="0" * 64,
+                shape=[2, 2],
+                dtype="uint16",
+                axes="YX",
+                size_bytes=1,
+                storage_key=f"jobs/{job_id}/dup.tif",
+            )
+        ],
+    )
     assert client.get(f"{API}/volumes", params={"kind": "labels"}).json()["total"] == 3  # gt, pred, out
 
 
@@ -242,8 +267,10 @@ def test_a_job_whose_worker_stopped_beating_is_requeued_then_failed_after_three_
     assert recover_stale_jobs(fast) == []
     row = jobs.get_job(session, job_id)
     assert row.status == "failed"
-    assert row.error == ("the worker running this job was lost 3 times (killed or out of memory); resubmit it with "
-                         "smaller inputs, a smaller tile or batch size")
+    assert row.error == (
+        "the worker running this job was lost 3 times (killed or out of memory); resubmit it with "
+        "smaller inputs, a smaller tile or batch size"
+    )
 
 
 def test_a_redelivered_message_takes_over_from_a_lost_worker(session, fast, evaluate_job) -> None:
@@ -272,13 +299,25 @@ def _store_model(session, settings, tmp_path: Path, name: str, net, step: list[f
     from embedseg_service.core.model.checkpoint import save_checkpoint
 
     dims = len(step)
-    path = save_checkpoint(tmp_path / f"{name}.pt", {
-        "state_dict": net.state_dict(), "spatial_dims": dims, "in_channels": 1, "step": step,
-        "config": {"in_channels": 1}, "properties": {"min_object_size": 4},
-    })
+    path = save_checkpoint(
+        tmp_path / f"{name}.pt",
+        {
+            "state_dict": net.state_dict(),
+            "spatial_dims": dims,
+            "in_channels": 1,
+            "step": step,
+            "config": {"in_channels": 1},
+            "properties": {"min_object_size": 4},
+        },
+    )
     LocalStorage(settings.storage_path).put_file(f"models/{name}.pt", path)
-    model = Model(name=name, spatial_dims=dims, config={"in_channels": 1}, storage_key=f"models/{name}.pt",
-                  size_bytes=path.stat().st_size)
+    model = Model(
+        name=name,
+        spatial_dims=dims,
+        config={"in_channels": 1},
+        storage_key=f"models/{name}.pt",
+        size_bytes=path.stat().st_size,
+    )
     session.add(model)
     session.commit()
     return model.id
@@ -286,11 +325,16 @@ def _store_model(session, settings, tmp_path: Path, name: str, net, step: list[f
 
 def test_predict_job_writes_linked_label_volumes_and_scores_them(client, fast, tiny_model) -> None:
     rng = np.random.default_rng(0)
-    image = upload(client, tiff_bytes(rng.integers(0, 200, (40, 56)).astype(np.uint8), imagej=True,
-                                      resolution=(1 / 0.5, 1 / 0.5)), name="cells").json()
+    image = upload(
+        client,
+        tiff_bytes(rng.integers(0, 200, (40, 56)).astype(np.uint8), imagej=True, resolution=(1 / 0.5, 1 / 0.5)),
+        name="cells",
+    ).json()
     gt = upload(client, tiff_bytes(_labels((40, 56))), kind="labels").json()["id"]
-    job = client.post(f"{API}/jobs/predict", json={"model_id": tiny_model, "volume_ids": [image["id"]],
-                                                   "gt_ids": [gt], "tile": [32, 32]}).json()
+    job = client.post(
+        f"{API}/jobs/predict",
+        json={"model_id": tiny_model, "volume_ids": [image["id"]], "gt_ids": [gt], "tile": [32, 32]},
+    ).json()
     assert run_job(job["id"], settings=fast) == "succeeded", client.get(f"{API}/jobs/{job['id']}").json()["error"]
     body = client.get(f"{API}/jobs/{job['id']}").json()
     (labels_id,) = body["result"]["label_volume_ids"]
@@ -341,8 +385,9 @@ def test_predict_job_with_an_unusable_checkpoint_fails_with_the_reason(client, s
 # --------------------------------------------------------------------------- embedded local worker
 
 
-def test_local_worker_runs_jobs_left_queued_and_orphaned_by_a_previous_run(client, session, settings,
-                                                                           evaluate_job) -> None:
+def test_local_worker_runs_jobs_left_queued_and_orphaned_by_a_previous_run(
+    client, session, settings, evaluate_job
+) -> None:
     import socket
 
     from embedseg_service.worker.local import LocalWorker
@@ -389,10 +434,20 @@ def test_train_job_takes_the_voxel_size_from_the_image_and_registers_a_model(cli
     image = (20 + 150 * (labels > 0)).astype(np.uint8)
     image_id = upload(client, tiff_bytes(image), voxel_size="0.5,0.5").json()["id"]
     mask_id = upload(client, tiff_bytes(labels), kind="labels").json()["id"]
-    job = client.post(f"{API}/jobs/train", json={"image_ids": [image_id], "mask_ids": [mask_id], "epochs": 1,
-                                                 "crop_size": 32, "batch_size": 2, "max_time_minutes": 0.2,
-                                                 "amp": True, "min_object_size": 20,
-                                                 "foreground_weight": 4.5}).json()
+    job = client.post(
+        f"{API}/jobs/train",
+        json={
+            "image_ids": [image_id],
+            "mask_ids": [mask_id],
+            "epochs": 1,
+            "crop_size": 32,
+            "batch_size": 2,
+            "max_time_minutes": 0.2,
+            "amp": True,
+            "min_object_size": 20,
+            "foreground_weight": 4.5,
+        },
+    ).json()
     assert run_job(job["id"], settings=fast) == "succeeded", client.get(f"{API}/jobs/{job['id']}").json()["error"]
     body = client.get(f"{API}/jobs/{job['id']}").json()
     model = client.get(f"{API}/models/{body['result']['model_id']}").json()
@@ -409,8 +464,9 @@ def test_train_job_takes_the_voxel_size_from_the_image_and_registers_a_model(cli
     assert ("warnings" in body["metrics"]) == bool(model["metrics"]["best"].get("degenerate"))
 
 
-def test_predict_job_min_size_overrides_the_models_minimum_object_size(client, session, settings, fast,
-                                                                      tmp_path) -> None:
+def test_predict_job_min_size_overrides_the_models_minimum_object_size(
+    client, session, settings, fast, tmp_path
+) -> None:
     """A network whose seed map is high everywhere: clustering tiles the image into small objects
     (about 100 pixels each, bandwidth e^10 at zero offsets); min_size above that leaves none."""
     import torch

@@ -28,9 +28,15 @@ def weights(spatial_dims: int, in_channels: int) -> dict[str, torch.Tensor]:
 
 
 def model_file(tmp_path: Path, state: dict[str, torch.Tensor], dims: int = 2, channels: int = 1) -> bytes:
-    path = save_checkpoint(tmp_path / "m.pt", {
-        "state_dict": state, "spatial_dims": dims, "in_channels": channels, "step": [0.001] * dims,
-    })
+    path = save_checkpoint(
+        tmp_path / "m.pt",
+        {
+            "state_dict": state,
+            "spatial_dims": dims,
+            "in_channels": channels,
+            "step": [0.001] * dims,
+        },
+    )
     return path.read_bytes()
 
 
@@ -40,8 +46,17 @@ def post(client, content: bytes):  # type: ignore[no-untyped-def]
 
 def test_a_tiny_checkpoint_with_one_4x4_tensor_is_refused(client) -> None:  # type: ignore[no-untyped-def]
     buffer = io.BytesIO()
-    torch.save({FORMAT_KEY: FORMAT_NAME, VERSION_KEY: FORMAT_VERSION, "state_dict": {"w": torch.zeros(4, 4)},
-                "spatial_dims": 2, "in_channels": 1, "step": [0.001, 0.001]}, buffer)
+    torch.save(
+        {
+            FORMAT_KEY: FORMAT_NAME,
+            VERSION_KEY: FORMAT_VERSION,
+            "state_dict": {"w": torch.zeros(4, 4)},
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "step": [0.001, 0.001],
+        },
+        buffer,
+    )
     assert len(buffer.getvalue()) < 2048
     response = post(client, buffer.getvalue())
     assert response.status_code == 422

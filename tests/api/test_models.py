@@ -49,8 +49,9 @@ def checkpoint_bytes(tmp_path: Path, **overrides) -> bytes:  # type: ignore[no-u
 
 
 def post_model(client, content: bytes, filename: str = "nuclei.pt", **fields):  # type: ignore[no-untyped-def]
-    return client.post(M, files={"file": (filename, content, "application/octet-stream")},
-                       data={k: str(v) for k, v in fields.items()})
+    return client.post(
+        M, files={"file": (filename, content, "application/octet-stream")}, data={k: str(v) for k, v in fields.items()}
+    )
 
 
 def zip_with_pickle(data: bytes) -> bytes:
@@ -115,15 +116,21 @@ def test_upload_without_a_config_records_dims_and_channels(client, tmp_path) -> 
     ("make", "detail"),
     [
         (lambda _tmp: b"not a zip at all", "it is not a model file written by this service (not a torch zip archive)"),
-        (lambda _tmp: zip_with_pickle(pickle.dumps({"a": 1}, protocol=2)),
-         "it is not a model file written by this service (no 'embedseg-service-model' format mark)"),
+        (
+            lambda _tmp: zip_with_pickle(pickle.dumps({"a": 1}, protocol=2)),
+            "it is not a model file written by this service (no 'embedseg-service-model' format mark)",
+        ),
         (lambda _tmp: zip_with_pickle(EVAL_PICKLE), "it refers to builtins.eval, which a model file never contains"),
         (lambda _tmp: zip_with_pickle(b"\x80\x02garbage"), "its contents cannot be read (UnpicklingError)"),
-        (lambda tmp: torch_saved(tmp, {"format": "embedseg-service-model", "format_version": 99}),
-         "it has format version 99; this service reads version 1"),
+        (
+            lambda tmp: torch_saved(tmp, {"format": "embedseg-service-model", "format_version": 99}),
+            "it has format version 99; this service reads version 1",
+        ),
         (lambda tmp: checkpoint_bytes(tmp, step=[0.001]), "its embedding step [0.001] does not have 2 numbers"),
-        (lambda tmp: checkpoint_bytes(tmp, spatial_dims=4), "it describes an invalid network (spatial_dims=4, "
-         "in_channels=1)"),
+        (
+            lambda tmp: checkpoint_bytes(tmp, spatial_dims=4),
+            "it describes an invalid network (spatial_dims=4, in_channels=1)",
+        ),
         (lambda tmp: checkpoint_bytes(tmp, state_dict={}), "its state_dict holds no network weights"),
     ],
 )
@@ -206,11 +213,27 @@ def test_delete_is_refused_while_a_job_uses_the_model(client, tmp_path) -> None:
 def test_trained_model_rows_show_their_source_job(client, session) -> None:
     job = client.post(
         "/api/v1/jobs/evaluate",
-        json={"pairs": [{"gt_id": (gt := upload(client, tiff_bytes(np.ones((8, 8), np.uint16)), kind="labels")
-                                   .json()["id"]), "pred_id": gt}]},
+        json={
+            "pairs": [
+                {
+                    "gt_id": (gt := upload(client, tiff_bytes(np.ones((8, 8), np.uint16)), kind="labels").json()["id"]),
+                    "pred_id": gt,
+                }
+            ]
+        },
     ).json()
-    session.add(Model(id="m1", name="trained", spatial_dims=3, config={"epochs": 1}, storage_key="jobs/x/model.pt",
-                      size_bytes=3, source_job_id=job["id"], metrics={"best_epoch": 1}))
+    session.add(
+        Model(
+            id="m1",
+            name="trained",
+            spatial_dims=3,
+            config={"epochs": 1},
+            storage_key="jobs/x/model.pt",
+            size_bytes=3,
+            source_job_id=job["id"],
+            metrics={"best_epoch": 1},
+        )
+    )
     session.commit()
     body = client.get(f"{M}/m1").json()
     assert body["source_job_id"] == job["id"] and body["spatial_dims"] == 3 and body["metrics"] == {"best_epoch": 1}
@@ -218,9 +241,15 @@ def test_trained_model_rows_show_their_source_job(client, session) -> None:
 
 def test_summary_reads_a_real_network_checkpoint(tmp_path) -> None:
     net = build_network(3, 2)
-    path = save_checkpoint(tmp_path / "net.pt", {
-        "state_dict": net.state_dict(), "spatial_dims": 3, "in_channels": 2, "step": [0.002, 0.001, 0.001],
-    })
+    path = save_checkpoint(
+        tmp_path / "net.pt",
+        {
+            "state_dict": net.state_dict(),
+            "spatial_dims": 3,
+            "in_channels": 2,
+            "step": [0.002, 0.001, 0.001],
+        },
+    )
     summary = read_checkpoint_summary(path)
     assert (summary.spatial_dims, summary.in_channels, summary.step) == (3, 2, [0.002, 0.001, 0.001])
     assert summary.n_tensors == len(net.state_dict())

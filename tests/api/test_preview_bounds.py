@@ -21,11 +21,12 @@ def _marked_volume(path: Path, depth: int, side: int) -> None:
     def planes():  # type: ignore[no-untyped-def]
         for k in range(depth):
             plane = np.zeros((side, side), np.uint8)
-            plane[8 * k: 8 * k + 8, 64:192] = 100 + k
+            plane[8 * k : 8 * k + 8, 64:192] = 100 + k
             yield plane
 
-    tifffile.imwrite(path, planes(), shape=(depth, side, side), dtype=np.uint8, photometric="minisblack",
-                     compression="zlib")
+    tifffile.imwrite(
+        path, planes(), shape=(depth, side, side), dtype=np.uint8, photometric="minisblack", compression="zlib"
+    )
 
 
 def _peak(call) -> tuple[object, int]:  # type: ignore[no-untyped-def]

@@ -46,25 +46,36 @@ def test_empty_broker_url_means_embedded(monkeypatch) -> None:  # type: ignore[n
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"database_url": "postgresql://u@h/db"},
-         "database_url must name the psycopg 3 driver: write postgresql+psycopg://user:pass@host/db"),
-        ({"database_url": "mysql://u@h/db"},
-         "database_url must be sqlite:///path or postgresql+psycopg://user:pass@host/db"),
-        ({"broker_url": "amqp://guest@rabbit//"},
-         "broker_url must be a Redis URL (redis://host:6379/0) or unset for the local worker"),
+        (
+            {"database_url": "postgresql://u@h/db"},
+            "database_url must name the psycopg 3 driver: write postgresql+psycopg://user:pass@host/db",
+        ),
+        (
+            {"database_url": "mysql://u@h/db"},
+            "database_url must be sqlite:///path or postgresql+psycopg://user:pass@host/db",
+        ),
+        (
+            {"broker_url": "amqp://guest@rabbit//"},
+            "broker_url must be a Redis URL (redis://host:6379/0) or unset for the local worker",
+        ),
         ({"max_upload_bytes": 0}, "max_upload_bytes must be a positive integer, got 0"),
         ({"local_workers": -1}, "local_workers must be a positive integer, got -1"),
         ({"progress_throttle_s": 0}, "progress_throttle_s must be > 0, got 0.0"),
-        ({"gpu_queue": "gpu queue"},
-         "gpu_queue must be 1-64 characters of letters, digits, '_', '.', ':' or '-'"),
-        ({"cors_origins": ["lab.example"]},
-         "cors origin 'lab.example' must start with http:// or https:// (or be '*')"),
-        ({"upload_chunk_bytes": 128 * 1024**2},
-         "upload_chunk_bytes must be at most 64 MiB so that uploads stay streamed"),
+        ({"gpu_queue": "gpu queue"}, "gpu_queue must be 1-64 characters of letters, digits, '_', '.', ':' or '-'"),
+        (
+            {"cors_origins": ["lab.example"]},
+            "cors origin 'lab.example' must start with http:// or https:// (or be '*')",
+        ),
+        (
+            {"upload_chunk_bytes": 128 * 1024**2},
+            "upload_chunk_bytes must be at most 64 MiB so that uploads stay streamed",
+        ),
         ({"max_upload_bytes": 1000, "upload_chunk_bytes": 2000}, "upload_chunk_bytes must not exceed max_upload_bytes"),
-        ({"job_visibility_timeout_s": 3600, "max_job_minutes": 120},
-         "job_visibility_timeout_s must exceed the longest job (max_job_minutes * 60 = 7200 s), "
-         "or the broker redelivers running jobs"),
+        (
+            {"job_visibility_timeout_s": 3600, "max_job_minutes": 120},
+            "job_visibility_timeout_s must exceed the longest job (max_job_minutes * 60 = 7200 s), "
+            "or the broker redelivers running jobs",
+        ),
     ],
 )
 def test_unsafe_values_are_refused(values, message) -> None:  # type: ignore[no-untyped-def]

@@ -96,15 +96,24 @@ def spec(**options) -> TrainSpec:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("options", "shapes", "message"),
     [
-        ({"crop_size": 520}, [[512, 300], [400, 400]],
-         "crop_size 520 is larger than the training images need (their largest side is 512); use at most 512, "
-         "or 'auto'"),
-        ({"crop_size": 16384, "batch_size": 1024}, [[20000, 20000]],
-         "batch_size 1024 times a crop of 16384^2 voxels is 274877906944 voxels per batch, more than the limit of "
-         "134217728 (EMBEDSEG_MAX_BATCH_VOXELS); use a smaller batch_size or crop_size"),
-        ({"crop_size": 512, "dims": 3}, [[600, 600, 600]],
-         "batch_size 1 times a crop of 512^3 voxels is 134217728 voxels per batch, more than the limit of "
-         "100000000 (EMBEDSEG_MAX_BATCH_VOXELS); use a smaller batch_size or crop_size"),
+        (
+            {"crop_size": 520},
+            [[512, 300], [400, 400]],
+            "crop_size 520 is larger than the training images need (their largest side is 512); use at most 512, "
+            "or 'auto'",
+        ),
+        (
+            {"crop_size": 16384, "batch_size": 1024},
+            [[20000, 20000]],
+            "batch_size 1024 times a crop of 16384^2 voxels is 274877906944 voxels per batch, more than the limit of "
+            "134217728 (EMBEDSEG_MAX_BATCH_VOXELS); use a smaller batch_size or crop_size",
+        ),
+        (
+            {"crop_size": 512, "dims": 3},
+            [[600, 600, 600]],
+            "batch_size 1 times a crop of 512^3 voxels is 134217728 voxels per batch, more than the limit of "
+            "100000000 (EMBEDSEG_MAX_BATCH_VOXELS); use a smaller batch_size or crop_size",
+        ),
     ],
 )
 def test_crop_and_batch_are_bounded_by_the_data_and_the_batch_budget(options, shapes, message) -> None:  # type: ignore[no-untyped-def]

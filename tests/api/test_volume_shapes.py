@@ -22,8 +22,15 @@ LAYOUTS = [
 def test_volume_row_and_tiff_info_share_the_axis_rule(
     shape: tuple[int, ...], axes: str, spatial: list[int], channels: int
 ) -> None:
-    row = Volume(name="v", sha256="0" * 64, shape=list(shape), dtype="uint16", axes=axes, size_bytes=1,
-                 storage_key="volumes/v.tif")
+    row = Volume(
+        name="v",
+        sha256="0" * 64,
+        shape=list(shape),
+        dtype="uint16",
+        axes=axes,
+        size_bytes=1,
+        storage_key="volumes/v.tif",
+    )
     info = TiffInfo(shape=shape, axes=axes, dtype=np.dtype("uint16"), voxel_size=None)
     assert row.spatial_shape == spatial and row.n_channels == channels
     assert list(info.spatial_shape) == spatial and info.n_channels == channels

@@ -129,56 +129,154 @@ def test_upload_real_3d_volume(client, data_dir) -> None:  # type: ignore[no-unt
 
 # --------------------------------------------------------------------------- rejected uploads
 
+
 def _data_end(content: bytes) -> int:
     with tifffile.TiffFile(io.BytesIO(content)) as tif:
         return tif.series[0].dataoffset + tif.series[0].nbytes
 
 
 REJECTIONS = [
-    ("not_tiff", lambda: b"plain text, no image", {}, 415,
-     "the uploaded file is not a TIFF (no TIFF header); send a .tif/.tiff file"),
+    (
+        "not_tiff",
+        lambda: b"plain text, no image",
+        {},
+        415,
+        "the uploaded file is not a TIFF (no TIFF header); send a .tif/.tiff file",
+    ),
     ("empty", lambda: b"", {}, 415, "the uploaded file is empty; send a TIFF file"),
     ("no_image", lambda: b"II*\x00" + b"\x00" * 20, {}, 422, "unsupported TIFF: the TIFF file contains no image"),
-    ("garbled_tiff", lambda: b"II*\x00\x08\x00\x00\x00\x01\x00" + b"\x00" * 4, {}, 415,
-     "unsupported TIFF: not a readable TIFF file: corrupted IFD structure"),
-    ("rgb", lambda: tiff_bytes(np.zeros((16, 16, 3), np.uint8), photometric="rgb"), {}, 422,
-     "unsupported TIFF: colour (RGB/RGBA) images are not supported (shape (16, 16, 3), 3 samples per pixel); "
-     "save a single-channel grayscale image, or the channels as separate planes"),
-    ("time_series", lambda: tiff_bytes(np.zeros((3, 4, 16, 16), np.uint8), imagej=True, metadata={"axes": "TZYX"}),
-     {}, 422, "unsupported TIFF: time series are not supported (3 time points, shape (3, 4, 16, 16)); "
-     "save one time point"),
-    ("five_dims", lambda: tiff_bytes(np.zeros((2, 2, 2, 8, 8), np.uint8)), {}, 422,
-     "unsupported TIFF: image of shape (2, 2, 2, 8, 8) has more than 4 dimensions (C, Z, Y, X); this is not supported"),
-    ("int8", lambda: tiff_bytes(np.zeros((8, 8), np.int8)), {}, 422,
-     "unsupported TIFF: pixel type int8 is not supported; use one of uint8, uint16, int16, int32, uint32, float32"),
-    ("int32_image", lambda: tiff_bytes(np.zeros((8, 8), np.int32)), {}, 422,
-     "pixel type int32 is not supported for images; use uint8, uint16 or float32 "
-     "(or send kind=labels for a label image)"),
-    ("float_labels", lambda: tiff_bytes(np.zeros((8, 8), np.float32)), {"kind": "labels"}, 422,
-     "a label image must hold integers (0 = background), got float32"),
-    ("labels_with_channels", lambda: tiff_bytes(np.zeros((2, 4, 8, 8), np.uint16)), {"kind": "labels"}, 422,
-     "a label image has no channel axis, got axes CZYX"),
-    ("truncated", lambda: tiff_bytes(np.ones((64, 64), np.uint16))[:3000], {}, 422,
-     lambda: f"the TIFF is truncated: its pixel data ends at byte {_data_end(tiff_bytes(np.ones((64, 64), np.uint16)))}"
-     " but the file has 3000 bytes; upload the complete file"),
-    ("bad_kind", lambda: tiff_bytes(np.zeros((8, 8), np.uint8)), {"kind": "mask"}, 422,
-     "kind 'mask' is not valid; use image or labels"),
-    ("bad_voxel_size", lambda: tiff_bytes(np.zeros((8, 8), np.uint8)), {"voxel_size": "a,b"}, 422,
-     "voxel_size 'a,b' must be comma-separated numbers in array order, e.g. '2.0,0.5,0.5'"),
-    ("negative_voxel_size", lambda: tiff_bytes(np.zeros((8, 8), np.uint8)), {"voxel_size": "1,-1"}, 422,
-     "voxel_size '1,-1' must be positive numbers"),
-    ("voxel_size_dims", lambda: tiff_bytes(np.zeros((8, 8), np.uint8)), {"voxel_size": "1,1,1"}, 422,
-     "voxel_size has 3 values but the volume has 2 spatial axes (YX)"),
-    ("bad_axes", lambda: tiff_bytes(np.zeros((4, 8, 8), np.uint8)), {"axes": "YX"}, 422,
-     "unsupported TIFF: axes 'YX' has 2 letters but the image has 3 dimensions (4, 8, 8)"),
-    ("unknown_field", lambda: tiff_bytes(np.zeros((8, 8), np.uint8)), {"colour": "red"}, 422,
-     "unknown form field 'colour'; use file, name, kind, axes, voxel_size, image_id"),
-    ("image_id_unknown", lambda: tiff_bytes(np.zeros((8, 8), np.uint16)), {"kind": "labels", "image_id": "nope"}, 422,
-     "image_id: Volume nope not found"),
-    ("image_id_on_image", lambda: tiff_bytes(np.zeros((8, 8), np.uint16)), {"image_id": "nope"}, 422,
-     "image_id links a label image to its image; send it with kind=labels"),
-    ("too_big", lambda: tiff_bytes(np.zeros((1100, 1000), np.uint32)), {}, 413,
-     "upload exceeds the limit of 4194304 bytes (4.0 MiB); send a smaller file or raise EMBEDSEG_MAX_UPLOAD_BYTES"),
+    (
+        "garbled_tiff",
+        lambda: b"II*\x00\x08\x00\x00\x00\x01\x00" + b"\x00" * 4,
+        {},
+        415,
+        "unsupported TIFF: not a readable TIFF file: corrupted IFD structure",
+    ),
+    (
+        "rgb",
+        lambda: tiff_bytes(np.zeros((16, 16, 3), np.uint8), photometric="rgb"),
+        {},
+        422,
+        "unsupported TIFF: colour (RGB/RGBA) images are not supported (shape (16, 16, 3), 3 samples per pixel); "
+        "save a single-channel grayscale image, or the channels as separate planes",
+    ),
+    (
+        "time_series",
+        lambda: tiff_bytes(np.zeros((3, 4, 16, 16), np.uint8), imagej=True, metadata={"axes": "TZYX"}),
+        {},
+        422,
+        "unsupported TIFF: time series are not supported (3 time points, shape (3, 4, 16, 16)); save one time point",
+    ),
+    (
+        "five_dims",
+        lambda: tiff_bytes(np.zeros((2, 2, 2, 8, 8), np.uint8)),
+        {},
+        422,
+        "unsupported TIFF: image of shape (2, 2, 2, 8, 8) has more than 4 dimensions (C, Z, Y, X); "
+        "this is not supported",
+    ),
+    (
+        "int8",
+        lambda: tiff_bytes(np.zeros((8, 8), np.int8)),
+        {},
+        422,
+        "unsupported TIFF: pixel type int8 is not supported; use one of uint8, uint16, int16, int32, uint32, float32",
+    ),
+    (
+        "int32_image",
+        lambda: tiff_bytes(np.zeros((8, 8), np.int32)),
+        {},
+        422,
+        "pixel type int32 is not supported for images; use uint8, uint16 or float32 "
+        "(or send kind=labels for a label image)",
+    ),
+    (
+        "float_labels",
+        lambda: tiff_bytes(np.zeros((8, 8), np.float32)),
+        {"kind": "labels"},
+        422,
+        "a label image must hold integers (0 = background), got float32",
+    ),
+    (
+        "labels_with_channels",
+        lambda: tiff_bytes(np.zeros((2, 4, 8, 8), np.uint16)),
+        {"kind": "labels"},
+        422,
+        "a label image has no channel axis, got axes CZYX",
+    ),
+    (
+        "truncated",
+        lambda: tiff_bytes(np.ones((64, 64), np.uint16))[:3000],
+        {},
+        422,
+        lambda: (
+            f"the TIFF is truncated: its pixel data ends at byte {_data_end(tiff_bytes(np.ones((64, 64), np.uint16)))}"
+            " but the file has 3000 bytes; upload the complete file"
+        ),
+    ),
+    (
+        "bad_kind",
+        lambda: tiff_bytes(np.zeros((8, 8), np.uint8)),
+        {"kind": "mask"},
+        422,
+        "kind 'mask' is not valid; use image or labels",
+    ),
+    (
+        "bad_voxel_size",
+        lambda: tiff_bytes(np.zeros((8, 8), np.uint8)),
+        {"voxel_size": "a,b"},
+        422,
+        "voxel_size 'a,b' must be comma-separated numbers in array order, e.g. '2.0,0.5,0.5'",
+    ),
+    (
+        "negative_voxel_size",
+        lambda: tiff_bytes(np.zeros((8, 8), np.uint8)),
+        {"voxel_size": "1,-1"},
+        422,
+        "voxel_size '1,-1' must be positive numbers",
+    ),
+    (
+        "voxel_size_dims",
+        lambda: tiff_bytes(np.zeros((8, 8), np.uint8)),
+        {"voxel_size": "1,1,1"},
+        422,
+        "voxel_size has 3 values but the volume has 2 spatial axes (YX)",
+    ),
+    (
+        "bad_axes",
+        lambda: tiff_bytes(np.zeros((4, 8, 8), np.uint8)),
+        {"axes": "YX"},
+        422,
+        "unsupported TIFF: axes 'YX' has 2 letters but the image has 3 dimensions (4, 8, 8)",
+    ),
+    (
+        "unknown_field",
+        lambda: tiff_bytes(np.zeros((8, 8), np.uint8)),
+        {"colour": "red"},
+        422,
+        "unknown form field 'colour'; use file, name, kind, axes, voxel_size, image_id",
+    ),
+    (
+        "image_id_unknown",
+        lambda: tiff_bytes(np.zeros((8, 8), np.uint16)),
+        {"kind": "labels", "image_id": "nope"},
+        422,
+        "image_id: Volume nope not found",
+    ),
+    (
+        "image_id_on_image",
+        lambda: tiff_bytes(np.zeros((8, 8), np.uint16)),
+        {"image_id": "nope"},
+        422,
+        "image_id links a label image to its image; send it with kind=labels",
+    ),
+    (
+        "too_big",
+        lambda: tiff_bytes(np.zeros((1100, 1000), np.uint32)),
+        {},
+        413,
+        "upload exceeds the limit of 4194304 bytes (4.0 MiB); send a smaller file or raise EMBEDSEG_MAX_UPLOAD_BYTES",
+    ),
 ]
 
 
@@ -186,7 +284,12 @@ REJECTIONS = [
     ("make", "fields", "status", "detail"), [r[1:] for r in REJECTIONS], ids=[r[0] for r in REJECTIONS]
 )
 def test_rejected_upload_leaves_other_volumes_intact(
-    client, settings, make, fields, status, detail  # type: ignore[no-untyped-def]
+    client,
+    settings,
+    make,
+    fields,
+    status,
+    detail,  # type: ignore[no-untyped-def]
 ) -> None:
     keep = tiff_bytes(image2d(3))
     kept = upload(client, keep).json()
@@ -227,7 +330,8 @@ def test_upload_refuses_two_files(client, settings) -> None:  # type: ignore[no-
 
 def test_upload_refuses_malformed_multipart(client, settings) -> None:  # type: ignore[no-untyped-def]
     response = client.post(
-        V, content=b"--xyz\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nII*\x00",
+        V,
+        content=b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n\r\nII*\x00',
         headers={"content-type": "multipart/form-data; boundary=xyz"},
     )
     assert response.status_code == 400
@@ -237,7 +341,8 @@ def test_upload_refuses_malformed_multipart(client, settings) -> None:  # type: 
 
 def test_declared_content_length_over_limit_is_refused_before_reading(client) -> None:  # type: ignore[no-untyped-def]
     response = client.post(
-        V, content=b"x" * 16,
+        V,
+        content=b"x" * 16,
         headers={"content-type": "multipart/form-data; boundary=xyz", "content-length": str(64 * 1024 * 1024)},
     )
     assert response.status_code == 413
@@ -248,9 +353,13 @@ def test_upload_is_streamed_in_chunks_not_held_in_memory(client, app, settings, 
     content = tiff_bytes(data)
     boundary = "embedsegboundary"
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.tif\"\r\n"
-        f"Content-Type: image/tiff\r\n\r\n"
-    ).encode() + content + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.tif"\r\n'
+            f"Content-Type: image/tiff\r\n\r\n"
+        ).encode()
+        + content
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     writes: list[int] = []
     original = PendingWrite.write_unhashed
 
@@ -343,8 +452,9 @@ def test_delete_removes_row_and_file(client, settings) -> None:  # type: ignore[
 def test_delete_refused_while_a_job_uses_the_volume(client, session, running) -> None:  # type: ignore[no-untyped-def]
     image = upload(client, tiff_bytes(image2d())).json()["id"]
     mask = upload(client, tiff_bytes(labels2d()), kind="labels").json()["id"]
-    job = jobs.create_job(session, "train", {"image_ids": [image], "mask_ids": [mask]},
-                          volumes=[(image, "image"), (mask, "mask")])
+    job = jobs.create_job(
+        session, "train", {"image_ids": [image], "mask_ids": [mask]}, volumes=[(image, "image"), (mask, "mask")]
+    )
     if running:
         assert jobs.claim_job(session, job.id, "worker-1")
     response = client.delete(f"{V}/{mask}")
@@ -458,7 +568,7 @@ def test_rows_match_files(client, session, settings) -> None:  # type: ignore[no
 
 
 def _multipart(content: bytes, boundary: str = "embedsegboundary") -> bytes:
-    head = f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.tif\"\r\n\r\n".encode()
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.tif"\r\n\r\n'.encode()
     return head + content + f"\r\n--{boundary}--\r\n".encode()
 
 
@@ -490,7 +600,7 @@ def test_client_disconnect_mid_upload_leaves_no_file(app, settings) -> None:  # 
 
     async def receive() -> dict:
         if state["sent"] < 4:
-            piece = body[state["sent"] * 16384:(state["sent"] + 1) * 16384]
+            piece = body[state["sent"] * 16384 : (state["sent"] + 1) * 16384]
             state["sent"] += 1
             return {"type": "http.request", "body": piece, "more_body": True}
         return {"type": "http.disconnect"}
@@ -501,9 +611,18 @@ def test_client_disconnect_mid_upload_leaves_no_file(app, settings) -> None:  # 
         messages.append(message)
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": V, "raw_path": V.encode(), "root_path": "", "query_string": b"", "server": ("test", 80),
-        "client": ("test", 1), "app": app,
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": V,
+        "raw_path": V.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "server": ("test", 80),
+        "client": ("test", 1),
+        "app": app,
         "headers": [(b"host", b"testserver"), (b"content-type", b"multipart/form-data; boundary=embedsegboundary")],
     }
 

@@ -174,8 +174,10 @@ def test_evaluate_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         (["predict", "--model", "{tmp}/missing.pt", "--out", "{tmp}/o", "{tmp}/gt/a.tif"], "model file not found"),
         (["predict", "--model", "{tmp}/gt/a.tif", "--out", "{tmp}/o", "{tmp}/gt/a.tif"], "is not an EmbedSeg model"),
         (["train", "--images", "{tmp}/gt", "--masks", "{tmp}/other", "--out", "{tmp}/m.pt"], "no mask file for 1"),
-        (["train", "--images", "{tmp}/gt", "--masks", "{tmp}/gt", "--out", "{tmp}/m.pt", "--val-images", "{tmp}/gt"],
-         "give both --val-images and --val-masks"),
+        (
+            ["train", "--images", "{tmp}/gt", "--masks", "{tmp}/gt", "--out", "{tmp}/m.pt", "--val-images", "{tmp}/gt"],
+            "give both --val-images and --val-masks",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv, message) -> None:

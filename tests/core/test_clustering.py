@@ -16,8 +16,9 @@ from embedseg_service.core.metrics import average_precision
 H = 1.0 / 1023.0
 
 
-def naive_cluster(raw, step, fg_thresh=0.5, seed_thresh=0.9, min_size=36, min_mask_sum=0, min_unclustered_sum=0,
-                  max_radius=None):
+def naive_cluster(
+    raw, step, fg_thresh=0.5, seed_thresh=0.9, min_size=36, min_mask_sum=0, min_unclustered_sum=0, max_radius=None
+):
     """The procedure written out one seed at a time over the whole foreground (float64)."""
     dims = raw.ndim - 1
     shape = raw.shape[1:]
@@ -27,8 +28,9 @@ def naive_cluster(raw, step, fg_thresh=0.5, seed_thresh=0.9, min_size=36, min_ma
     if fg.size <= min_mask_sum:
         return labels.reshape(shape)
     coords = np.unravel_index(fg, shape)
-    emb = np.stack([np.tanh(raw[dims - 1 - a].astype(np.float64).ravel()[fg]) + coords[a] * step[a]
-                    for a in range(dims)])
+    emb = np.stack(
+        [np.tanh(raw[dims - 1 - a].astype(np.float64).ravel()[fg]) + coords[a] * step[a] for a in range(dims)]
+    )
     lam = np.stack([np.exp(10 * raw[2 * dims - 1 - a].astype(np.float64).ravel()[fg]) for a in range(dims)])
     qf = q[fg]
     unclustered = np.ones(fg.size, dtype=bool)
@@ -67,7 +69,7 @@ def random_raw(shape, seed, sigma_range=(0.4, 1.2)):
     dims = len(shape)
     raw = np.empty((2 * dims + 1, *shape), dtype=np.float32)
     raw[:dims] = rng.normal(0, 0.01, size=(dims, *shape))
-    raw[dims:2 * dims] = rng.uniform(*sigma_range, size=(dims, *shape))
+    raw[dims : 2 * dims] = rng.uniform(*sigma_range, size=(dims, *shape))
     raw[2 * dims] = rng.normal(1.5, 2.0, size=shape)
     return raw
 
@@ -193,8 +195,10 @@ def test_wide_and_narrow_bandwidths_match_the_procedure():
     raw[6][is_wide] -= 1.0  # wide seeds tend to come later
     for min_size in (0, 8):
         for kwargs in ({}, {"seed_thresh": 0.7}):
-            np.testing.assert_array_equal(cluster(raw, step=H, min_size=min_size, **kwargs),
-                                          naive_cluster(raw, (H, H, H), min_size=min_size, **kwargs))
+            np.testing.assert_array_equal(
+                cluster(raw, step=H, min_size=min_size, **kwargs),
+                naive_cluster(raw, (H, H, H), min_size=min_size, **kwargs),
+            )
 
 
 def test_max_radius_keeps_a_spurious_wide_seed_from_swallowing_the_image():
@@ -245,8 +249,16 @@ def test_torch_path_equals_numpy_path(dims):
     else:
         labels = random_labels((16, 48, 48), 6, [(2, 4), (4, 8), (4, 8)], seed=2)
         step = (2 * H, H, H)
-    raw = perfect_raw(labels, step, offset_noise=1.0, sigma_noise=0.05, seed_noise=1.0,
-                      seed_background=-2.0, background_seed_noise=2.0, seed=4)
+    raw = perfect_raw(
+        labels,
+        step,
+        offset_noise=1.0,
+        sigma_noise=0.05,
+        seed_noise=1.0,
+        seed_background=-2.0,
+        background_seed_noise=2.0,
+        seed=4,
+    )
     spatial = labels.shape
     args = (spatial, step, 0.0, math.log(9.0), 10, 0, 0)
     ours = _cluster(NumpyOps(), raw.reshape(raw.shape[0], -1), *args)
@@ -320,8 +332,9 @@ def test_tied_seed_scores_resolved_by_lowest_index():
     raw = random_raw((40, 40), 11)
     raw[4] = np.round(raw[4] * 2) / 2  # many equal logits
     for min_size in (0, 6):
-        np.testing.assert_array_equal(cluster(raw, step=H, min_size=min_size),
-                                      naive_cluster(raw, (H, H), min_size=min_size))
+        np.testing.assert_array_equal(
+            cluster(raw, step=H, min_size=min_size), naive_cluster(raw, (H, H), min_size=min_size)
+        )
 
 
 def test_drop_fragments_removes_objects_at_or_below_the_minimum_size() -> None:

@@ -173,15 +173,14 @@ def test_augmentation_moves_image_labels_ignore_and_centres_together(shape, crop
                 assert lab[tuple(np.round(c).astype(int))] == k  # medoid stays on its object
             # the augmented sample is one of the group's transforms of the plain one
             found = [
-                t for t in all_transforms(len(shape))
+                t
+                for t in all_transforms(len(shape))
                 if np.array_equal(t.apply(p["labels"].numpy(), len(shape)), lab)
                 and np.array_equal(t.apply(p["ignore"].numpy(), len(shape)), ign)
             ]
             assert found
             t = found[0]
-            np.testing.assert_allclose(
-                t.apply_points(p["centers"].numpy(), crop), a["centers"].numpy(), atol=1e-6
-            )
+            np.testing.assert_allclose(t.apply_points(p["centers"].numpy(), crop), a["centers"].numpy(), atol=1e-6)
             transforms_seen.add(t)
     assert len(transforms_seen) > 3
     # same seed and epoch: same draws

@@ -58,8 +58,9 @@ def test_single_image_is_split_along_its_longest_axis(data_dir):
 def test_crop_dataset_2d_real_data(data_dir):
     image, mask = load(data_dir, "nuclei2d_dsb", "dsb2018_img2d")
     props = DataProperties.from_masks([mask], spatial_dims=2)
-    ds = CropDataset([image], [mask], crop_shape=props.crop_shape, augment=True, seed=0,
-                     normalization=props.normalization_settings)
+    ds = CropDataset(
+        [image], [mask], crop_shape=props.crop_shape, augment=True, seed=0, normalization=props.normalization_settings
+    )
     assert len(ds) == 125  # one crop per object
     norm = normalize(image)
     item = ds[7]
@@ -102,8 +103,14 @@ def test_centres_are_those_of_the_visible_part(data_dir):
 def test_random_crops_are_redrawn_every_epoch_with_their_visible_centres(data_dir):
     image, mask = load(data_dir, "cells2d_bbbc007", "f96_17_17P1_POS0006_D_1UL")
     n_objects = len(np.unique(mask)) - 1
-    ds = CropDataset([image, image[60:80, 120:160]], [mask, mask[60:80, 120:160]], crop_shape=(32, 32), augment=False,
-                     random_fraction=0.25, seed=3)
+    ds = CropDataset(
+        [image, image[60:80, 120:160]],
+        [mask, mask[60:80, 120:160]],
+        crop_shape=(32, 32),
+        augment=False,
+        random_fraction=0.25,
+        seed=3,
+    )
     small_objects = len(np.unique(mask[60:80, 120:160])) - 1
     assert ds.n_object_crops == n_objects + small_objects
     # per image a quarter of its object crops, rounded up
@@ -149,8 +156,15 @@ def test_3d_crop_centres_equal_a_direct_computation(data_dir, mode):
 def test_crop_dataset_3d_real_and_thin(data_dir):
     image, mask = load(data_dir, "nuclei3d_synthetic", "synthetic_img3d")
     props = DataProperties.from_masks([mask], spatial_dims=3)
-    ds = CropDataset([image], [mask], crop_shape=props.crop_shape, augment=True, seed=1,
-                     anisotropy=2.0, normalization=props.normalization)
+    ds = CropDataset(
+        [image],
+        [mask],
+        crop_shape=props.crop_shape,
+        augment=True,
+        seed=1,
+        anisotropy=2.0,
+        normalization=props.normalization,
+    )
     assert len(ds) == 51
     item = ds[0]
     assert item["image"].shape == (1, *props.crop_shape) and item["centers"].shape[1] == 3

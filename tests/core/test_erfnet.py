@@ -139,8 +139,10 @@ def test_load_reference_state_dict(dims):
         assert ref["decoders.0.layers.1.conv1x3_2.weight"].shape == (64, 64, 1, 3)
     else:
         assert ref["encoder.layers.1.conv1x1x3_2.weight"].shape == (64, 64, 1, 1, 3)
-    head = {"encoder.output_conv.weight": torch.zeros(2 * dims + 1, 128, *(1,) * dims),
-            "encoder.output_conv.bias": torch.zeros(2 * dims + 1)}
+    head = {
+        "encoder.output_conv.weight": torch.zeros(2 * dims + 1, 128, *(1,) * dims),
+        "encoder.output_conv.bias": torch.zeros(2 * dims + 1),
+    }
     load_reference_state_dict(net, {"module." + k: v for k, v in {**ref, **head}.items()})
     for key, value in net.state_dict().items():
         assert torch.equal(value, ref[_to_reference_key(key, dims)]), key

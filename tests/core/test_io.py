@@ -82,7 +82,10 @@ def test_write_labels_chooses_the_smallest_type_and_keeps_voxel_size(tmp_path):
 def test_imagej_hyperstack_is_reordered_and_units_converted(tmp_path):
     data = np.arange(3 * 2 * 8 * 9, dtype=np.uint8).reshape(3, 2, 8, 9)  # Z, C, Y, X
     tifffile.imwrite(
-        tmp_path / "ij.tif", data, imagej=True, resolution=(1 / 100, 1 / 100),
+        tmp_path / "ij.tif",
+        data,
+        imagej=True,
+        resolution=(1 / 100, 1 / 100),
         metadata={"axes": "ZCYX", "unit": "nm", "spacing": 500},
     )
     vol = read_tiff(tmp_path / "ij.tif")
@@ -94,7 +97,9 @@ def test_imagej_hyperstack_is_reordered_and_units_converted(tmp_path):
 def test_ome_voxel_size_and_singleton_axes(tmp_path):
     data = np.ones((1, 1, 4, 8, 9), dtype=np.uint16)  # T, C, Z, Y, X with T = C = 1
     tifffile.imwrite(
-        tmp_path / "o.ome.tif", data, ome=True,
+        tmp_path / "o.ome.tif",
+        data,
+        ome=True,
         metadata={"axes": "TCZYX", "PhysicalSizeX": 0.2, "PhysicalSizeY": 0.2, "PhysicalSizeZ": 1.0},
     )
     vol = read_tiff(tmp_path / "o.ome.tif")

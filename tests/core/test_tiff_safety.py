@@ -31,10 +31,22 @@ def write(path: Path, data: np.ndarray, **kwargs) -> Path:  # type: ignore[no-un
 
 def one_strip(width: int, height: int, strip: bytes, compression: int) -> bytes:
     """A classic TIFF of one uint8 page stored as one strip."""
-    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, compression), (262, 3, 1),
-            (273, 4, 8), (277, 3, 1), (278, 4, height), (279, 4, len(strip))]
-    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", code, kind, 1, value) for code, kind, value
-                                                   in tags) + bytes(4)
+    tags = [
+        (256, 4, width),
+        (257, 4, height),
+        (258, 3, 8),
+        (259, 3, compression),
+        (262, 3, 1),
+        (273, 4, 8),
+        (277, 3, 1),
+        (278, 4, height),
+        (279, 4, len(strip)),
+    ]
+    ifd = (
+        struct.pack("<H", len(tags))
+        + b"".join(struct.pack("<HHII", code, kind, 1, value) for code, kind, value in tags)
+        + bytes(4)
+    )
     return b"II*\x00" + struct.pack("<I", 8 + len(strip)) + strip + ifd
 
 
@@ -100,7 +112,7 @@ def test_a_strip_that_inflates_beyond_its_declared_size_is_refused(tmp_path) -> 
     fine = tmp_path / "fine.tif"
     fine.write_bytes(one_strip(64, 64, zlib.compress(bytes(range(64)) * 64), 8))
     with open_tiff(fine) as (tif, layout):
-        (segment, position), = decoded_segments(layout.series.pages[0])
+        ((segment, position),) = decoded_segments(layout.series.pages[0])
         assert segment.shape == (1, 64, 64, 1) and position == (0, 0, 0, 0, 0)
 
 
@@ -119,7 +131,7 @@ def test_shared_and_truncated_pixel_data_is_refused(tmp_path) -> None:  # type: 
     with tifffile.TiffFile(path) as tif:
         offsets_at = tif.pages[0].tags["StripOffsets"].valueoffset
         first = tif.pages[0].dataoffsets[0]
-    data[offsets_at + 4: offsets_at + 8] = struct.pack("<I", first)  # strip 1 points at strip 0
+    data[offsets_at + 4 : offsets_at + 8] = struct.pack("<I", first)  # strip 1 points at strip 0
     path.write_bytes(bytes(data))
     with open_tiff(path) as (tif, layout), pytest.raises(TiffDamaged, match="strips/tiles share bytes"):
         check_pixel_data(tif, layout.series)
@@ -134,8 +146,11 @@ def test_shared_and_truncated_pixel_data_is_refused(tmp_path) -> None:  # type: 
     [
         (np.array([[np.nan, 1], [np.inf, -np.inf]], np.float32), False, "holds 1 NaN and 2 infinite value"),
         (np.array([[0, -1], [3, 3]], np.int32), True, "holds 1 negative value"),
-        (np.random.default_rng(1).integers(1, 30000, (64, 64)).astype(np.int16), True,
-         "this does not look like a label image: 100% of its 4032 pairs"),
+        (
+            np.random.default_rng(1).integers(1, 30000, (64, 64)).astype(np.int16),
+            True,
+            "this does not look like a label image: 100% of its 4032 pairs",
+        ),
     ],
     ids=["nan_inf", "negative", "noise"],
 )
@@ -156,8 +171,19 @@ def test_real_masks_and_finite_images_pass(tmp_path, data_dir) -> None:  # type:
 
 @pytest.mark.parametrize(
     "error",
-    [ValueError("bad"), ZeroDivisionError("division by zero"), RuntimeError("x"), TypeError("y"), AssertionError(),
-     IndexError("z"), KeyError("k"), struct.error("unpack"), OverflowError("big"), MemoryError(), OSError("read")],
+    [
+        ValueError("bad"),
+        ZeroDivisionError("division by zero"),
+        RuntimeError("x"),
+        TypeError("y"),
+        AssertionError(),
+        IndexError("z"),
+        KeyError("k"),
+        struct.error("unpack"),
+        OverflowError("big"),
+        MemoryError(),
+        OSError("read"),
+    ],
     ids=lambda e: type(e).__name__,
 )
 def test_every_parser_failure_is_an_unreadable_tiff(tmp_path, monkeypatch, error) -> None:  # type: ignore[no-untyped-def]

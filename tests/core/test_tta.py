@@ -155,14 +155,15 @@ def test_rescaled_mean_matches_a_hand_computation():
     probability = torch.sigmoid(passes[:, 4])
 
     def local_max(p: torch.Tensor) -> torch.Tensor:  # (17, 17) -> (17, 17), 5 x 5 neighbourhood, by loops
-        return torch.stack([
-            torch.stack([p[max(0, y - 2) : y + 3, max(0, x - 2) : x + 3].max() for x in range(17)]) for y in range(17)
-        ])
+        return torch.stack(
+            [torch.stack([p[max(0, y - 2) : y + 3, max(0, x - 2) : x + 3].max() for x in range(17)]) for y in range(17)]
+        )
 
     mean_probability = probability.mean(0)
     passes_peaks = torch.stack([local_max(probability[p]) for p in range(8)]).mean(0)
-    expected = torch.where(mean_probability > 0.5, mean_probability * passes_peaks / local_max(mean_probability),
-                           mean_probability)
+    expected = torch.where(
+        mean_probability > 0.5, mean_probability * passes_peaks / local_max(mean_probability), mean_probability
+    )
     out = predict_tta(shifted_seed_toy, x, combine="rescaled_mean")
     assert torch.allclose(torch.sigmoid(out[0, 4]), expected.clamp(1e-6, 1 - 1e-6), atol=1e-6)
     # every pass has its 0.95 peak next to the centre: the mean's peaks there are raised to 0.95
@@ -175,9 +176,9 @@ def test_median_is_the_default_and_matches_a_hand_computation():
     passes = torch.cat(_disagreeing_passes(x))  # (8, 5, 17, 17)
 
     def local_max(p: torch.Tensor) -> torch.Tensor:  # (17, 17) -> (17, 17), 5 x 5 neighbourhood, by loops
-        return torch.stack([
-            torch.stack([p[max(0, y - 2) : y + 3, max(0, x - 2) : x + 3].max() for x in range(17)]) for y in range(17)
-        ])
+        return torch.stack(
+            [torch.stack([p[max(0, y - 2) : y + 3, max(0, x - 2) : x + 3].max() for x in range(17)]) for y in range(17)]
+        )
 
     def median(v: torch.Tensor) -> torch.Tensor:  # of 8 values: the mean of the 4th and 5th smallest
         ordered = v.sort(dim=0).values

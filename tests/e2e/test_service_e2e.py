@@ -89,8 +89,9 @@ class Process:
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path, log: Path) -> None:
         self.log = log
         self._handle = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=self._handle, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, env=env, cwd=cwd, stdout=self._handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -150,8 +151,10 @@ def upload_train_predict(base: str, train_spec: dict, floor: bool) -> None:
         model = http.get(f"/api/v1/models/{model_id}").json()
         assert model["source_job_id"] == trained["id"] and model["spatial_dims"] == 2
 
-        predict = http.post("/api/v1/jobs/predict", json={"model_id": model_id, "volume_ids": [held_id],
-                                                          "gt_ids": [held_gt_id], "tta": False, "tile": "auto"})
+        predict = http.post(
+            "/api/v1/jobs/predict",
+            json={"model_id": model_id, "volume_ids": [held_id], "gt_ids": [held_gt_id], "tta": False, "tile": "auto"},
+        )
         assert predict.status_code == 202, predict.text
         predicted = wait_job(http, predict.json()["id"], timeout=300, poll_s=1)
         assert predicted["status"] == "succeeded", predicted["error"]
@@ -166,8 +169,10 @@ def upload_train_predict(base: str, train_spec: dict, floor: bool) -> None:
 
     baseline = baseline_ap(image[DSB_SPLIT_ROW:], mask[DSB_SPLIT_ROW:], min_size=smallest_object(mask[:DSB_SPLIT_ROW]))
     score = average_precision(mask[DSB_SPLIT_ROW:], labels, (0.5,)).ap[0]  # the downloaded labels' AP0.5
-    print(f"held-out AP0.5: Otsu + components {baseline[0]:.3f}; model trained over HTTP {score:.3f} "
-          f"({volume['n_pred']} predicted, {volume['n_gt']} annotated)")
+    print(
+        f"held-out AP0.5: Otsu + components {baseline[0]:.3f}; model trained over HTTP {score:.3f} "
+        f"({volume['n_pred']} predicted, {volume['n_gt']} annotated)"
+    )
     if floor:
         assert score >= baseline[0] + MARGIN, (score, baseline[0])
 
@@ -175,8 +180,12 @@ def upload_train_predict(base: str, train_spec: dict, floor: bool) -> None:
 def test_embedded_default_serves_and_runs_jobs(tmp_path: Path) -> None:
     port = free_port()
     data_dir = tmp_path / "data"
-    server = Process([*embedseg_command(), "serve", "--port", str(port)],
-                     service_env(EMBEDSEG_DATA_DIR=str(data_dir)), tmp_path, tmp_path / "serve.log")
+    server = Process(
+        [*embedseg_command(), "serve", "--port", str(port)],
+        service_env(EMBEDSEG_DATA_DIR=str(data_dir)),
+        tmp_path,
+        tmp_path / "serve.log",
+    )
     try:
         wait_healthy(f"http://127.0.0.1:{port}", server)
         ready = httpx.get(f"http://127.0.0.1:{port}/api/v1/ready", timeout=10).json()
@@ -225,16 +234,25 @@ def production(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 def test_celery_redis_postgres_path_runs_jobs(tmp_path: Path, production: dict[str, str]) -> None:
-    upgrade = subprocess.run([*embedseg_command(), "db", "upgrade"], env=production, cwd=tmp_path,
-                             capture_output=True, text=True, timeout=120)
+    upgrade = subprocess.run(
+        [*embedseg_command(), "db", "upgrade"],
+        env=production,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert upgrade.returncode == 0, upgrade.stderr
     assert "up to date" in upgrade.stdout
 
     port = free_port()
-    server = Process([*embedseg_command(), "serve", "--port", str(port)], production, tmp_path,
-                     tmp_path / "serve.log")
-    worker = Process([*embedseg_command(), "worker", "--pool", "solo", "--loglevel", "warning"], production,
-                     tmp_path, tmp_path / "worker.log")
+    server = Process([*embedseg_command(), "serve", "--port", str(port)], production, tmp_path, tmp_path / "serve.log")
+    worker = Process(
+        [*embedseg_command(), "worker", "--pool", "solo", "--loglevel", "warning"],
+        production,
+        tmp_path,
+        tmp_path / "worker.log",
+    )
     try:
         wait_healthy(f"http://127.0.0.1:{port}", server)
         ready = httpx.get(f"http://127.0.0.1:{port}/api/v1/ready", timeout=10).json()

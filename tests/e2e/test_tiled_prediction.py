@@ -70,8 +70,10 @@ def _check_tiles(model: TrainedModel, image: np.ndarray, tiles: list[tuple[int, 
         assert error <= RAW_TOLERANCE, (name, tile, error)
         tiled = _labels(model, raw)
         score = _agreement(whole, tiled)
-        print(f"{name}: tile {tile} vs whole: AP0.9 {score:.3f} ({whole.max()} / {tiled.max()} objects), "
-              f"raw outputs differ by {error:.1e} at most")
+        print(
+            f"{name}: tile {tile} vs whole: AP0.9 {score:.3f} ({whole.max()} / {tiled.max()} objects), "
+            f"raw outputs differ by {error:.1e} at most"
+        )
         assert score >= AGREEMENT, (name, tile, score)
 
 

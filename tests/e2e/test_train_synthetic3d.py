@@ -104,9 +104,13 @@ def test_train_3d_recovers_the_objects_of_a_generated_volume(seed: int, tmp_path
     baseline = average_precision(truth, otsu_labels(image, min_size), thresholds)
     scores = {"plain": average_precision(truth, model.segment(image, tta=False, tile=None), thresholds),
               "tta": average_precision(truth, model.segment(image, tta=True, tile=None), thresholds)}  # fmt: skip
-    print(f"seed {seed}: Otsu AP0.5 {baseline.ap[at_half]:.3f} mAP {np.mean(baseline.ap):.3f}; " + "; ".join(
-        f"{name} AP0.5 {s.ap[at_half]:.3f} mAP {np.mean(s.ap):.3f} ({s.n_pred} of {s.n_gt})"
-        for name, s in scores.items()))
+    print(
+        f"seed {seed}: Otsu AP0.5 {baseline.ap[at_half]:.3f} mAP {np.mean(baseline.ap):.3f}; "
+        + "; ".join(
+            f"{name} AP0.5 {s.ap[at_half]:.3f} mAP {np.mean(s.ap):.3f} ({s.n_pred} of {s.n_gt})"
+            for name, s in scores.items()
+        )
+    )
 
     assert result.stopped == "completed" and not result.best_metrics.get("degenerate")
     assert model.properties["anisotropy"] == pytest.approx(2.5)

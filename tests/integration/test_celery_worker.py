@@ -103,8 +103,16 @@ def trained_model(client: TestClient, dsb_model: Path) -> str:
 
 @pytest.mark.slow  # the session's trained model
 def test_predict_job_runs_on_the_celery_worker(client, volumes, trained_model, deliveries) -> None:
-    response = client.post(f"{API}/jobs/predict", json={"model_id": trained_model, "volume_ids": [volumes["image"]],
-                                                        "gt_ids": [volumes["mask"]], "tta": False, "tile": [128, 128]})
+    response = client.post(
+        f"{API}/jobs/predict",
+        json={
+            "model_id": trained_model,
+            "volume_ids": [volumes["image"]],
+            "gt_ids": [volumes["mask"]],
+            "tta": False,
+            "tile": [128, 128],
+        },
+    )
     assert response.status_code == 202, response.text
     job = wait_job(client, response.json()["id"], timeout=180)
     assert job["status"] == "succeeded", job["error"]
@@ -122,9 +130,12 @@ def test_the_same_job_message_delivered_twice_runs_once(client, settings, worker
     from embedseg_service.records import jobs as job_records
 
     with client.app.state.sessionmaker() as session:
-        job = job_records.create_job(session, "evaluate", {"pairs": [{"gt_id": volumes["mask"],
-                                                                     "pred_id": volumes["mask"]}]},
-                                     volumes=[(volumes["mask"], "gt"), (volumes["mask"], "pred")])
+        job = job_records.create_job(
+            session,
+            "evaluate",
+            {"pairs": [{"gt_id": volumes["mask"], "pred_id": volumes["mask"]}]},
+            volumes=[(volumes["mask"], "gt"), (volumes["mask"], "pred")],
+        )
     for _ in range(2):
         worker.send_task(settings.task_name, args=[job.id], queue=settings.gpu_queue)
     deadline = time.monotonic() + 120
@@ -141,10 +152,18 @@ def test_the_same_job_message_delivered_twice_runs_once(client, settings, worker
 
 @pytest.mark.slow
 def test_short_train_job_registers_a_model(client, volumes) -> None:
-    response = client.post(f"{API}/jobs/train", json={
-        "image_ids": [volumes["image"]], "mask_ids": [volumes["mask"]], "epochs": 2, "crop_size": 64,
-        "batch_size": 4, "max_time_minutes": 0.5, "name": "celery-trained",
-    })
+    response = client.post(
+        f"{API}/jobs/train",
+        json={
+            "image_ids": [volumes["image"]],
+            "mask_ids": [volumes["mask"]],
+            "epochs": 2,
+            "crop_size": 64,
+            "batch_size": 4,
+            "max_time_minutes": 0.5,
+            "name": "celery-trained",
+        },
+    )
     assert response.status_code == 202, response.text
     job = wait_job(client, response.json()["id"], finished, timeout=400)
     assert job["status"] == "succeeded", job["error"]
@@ -158,13 +177,24 @@ def test_short_train_job_registers_a_model(client, volumes) -> None:
 
 @pytest.mark.slow
 def test_cancel_stops_a_running_train_job(client, volumes) -> None:
-    response = client.post(f"{API}/jobs/train", json={
-        "image_ids": [volumes["image"]], "mask_ids": [volumes["mask"]], "epochs": 500, "crop_size": 64,
-        "batch_size": 2, "max_time_minutes": 20,
-    })
+    response = client.post(
+        f"{API}/jobs/train",
+        json={
+            "image_ids": [volumes["image"]],
+            "mask_ids": [volumes["mask"]],
+            "epochs": 500,
+            "crop_size": 64,
+            "batch_size": 2,
+            "max_time_minutes": 20,
+        },
+    )
     job_id = response.json()["id"]
-    wait_job(client, job_id, lambda b: b["status"] == "running" and (b["stage"] or "").startswith("training epoch"),
-             timeout=240)
+    wait_job(
+        client,
+        job_id,
+        lambda b: b["status"] == "running" and (b["stage"] or "").startswith("training epoch"),
+        timeout=240,
+    )
     cancel = client.post(f"{API}/jobs/{job_id}/cancel")
     assert cancel.status_code == 200 and cancel.json()["cancel_requested"] is True
     job = wait_job(client, job_id, finished, timeout=240)

@@ -118,10 +118,13 @@ def test_constraint_names_follow_the_convention(url: str) -> None:
             connection.rollback()
             with pytest.raises(sa.exc.IntegrityError):
                 with connection.begin():
-                    connection.execute(sa.text(
-                        "INSERT INTO jobs (id, kind, status, progress, spec, cancel_requested, created_at, attempts) "
-                        "VALUES ('j', 'train', 'paused', 0, '{}', false, CURRENT_TIMESTAMP, 0)"
-                    ))
+                    connection.execute(
+                        sa.text(
+                            "INSERT INTO jobs (id, kind, status, progress, spec, cancel_requested, created_at, "
+                            "attempts) "
+                            "VALUES ('j', 'train', 'paused', 0, '{}', false, CURRENT_TIMESTAMP, 0)"
+                        )
+                    )
     finally:
         engine.dispose()
 
@@ -131,8 +134,9 @@ def volume_link_ondelete(url: str) -> str | None:
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
-            (link,) = [fk for fk in sa.inspect(connection).get_foreign_keys("job_volumes")
-                       if fk["referred_table"] == "volumes"]
+            (link,) = [
+                fk for fk in sa.inspect(connection).get_foreign_keys("job_volumes") if fk["referred_table"] == "volumes"
+            ]
     finally:
         engine.dispose()
     return (link.get("options") or {}).get("ondelete")
@@ -155,11 +159,17 @@ def test_migrations_ship_inside_the_package() -> None:
 def test_alembic_command_line_uses_the_settings(tmp_path: Path) -> None:
     database = tmp_path / "cli.db"
     env = {**os.environ, "EMBEDSEG_DATABASE_URL": f"sqlite:///{database}"}
-    for args, expected in ((["upgrade", "head"], TABLES | {"alembic_version"}), (["downgrade", "base"],
-                                                                                 {"alembic_version"})):
+    for args, expected in (
+        (["upgrade", "head"], TABLES | {"alembic_version"}),
+        (["downgrade", "base"], {"alembic_version"}),
+    ):
         completed = subprocess.run(
             [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"), *args],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert completed.returncode == 0, completed.stderr
         assert tables(f"sqlite:///{database}") == expected

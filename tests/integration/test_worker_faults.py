@@ -65,19 +65,37 @@ class WorkerProcess:
         self.name = name
         self.log = root / f"{name}.log"
         env = {key: value for key, value in os.environ.items() if not key.startswith("EMBEDSEG_")}
-        env.update({
-            "EMBEDSEG_DATABASE_URL": str(settings.database_url), "EMBEDSEG_BROKER_URL": str(settings.broker_url),
-            "EMBEDSEG_DATA_DIR": str(settings.data_dir), "EMBEDSEG_STORAGE_DIR": str(settings.storage_path),
-            "EMBEDSEG_GPU_QUEUE": settings.gpu_queue, "EMBEDSEG_HEARTBEAT_S": str(settings.heartbeat_s),
-            "EMBEDSEG_PROGRESS_THROTTLE_S": str(settings.progress_throttle_s),
-            "EMBEDSEG_REQUEUE_AFTER_S": str(settings.requeue_after_s), "OMP_NUM_THREADS": "1",
-        })
-        command = [sys.executable, "-c", "import sys; from embedseg_service.core.cli import main; sys.exit(main())",
-                   "worker", "--queues", settings.gpu_queue, "--concurrency", "1", "--hostname", f"{name}@%h",
-                   "--loglevel", "info"]
+        env.update(
+            {
+                "EMBEDSEG_DATABASE_URL": str(settings.database_url),
+                "EMBEDSEG_BROKER_URL": str(settings.broker_url),
+                "EMBEDSEG_DATA_DIR": str(settings.data_dir),
+                "EMBEDSEG_STORAGE_DIR": str(settings.storage_path),
+                "EMBEDSEG_GPU_QUEUE": settings.gpu_queue,
+                "EMBEDSEG_HEARTBEAT_S": str(settings.heartbeat_s),
+                "EMBEDSEG_PROGRESS_THROTTLE_S": str(settings.progress_throttle_s),
+                "EMBEDSEG_REQUEUE_AFTER_S": str(settings.requeue_after_s),
+                "OMP_NUM_THREADS": "1",
+            }
+        )
+        command = [
+            sys.executable,
+            "-c",
+            "import sys; from embedseg_service.core.cli import main; sys.exit(main())",
+            "worker",
+            "--queues",
+            settings.gpu_queue,
+            "--concurrency",
+            "1",
+            "--hostname",
+            f"{name}@%h",
+            "--loglevel",
+            "info",
+        ]
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -181,8 +199,10 @@ def assert_only_registered_files(settings: Settings, client: TestClient, job_id:
     """
     storage = LocalStorage(settings.storage_path)
     with client.app.state.sessionmaker() as session:
-        rows = [*session.scalars(sa.select(Volume).where(Volume.source_job_id == job_id)),
-                *session.scalars(sa.select(Model).where(Model.source_job_id == job_id))]
+        rows = [
+            *session.scalars(sa.select(Volume).where(Volume.source_job_id == job_id)),
+            *session.scalars(sa.select(Model).where(Model.source_job_id == job_id)),
+        ]
     assert rows
     registered = sorted(row.storage_key for row in rows)
     deadline = time.monotonic() + 30
@@ -206,10 +226,18 @@ def test_train_job_survives_sigterm_and_kill_9_resuming_from_its_checkpoint(sett
     with api(settings) as client, worker_processes(settings, tmp_path) as start:
         image, mask = training_data(client)
         first = start("w1")
-        response = client.post(f"{API}/jobs/train", json={
-            "image_ids": [image], "mask_ids": [mask], "epochs": 4, "crop_size": 32, "batch_size": 1,
-            "max_time_minutes": 30, "name": "survivor",
-        })
+        response = client.post(
+            f"{API}/jobs/train",
+            json={
+                "image_ids": [image],
+                "mask_ids": [mask],
+                "epochs": 4,
+                "crop_size": 32,
+                "batch_size": 1,
+                "max_time_minutes": 30,
+                "name": "survivor",
+            },
+        )
         assert response.status_code == 202, response.text
         job_id = response.json()["id"]
 
@@ -225,8 +253,16 @@ def test_train_job_survives_sigterm_and_kill_9_resuming_from_its_checkpoint(sett
 
         # the next worker resumes from that state
         second = start("w2")
-        body = wait_for(client, job_id, lambda b: b["attempts"] == 2 and (b["metrics"] or {}).get(
-            "resumed_from_epoch", 0) >= 1 and storage.exists(f"jobs/{job_id}/a2/last.pt"), "a resumed epoch")
+        body = wait_for(
+            client,
+            job_id,
+            lambda b: (
+                b["attempts"] == 2
+                and (b["metrics"] or {}).get("resumed_from_epoch", 0) >= 1
+                and storage.exists(f"jobs/{job_id}/a2/last.pt")
+            ),
+            "a resumed epoch",
+        )
         assert body["status"] == "running"
 
         # kill -9 mid-train: a third worker takes the job over after the stale heartbeat and resumes again
@@ -247,14 +283,26 @@ def tiny_model(client: TestClient, settings: Settings, tmp_path: Path) -> str:
     """An untrained 2D network stored and registered like a trained model."""
     from embedseg_service.core.model.checkpoint import build_network, save_checkpoint
 
-    path = save_checkpoint(tmp_path / "tiny.pt", {
-        "state_dict": build_network(2, 1).state_dict(), "spatial_dims": 2, "in_channels": 1,
-        "step": [1 / 1023, 1 / 1023], "config": {"in_channels": 1}, "properties": {"min_object_size": 4},
-    })
+    path = save_checkpoint(
+        tmp_path / "tiny.pt",
+        {
+            "state_dict": build_network(2, 1).state_dict(),
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "step": [1 / 1023, 1 / 1023],
+            "config": {"in_channels": 1},
+            "properties": {"min_object_size": 4},
+        },
+    )
     LocalStorage(settings.storage_path).put_file("models/tiny.pt", path)
     with client.app.state.sessionmaker() as session:
-        model = Model(name="tiny", spatial_dims=2, config={"in_channels": 1}, storage_key="models/tiny.pt",
-                      size_bytes=path.stat().st_size)
+        model = Model(
+            name="tiny",
+            spatial_dims=2,
+            config={"in_channels": 1},
+            storage_key="models/tiny.pt",
+            size_bytes=path.stat().st_size,
+        )
         session.add(model)
         session.commit()
         return model.id
@@ -269,8 +317,9 @@ def test_predict_job_survives_kill_9_and_registers_each_output_once(settings, tm
             image = (render_image(random_labels((128, 128), 8, seed=seed), seed=seed) * 1000).clip(0, None)
             volumes.append(upload(client, tiff_bytes(image.astype(np.uint16))).json()["id"])
         first = start("w1")
-        response = client.post(f"{API}/jobs/predict", json={"model_id": model_id, "volume_ids": volumes,
-                                                            "tta": True, "tile": [32, 32]})
+        response = client.post(
+            f"{API}/jobs/predict", json={"model_id": model_id, "volume_ids": volumes, "tta": True, "tile": [32, 32]}
+        )
         assert response.status_code == 202, response.text
         job_id = response.json()["id"]
         body = wait_for(client, job_id, lambda _: len(storage.list_keys(f"jobs/{job_id}/a1")) >= 1, "a first output")
@@ -310,8 +359,12 @@ class PrivateRedis:
     def launch(self) -> None:
         import redis
 
-        self.processes.append(subprocess.Popen([self.server, "--port", str(self.port), "--bind", "127.0.0.1",
-                                                "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL))
+        self.processes.append(
+            subprocess.Popen(
+                [self.server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL,
+            )
+        )
         deadline = time.monotonic() + 30
         while True:
             try:

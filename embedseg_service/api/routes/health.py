@@ -66,8 +66,9 @@ def _redact(url: str) -> str:
     "/ready",
     response_model=Ready,
     summary="Database, broker and storage are reachable, and the broker queue agrees with the database",
-    responses={503: {"description": "A dependency is down, or queued jobs have no broker message; `detail` "
-                                    "says which"}},
+    responses={
+        503: {"description": "A dependency is down, or queued jobs have no broker message; `detail` says which"}
+    },
 )
 def ready(session: SessionDep, settings: SettingsDep, storage: StorageDep) -> Ready:
     problems = []

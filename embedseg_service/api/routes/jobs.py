@@ -286,8 +286,9 @@ def list_jobs(
     return Page[JobOut](items=[JobOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", response_model=JobOut, summary="One job: status, progress, metrics, results",
-            responses={404: {}})
+@router.get(
+    "/{job_id}", response_model=JobOut, summary="One job: status, progress, metrics, results", responses={404: {}}
+)
 async def get_job(body: JobBodyDep) -> Response:
     # Polled by clients while a job runs: the body comes from the app's JobBodies, already serialised.
     return Response(body, media_type="application/json")
@@ -305,7 +306,6 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobOut:
     except jobs.InvalidTransition as error:
         raise HTTPException(
             status_code=409,
-            detail=f"Job {job.id} has already finished ({error.current}); only queued or running jobs can be "
-            "cancelled",
+            detail=f"Job {job.id} has already finished ({error.current}); only queued or running jobs can be cancelled",
         ) from None
     return JobOut.model_validate(updated)

@@ -56,8 +56,12 @@ def list_models(
     return Page[ModelOut](items=[ModelOut.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
-@router.get("/{model_id}", response_model=ModelOut, summary="One model: config, data-derived parameters, metrics",
-            responses={404: {}})
+@router.get(
+    "/{model_id}",
+    response_model=ModelOut,
+    summary="One model: config, data-derived parameters, metrics",
+    responses={404: {}},
+)
 def get_model(model: ModelDep) -> ModelOut:
     return ModelOut.model_validate(model)
 

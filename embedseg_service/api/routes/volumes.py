@@ -111,8 +111,9 @@ def _validate_and_store(
         spatial_dims = info.spatial_dims
         if voxel_size is not None and len(voxel_size) != spatial_dims:
             raise UploadRejected(
-                422, f"voxel_size has {len(voxel_size)} values but the volume has {spatial_dims} spatial axes "
-                f"({info.axes.replace('C', '')})"
+                422,
+                f"voxel_size has {len(voxel_size)} values but the volume has {spatial_dims} spatial axes "
+                f"({info.axes.replace('C', '')})",
             )
         voxel = voxel_size if voxel_size is not None else (list(info.voxel_size) if info.voxel_size else None)
         spatial_shape = list(info.spatial_shape)
@@ -307,8 +308,12 @@ def download_volume(volume: VolumeDep, storage: StorageDep) -> FileResponse:
     return FileResponse(path, media_type="image/tiff", filename=f"{volume.name}.tif")
 
 
-@router.delete("/{volume_id}", status_code=204, summary="Delete a volume not used by a queued or running job",
-               responses={404: {}, 409: {"description": "Used by a queued or running job"}})
+@router.delete(
+    "/{volume_id}",
+    status_code=204,
+    summary="Delete a volume not used by a queued or running job",
+    responses={404: {}, 409: {"description": "Used by a queued or running job"}},
+)
 def delete_volume(volume: VolumeDep, session: SessionDep, storage: StorageDep) -> Response:
     delete_unless_in_use(session, storage, volume)
     return Response(status_code=204)
@@ -370,4 +375,3 @@ def preview_volume(
     except ValueError as error:
         raise HTTPException(status_code=422, detail=str(error)) from None
     return Response(content=png, media_type="image/png")
-

@@ -174,9 +174,7 @@ def tiff_layout(tif: tifffile.TiffFile, axes: str | None = None, *, max_voxels: 
         check_voxels(shape, max_voxels)
         dtype = np.dtype(series.dtype)
         if dtype.name not in SUPPORTED_DTYPES:
-            raise TiffUnsupported(
-                f"pixel type {dtype.name} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}"
-            )
+            raise TiffUnsupported(f"pixel type {dtype.name} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}")
         if axes is not None:
             full = check_explicit_axes(axes, shape)
             drop: list[int] = []
@@ -205,9 +203,7 @@ def open_tiff(
         yield tif, tiff_layout(tif, axes, max_voxels=max_voxels)
 
 
-def inspect_tiff(
-    path_or_file: PathOrFile, *, axes: str | None = None, max_voxels: int | None = None
-) -> TiffInfo:
+def inspect_tiff(path_or_file: PathOrFile, *, axes: str | None = None, max_voxels: int | None = None) -> TiffInfo:
     """Validate a TIFF's layout, dtype and shape without loading its pixel data.
 
     ``max_voxels`` bounds the declared shape (all axes, channels included; ``None``: no limit).
@@ -225,9 +221,7 @@ def tiff_info(tif: tifffile.TiffFile, layout: TiffLayout) -> TiffInfo:
     return TiffInfo(layout.canonical_shape, layout.canonical, layout.dtype, voxel)
 
 
-def read_tiff(
-    path_or_file: PathOrFile, *, axes: str | None = None, max_voxels: int | None = None
-) -> TiffVolume:
+def read_tiff(path_or_file: PathOrFile, *, axes: str | None = None, max_voxels: int | None = None) -> TiffVolume:
     """Read a 2D or 3D TIFF, optionally with a channel axis, and its voxel size.
 
     Args:

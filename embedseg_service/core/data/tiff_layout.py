@@ -122,7 +122,7 @@ def _resolution_size(tag: Any) -> float | None:
     if tag is None:
         return None
     value = tag.value
-    num, den = (value if isinstance(value, tuple) else (value, 1))
+    num, den = value if isinstance(value, tuple) else (value, 1)
     if not num or not den:
         return None
     return float(den) / float(num)

@@ -132,5 +132,7 @@ def check_pixel_data(tif: tifffile.TiffFile, series: tifffile.TiffPageSeries) ->
 
 
 def _truncated(end: int, size: int) -> str:
-    return f"the TIFF is truncated: its pixel data ends at byte {end} but the file has {size} bytes; " \
+    return (
+        f"the TIFF is truncated: its pixel data ends at byte {end} but the file has {size} bytes; "
         "upload the complete file"
+    )

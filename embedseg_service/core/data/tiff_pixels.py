@@ -116,9 +116,7 @@ def decoded_segments(
         yield segment, tuple(int(n) for n in position)
 
 
-def _raw_rows(
-    fh: tifffile.FileHandle, offset: int, rows: int, width: int, dtype: np.dtype
-) -> Iterator[np.ndarray]:
+def _raw_rows(fh: tifffile.FileHandle, offset: int, rows: int, width: int, dtype: np.dtype) -> Iterator[np.ndarray]:
     """``rows`` rows of ``width`` uncompressed values at ``offset``, as blocks of at most :data:`BLOCK_BYTES`."""
     row_bytes = width * dtype.itemsize
     if row_bytes > BLOCK_BYTES:  # rows longer than a block come in pieces
@@ -191,8 +189,9 @@ def plane_page(layout: TiffLayout, c: int, z: int) -> int | None:
     return int(np.ravel_multi_index(position, outer))
 
 
-def _strided_raw(tif: tifffile.TiffFile, offset: int, shape: tuple[int, int], dtype: np.dtype,
-                 stride: int) -> np.ndarray:
+def _strided_raw(
+    tif: tifffile.TiffFile, offset: int, shape: tuple[int, int], dtype: np.dtype, stride: int
+) -> np.ndarray:
     height, width = shape
     rows = range(0, height, stride)
     out = np.empty((len(rows), len(range(0, width, stride))), dtype=dtype.newbyteorder("="))
@@ -202,17 +201,21 @@ def _strided_raw(tif: tifffile.TiffFile, offset: int, shape: tuple[int, int], dt
     return out
 
 
-def _strided_segments(page: tifffile.TiffPage | tifffile.TiffFrame, shape: tuple[int, int], dtype: np.dtype,
-                      stride: int) -> np.ndarray:
+def _strided_segments(
+    page: tifffile.TiffPage | tifffile.TiffFrame, shape: tuple[int, int], dtype: np.dtype, stride: int
+) -> np.ndarray:
     height, width = shape
     out = np.zeros((len(range(0, height, stride)), len(range(0, width, stride))), dtype=dtype)
     keyframe = keyframe_of(page)
-    seg_rows, seg_cols = (int(keyframe.chunks[-2]), int(keyframe.chunks[-1])) if keyframe.is_tiled \
-        else (int(keyframe.chunks[0]), width)
+    seg_rows, seg_cols = (
+        (int(keyframe.chunks[-2]), int(keyframe.chunks[-1])) if keyframe.is_tiled else (int(keyframe.chunks[0]), width)
+    )
     per_row = max(1, math.ceil(width / seg_cols))
-    wanted = [i for i in range(len(page.dataoffsets))
-              if any(r % stride == 0 for r in range((i // per_row) * seg_rows,
-                                                    min(height, (i // per_row + 1) * seg_rows)))]
+    wanted = [
+        i
+        for i in range(len(page.dataoffsets))
+        if any(r % stride == 0 for r in range((i // per_row) * seg_rows, min(height, (i // per_row + 1) * seg_rows)))
+    ]
     for segment, (_, _, y0, x0, _) in decoded_segments(page, wanted):
         if segment is None:
             continue
@@ -220,7 +223,7 @@ def _strided_segments(page: tifffile.TiffPage | tifffile.TiffFrame, shape: tuple
         first_row, first_col = -y0 % stride, -x0 % stride
         picked = block[first_row::stride, first_col::stride]
         top, left = (y0 + first_row) // stride, (x0 + first_col) // stride
-        out[top: top + picked.shape[0], left: left + picked.shape[1]] = picked
+        out[top : top + picked.shape[0], left : left + picked.shape[1]] = picked
     return out
 
 

@@ -44,7 +44,7 @@ def first_unclustered(inside: np.ndarray) -> np.ndarray:
     alive = np.ones(inside.shape[0], dtype=bool)
     for k in range(inside.shape[0] - 1):
         if alive[k]:
-            alive[k + 1:] &= ~inside[k, k + 1:]
+            alive[k + 1 :] &= ~inside[k, k + 1 :]
     return alive
 
 
@@ -81,7 +81,7 @@ class Greedy:
                 break
             unclustered[seeds[j]] = False
             self.n_unclustered -= 1
-            prop = members[bounds[j]:bounds[j + 1]]
+            prop = members[bounds[j] : bounds[j + 1]]
             fresh = int(np.count_nonzero(unclustered[prop]))
             if prop.size > self.min_size and 2 * fresh > prop.size:
                 self.labels_fg[prop] = self.next_id

@@ -53,8 +53,9 @@ class CellIndex:
             self.strides[a] = self.strides[a + 1] * self.n_cells[a + 1]
         cell_id = None
         for a in range(dims):
-            coord = xp.minimum(xp.maximum(xp.i64(xp.floor((emb[a] - self.e_min[a]) / self.cell[a])), 0),
-                               self.n_cells[a] - 1)
+            coord = xp.minimum(
+                xp.maximum(xp.i64(xp.floor((emb[a] - self.e_min[a]) / self.cell[a])), 0), self.n_cells[a] - 1
+            )
             cell_id = coord * self.strides[a] if cell_id is None else cell_id + coord * self.strides[a]
         self.sorted_ids, self.by_cell = xp.sort_ids(cell_id, self.strides[0] * self.n_cells[0])
         self.emb_by_cell = [e[self.by_cell] for e in emb]  # embeddings in cell order: boxes read contiguous runs

@@ -137,16 +137,29 @@ def cluster(
         raise ValueError(f"fg_thresh must be in [0, 1), got {fg_thresh}")
     if not 0.0 <= seed_thresh < 1.0:
         raise ValueError(f"seed_thresh must be in [0, 1), got {seed_thresh}")
-    for name, value in (("min_size", min_size), ("min_mask_sum", min_mask_sum),
-                        ("min_unclustered_sum", min_unclustered_sum)):
+    for name, value in (
+        ("min_size", min_size),
+        ("min_mask_sum", min_mask_sum),
+        ("min_unclustered_sum", min_unclustered_sum),
+    ):
         if int(value) != value or value < 0:
             raise ValueError(f"{name} must be an integer >= 0, got {value}")
     xp, data, spatial = _prepare(raw, device)
     h = normalize_step(step, len(spatial))
     floor = None if max_radius is None else _sigma_floor(max_radius, h)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        labels = _cluster(xp, data, spatial, h, _logit(fg_thresh), _logit(seed_thresh),
-                          int(min_size), int(min_mask_sum), int(min_unclustered_sum), floor)
+        labels = _cluster(
+            xp,
+            data,
+            spatial,
+            h,
+            _logit(fg_thresh),
+            _logit(seed_thresh),
+            int(min_size),
+            int(min_mask_sum),
+            int(min_unclustered_sum),
+            floor,
+        )
     return labels.reshape(spatial)
 
 
@@ -192,8 +205,9 @@ def _cluster(
     dims = len(spatial)
     labels = np.zeros(int(np.prod(spatial)), dtype=np.int32)
     sigma = [data[2 * dims - 1 - a] for a in range(dims)]  # sigma channel of array axis a
-    found = _foreground_and_candidates(xp, data[2 * dims], sigma, fg_logit, seed_logit,
-                                       min_mask_sum, min_unclustered_sum, sigma_floor)
+    found = _foreground_and_candidates(
+        xp, data[2 * dims], sigma, fg_logit, seed_logit, min_mask_sum, min_unclustered_sum, sigma_floor
+    )
     if found is None:
         return labels
     fg_index, q_fg, cand = found
@@ -245,5 +259,3 @@ def _foreground_and_candidates(
     if int(cand.shape[0]) == 0:
         return None
     return fg_index, q_fg, cand
-
-

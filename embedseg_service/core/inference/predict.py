@@ -50,13 +50,10 @@ def prepare_image(
     elif array.ndim != spatial_dims + 1:
         axes = "(Y, X)" if spatial_dims == 2 else "(Z, Y, X)"
         raise ValueError(
-            f"image must be {axes} or have a leading channel axis for a {spatial_dims}D model, "
-            f"got shape {array.shape}"
+            f"image must be {axes} or have a leading channel axis for a {spatial_dims}D model, got shape {array.shape}"
         )
     if array.shape[0] != in_channels:
-        raise ValueError(
-            f"the model expects {in_channels} channel(s) (axis 0), got an image of shape {array.shape}"
-        )
+        raise ValueError(f"the model expects {in_channels} channel(s) (axis 0), got an image of shape {array.shape}")
     if any(s < 1 for s in array.shape[1:]):
         raise ValueError(f"image has an empty axis: shape {array.shape}")
     if normalization is None:

@@ -171,9 +171,7 @@ def transforms(spatial_dims: int) -> list[Transform]:
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     z_flips = (False, True) if spatial_dims == 3 else (False,)
-    return [
-        Transform(spatial_dims, k, fy, fz) for fz in z_flips for fy in (False, True) for k in range(4)
-    ]
+    return [Transform(spatial_dims, k, fy, fz) for fz in z_flips for fy in (False, True) for k in range(4)]
 
 
 def pass_settings(

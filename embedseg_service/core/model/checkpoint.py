@@ -192,9 +192,7 @@ class TrainedModel:
             image = image[None]
         elif image.ndim == d + 1:
             if image.shape[0] != self.in_channels:
-                raise ValueError(
-                    f"the model expects {self.in_channels} channel(s) first; got shape {image.shape}"
-                )
+                raise ValueError(f"the model expects {self.in_channels} channel(s) first; got shape {image.shape}")
         else:
             raise ValueError(
                 f"a {d}D model needs an image with {d} spatial axes (and optionally a channel axis first); "

@@ -30,9 +30,7 @@ def normalize_step(step: float | Sequence[float], spatial_dims: int) -> tuple[fl
     else:
         values = tuple(float(s) for s in step)
         if len(values) != spatial_dims:
-            raise ValueError(
-                f"step needs {spatial_dims} values (one per array axis), got {len(values)}: {values}"
-            )
+            raise ValueError(f"step needs {spatial_dims} values (one per array axis), got {len(values)}: {values}")
     if any(not (v > 0) for v in values):
         raise ValueError(f"step values must be positive, got {values}")
     return values
@@ -45,9 +43,7 @@ def step_for(spatial_dims: int, anisotropy: float = 1.0) -> tuple[float, ...]:
     return (anisotropy * DEFAULT_STEP, DEFAULT_STEP, DEFAULT_STEP)
 
 
-def step_from_reference(
-    grid: Sequence[int], pixel: Sequence[float]
-) -> tuple[float, ...]:
+def step_from_reference(grid: Sequence[int], pixel: Sequence[float]) -> tuple[float, ...]:
     """Convert the reference's ``grid``/``pixel`` settings (x, y[, z] order) to a step in array order."""
     if len(grid) != len(pixel):
         raise ValueError("grid and pixel need the same number of axes")
@@ -68,9 +64,7 @@ def coordinate_map(
     """
     dims = len(spatial_shape)
     h = normalize_step(step, dims)
-    axes = [
-        torch.arange(n, device=device, dtype=dtype) * h[a] for a, n in enumerate(spatial_shape)
-    ]
+    axes = [torch.arange(n, device=device, dtype=dtype) * h[a] for a, n in enumerate(spatial_shape)]
     grids = torch.meshgrid(*axes, indexing="ij")  # array order
     return torch.stack(list(reversed(grids)), dim=0)
 

@@ -142,9 +142,7 @@ class Down(nn.Module):
         super().__init__()
         if out_channels <= in_channels:
             raise ValueError(f"Down needs out_channels > in_channels, got {in_channels} -> {out_channels}")
-        self.conv = conv_layer(spatial_dims)(
-            in_channels, out_channels - in_channels, 3, stride=2, padding=1, bias=True
-        )
+        self.conv = conv_layer(spatial_dims)(in_channels, out_channels - in_channels, 3, stride=2, padding=1, bias=True)
         self.pool = max_pool(spatial_dims)
         self.bn = batch_norm(spatial_dims, out_channels)
 

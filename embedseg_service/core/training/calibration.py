@@ -104,4 +104,3 @@ def _running_statistics(norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Te
     if mean is None or var is None:
         raise ValueError(f"{type(norm).__name__} keeps no running statistics (track_running_stats=False)")
     return mean, var
-

@@ -288,8 +288,11 @@ class DataProperties:
             f"mean {self.mean_object_size:.1f}, max {self.max_object_size}",
             f"object extent (pixels): mean {per_axis(self.extent_mean)}; std {per_axis(self.extent_std)}",
             f"crop shape: {' x '.join(str(s) for s in self.crop_shape)} ({axes}){mark('crop_shape')}"
-            + (f"; objects need {' x '.join(str(s) for s in self.object_crop_shape)}, enlarged for context"
-               if self.object_crop_shape != self.crop_shape else ""),
+            + (
+                f"; objects need {' x '.join(str(s) for s in self.object_crop_shape)}, enlarged for context"
+                if self.object_crop_shape != self.crop_shape
+                else ""
+            ),
             f"min object size: {self.min_object_size}{mark('min_object_size')}",
             f"foreground weight: {self.foreground_weight:.3g}{mark('foreground_weight')}",
             f"voxel size: {voxel}; anisotropy: {self.anisotropy:.4g}{mark('anisotropy')}",

@@ -155,5 +155,3 @@ class EmbedSegLoss(torch.nn.Module):
         if return_terms:
             return loss, {"iou": iou.mean(), "var": var.mean(), "seed": seed_term.mean()}
         return loss
-
-

@@ -86,7 +86,12 @@ class _Gradients:
     lam: torch.Tensor
 
     def add(
-        self, emb: torch.Tensor, lam: torch.Tensor, centers: torch.Tensor, obj: torch.Tensor, pix: torch.Tensor,
+        self,
+        emb: torch.Tensor,
+        lam: torch.Tensor,
+        centers: torch.Tensor,
+        obj: torch.Tensor,
+        pix: torch.Tensor,
         coef: torch.Tensor,
     ) -> None:
         """Add the pairs (obj, pix) with ``coef`` = dL/dt (per pair) for ``t = Σ_a λ_a (e_a − C_a)²``."""
