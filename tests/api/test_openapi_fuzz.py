@@ -23,7 +23,7 @@ CHECKS = [
     openapi_checks.negative_data_rejection,
     openapi_checks.ignored_auth,
 ]
-EXAMPLES = 60
+EXAMPLES = 30
 
 
 def test_every_route_answers_within_its_schema(app: Any, client: Any, session: Any) -> None:
