@@ -15,7 +15,7 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -113,6 +113,14 @@ class _Pipeline:
         """Drop what is queued and end the threads (before the temporary file is aborted)."""
         self.stopped = True
         self._join()
+
+
+UPLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"description": "Malformed multipart body"},
+    413: {"description": "Larger than EMBEDSEG_MAX_UPLOAD_BYTES, a storage quota or the voxel budget"},
+    507: {"description": "The server's storage is full; nothing stored was lost"},
+}
+"""The error answers every upload route shares (each adds its own 415 and 422)."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ from embedseg_service.api.checkpoints import CheckpointInvalid, read_checkpoint_
 from embedseg_service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep, StorageDep
 from embedseg_service.api.owned import ModelDep
 from embedseg_service.api.quotas import check_received, check_storage
-from embedseg_service.api.uploads import ReceivedUpload, UploadRejected, receive_upload
+from embedseg_service.api.uploads import UPLOAD_RESPONSES, ReceivedUpload, UploadRejected, receive_upload
 from embedseg_service.records.orm import Model, new_id
 from embedseg_service.records.removal import delete_unless_in_use
 from embedseg_service.records.schemas import ModelOut, Page
@@ -85,10 +85,8 @@ def download_model(model: ModelDep, storage: StorageDep) -> FileResponse:
     description="A model file written by this service (`embedseg train` or a training job). It is checked "
     "without running anything from it and can then be used by prediction jobs.",
     responses={
-        400: {"description": "Malformed multipart body"},
-        413: {"description": "Larger than EMBEDSEG_MAX_UPLOAD_BYTES"},
+        **UPLOAD_RESPONSES,
         415: {"description": "Not multipart/form-data"},
-        507: {"description": "The server's storage is full; nothing stored was lost"},
         422: {"description": "Not a model file of this service, or a bad form field"},
     },
 )

@@ -20,7 +20,7 @@ from embedseg_service.api.owned import VolumeDep
 from embedseg_service.api.preview import Projection, render_preview
 from embedseg_service.api.quotas import check_received, check_storage
 from embedseg_service.api.tiff_checks import check_upload_values, inspect_upload, rewrite_upload
-from embedseg_service.api.uploads import UploadRejected, receive_upload
+from embedseg_service.api.uploads import UPLOAD_RESPONSES, UploadRejected, receive_upload
 from embedseg_service.core.data.io import TiffInfo, inspect_tiff
 from embedseg_service.records.orm import Volume, VolumeKind, new_id
 from embedseg_service.records.removal import delete_unless_in_use
@@ -217,10 +217,8 @@ def _chunks(path: Path, size: int = 1024 * 1024):  # type: ignore[no-untyped-def
         }
     },
     responses={
-        400: {"description": "Malformed multipart body"},
-        413: {"description": "Larger than EMBEDSEG_MAX_UPLOAD_BYTES"},
+        **UPLOAD_RESPONSES,
         415: {"description": "Not multipart, or not a TIFF"},
-        507: {"description": "The server's storage is full; nothing stored was lost"},
         422: {"description": "Unsupported layout, pixel type or form field"},
     },
 )
