@@ -153,9 +153,14 @@ def replay(request: Request, response: Response, session: Session, cls: type[R],
     if row is None:
         raise gone(cls.__name__.lower(), resource_id, key)
     replayed(response)
-    route, parameter = _ROUTES[cls]
-    response.headers["Location"] = str(request.url_for(route, **{parameter: row.id}).path)
+    locate(request, response, row)
     return row
+
+
+def locate(request: Request, response: Response, row: Job | Volume | Model) -> None:
+    """Set the answer's ``Location`` to the row's URL."""
+    route, parameter = _ROUTES[type(row)]
+    response.headers["Location"] = str(request.url_for(route, **{parameter: row.id}).path)
 
 
 _ROUTES: dict[type, tuple[str, str]] = {Job: ("get_job", "job_id"), Volume: ("get_volume", "volume_id"),

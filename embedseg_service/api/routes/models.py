@@ -10,15 +10,13 @@ from fastapi.responses import FileResponse
 from python_multipart.multipart import parse_options_header
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
-from embedseg_service.api import idempotency
 from embedseg_service.api.auth import Principal, PrincipalDep, visible
 from embedseg_service.api.checkpoints import CheckpointInvalid, read_checkpoint_summary
 from embedseg_service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep, StorageDep
 from embedseg_service.api.owned import ModelDep
-from embedseg_service.api.quotas import check_received, check_storage
-from embedseg_service.api.uploads import UPLOAD_RESPONSES, ReceivedUpload, UploadRejected, receive_upload
+from embedseg_service.api.upload_route import store_upload
+from embedseg_service.api.uploads import UPLOAD_RESPONSES, ReceivedUpload
 from embedseg_service.records.orm import Model, new_id
 from embedseg_service.records.removal import delete_unless_in_use
 from embedseg_service.records.schemas import ModelOut, Page
@@ -103,31 +101,19 @@ async def upload_model(
         raise HTTPException(
             status_code=415, detail="send the checkpoint as multipart/form-data with the file in the form field 'file'"
         )
-    key = idempotency.request_key(request)
-    await run_in_threadpool(check_storage, session, settings, principal)
     model_id = new_id()
-    try:
-        received = await receive_upload(
-            request,
-            storage,
-            model_key(model_id),
-            max_bytes=settings.max_upload_bytes,
-            chunk_bytes=settings.upload_chunk_bytes,
-            fields=FORM_FIELDS,
-        )
-    except UploadRejected as rejected:
-        raise HTTPException(status_code=rejected.status, detail=rejected.detail) from None
-    held = None
-    if key is not None:
-        held = await run_in_threadpool(idempotency.claim_received, session, principal, key, "POST /models", received)
-        if isinstance(held, str):
-            return ModelOut.model_validate(idempotency.replay(request, response, session, Model, held, key))
-    with idempotency.holding(session, held):
-        await run_in_threadpool(check_received, session, settings, principal, received.pending)
-        row = await run_in_threadpool(_store_model, session, storage, principal, received, model_id)
-    if held is not None:
-        await run_in_threadpool(idempotency.settle, session, held, row.id)
-    response.headers["Location"] = str(request.url_for("get_model", model_id=row.id).path)
+    row = await store_upload(
+        request,
+        response,
+        session,
+        settings,
+        storage,
+        principal,
+        cls=Model,
+        storage_key=model_key(model_id),
+        fields=FORM_FIELDS,
+        store=lambda received: _store_model(session, storage, principal, received, model_id),
+    )
     return ModelOut.model_validate(row)
 
 

@@ -10,17 +10,14 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 
-from embedseg_service.api import idempotency
 from embedseg_service.api.auth import Principal, PrincipalDep, visible
 from embedseg_service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep, StorageDep
 from embedseg_service.api.owned import VolumeDep
 from embedseg_service.api.preview import Projection, render_preview
-from embedseg_service.api.quotas import check_received, check_storage
 from embedseg_service.api.tiff_checks import check_upload_values, inspect_upload, rewrite_upload
-from embedseg_service.api.uploads import UPLOAD_RESPONSES, UploadRejected, receive_upload
+from embedseg_service.api.upload_route import store_upload
+from embedseg_service.api.uploads import UPLOAD_RESPONSES, UploadRejected
 from embedseg_service.core.data.io import TiffInfo, inspect_tiff
 from embedseg_service.records.orm import Volume, VolumeKind, new_id
 from embedseg_service.records.removal import delete_unless_in_use
@@ -231,39 +228,19 @@ async def upload_volume(
     principal: PrincipalDep,
 ) -> VolumeOut:
     volume_id = new_id()
-    key = idempotency.request_key(request)
-    await run_in_threadpool(check_storage, session, settings, principal)
-    held = None
-    try:
-        received = await receive_upload(
-            request,
-            storage,
-            volume_key(volume_id),
-            max_bytes=settings.max_upload_bytes,
-            chunk_bytes=settings.upload_chunk_bytes,
-            fields=FORM_FIELDS,
-            max_voxels=settings.max_voxels,
-        )
-        if key is not None:
-            held = await run_in_threadpool(
-                idempotency.claim_received, session, principal, key, "POST /volumes", received
-            )
-            if isinstance(held, str):
-                return VolumeOut.model_validate(idempotency.replay(request, response, session, Volume, held, key))
-        with idempotency.holding(session, held):
-            await run_in_threadpool(check_received, session, settings, principal, received.pending)
-            row = await run_in_threadpool(
-                _validate_and_store, session, storage, volume_id, received, received.fields, principal
-            )
-        if held is not None:
-            await run_in_threadpool(idempotency.settle, session, held, row.id)
-    except UploadRejected as rejected:
-        raise HTTPException(status_code=rejected.status, detail=rejected.detail) from None
-    except ClientDisconnect:
-        raise HTTPException(
-            status_code=400, detail="the client disconnected before the end of the upload; resend the file"
-        ) from None
-    response.headers["Location"] = str(request.url_for("get_volume", volume_id=row.id).path)
+    row = await store_upload(
+        request,
+        response,
+        session,
+        settings,
+        storage,
+        principal,
+        cls=Volume,
+        storage_key=volume_key(volume_id),
+        fields=FORM_FIELDS,
+        max_voxels=settings.max_voxels,
+        store=lambda received: _validate_and_store(session, storage, volume_id, received, received.fields, principal),
+    )
     return VolumeOut.model_validate(row)
 
 
