@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Annotated, TypeVar
 
-from fastapi import HTTPException, Request, Response
+from fastapi import Depends, HTTPException, Request, Response
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from embedseg_service.api import idempotency
-from embedseg_service.api.auth import Principal
+from embedseg_service.api.auth import Principal, PrincipalDep
+from embedseg_service.api.deps import SessionDep, SettingsDep, StorageDep
 from embedseg_service.api.quotas import check_received, check_storage
 from embedseg_service.api.uploads import ReceivedUpload, UploadRejected, receive_upload
 from embedseg_service.records.orm import Model, Volume
@@ -21,23 +23,56 @@ from embedseg_service.records.storage import Storage
 R = TypeVar("R", Volume, Model)
 
 
-async def store_upload(
+@dataclass
+class Uploader:
+    """What an upload route needs of its request (one dependency: :data:`UploaderDep`)."""
+
+    request: Request
+    response: Response
+    session: Session
+    settings: Settings
+    storage: Storage
+    principal: Principal
+
+    async def store(
+        self,
+        *,
+        cls: type[R],
+        storage_key: str,
+        fields: Sequence[str],
+        store: Callable[[ReceivedUpload], R],
+        max_voxels: int | None = None,
+    ) -> R:
+        """Receive the multipart body into ``storage_key`` within the caller's quota and hand it to
+        ``store`` (run in the threadpool; it checks, commits the file and inserts the row), or return the
+        row an earlier request with the same ``Idempotency-Key`` made. Sets the answer's ``Location``."""
+        return await store_upload(self, cls, storage_key, fields, store, max_voxels)
+
+
+def get_uploader(
     request: Request,
     response: Response,
-    session: Session,
-    settings: Settings,
-    storage: Storage,
-    principal: Principal,
-    *,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    principal: PrincipalDep,
+) -> Uploader:
+    return Uploader(request, response, session, settings, storage, principal)
+
+
+UploaderDep = Annotated[Uploader, Depends(get_uploader)]
+
+
+async def store_upload(
+    up: Uploader,
     cls: type[R],
     storage_key: str,
     fields: Sequence[str],
     store: Callable[[ReceivedUpload], R],
-    max_voxels: int | None = None,
+    max_voxels: int | None,
 ) -> R:
-    """Receive the multipart body into ``storage_key`` within the caller's quota and hand it to ``store``
-    (run in the threadpool; it checks, commits the file and inserts the row), or return the row an earlier
-    request with the same ``Idempotency-Key`` made. Sets the answer's ``Location``."""
+    """:meth:`Uploader.store`."""
+    request, response, session, settings, principal = up.request, up.response, up.session, up.settings, up.principal
     key = idempotency.request_key(request)
     route = f"POST /{cls.__tablename__}"
     await run_in_threadpool(check_storage, session, settings, principal)
@@ -45,7 +80,7 @@ async def store_upload(
     try:
         received = await receive_upload(
             request,
-            storage,
+            up.storage,
             storage_key,
             max_bytes=settings.max_upload_bytes,
             chunk_bytes=settings.upload_chunk_bytes,

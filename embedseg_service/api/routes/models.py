@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import FileResponse
 from python_multipart.multipart import parse_options_header
 from sqlalchemy import func, select
@@ -15,7 +15,7 @@ from embedseg_service.api.auth import Principal, PrincipalDep, visible
 from embedseg_service.api.checkpoints import CheckpointInvalid, read_checkpoint_summary
 from embedseg_service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep, StorageDep
 from embedseg_service.api.owned import ModelDep
-from embedseg_service.api.upload_route import store_upload
+from embedseg_service.api.upload_route import UploaderDep
 from embedseg_service.api.uploads import UPLOAD_RESPONSES, ReceivedUpload
 from embedseg_service.records.orm import Model, new_id
 from embedseg_service.records.removal import delete_unless_in_use
@@ -88,31 +88,18 @@ def download_model(model: ModelDep, storage: StorageDep) -> FileResponse:
         422: {"description": "Not a model file of this service, or a bad form field"},
     },
 )
-async def upload_model(
-    request: Request,
-    response: Response,
-    session: SessionDep,
-    settings: SettingsDep,
-    storage: StorageDep,
-    principal: PrincipalDep,
-) -> ModelOut:
-    content_type, _ = parse_options_header(request.headers.get("content-type", ""))
+async def upload_model(up: UploaderDep) -> ModelOut:
+    content_type, _ = parse_options_header(up.request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data":
         raise HTTPException(
             status_code=415, detail="send the checkpoint as multipart/form-data with the file in the form field 'file'"
         )
     model_id = new_id()
-    row = await store_upload(
-        request,
-        response,
-        session,
-        settings,
-        storage,
-        principal,
+    row = await up.store(
         cls=Model,
         storage_key=model_key(model_id),
         fields=FORM_FIELDS,
-        store=lambda received: _store_model(session, storage, principal, received, model_id),
+        store=lambda received: _store_model(up.session, up.storage, up.principal, received, model_id),
     )
     return ModelOut.model_validate(row)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -16,7 +16,7 @@ from embedseg_service.api.deps import LimitQuery, OffsetQuery, SessionDep, Setti
 from embedseg_service.api.owned import VolumeDep
 from embedseg_service.api.preview import Projection, render_preview
 from embedseg_service.api.tiff_checks import check_upload_values, inspect_upload, rewrite_upload
-from embedseg_service.api.upload_route import store_upload
+from embedseg_service.api.upload_route import UploaderDep
 from embedseg_service.api.uploads import UPLOAD_RESPONSES, UploadRejected
 from embedseg_service.core.data.io import TiffInfo, inspect_tiff
 from embedseg_service.records.orm import Volume, VolumeKind, new_id
@@ -219,27 +219,16 @@ def _chunks(path: Path, size: int = 1024 * 1024):  # type: ignore[no-untyped-def
         422: {"description": "Unsupported layout, pixel type or form field"},
     },
 )
-async def upload_volume(
-    request: Request,
-    response: Response,
-    session: SessionDep,
-    settings: SettingsDep,
-    storage: StorageDep,
-    principal: PrincipalDep,
-) -> VolumeOut:
+async def upload_volume(up: UploaderDep) -> VolumeOut:
     volume_id = new_id()
-    row = await store_upload(
-        request,
-        response,
-        session,
-        settings,
-        storage,
-        principal,
+    row = await up.store(
         cls=Volume,
         storage_key=volume_key(volume_id),
         fields=FORM_FIELDS,
-        max_voxels=settings.max_voxels,
-        store=lambda received: _validate_and_store(session, storage, volume_id, received, received.fields, principal),
+        max_voxels=up.settings.max_voxels,
+        store=lambda received: _validate_and_store(
+            up.session, up.storage, volume_id, received, received.fields, up.principal
+        ),
     )
     return VolumeOut.model_validate(row)
 
