@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -166,24 +167,38 @@ def _check_evaluate(session: Session, spec: EvaluateSpec, principal: Principal) 
 # --------------------------------------------------------------------------- create
 
 
+@dataclass
+class Submission:
+    """What a job-creating route needs of its request (one dependency: :data:`SubmissionDep`)."""
+
+    request: Request
+    response: Response
+    session: Session
+    settings: Settings
+    principal: Principal
+
+
+def get_submission(
+    request: Request, response: Response, session: SessionDep, settings: SettingsDep, principal: PrincipalDep
+) -> Submission:
+    return Submission(request, response, session, settings, principal)
+
+
+SubmissionDep = Annotated[Submission, Depends(get_submission)]
+
+
 def _submit(
-    request: Request,
-    response: Response,
-    session: Session,
-    kind: JobKind,
-    spec: TrainSpec | PredictSpec | EvaluateSpec,
-    principal: Principal,
-    settings: Settings,
-    check: Callable[[], None],
+    sub: Submission, kind: JobKind, spec: TrainSpec | PredictSpec | EvaluateSpec, check: Callable[[], None]
 ) -> JobOut:
     """Check (``check``, quotas), insert and dispatch the job, or replay the job an ``Idempotency-Key`` made."""
+    request, session, settings, principal = sub.request, sub.session, sub.settings, sub.principal
     key = idempotency.request_key(request)
     held = None
     if key is not None:
         digest = idempotency.fingerprint(f"POST /jobs/{kind.value}", spec.model_dump_json())
         held_or_id = idempotency.claim(session, principal, key, f"POST /jobs/{kind.value}", digest)
         if isinstance(held_or_id, str):
-            return JobOut.model_validate(idempotency.replay(request, response, session, Job, held_or_id, key))
+            return JobOut.model_validate(idempotency.replay(request, sub.response, session, Job, held_or_id, key))
         held = held_or_id
     with idempotency.holding(session, held):
         check()
@@ -209,51 +224,26 @@ def _submit(
             detail=f"Job {job.id} could not be queued: the job broker is unreachable; check "
             "EMBEDSEG_BROKER_URL and that Redis is running, then resubmit",
         ) from None
-    location = str(request.url_for("get_job", job_id=job.id).path)
-    response.headers["Location"] = location
+    idempotency.locate(request, sub.response, job)
     return JobOut.model_validate(jobs.get_job(session, job.id))
 
 
 @router.post("/train", status_code=202, response_model=JobOut, responses=CREATED, summary="Train a model")
-def create_train_job(
-    spec: TrainSpec,
-    request: Request,
-    response: Response,
-    session: SessionDep,
-    settings: SettingsDep,
-    principal: PrincipalDep,
-) -> JobOut:
+def create_train_job(spec: TrainSpec, sub: SubmissionDep) -> JobOut:
     """Image and mask volume ids (paired by position), optional validation volumes or fraction, and options."""
-    return _submit(request, response, session, JobKind.train, spec, principal, settings,
-                   lambda: _check_train(session, spec, settings, principal))  # fmt: skip
+    return _submit(sub, JobKind.train, spec, lambda: _check_train(sub.session, spec, sub.settings, sub.principal))
 
 
 @router.post("/predict", status_code=202, response_model=JobOut, responses=CREATED, summary="Segment volumes")
-def create_predict_job(
-    spec: PredictSpec,
-    request: Request,
-    response: Response,
-    session: SessionDep,
-    settings: SettingsDep,
-    principal: PrincipalDep,
-) -> JobOut:
+def create_predict_job(spec: PredictSpec, sub: SubmissionDep) -> JobOut:
     """A model id, one or many image volume ids, TTA on/off, tile ``"auto"`` or sizes, optional GT ids for AP."""
-    return _submit(request, response, session, JobKind.predict, spec, principal, settings,
-                   lambda: _check_predict(session, spec, principal))  # fmt: skip
+    return _submit(sub, JobKind.predict, spec, lambda: _check_predict(sub.session, spec, sub.principal))
 
 
 @router.post("/evaluate", status_code=202, response_model=JobOut, responses=CREATED, summary="Score predictions")
-def create_evaluate_job(
-    spec: EvaluateSpec,
-    request: Request,
-    response: Response,
-    session: SessionDep,
-    settings: SettingsDep,
-    principal: PrincipalDep,
-) -> JobOut:
+def create_evaluate_job(spec: EvaluateSpec, sub: SubmissionDep) -> JobOut:
     """Pairs of ground-truth and predicted label volume ids; the job's metrics hold the AP table."""
-    return _submit(request, response, session, JobKind.evaluate, spec, principal, settings,
-                   lambda: _check_evaluate(session, spec, principal))  # fmt: skip
+    return _submit(sub, JobKind.evaluate, spec, lambda: _check_evaluate(sub.session, spec, sub.principal))
 
 
 # --------------------------------------------------------------------------- read
