@@ -260,6 +260,11 @@ def test_worker_imports_nothing_of_the_api() -> None:
     assert not bad, "the worker uses the records layer, never the web part:\n" + "\n".join(bad)
 
 
+def test_client_imports_neither_api_nor_worker() -> None:
+    bad = layer_violations(f"{PACKAGE}.client", (f"{PACKAGE}.api", f"{PACKAGE}.worker", *WEB_AND_HEAVY))
+    assert not bad, "the client talks HTTP; it uses records.schemas and core.data's TIFF I/O only:\n" + "\n".join(bad)
+
+
 def _python_files_outside_the_package() -> list[Path]:
     roots = [ROOT / "tests", ROOT / "benchmarks", ROOT / "docker"]
     files = [path for root in roots if root.is_dir() for path in root.rglob("*.py")]

@@ -14,8 +14,9 @@ from embedseg_service.api.dashboard import mount_dashboard
 from embedseg_service.api.deps import JobBodies
 from embedseg_service.api.errors import install_error_handlers
 from embedseg_service.api.guards import RequestGuard
+from embedseg_service.api.metrics import install_metrics
 from embedseg_service.api.openapi import install_openapi
-from embedseg_service.api.routes import health, jobs, models, volumes
+from embedseg_service.api.routes import health, jobs, metrics, models, volumes
 from embedseg_service.records.db import make_engine, make_sessionmaker, run_migrations
 from embedseg_service.records.settings import Settings, get_settings
 from embedseg_service.records.storage import STALE_TEMP_S, get_storage
@@ -49,8 +50,8 @@ def create_app(
         on_startup / on_shutdown: callables given the app after start-up / before shutdown
             (e.g. starting and stopping an embedded local worker).
 
-    ``app.state`` holds ``settings``, ``engine``, ``sessionmaker``, ``storage`` and ``job_bodies``
-    (the bodies of the job-status route).
+    ``app.state`` holds ``settings``, ``engine``, ``sessionmaker``, ``storage``, ``job_bodies``
+    (the bodies of the job-status route) and ``metrics`` (its Prometheus registry).
     """
     settings = settings or get_settings()
     if migrate is None:
@@ -100,9 +101,11 @@ def create_app(
             expose_headers=["Location", "Content-Disposition", "Idempotent-Replayed", "Retry-After"],
         )
     app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, cors_origins=settings.cors_origins)
+    install_metrics(app, settings)  # outermost: requests the guard refuses are counted too
     for router in ROUTERS:
         guarded = [] if any(router is open_ for open_ in OPEN_ROUTERS) else [Depends(get_principal)]
         app.include_router(router, prefix=API_PREFIX, dependencies=guarded)
+    app.include_router(metrics.router)  # /metrics beside /api/v1; admin key checked by the route
     mount_dashboard(app)
     install_openapi(app)
     return app

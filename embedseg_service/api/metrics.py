@@ -1,0 +1,286 @@
+"""Prometheus metrics of one app: HTTP requests counted in the process, and the jobs, broker queue and stored
+bytes read from the database and the broker when ``/metrics`` is scraped.
+
+Each app has its own :class:`prometheus_client.CollectorRegistry` (``app.state.metrics.registry``), never
+the process-wide default one. Every label has a bounded set of values: HTTP routes are route templates
+(``/api/v1/jobs/{job_id}``, ``unmatched`` for a path no route serves), never raw paths; statuses are
+classes (``2xx``); job labels are the ``JobStatus`` and ``JobKind`` values; worker hosts and owners are
+as many as the deployment has. GPU memory is not exported: workers are other processes and do not
+record it on the job row, and the API reports nothing it cannot read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from embedseg_service.records.broker import queue_keys
+from embedseg_service.records.orm import Job, JobKind, JobStatus, Model, Volume, utcnow
+from embedseg_service.records.settings import Settings
+
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+"""Request duration histogram buckets in seconds (uploads of large volumes take minutes)."""
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+UNMATCHED = "unmatched"
+"""The route label of a request no route served (an unknown path, or one refused before routing)."""
+DURATION_WINDOW = 200
+"""Job durations are quantiles of the last this-many succeeded jobs of each kind (newest by creation)."""
+QUANTILES = (0.5, 0.95)
+BROKER_TIMEOUT_S = 2.0
+
+
+class HttpMetrics:
+    """Counter of HTTP requests by method, route template and status class, and a duration histogram by
+    method and route template, in ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "embedseg_http_requests",
+            "HTTP requests answered, by method, route template and status class",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "embedseg_http_request_duration_seconds",
+            "Seconds from receiving an HTTP request to the end of its answer, by method and route template",
+            ["method", "route"],
+            buckets=HTTP_BUCKETS,
+            registry=registry,
+        )
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one answered request (``method`` outside :data:`METHODS` is counted as ``other``)."""
+        method = method if method in METHODS else "other"
+        self.requests.labels(method=method, route=route, status=f"{status // 100}xx").inc()
+        self.duration.labels(method=method, route=route).observe(seconds)
+
+
+def route_template(scope: Scope) -> str:
+    """The path template of the route that served ``scope`` with the prefixes of the routers it is included
+    in (``/api/v1/jobs/{job_id}``), the mount path for an app mounted under one (``/dashboard``), or
+    :data:`UNMATCHED`.
+
+    The route's own template has its parameters filled in from ``path_params``; what precedes that in the
+    request path is the static prefix of the routers (this app's prefixes hold no parameters).
+    """
+    route = scope.get("route")
+    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    if not isinstance(template, str) or not template:
+        mounted = str(scope.get("root_path", ""))[len(str(scope.get("app_root_path", ""))) :]
+        return mounted if scope.get("endpoint") is not None and mounted else UNMATCHED
+    path = str(scope.get("path", ""))
+    try:
+        concrete = template.format(**scope.get("path_params", {}))
+    except (KeyError, IndexError, ValueError):
+        return template
+    return path[: len(path) - len(concrete)] + template if path.endswith(concrete) else template
+
+
+class RequestMetrics:
+    """ASGI middleware recording every HTTP request in :class:`HttpMetrics` (an exception counts as 500)."""
+
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.observe(scope["method"], route_template(scope), status, time.perf_counter() - started)
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0-1) of ``values`` by linear interpolation between the closest ranks (numpy's
+    default); ``values`` must not be empty."""
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass
+class JobSnapshot:
+    """Job counts read in one scrape."""
+
+    counts: dict[tuple[str, str], int]
+    oldest_queued_s: float
+    running_by_host: dict[str, int]
+    durations: dict[str, list[float]]
+
+
+def read_jobs(session: Session) -> JobSnapshot:
+    """Jobs by (status, kind) and the oldest queued job's age (one grouped query), running jobs per worker
+    host (the worker name up to its ``:pid``), and the durations of the last :data:`DURATION_WINDOW`
+    succeeded jobs of each kind."""
+    counts: dict[tuple[str, str], int] = {}
+    oldest = None
+    grouped = select(Job.status, Job.kind, func.count(), func.min(Job.created_at)).group_by(Job.status, Job.kind)
+    for status, kind, count, first in session.execute(grouped):
+        counts[(status, kind)] = int(count)
+        if status == JobStatus.queued.value and first is not None:
+            oldest = first if oldest is None else min(oldest, first)
+    running: dict[str, int] = defaultdict(int)
+    by_worker = select(Job.worker, func.count()).where(Job.status == JobStatus.running.value).group_by(Job.worker)
+    for worker, count in session.execute(by_worker):
+        running[(worker or "").split(":", 1)[0]] += int(count)
+    durations: dict[str, list[float]] = {}
+    for kind in JobKind:
+        recent = (
+            select(Job.started_at, Job.finished_at)
+            .where(Job.status == JobStatus.succeeded.value, Job.kind == kind.value)
+            .where(Job.started_at.is_not(None), Job.finished_at.is_not(None))
+            .order_by(Job.created_at.desc())
+            .limit(DURATION_WINDOW)
+        )
+        durations[kind.value] = [
+            (end - start).total_seconds() for start, end in session.execute(recent) if start is not None and end
+        ]
+    age = 0.0 if oldest is None else max(0.0, (utcnow() - oldest).total_seconds())
+    return JobSnapshot(counts=counts, oldest_queued_s=age, running_by_host=dict(running), durations=durations)
+
+
+def read_stored_bytes(session: Session) -> dict[tuple[str, str], int]:
+    """Bytes of stored volumes and models per (owner, what): ``''`` is the owner of rows made without a key."""
+    stored: dict[tuple[str, str], int] = {}
+    for what, table in (("volumes", Volume), ("models", Model)):
+        for owner, total in session.execute(select(table.owner, func.sum(table.size_bytes)).group_by(table.owner)):
+            stored[(owner or "", what)] = int(total or 0)
+    return stored
+
+
+def broker_queue_length(settings: Settings) -> int:
+    """Messages waiting in the broker queue ``settings.gpu_queue`` (every priority list; taken but
+    unacknowledged messages not counted). Raises ``redis.RedisError`` when the broker cannot be read."""
+    import redis
+
+    if settings.broker_url is None:
+        raise ValueError("no broker is configured (EMBEDSEG_BROKER_URL)")
+    client = redis.Redis.from_url(
+        settings.broker_url, socket_connect_timeout=BROKER_TIMEOUT_S, socket_timeout=BROKER_TIMEOUT_S
+    )
+    try:
+        return sum(int(client.llen(key)) for key in queue_keys(settings.gpu_queue))
+    finally:
+        client.close()
+
+
+class StoreCollector(Collector):
+    """Gauges read from the database (and the broker, when one is configured) at each scrape."""
+
+    def __init__(self, sessions: sessionmaker[Session], settings: Settings) -> None:
+        self.sessions = sessions
+        self.settings = settings
+
+    def describe(self) -> Iterable[Metric]:
+        """Nothing: registering the collector must not query the database."""
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        """The job, storage and broker gauges; a database error propagates (the route answers 503)."""
+        with self.sessions() as session:
+            snapshot = read_jobs(session)
+            stored = read_stored_bytes(session)
+        yield from job_families(snapshot)
+        bytes_family = GaugeMetricFamily(
+            "embedseg_stored_bytes", "Bytes of stored volumes and models per owner ('' without a key)",
+            labels=["owner", "what"],
+        )  # fmt: skip
+        for (owner, what), total in sorted(stored.items()):
+            bytes_family.add_metric([owner, what], total)
+        yield bytes_family
+        yield from self._broker_families()
+
+    def _broker_families(self) -> Iterable[Metric]:
+        if self.settings.broker_url is None:
+            return  # the embedded default: the database is the queue (embedseg_jobs{status="queued"})
+        import redis
+
+        up = GaugeMetricFamily("embedseg_broker_up", "1 when the broker queue could be read at this scrape")
+        try:
+            length = broker_queue_length(self.settings)
+        except redis.RedisError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        waiting = GaugeMetricFamily(
+            "embedseg_broker_queue_length", "Task messages waiting in the broker queue", labels=["queue"]
+        )
+        waiting.add_metric([self.settings.gpu_queue], length)
+        yield waiting
+
+
+def job_families(snapshot: JobSnapshot) -> Iterable[Metric]:
+    """Prometheus families of a :class:`JobSnapshot` (every status and kind listed, zeros included)."""
+    jobs = GaugeMetricFamily("embedseg_jobs", "Jobs by status and kind", labels=["status", "kind"])
+    for status in JobStatus:
+        for kind in JobKind:
+            jobs.add_metric([status.value, kind.value], snapshot.counts.get((status.value, kind.value), 0))
+    yield jobs
+    yield GaugeMetricFamily(
+        "embedseg_queued_job_oldest_age_seconds", "Seconds the oldest queued job has waited (0: none queued)",
+        value=snapshot.oldest_queued_s,
+    )  # fmt: skip
+    running = GaugeMetricFamily("embedseg_running_jobs", "Running jobs per worker host", labels=["host"])
+    for host, count in sorted(snapshot.running_by_host.items()):
+        running.add_metric([host], count)
+    yield running
+    quantiles = GaugeMetricFamily(
+        "embedseg_job_duration_recent_seconds",
+        f"Quantiles of the run time of the last {DURATION_WINDOW} succeeded jobs of each kind",
+        labels=["kind", "quantile"],
+    )
+    window = GaugeMetricFamily(
+        "embedseg_job_duration_recent_jobs", "Succeeded jobs behind embedseg_job_duration_recent_seconds",
+        labels=["kind"],
+    )  # fmt: skip
+    for name, values in snapshot.durations.items():
+        window.add_metric([name], len(values))
+        for q in QUANTILES if values else ():
+            quantiles.add_metric([name, f"{q:g}"], quantile(values, q))
+    yield quantiles
+    yield window
+
+
+@dataclass
+class AppMetrics:
+    """An app's metrics: its own registry, and the HTTP request metrics recorded in it."""
+
+    registry: CollectorRegistry
+    http: HttpMetrics
+
+
+def install_metrics(app: FastAPI, settings: Settings) -> AppMetrics:
+    """Give ``app`` its registry (``app.state.metrics``) with the scrape-time store collector, and record its
+    HTTP requests. Call after every other middleware is added, so that refused requests are counted too."""
+    registry = CollectorRegistry(auto_describe=False)
+    metrics = AppMetrics(registry=registry, http=HttpMetrics(registry))
+    registry.register(StoreCollector(app.state.sessionmaker, settings))
+    app.state.metrics = metrics
+    app.add_middleware(RequestMetrics, metrics=metrics.http)
+    return metrics

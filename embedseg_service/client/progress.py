@@ -1,0 +1,80 @@
+"""Waiting for a job: polling its row until a final status, with a progress bar on a terminal."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from embedseg_service.client.errors import JobFailed, WaitTimeout
+from embedseg_service.records.orm import JobStatus
+from embedseg_service.records.schemas import JobOut
+
+FINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Whether to draw a bar: as asked, or (``None``) when standard error is a terminal."""
+    if progress is not None:
+        return progress
+    return sys.stderr.isatty()
+
+
+class _Bar:
+    """A tqdm bar in percent whose label is the job's kind and stage; nothing when not shown."""
+
+    def __init__(self, job: JobOut, shown: bool) -> None:
+        self.bar: Any = None
+        if shown:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=100, desc=job.kind.value, unit="%", bar_format="{l_bar}{bar}| {n:.0f}% {postfix}")
+
+    def update(self, job: JobOut) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_description(f"{job.kind.value} {job.stage or job.status.value}", refresh=False)
+        if job.eta_s is not None:
+            self.bar.set_postfix_str(f"eta {job.eta_s:.0f} s", refresh=False)
+        self.bar.n = round(job.progress * 100, 1)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def wait_for(
+    fetch: Callable[[], JobOut],
+    *,
+    timeout: float | None,
+    poll_s: float,
+    progress: bool | None,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float] = time.monotonic,
+) -> JobOut:
+    """Poll ``fetch`` every ``poll_s`` seconds until the job is final; return it when it succeeded.
+
+    A job already final answers at once (waiting again resumes). Raises :class:`JobFailed` when it
+    ended ``failed`` or ``cancelled`` and :class:`WaitTimeout` when it is not final within
+    ``timeout`` seconds (``None``: no limit).
+    """
+    deadline = None if timeout is None else clock() + timeout
+    job = fetch()
+    bar = _Bar(job, show_progress(progress) and job.status not in FINAL)
+    try:
+        while True:
+            bar.update(job)
+            if job.status in FINAL:
+                break
+            if deadline is not None and clock() >= deadline:
+                raise WaitTimeout(job, timeout or 0.0)
+            pause = poll_s if deadline is None else max(0.0, min(poll_s, deadline - clock()))
+            sleep(pause)
+            job = fetch()
+    finally:
+        bar.close()
+    if job.status is not JobStatus.succeeded:
+        raise JobFailed(job)
+    return job
