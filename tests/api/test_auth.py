@@ -35,6 +35,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/jobs"): "list",
     ("GET", "/jobs/{job_id}"): "id",
     ("POST", "/jobs/{job_id}/cancel"): "id",
+    ("GET", "/jobs/{job_id}/labels.zip"): "id",
     ("GET", "/models"): "list",
     ("GET", "/models/{model_id}"): "id",
     ("GET", "/models/{model_id}/download"): "id",

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from embedseg_service.api import idempotency
+from embedseg_service.api import idempotency, label_zip
 from embedseg_service.api.auth import Principal, PrincipalDep, visible
-from embedseg_service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep
+from embedseg_service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep, StorageDep
 from embedseg_service.api.dispatch import Dispatcher, DispatchError, make_dispatcher
 from embedseg_service.api.owned import JobBodyDep, JobDep
 from embedseg_service.api.quotas import check_queue, check_storage
@@ -299,3 +300,29 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobOut:
             detail=f"Job {job.id} has already finished ({error.current}); only queued or running jobs can be cancelled",
         ) from None
     return JobOut.model_validate(updated)
+
+
+@router.get(
+    "/{job_id}/labels.zip",
+    response_class=Response,
+    summary="A ZIP of every label volume of a succeeded predict job",
+    responses={
+        200: {"description": "One label TIFF per input image, named after it", "content": {"application/zip": {}}},
+        404: {},
+        409: {"description": "Not a predict job, not succeeded, or one of its label volumes was deleted"},
+    },
+)
+def download_job_labels(job: JobDep, session: SessionDep, storage: StorageDep) -> StreamingResponse:
+    """Each entry is ``<image name>.tif`` (``-2``, ``-3``... on a clash), in the order of the job's volumes."""
+    try:
+        entries = label_zip.job_labels(session, job)
+    except label_zip.LabelsUnavailable as error:
+        raise HTTPException(status_code=409, detail=error.detail) from None
+    archive = label_zip.build_zip(storage, entries)
+    size = archive.seek(0, 2)
+    archive.seek(0)
+    headers = {
+        "Content-Disposition": f'attachment; filename="{job.id[:8]}-labels.zip"',
+        "Content-Length": str(size),
+    }
+    return StreamingResponse(label_zip.iter_file(archive), media_type="application/zip", headers=headers)
