@@ -120,13 +120,27 @@ def tiff_bytes(data: np.ndarray, **kwargs: Any) -> bytes:
     return buffer.getvalue()
 
 
-def upload(client: Any, content: bytes, filename: str = "img.tif", **fields: Any) -> Any:
-    """POST a file (and form fields) to /api/v1/volumes with ``client`` (a test client or an httpx client)."""
+def upload(
+    client: Any, content: bytes, filename: str = "img.tif", *, headers: dict[str, str] | None = None, **fields: Any
+) -> Any:
+    """POST a file (and form fields, and ``headers``) to /api/v1/volumes with ``client`` (a test client or an
+    httpx client)."""
     return client.post(
         "/api/v1/volumes",
         files={"file": (filename, content, "image/tiff")},
         data={k: str(v) for k, v in fields.items()},
+        headers=headers,
     )
+
+
+class RecordingDispatcher:
+    """A job dispatcher for an app under test: records the job ids it is given; the jobs stay queued."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    def submit(self, job_id: str) -> None:
+        self.submitted.append(job_id)
 
 
 # --------------------------------------------------------------------------- Lovász oracle

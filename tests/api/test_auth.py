@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import tiff_bytes
+from helpers import RecordingDispatcher, tiff_bytes, upload
 
 from embedseg_service.api.app import API_PREFIX
 from embedseg_service.api.commands import access_check, is_loopback
@@ -44,14 +44,6 @@ ROUTES: dict[tuple[str, str], str] = {
 }
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.submitted: list[str] = []
-
-    def submit(self, job_id: str) -> None:
-        self.submitted.append(job_id)
-
-
 def api_routes(app: Any) -> set[tuple[str, str]]:
     """(method, path below the prefix) of every operation in the OpenAPI schema."""
     return {
@@ -66,12 +58,7 @@ def bearer(secret: str) -> dict[str, str]:
 
 
 def _upload(client: Any, secret: str, data: np.ndarray, **fields: str) -> str:
-    response = client.post(
-        f"{API_PREFIX}/volumes",
-        files={"file": ("x.tif", tiff_bytes(data), "image/tiff")},
-        data=fields,
-        headers=bearer(secret),
-    )
+    response = upload(client, tiff_bytes(data), "x.tif", headers=bearer(secret), **fields)
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
@@ -79,7 +66,7 @@ def _upload(client: Any, secret: str, data: np.ndarray, **fields: str) -> str:
 @pytest.fixture
 def world(client: Any, app: Any, session: Any) -> dict[str, Any]:
     """Keys of owners A and B and an admin; A's image, labels, model and train job."""
-    app.state.dispatcher = Recorder()
+    app.state.dispatcher = RecordingDispatcher()
     secrets = {
         "a": keys.create_key(session, "lab-a").secret,
         "b": keys.create_key(session, "lab-b").secret,

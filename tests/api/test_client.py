@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import tifffile
-from helpers import tiff_bytes
+from helpers import RecordingDispatcher, tiff_bytes
 
 from embedseg_service.client import (
     ApiError,
@@ -31,16 +31,6 @@ from embedseg_service.records.keys import create_key
 from embedseg_service.records.orm import JobStatus, Model
 
 BASE = "http://testserver"
-
-
-class Recorder:
-    """A dispatcher that records the job ids it was given (jobs stay queued)."""
-
-    def __init__(self) -> None:
-        self.submitted: list[str] = []
-
-    def submit(self, job_id: str) -> None:
-        self.submitted.append(job_id)
 
 
 class Sleeps:
@@ -62,7 +52,7 @@ def sleeps() -> Sleeps:
 
 @pytest.fixture
 def api(app, client, sleeps) -> Iterator[Client]:  # type: ignore[no-untyped-def]
-    app.state.dispatcher = Recorder()
+    app.state.dispatcher = RecordingDispatcher()
     with Client(BASE, api_key="", http=client, sleep=sleeps) as session:
         yield session
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import tiff_bytes
+from helpers import RecordingDispatcher, tiff_bytes, upload
 
 from embedseg_service.records import keys
 from embedseg_service.records.orm import Job, Volume
@@ -16,22 +16,13 @@ from embedseg_service.records.orm import Job, Volume
 API = "/api/v1"
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.submitted: list[str] = []
-
-    def submit(self, job_id: str) -> None:
-        self.submitted.append(job_id)
-
-
 def _upload(client: Any, data: np.ndarray, headers: dict[str, str], **fields: str) -> Any:
-    return client.post(f"{API}/volumes", files={"file": ("x.tif", tiff_bytes(data), "image/tiff")}, data=fields,
-                       headers=headers)  # fmt: skip
+    return upload(client, tiff_bytes(data), "x.tif", headers=headers, **fields)
 
 
 @pytest.fixture
 def pair(client: Any, app: Any) -> tuple[str, str]:
-    app.state.dispatcher = Recorder()
+    app.state.dispatcher = RecordingDispatcher()
     image = _upload(client, np.zeros((16, 16), np.uint8), {}).json()["id"]
     mask = np.zeros((16, 16), np.uint16)
     mask[2:6, 2:6] = 1

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import tiff_bytes
+from helpers import RecordingDispatcher, tiff_bytes, upload
 
 from embedseg_service.api.app import create_app
 from embedseg_service.records import keys
@@ -15,25 +15,20 @@ from embedseg_service.records.settings import Settings
 API = "/api/v1"
 
 
-class Recorder:
-    def submit(self, job_id: str) -> None:
-        pass
-
-
 @pytest.fixture
 def small_quota_client(settings: Settings) -> Any:
     from fastapi.testclient import TestClient
 
     app = create_app(settings.model_copy(update={"quota_stored_bytes": 6000, "quota_queued_jobs": 2}), migrate=False)
-    app.state.dispatcher = Recorder()
+    app.state.dispatcher = RecordingDispatcher()
     with TestClient(app) as client, app.state.sessionmaker() as session:
         client.secrets = {owner: keys.create_key(session, owner).secret for owner in ("lab-a", "lab-b")}
         yield client
 
 
 def _post(client: Any, owner: str, data: np.ndarray, **fields: str) -> Any:
-    return client.post(f"{API}/volumes", files={"file": ("x.tif", tiff_bytes(data), "image/tiff")}, data=fields,
-                       headers={"Authorization": f"Bearer {client.secrets[owner]}"})  # fmt: skip
+    return upload(client, tiff_bytes(data), "x.tif", headers={"Authorization": f"Bearer {client.secrets[owner]}"},
+                  **fields)  # fmt: skip
 
 
 def test_stored_bytes_quota_is_per_owner_and_says_which_limit(small_quota_client: Any) -> None:
