@@ -24,9 +24,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embedseg_service.records.broker import queue_keys
-from embedseg_service.records.orm import Job, JobKind, JobStatus, Model, Volume, utcnow
+from embedseg_service.records.broker import queue_length
+from embedseg_service.records.orm import Job, JobKind, JobStatus, utcnow
 from embedseg_service.records.settings import Settings
+from embedseg_service.records.usage import stored_bytes
 
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 """Request duration histogram buckets in seconds (uploads of large volumes take minutes)."""
@@ -165,27 +166,7 @@ def read_jobs(session: Session) -> JobSnapshot:
 
 def read_stored_bytes(session: Session) -> dict[tuple[str, str], int]:
     """Bytes of stored volumes and models per (owner, what): ``''`` is the owner of rows made without a key."""
-    stored: dict[tuple[str, str], int] = {}
-    for what, table in (("volumes", Volume), ("models", Model)):
-        for owner, total in session.execute(select(table.owner, func.sum(table.size_bytes)).group_by(table.owner)):
-            stored[(owner or "", what)] = int(total or 0)
-    return stored
-
-
-def broker_queue_length(settings: Settings) -> int:
-    """Messages waiting in the broker queue ``settings.gpu_queue`` (every priority list; taken but
-    unacknowledged messages not counted). Raises ``redis.RedisError`` when the broker cannot be read."""
-    import redis
-
-    if settings.broker_url is None:
-        raise ValueError("no broker is configured (EMBEDSEG_BROKER_URL)")
-    client = redis.Redis.from_url(
-        settings.broker_url, socket_connect_timeout=BROKER_TIMEOUT_S, socket_timeout=BROKER_TIMEOUT_S
-    )
-    try:
-        return sum(int(client.llen(key)) for key in queue_keys(settings.gpu_queue))
-    finally:
-        client.close()
+    return {(owner or "", what): total for (owner, what), total in stored_bytes(session).items()}
 
 
 class StoreCollector(Collector):
@@ -221,7 +202,7 @@ class StoreCollector(Collector):
 
         up = GaugeMetricFamily("embedseg_broker_up", "1 when the broker queue could be read at this scrape")
         try:
-            length = broker_queue_length(self.settings)
+            length = queue_length(self.settings, BROKER_TIMEOUT_S)
         except redis.RedisError:
             up.add_metric([], 0)
             yield up

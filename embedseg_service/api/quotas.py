@@ -8,34 +8,24 @@ value and what to do.
 from __future__ import annotations
 
 from fastapi import HTTPException
-from sqlalchemy import ColumnElement, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from embedseg_service.api.auth import Principal
-from embedseg_service.records.orm import Job, JobStatus, Model, Volume
+from embedseg_service.records.orm import Job, JobStatus
 from embedseg_service.records.settings import Settings
 from embedseg_service.records.storage import PendingWrite
-
-
-def _owned(column: ColumnElement[str | None], owner: str | None) -> ColumnElement[bool]:
-    return column.is_(None) if owner is None else column == owner
+from embedseg_service.records.usage import stored_bytes
 
 
 def _who(principal: Principal) -> str:
     return "anonymous requests" if principal.owner is None else f"owner {principal.owner!r}"
 
 
-def stored_bytes(session: Session, owner: str | None) -> int:
-    """Bytes of the volumes and models ``owner`` holds."""
-    volumes = session.scalar(select(func.coalesce(func.sum(Volume.size_bytes), 0)).where(_owned(Volume.owner, owner)))
-    models = session.scalar(select(func.coalesce(func.sum(Model.size_bytes), 0)).where(_owned(Model.owner, owner)))
-    return int(volumes or 0) + int(models or 0)
-
-
 def check_storage(session: Session, settings: Settings, principal: Principal, incoming: int = 0) -> None:
     """413 when the caller's stored bytes plus ``incoming`` would exceed ``quota_stored_bytes``."""
     limit = settings.quota_stored_bytes
-    used = stored_bytes(session, principal.owner)
+    used = sum(stored_bytes(session, [principal.owner]).values())
     if used + incoming > limit or used >= limit:
         raise HTTPException(
             status_code=413,
@@ -61,7 +51,7 @@ def check_queue(session: Session, settings: Settings, principal: Principal) -> N
         session.scalar(
             select(func.count())
             .select_from(Job)
-            .where(_owned(Job.owner, principal.owner), Job.status == JobStatus.queued.value)  # fmt: skip
+            .where(Job.owner.is_not_distinct_from(principal.owner), Job.status == JobStatus.queued.value)  # fmt: skip
         )
         or 0
     )

@@ -97,6 +97,21 @@ def waiting_job_ids(settings: Settings) -> set[str]:
     return ids
 
 
+def queue_length(settings: Settings, timeout_s: float = 2.0) -> int:
+    """Messages waiting in the broker queue ``settings.gpu_queue`` (every priority list; taken but
+    unacknowledged messages not counted). Raises ValueError without a broker, ``redis.RedisError``
+    when it cannot be read."""
+    import redis
+
+    if settings.broker_url is None:
+        raise ValueError("no broker is configured (EMBEDSEG_BROKER_URL)")
+    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        return sum(int(client.llen(key)) for key in queue_keys(settings.gpu_queue))
+    finally:
+        client.close()
+
+
 def unsent_jobs(session: Session, settings: Settings) -> list[str]:
     """Queued jobs created more than ``settings.requeue_after_s`` ago whose message is not waiting in the
     broker queue (oldest first); none on the embedded default, where the database is the queue."""

@@ -29,11 +29,9 @@ from sqlalchemy import (
     Dialect,
     Result,
     Text,
-    and_,
     bindparam,
     cast,
     func,
-    or_,
     select,
     type_coerce,
     update,
@@ -276,7 +274,7 @@ def claim(session: Session, job_id: str, worker: str, *, max_running: int | None
             .select_from(other)
             .where(
                 other.status == JobStatus.running.value,
-                or_(other.owner == Job.owner, and_(other.owner.is_(None), Job.owner.is_(None))),
+                other.owner.is_not_distinct_from(Job.owner),
             )  # fmt: skip
             .scalar_subquery()
         )

@@ -289,7 +289,7 @@ def _latest_prediction(session: Session, volume: Volume) -> Volume | None:
         .where(
             Volume.image_volume_id == volume.id,
             Volume.kind == VolumeKind.labels.value,
-            Volume.owner.is_(None) if volume.owner is None else Volume.owner == volume.owner,
+            Volume.owner.is_not_distinct_from(volume.owner),
         )
         .order_by(Volume.created_at.desc(), Volume.id)
         .limit(1)
