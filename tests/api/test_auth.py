@@ -154,7 +154,7 @@ def test_missing_malformed_and_revoked_keys_answer_401(client: Any, world: dict[
         assert response.headers["www-authenticate"].startswith("Bearer")
         assert "requires an API key" in response.json()["detail"]
     for method, path in OPEN:
-        assert client.request(method, API_PREFIX + path).status_code in (200, 503)
+        assert client.request(method, API_PREFIX + path).status_code == 200
     response = client.get(f"{API_PREFIX}/volumes", headers={"Authorization": "Basic dXNlcjpwdw=="})
     assert response.status_code == 401 and "Bearer" in response.json()["detail"]
     response = client.get(f"{API_PREFIX}/volumes", headers=bearer("esk_" + "x" * 43))
