@@ -350,3 +350,10 @@ def test_package_discovery_installs_every_module_and_data_file() -> None:
         if package not in packages or not any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns):
             unshipped.append(str(path.relative_to(ROOT)))
     assert not unshipped, "files the wheel would leave out (no package-data pattern matches):\n" + "\n".join(unshipped)
+
+
+def test_test_modules_have_unique_names() -> None:
+    # pytest imports test modules by their base name (no packages under tests/): two files of one
+    # name in different folders stop the whole run at collection
+    names = sorted(path.name for path in (ROOT / "tests").rglob("test_*.py"))
+    assert len(names) == len(set(names)), sorted({name for name in names if names.count(name) > 1})
