@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from helpers import DATA_DIR, DSB_MODEL_EPOCHS, DSB_MODEL_SEED, DSB_SPLIT_ROW, dsb_image, torch_threads
 
+pytest_plugins = ("s3_server",)  # the SeaweedFS S3 server fixture, s3_server
+
 # Starlette's test client sends "Host: testserver"; every app the tests build answers it too.
 os.environ.setdefault("EMBEDSEG_ALLOWED_HOSTS", '["localhost", "127.0.0.1", "::1", "testserver"]')
 

@@ -1,6 +1,6 @@
 """Helpers shared by the tests: the DSB image and the split of the session's trained model, the trivial
 segmentation baseline, seeds from the environment, TIFF uploads, the textbook Lovász hinge, jobs over
-HTTP, and the services (the embedded default; PostgreSQL, Redis and a Celery worker).
+HTTP, the services (the embedded default; PostgreSQL, Redis and a Celery worker), and a webhook receiver.
 
 Importable as ``helpers`` from every test module (pytest puts ``tests/`` on ``sys.path`` for its
 ``conftest.py``). Heavy libraries are imported inside the helpers that need them.
@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -335,3 +337,43 @@ async def post_in_chunks(
     await app(scope, receive, send)
     status = next(m["status"] for m in sent if m["type"] == "http.response.start")
     return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"), reads
+
+
+# --------------------------------------------------------------------------- webhooks
+
+
+class WebhookReceiver:
+    """A real HTTP server on 127.0.0.1, in a thread: answers the n-th POST with ``answers[n]`` (the last one
+    repeats), a (status, headers) pair, and records (path, headers, body) of every request."""
+
+    def __init__(self, answers: Sequence[tuple[int, dict[str, str]]]) -> None:
+        self.answers = list(answers)
+        self.received: list[tuple[str, dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                index = len(receiver.received)
+                receiver.received.append((self.path, dict(self.headers.items()), body))
+                status, headers = receiver.answers[min(index, len(receiver.answers) - 1)]
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook?lab=a"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

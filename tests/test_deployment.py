@@ -28,7 +28,7 @@ from embedseg_service.records.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
-SERVICES = {"api", "worker", "redis", "postgres", "migrate"}
+SERVICES = {"api", "worker", "redis", "postgres", "migrate", "object-store"}
 OUR_SERVICES = ("migrate", "api", "worker")
 
 
@@ -130,7 +130,28 @@ def test_compose_environment_makes_valid_settings(compose: dict, name: str, monk
     assert urlsplit(settings.database_url_resolved).hostname == "postgres"
     assert urlsplit(settings.broker_url).hostname == "redis"
     assert not settings.embedded
-    assert settings.storage_path == Path(env["EMBEDSEG_STORAGE_DIR"])
+    assert settings.storage_url is not None and settings.storage_dir is None  # no storage folder
+    assert settings.cache_path.is_absolute()
+
+
+def test_the_object_store_is_the_seaweedfs_service_with_the_services_credentials(compose: dict) -> None:
+    services = compose["services"]
+    store = services["object-store"]
+    assert store["image"].split(":")[0] == "chrislusf/seaweedfs"
+    argv = _command(store)
+    assert argv[0] == "server" and "-s3" in argv and "-master.telemetry=false" in argv
+    port = int(next(arg for arg in argv if arg.startswith("-s3.port=")).split("=", 1)[1])
+    health = " ".join(store["healthcheck"]["test"])
+    assert f"http://127.0.0.1:{port}/healthz" in health
+    assert [mount.split(":")[1] for mount in store["volumes"]] == ["/data"]
+    credentials = _env(store)
+    assert set(credentials) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    for name in OUR_SERVICES:
+        env = _env(services[name])
+        assert {key: env[key] for key in credentials} == credentials, f"{name} signs with the store's identity"
+        endpoint = urlsplit(env["EMBEDSEG_S3_ENDPOINT_URL"])
+        assert (endpoint.hostname, endpoint.port) == ("object-store", port)
+        assert env["EMBEDSEG_STORAGE_URL"].startswith("s3://")
 
 
 def test_services_share_one_configuration(compose: dict) -> None:
@@ -144,11 +165,23 @@ def test_services_share_one_configuration(compose: dict) -> None:
     assert url.port == 5432
 
 
-def test_api_and_worker_share_the_storage_volume(compose: dict) -> None:
-    mounts = {name: compose["services"][name]["volumes"] for name in ("api", "worker")}
-    assert mounts["api"] == mounts["worker"] == ["storage:/data"]
-    storage_dir = Path(_env(compose["services"]["api"])["EMBEDSEG_STORAGE_DIR"])
-    assert Path("/data") in storage_dir.parents or storage_dir == Path("/data")
+def test_api_and_worker_share_no_storage_volume(compose: dict) -> None:
+    """Files go through the object store only: the API and the worker mount no volume in common, each
+    keeps its cache on a volume of its own, and no service but the object store mounts its data."""
+    services = compose["services"]
+    mounts = {name: [mount.split(":") for mount in services[name].get("volumes", [])] for name in services}
+    api_volumes = {source for source, _ in mounts["api"]}
+    worker_volumes = {source for source, _ in mounts["worker"]}
+    assert api_volumes and worker_volumes and not api_volumes & worker_volumes
+    for name in ("api", "worker"):
+        cache = Path(_env(services[name])["EMBEDSEG_CACHE_DIR"])
+        ((_, target),) = mounts[name]
+        assert cache == Path(target) or Path(target) in cache.parents, f"{name}: the cache is on its volume"
+        assert not [key for key in _env(services[name]) if key in ("EMBEDSEG_STORAGE_DIR", "EMBEDSEG_DATA_DIR")]
+    (store_volume,) = {source for source, _ in mounts["object-store"]}
+    assert [name for name, items in mounts.items() if store_volume in {source for source, _ in items}] == [
+        "object-store"
+    ]
 
 
 def test_commands_are_real_cli_sub_commands(compose: dict, pyproject: dict) -> None:
@@ -218,6 +251,7 @@ def test_startup_order(compose: dict) -> None:
         assert depends["migrate"]["condition"] == "service_completed_successfully"
         assert depends["postgres"]["condition"] == "service_healthy"
         assert depends["redis"]["condition"] == "service_healthy"
+        assert depends["object-store"]["condition"] == "service_healthy"
 
 
 def test_worker_scales_and_reserves_a_gpu(compose: dict) -> None:

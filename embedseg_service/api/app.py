@@ -16,17 +16,18 @@ from embedseg_service.api.errors import install_error_handlers
 from embedseg_service.api.guards import RequestGuard
 from embedseg_service.api.metrics import install_metrics
 from embedseg_service.api.openapi import install_openapi
-from embedseg_service.api.routes import health, jobs, metrics, models, volumes
+from embedseg_service.api.routes import health, jobs, metrics, models, volumes, workers
 from embedseg_service.records.db import make_engine, make_sessionmaker, run_migrations
 from embedseg_service.records.settings import Settings, get_settings
-from embedseg_service.records.storage import STALE_TEMP_S, get_storage
+from embedseg_service.records.storage import STALE_TEMP_S, LocalStorage
+from embedseg_service.records.stores import get_storage
 
 API_PREFIX = "/api/v1"
 log = logging.getLogger(__name__)
 
 Hook = Callable[[FastAPI], None]
 
-ROUTERS = (health.router, volumes.router, jobs.router, models.router)
+ROUTERS = (health.router, volumes.router, jobs.router, models.router, workers.router)
 """Every resource's router, mounted under :data:`API_PREFIX` in this order."""
 
 OPEN_ROUTERS = (health.router,)
@@ -61,7 +62,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if migrate:
             run_migrations(settings.database_url_resolved)
-        app.state.storage.root.mkdir(parents=True, exist_ok=True)
+        if isinstance(app.state.storage, LocalStorage):
+            app.state.storage.root.mkdir(parents=True, exist_ok=True)
         app.state.storage.clean_temp(older_than_s=STALE_TEMP_S)  # uploads cut off by a crash
         for hook in on_startup:
             hook(app)

@@ -33,6 +33,7 @@ from embedseg_service.core.model.checkpoint_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     PICKLE_MEMBER,
+    PROVENANCE_KEYS,
     REQUIRED_KEYS,
     VERSION_KEY,
 )
@@ -104,6 +105,8 @@ class CheckpointSummary:
     properties: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     n_tensors: int = 0
+    recorded: dict[str, Any] = field(default_factory=dict)
+    """What the file says about how it was made (the :data:`PROVENANCE_KEYS` it has)."""
 
 
 def _plain(value: Any) -> Any:
@@ -175,6 +178,7 @@ def read_checkpoint_summary(path: str | Path) -> CheckpointSummary:
         in_channels=int(channels),
         step=[float(h) for h in step],
         n_tensors=len(state),
+        recorded={key: _plain(data[key]) for key in PROVENANCE_KEYS if key in data},
         **description,
     )
 

@@ -53,7 +53,7 @@ def describe(settings: Settings, host: str, port: int) -> str:
         f"EmbedSeg service: {base}/api/v1",
         f"API docs:         {base}/docs",
         f"Database:         {redact(settings.database_url_resolved)}",
-        f"Files:            {settings.storage_path.expanduser().resolve()}",
+        f"Files:            {settings.storage_url or settings.storage_path.expanduser().resolve()}",
     ]
     if settings.embedded:
         lines.insert(2, f"Data directory:   {settings.data_dir.expanduser().resolve()}")

@@ -4,9 +4,15 @@ bytes read from the database and the broker when ``/metrics`` is scraped.
 Each app has its own :class:`prometheus_client.CollectorRegistry` (``app.state.metrics.registry``), never
 the process-wide default one. Every label has a bounded set of values: HTTP routes are route templates
 (``/api/v1/jobs/{job_id}``, ``unmatched`` for a path no route serves), never raw paths; statuses are
-classes (``2xx``); job labels are the ``JobStatus`` and ``JobKind`` values; worker hosts and owners are
-as many as the deployment has. GPU memory is not exported: workers are other processes and do not
-record it on the job row, and the API reports nothing it cannot read.
+classes (``2xx``); job labels are the ``JobStatus`` and ``JobKind`` values; stages are the first word
+of a running job's stage (``training``, ``predicting``, ...); worker processes, hosts and owners are as
+many as the deployment has.
+
+Workers export through the database rather than a port of their own or a pushgateway: each process that
+runs jobs records its device and GPU memory in the ``workers`` table at every heartbeat
+(:mod:`embedseg_service.worker.presence`), and this process reads the rows at each scrape. So one scrape
+target (the API) covers workers on any host, and a worker that died stops counting as alive after
+:data:`embedseg_service.records.workers.ALIVE_BEATS` heartbeat periods.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from embedseg_service.records.broker import queue_length
-from embedseg_service.records.orm import Job, JobKind, JobStatus, utcnow
+from embedseg_service.records.orm import Job, JobKind, JobStatus, WorkerProcess, utcnow
 from embedseg_service.records.settings import Settings
 from embedseg_service.records.usage import stored_bytes
+from embedseg_service.records.workers import alive_workers
 
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 """Request duration histogram buckets in seconds (uploads of large volumes take minutes)."""
@@ -131,6 +138,7 @@ class JobSnapshot:
     oldest_queued_s: float
     running_by_host: dict[str, int]
     durations: dict[str, list[float]]
+    running_by_stage: dict[tuple[str, str], int]
 
 
 def read_jobs(session: Session) -> JobSnapshot:
@@ -145,9 +153,11 @@ def read_jobs(session: Session) -> JobSnapshot:
         if status == JobStatus.queued.value and first is not None:
             oldest = first if oldest is None else min(oldest, first)
     running: dict[str, int] = defaultdict(int)
-    by_worker = select(Job.worker, func.count()).where(Job.status == JobStatus.running.value).group_by(Job.worker)
-    for worker, count in session.execute(by_worker):
+    stages: dict[tuple[str, str], int] = defaultdict(int)
+    by_worker = select(Job.worker, Job.kind, Job.stage, func.count()).where(Job.status == JobStatus.running.value)
+    for worker, kind, stage, count in session.execute(by_worker.group_by(Job.worker, Job.kind, Job.stage)):
         running[(worker or "").split(":", 1)[0]] += int(count)
+        stages[(kind, stage_class(stage))] += int(count)
     durations: dict[str, list[float]] = {}
     for kind in JobKind:
         recent = (
@@ -161,7 +171,16 @@ def read_jobs(session: Session) -> JobSnapshot:
             (end - start).total_seconds() for start, end in session.execute(recent) if start is not None and end
         ]
     age = 0.0 if oldest is None else max(0.0, (utcnow() - oldest).total_seconds())
-    return JobSnapshot(counts=counts, oldest_queued_s=age, running_by_host=dict(running), durations=durations)
+    return JobSnapshot(
+        counts=counts, oldest_queued_s=age, running_by_host=dict(running), durations=durations,
+        running_by_stage=dict(stages),
+    )  # fmt: skip
+
+
+def stage_class(stage: str | None) -> str:
+    """The first word of a job's stage (``training epoch 3/40`` → ``training``), ``none`` when unset."""
+    words = (stage or "").split()
+    return words[0].lower()[:32] if words else "none"
 
 
 def read_stored_bytes(session: Session) -> dict[tuple[str, str], int]:
@@ -185,7 +204,9 @@ class StoreCollector(Collector):
         with self.sessions() as session:
             snapshot = read_jobs(session)
             stored = read_stored_bytes(session)
+            workers = alive_workers(session, self.settings.heartbeat_s)
         yield from job_families(snapshot)
+        yield from worker_families(workers)
         bytes_family = GaugeMetricFamily(
             "embedseg_stored_bytes", "Bytes of stored volumes and models per owner ('' without a key)",
             labels=["owner", "what"],
@@ -246,6 +267,41 @@ def job_families(snapshot: JobSnapshot) -> Iterable[Metric]:
             quantiles.add_metric([name, f"{q:g}"], quantile(values, q))
     yield quantiles
     yield window
+    by_stage = GaugeMetricFamily(
+        "embedseg_running_jobs_by_stage", "Running jobs by kind and stage (the first word of the job's stage)",
+        labels=["kind", "stage"],
+    )  # fmt: skip
+    for (kind, stage), count in sorted(snapshot.running_by_stage.items()):
+        by_stage.add_metric([kind, stage], count)
+    yield by_stage
+
+
+def worker_families(workers: Sequence[WorkerProcess]) -> Iterable[Metric]:
+    """Alive worker processes per host and device, and the GPU memory each one holds."""
+    alive = GaugeMetricFamily(
+        "embedseg_workers_alive", "Worker processes alive (beat within the last 3 heartbeat periods) per host "
+        "and device ('none' before a process's first job)", labels=["host", "device"],
+    )  # fmt: skip
+    held = GaugeMetricFamily(
+        "embedseg_worker_gpu_memory_bytes", "GPU memory held by a worker process's torch allocator",
+        labels=["worker", "device"],
+    )  # fmt: skip
+    total = GaugeMetricFamily(
+        "embedseg_worker_gpu_memory_total_bytes", "Memory of the GPU a worker process uses", labels=["worker", "device"]
+    )
+    per_host: dict[tuple[str, str], int] = defaultdict(int)
+    for worker in workers:
+        device = worker.device or "none"
+        per_host[(worker.host, device)] += 1
+        if worker.gpu_memory_bytes is not None:
+            held.add_metric([worker.name, device], worker.gpu_memory_bytes)
+        if worker.gpu_memory_total_bytes is not None:
+            total.add_metric([worker.name, device], worker.gpu_memory_total_bytes)
+    for (host, device), count in sorted(per_host.items()):
+        alive.add_metric([host, device], count)
+    yield alive
+    yield held
+    yield total
 
 
 @dataclass

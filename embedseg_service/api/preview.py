@@ -1,16 +1,22 @@
-"""PNG previews of stored volumes: one plane (middle slice or max projection), labels in colour.
+"""PNG previews of stored volumes: one plane (a Z slice, a max projection, or an XZ/YZ section of a 3D
+volume), labels in colour.
 
 Memory and time stay bounded whatever the volume's size: a preview reads the pages it shows
 (a max projection at most :data:`PREVIEW_READ_BYTES` of them, every k-th slice beyond) and, within a
-page, only the rows it keeps.
+page, only the rows it keeps. An XZ or YZ section reads one line (a row or a column, every
+``stride``-th pixel) of each Z page it shows: at most as many pages as it has rows, and no more than
+fit :data:`PREVIEW_READ_BYTES` of decoded strips or tiles (every k-th slice beyond, drawn nearest).
 """
 
 from __future__ import annotations
 
 import colorsys
 import enum
+import functools
 import io
 import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +25,7 @@ from PIL import Image
 from embedseg_service.core.data.axes import channel_count, has_channel_axis
 from embedseg_service.core.data.io import open_tiff, read_tiff
 from embedseg_service.core.data.tiff_errors import TiffTooLarge
-from embedseg_service.core.data.tiff_pixels import plane_page, read_plane
+from embedseg_service.core.data.tiff_pixels import plane_page, read_plane, read_window, window_bytes
 
 OVERLAY_ALPHA = 0.45
 PREVIEW_READ_BYTES = 128 * 1024**2
@@ -33,6 +39,15 @@ class Projection(str, enum.Enum):
 
     middle = "middle"
     max = "max"
+
+
+class Plane(str, enum.Enum):
+    """Which plane a preview shows: ``xy`` (a Z slice or projection), or through a 3D volume ``xz`` (rows
+    along Z, columns along X, at one y) or ``yz`` (rows along Z, columns along Y, at one x)."""
+
+    xy = "xy"
+    xz = "xz"
+    yz = "yz"
 
 
 def _plane(data: np.ndarray, axes: str, projection: Projection, z: int | None, channel: int) -> np.ndarray:
@@ -158,6 +173,150 @@ def render_preview(
             labels_plane = load_plane(labels_path, projection, z, 0, stride=stride, max_voxels=max_voxels)
             if image_plane is not None and labels_plane.shape != image_plane.shape:
                 labels_plane = None
+    except TiffTooLarge as error:
+        raise ValueError(f"{error}; raise EMBEDSEG_MAX_VOXELS to preview it") from None
+    return _png(image_plane, labels_plane)
+
+
+@dataclass(frozen=True)
+class Section:
+    """How an XZ or YZ plane through a 3D volume is read and drawn.
+
+    ``index``: the fixed y (``xz``) or x (``yz``); ``slices``: the Z slices read; ``line``: the positions
+    kept along the plane's columns (X or Y); ``rows``/``cols``: for each output row the read slice it
+    shows, for each output column the kept position (indices into ``slices`` and ``line``).
+    """
+
+    plane: Plane
+    index: int
+    slices: tuple[int, ...]
+    line: range
+    rows: np.ndarray
+    cols: np.ndarray
+
+    def window(self) -> tuple[range, range]:
+        """The (rows, columns) of one Z page this section reads."""
+        fixed = range(self.index, self.index + 1)
+        return (fixed, self.line) if self.plane is Plane.xz else (self.line, fixed)
+
+
+def _nearest(count: int, size: int) -> np.ndarray:
+    """For each of ``size`` output pixels, the one of ``count`` input pixels whose centre it falls in."""
+    return (np.arange(size) * 2 + 1) * count // (2 * size)
+
+
+def plan_section(
+    shape: Sequence[int],
+    plane: Plane,
+    index: int,
+    voxel_size: Sequence[float] | None,
+    max_px: int,
+    page_bytes: Callable[[range, range], int],
+) -> Section:
+    """The :class:`Section` of ``plane`` at ``index`` through a volume of spatial ``shape`` (Z, Y, X).
+
+    Columns are every ``stride``-th pixel, the stride of the XY preview (longest side of Y-X at most
+    ``max_px``). Rows are scaled along Z by ``voxel_size`` (z over the columns' axis) so that both axes of
+    a pixel span the same length, then the whole plane is shrunk, keeping that aspect, to fit ``max_px``.
+    Slices are read only as many as rows are drawn and as fit :data:`PREVIEW_READ_BYTES` at
+    ``page_bytes(rows, cols)`` bytes per page; each row shows the nearest slice read.
+    """
+    depth, height, width = (int(n) for n in shape[-3:])
+    stride = _stride((height, width), max_px)
+    line = range(0, width if plane is Plane.xz else height, stride)
+    vz, vy, vx = (float(v) for v in voxel_size) if voxel_size and len(voxel_size) == 3 else (1.0, 1.0, 1.0)
+    across = vx if plane is Plane.xz else vy
+    tall = depth * vz / (across * stride)  # rows that make a pixel as tall as it is wide
+    scale = min(1.0, max_px / max(tall, len(line)))
+    n_rows = max(1, round(tall * scale))
+    n_cols = max(1, round(len(line) * scale))
+    fixed = range(index, index + 1)
+    cost = page_bytes(*((fixed, line) if plane is Plane.xz else (line, fixed)))
+    n_read = min(depth, n_rows, max(1, PREVIEW_READ_BYTES // max(1, cost)))
+    slices = tuple(int(k) for k in _nearest(depth, n_read))
+    return Section(plane, index, slices, line, _nearest(n_read, n_rows), _nearest(len(line), n_cols))
+
+
+def load_section(path: Path, section: Section, channel: int, *, max_voxels: int | None = None) -> np.ndarray:
+    """The XZ or YZ plane of :class:`Section` (rows: Z) of the volume at ``path``, one line per slice read.
+
+    Volumes whose pages are not Y-X planes are read whole, up to :data:`PREVIEW_WHOLE_BYTES`. Raises
+    ValueError when a volume is over ``max_voxels``, too large to read whole, or cannot be read.
+    """
+    rows, cols = section.window()
+    with open_tiff(path, max_voxels=max_voxels) as (tif, layout):
+        if plane_page(layout, channel, 0) is not None:
+            lines = [read_window(tif, layout, channel, z, rows, cols).ravel() for z in section.slices]
+            return np.stack(lines)[section.rows][:, section.cols]
+        size = math.prod(layout.shape) * np.dtype(layout.dtype).itemsize
+    if size > PREVIEW_WHOLE_BYTES:
+        raise ValueError(
+            f"this volume's pages are not Y-X planes, and at {size} bytes it is too large to preview whole "
+            f"(at most {PREVIEW_WHOLE_BYTES} bytes)"
+        )
+    volume = read_tiff(path, max_voxels=max_voxels)
+    data = volume.data[channel] if has_channel_axis(volume.axes) else volume.data
+    picked = data[list(section.slices)][:, rows.start : rows.stop : rows.step, cols.start : cols.stop : cols.step]
+    return picked.reshape(len(section.slices), -1)[section.rows][:, section.cols]
+
+
+def _section_of(
+    path: Path,
+    plane: Plane,
+    index: int | None,
+    channel: int,
+    voxel_size: Sequence[float] | None,
+    max_px: int,
+    max_voxels: int | None,
+) -> tuple[Section, tuple[int, ...]]:
+    """The section through the volume at ``path`` (``index`` checked, default its centre), and its spatial shape."""
+    with open_tiff(path, max_voxels=max_voxels) as (_, layout):
+        shape, axes = layout.canonical_shape, layout.canonical
+        _check(shape, axes, None, channel)
+        if "Z" not in axes:
+            raise ValueError(f"plane={plane.value} needs a 3D volume; a 2D image has only the XY plane")
+        spatial = tuple(shape[-3:])
+        axis, name, what = (1, "y", "rows") if plane is Plane.xz else (2, "x", "columns")
+        size = spatial[axis]
+        if index is None:
+            index = size // 2
+        if not 0 <= index < size:
+            raise ValueError(f"{name} {index} is out of range; the volume has {size} {what} (0..{size - 1})")
+        paged = plane_page(layout, channel, 0) is not None
+        cost = functools.partial(window_bytes, layout) if paged else (lambda _rows, _cols: 1)
+        return plan_section(spatial, plane, index, voxel_size, max_px, cost), spatial
+
+
+def _spatial_shape(path: Path, max_voxels: int | None) -> tuple[int, ...]:
+    with open_tiff(path, max_voxels=max_voxels) as (_, layout):
+        return tuple(layout.canonical_shape[-3:])
+
+
+def render_section(
+    path: Path | None,
+    *,
+    labels_path: Path | None = None,
+    plane: Plane,
+    index: int | None = None,
+    channel: int = 0,
+    voxel_size: Sequence[float] | None = None,
+    max_px: int = 1024,
+    max_voxels: int | None = None,
+) -> bytes:
+    """PNG bytes of the XZ or YZ ``plane`` through ``index`` (y or x; default the centre) of the 3D image at
+    ``path`` with the labels at ``labels_path`` overlaid (either may be None; labels of another shape
+    are left out). Rows run along Z, scaled by ``voxel_size`` (see :func:`plan_section`). Raises ValueError
+    for a 2D volume, an index or channel out of range, or a volume that cannot be read."""
+    try:
+        first = path if path is not None else labels_path
+        if first is None:
+            raise ValueError("nothing to preview")
+        section, spatial = _section_of(first, plane, index, channel if path else 0, voxel_size, max_px, max_voxels)
+        image_plane = labels_plane = None
+        if path is not None:
+            image_plane = load_section(path, section, channel, max_voxels=max_voxels)
+        if labels_path is not None and (path is None or _spatial_shape(labels_path, max_voxels) == spatial):
+            labels_plane = load_section(labels_path, section, 0, max_voxels=max_voxels)
     except TiffTooLarge as error:
         raise ValueError(f"{error}; raise EMBEDSEG_MAX_VOXELS to preview it") from None
     return _png(image_plane, labels_plane)

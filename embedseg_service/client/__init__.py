@@ -18,6 +18,7 @@ from embedseg_service.client.errors import (
     JobFailed,
     NotFound,
     Unauthorized,
+    WaitInterrupted,
     WaitTimeout,
 )
 from embedseg_service.client.retries import RetryPolicy
@@ -32,5 +33,6 @@ __all__ = [
     "NotFound",
     "RetryPolicy",
     "Unauthorized",
+    "WaitInterrupted",
     "WaitTimeout",
 ]

@@ -17,6 +17,7 @@ from email.message import Message
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
+from urllib.parse import urlencode
 
 import httpx
 import numpy as np
@@ -90,10 +91,13 @@ class Client:
 
     ``api_key`` defaults to the environment variable ``EMBEDSEG_API_KEY`` (no key when unset);
     ``timeout`` is per request, in seconds; a failed request is sent again up to ``retries``
-    times, waiting ``backoff * 2**attempt`` seconds or the server's ``Retry-After``. ``http``
-    replaces the httpx client this object would make (``timeout`` then does not apply: that
-    client's own does; its base URL is not used; :meth:`close` leaves it open). ``sleep`` is how
-    it waits between resends and polls. Use it as a context manager, or call :meth:`close`.
+    times (``None``: no count, then ``retry_deadline`` alone bounds it) and, when
+    ``retry_deadline`` is set, for at most that many seconds after its first try, waiting
+    ``backoff * 2**attempt`` seconds or the server's ``Retry-After``, either at most 30 (see
+    :mod:`embedseg_service.client.retries`). ``http`` replaces the httpx client this object would
+    make (``timeout`` then does not apply: that client's own does; its base URL is not used;
+    :meth:`close` leaves it open). ``sleep`` is how it waits between resends and polls, ``clock``
+    (seconds, monotonic) how it measures deadlines. Use it as a context manager, or call :meth:`close`.
     """
 
     def __init__(
@@ -102,16 +106,19 @@ class Client:
         api_key: str | None = None,
         *,
         timeout: float = 60.0,
-        retries: int = 5,
+        retries: int | None = 5,
         backoff: float = 0.5,
+        retry_deadline: float | None = None,
         http: httpx.Client | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         root = base_url.rstrip("/")
         self.base_url = root.removesuffix(API_PREFIX).rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
-        self.policy = RetryPolicy(retries=retries, backoff=backoff)
+        self.policy = RetryPolicy(retries=retries, backoff=backoff, deadline=retry_deadline)
         self.sleep = sleep
+        self.clock = clock
         self._owns_http = http is None
         self.http = http if http is not None else httpx.Client(timeout=timeout)
 
@@ -141,9 +148,12 @@ class Client:
             headers[IDEMPOTENCY_HEADER] = idempotency_key
         return headers
 
-    def _send(self, method: str, path: str, attempt: Callable[[], httpx.Response]) -> httpx.Response:
-        """Send with retries; raise the ApiError of a final error answer."""
-        response = send_with_retries(attempt, self.policy, self.sleep, f"{method} {self._url(path)}")
+    def _send(
+        self, method: str, path: str, attempt: Callable[[], httpx.Response], policy: RetryPolicy | None = None
+    ) -> httpx.Response:
+        """Send with retries (``policy``, default the client's); raise the ApiError of a final error answer."""
+        what = f"{method} {self._url(path)}"
+        response = send_with_retries(attempt, policy or self.policy, self.sleep, what, self.clock)
         if response.is_success:
             return response
         raise error_for(response.status_code, _body(response), method=method, url=self._url(path))
@@ -156,6 +166,7 @@ class Client:
         params: Mapping[str, Any] | None = None,
         json: Any = None,
         idempotency_key: str | None = None,
+        policy: RetryPolicy | None = None,
     ) -> httpx.Response:
         headers = self._headers(idempotency_key)
         query = {k: v for k, v in (params or {}).items() if v is not None}
@@ -163,7 +174,7 @@ class Client:
         def attempt() -> httpx.Response:
             return self.http.request(method, self._url(path), params=query, json=json, headers=headers)
 
-        return self._send(method, path, attempt)
+        return self._send(method, path, attempt, policy)
 
     def _pages(self, path: str, row: type[Row], params: Mapping[str, Any]) -> Iterator[Row]:
         """Every row of a list route, page by page (newest first)."""
@@ -299,14 +310,22 @@ class Client:
         return JobOut.model_validate(response.json())
 
     def train(
-        self, image_ids: Sequence[Ref], mask_ids: Sequence[Ref], *, idempotency_key: str | None = None, **options: Any
+        self,
+        image_ids: Sequence[Ref],
+        mask_ids: Sequence[Ref],
+        *,
+        callback_url: str | None = None,
+        idempotency_key: str | None = None,
+        **options: Any,
     ) -> JobOut:
         """Submit a training job on images and their masks (paired by position); ``options`` are the
-        other fields of ``POST /jobs/train`` (``dims``, ``epochs``, ``max_time_minutes``, ``name``, ...)."""
+        other fields of ``POST /jobs/train`` (``dims``, ``epochs``, ``max_time_minutes``, ``name``, ...).
+        ``callback_url`` gets the finished job's JSON, signed (a webhook; see the API docs)."""
         for field in ("val_image_ids", "val_mask_ids"):
             if options.get(field) is not None:
                 options[field] = [_id(ref) for ref in options[field]]
         spec = {"image_ids": [_id(r) for r in image_ids], "mask_ids": [_id(r) for r in mask_ids], **options}
+        spec["callback_url"] = callback_url
         return self._submit("train", spec, idempotency_key)
 
     def predict(
@@ -318,9 +337,11 @@ class Client:
         tta: bool | None = None,
         tile: str | Sequence[int] | None = None,
         min_size: int | None = None,
+        callback_url: str | None = None,
         idempotency_key: str | None = None,
     ) -> JobOut:
-        """Submit one prediction job for many volumes; options left ``None`` take the server's defaults."""
+        """Submit one prediction job for many volumes; options left ``None`` take the server's defaults;
+        ``callback_url`` gets the finished job's JSON, signed (a webhook)."""
         spec = {
             "model_id": _id(model),
             "volume_ids": [_id(r) for r in volume_ids],
@@ -328,6 +349,7 @@ class Client:
             "tta": tta,
             "tile": tile if tile is None or isinstance(tile, str) else list(tile),
             "min_size": min_size,
+            "callback_url": callback_url,
         }
         return self._submit("predict", spec, idempotency_key)
 
@@ -336,14 +358,20 @@ class Client:
         pairs: Sequence[tuple[Ref, Ref] | Mapping[str, str]],
         *,
         thresholds: Sequence[float] | None = None,
+        callback_url: str | None = None,
         idempotency_key: str | None = None,
     ) -> JobOut:
-        """Submit an evaluation of ``(gt, pred)`` pairs (tuples or ``{"gt_id", "pred_id"}`` mappings)."""
+        """Submit an evaluation of ``(gt, pred)`` pairs (tuples or ``{"gt_id", "pred_id"}`` mappings);
+        ``callback_url`` gets the finished job's JSON, signed (a webhook)."""
         body = [
             dict(pair) if isinstance(pair, Mapping) else {"gt_id": _id(pair[0]), "pred_id": _id(pair[1])}
             for pair in pairs
         ]
-        spec = {"pairs": body, "thresholds": None if thresholds is None else list(thresholds)}
+        spec = {
+            "pairs": body,
+            "thresholds": None if thresholds is None else list(thresholds),
+            "callback_url": callback_url,
+        }
         return self._submit("evaluate", spec, idempotency_key)
 
     def job(self, job: Ref) -> JobOut:
@@ -359,13 +387,20 @@ class Client:
     ) -> JobOut:
         """Poll the job until it is final and return it when it succeeded.
 
+        A poll that fails is retried as every request is (no longer than ``timeout`` allows).
         Raises :class:`~embedseg_service.client.errors.JobFailed` (with the job) when it ended
         ``failed`` or ``cancelled``, :class:`~embedseg_service.client.errors.WaitTimeout` after
-        ``timeout`` seconds. A finished job answers at once, so waiting again resumes. ``progress``
-        draws a tqdm bar (default: when standard error is a terminal).
+        ``timeout`` seconds, :class:`~embedseg_service.client.errors.WaitInterrupted` (a
+        ``ConnectionFailed``, with the last state seen) when the server stayed unreachable past the
+        retries. A finished job answers at once, so waiting again resumes. ``progress`` draws a tqdm
+        bar (default: when standard error is a terminal).
         """
-        job_id = _id(job)
-        return wait_for(lambda: self.job(job_id), timeout=timeout, poll_s=poll_s, progress=progress, sleep=self.sleep)
+        path = f"/jobs/{_id(job)}"
+
+        def poll(left: float | None) -> JobOut:
+            return JobOut.model_validate(self._call("GET", path, policy=self.policy.within(left)).json())
+
+        return wait_for(poll, timeout=timeout, poll_s=poll_s, progress=progress, sleep=self.sleep, clock=self.clock)
 
     # ------------------------------------------------------------------ models
 
@@ -382,3 +417,12 @@ class Client:
         returns the file written. Load it with :func:`embedseg_service.core.load_model`."""
         model_id = _id(model)
         return self._stream_to(f"/models/{model_id}/download", path, f"{model_id}.pt")
+
+    def export_model(self, model: Ref, path: PathSource, format: str = "torchscript") -> Path:
+        """Write the model's network as ``format`` (``torchscript``: a ``.pt`` file for ``torch.jit.load``;
+        ``onnx``: a ``.onnx`` file) to ``path`` (into it, under the model's name, when it is a folder);
+        returns the file written. The input it expects: ``GET /models/{id}/export`` in the API docs."""
+        model_id = _id(model)
+        suffix = ".onnx" if format == "onnx" else ".pt"
+        query = urlencode({"format": format})
+        return self._stream_to(f"/models/{model_id}/export?{query}", path, f"{model_id}{suffix}")

@@ -34,6 +34,18 @@ class ConnectionFailed(ClientError):
     """The server could not be reached (or kept failing) after every retry; the cause is chained."""
 
 
+class WaitInterrupted(ConnectionFailed):
+    """The server could not be reached (after every retry) while waiting for a job; ``job`` is its last
+    state seen. The job may still run: waiting on it again resumes."""
+
+    def __init__(self, job: JobOut, cause: ConnectionFailed) -> None:
+        super().__init__(
+            f"lost the server while waiting for job {job.id}, last seen {job.status.value} at "
+            f"{job.progress * 100:.0f}% ({cause}); the job may still run: wait on it again to resume"
+        )
+        self.job = job
+
+
 class JobFailed(ClientError):
     """A waited-for job ended ``failed`` or ``cancelled``; ``job`` is its last state."""
 

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from embedseg_service.client.errors import JobFailed, WaitTimeout
+from embedseg_service.client.errors import ConnectionFailed, JobFailed, WaitInterrupted, WaitTimeout
 from embedseg_service.records.orm import JobStatus
 from embedseg_service.records.schemas import JobOut
 
@@ -46,7 +46,7 @@ class _Bar:
 
 
 def wait_for(
-    fetch: Callable[[], JobOut],
+    fetch: Callable[[float | None], JobOut],
     *,
     timeout: float | None,
     poll_s: float,
@@ -56,12 +56,18 @@ def wait_for(
 ) -> JobOut:
     """Poll ``fetch`` every ``poll_s`` seconds until the job is final; return it when it succeeded.
 
-    A job already final answers at once (waiting again resumes). Raises :class:`JobFailed` when it
-    ended ``failed`` or ``cancelled`` and :class:`WaitTimeout` when it is not final within
-    ``timeout`` seconds (``None``: no limit).
+    ``fetch`` gets the seconds left of ``timeout`` (``None``: no limit), which bound its retries. A
+    job already final answers at once (waiting again resumes). Raises :class:`JobFailed` when it
+    ended ``failed`` or ``cancelled``, :class:`WaitTimeout` when it is not final within ``timeout``
+    seconds, and :class:`WaitInterrupted` (with the last state seen) when a poll after the first
+    could not reach the server.
     """
     deadline = None if timeout is None else clock() + timeout
-    job = fetch()
+
+    def left() -> float | None:
+        return None if deadline is None else max(0.0, deadline - clock())
+
+    job = fetch(left())
     bar = _Bar(job, show_progress(progress) and job.status not in FINAL)
     try:
         while True:
@@ -72,7 +78,10 @@ def wait_for(
                 raise WaitTimeout(job, timeout or 0.0)
             pause = poll_s if deadline is None else max(0.0, min(poll_s, deadline - clock()))
             sleep(pause)
-            job = fetch()
+            try:
+                job = fetch(left())
+            except ConnectionFailed as lost:
+                raise WaitInterrupted(job, lost) from lost
     finally:
         bar.close()
     if job.status is not JobStatus.succeeded:

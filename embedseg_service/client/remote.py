@@ -2,11 +2,13 @@
 
 Global options (before or after the action): ``--server`` (``EMBEDSEG_SERVER``, default
 ``http://127.0.0.1:8000``), ``--key`` (``EMBEDSEG_API_KEY``), ``--json`` (one JSON document on
-standard output), ``--retries``. Progress bars go to standard error, only when it is a terminal.
+standard output), ``--retries``, ``--retry-for``, ``--poll``. Progress bars go to standard error,
+only when it is a terminal.
 
 Exit codes: 0 success; 1 a job ended ``failed`` or ``cancelled`` (its error on standard error);
 2 bad usage or input, or an error answer of the server (its ``detail`` on standard error);
-3 the server could not be reached; 4 a wait ran out of time while the job still runs.
+3 the server could not be reached after the retries (also in the middle of a wait: the job may
+still run, waiting again resumes); 4 a wait ran out of time while the job still runs.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ def do_train(api: Client, args: argparse.Namespace) -> Any:
     """Submit a training job; with ``--wait`` wait for it."""
     options = {"dims": args.dims, "epochs": args.epochs, "max_time_minutes": args.max_minutes, "seed": args.seed}
     options["name"] = args.name
+    options["callback_url"] = args.callback_url
     job = api.train(_ids(args.images), _ids(args.masks), **{k: v for k, v in options.items() if v is not None})
     return _wait(api, job, args) if args.wait else job
 
@@ -150,7 +153,10 @@ def do_predict(api: Client, args: argparse.Namespace) -> Any:
     targets = _outputs(inputs, folder)
     api.model(args.model_id)  # a wrong model id fails before anything is uploaded
     volumes = do_upload(api, argparse.Namespace(paths=inputs, kind="image", axes=args.axes, voxel_size=args.voxel_size))
-    job = _wait(api, api.predict(args.model_id, volumes, tta=args.tta, min_size=args.min_size), args)
+    submitted = api.predict(
+        args.model_id, volumes, tta=args.tta, min_size=args.min_size, callback_url=args.callback_url
+    )
+    job = _wait(api, submitted, args)
     folder.mkdir(parents=True, exist_ok=True)
     outputs = []
     for path, volume, target in zip(inputs, volumes, targets):
@@ -165,7 +171,7 @@ def do_evaluate(api: Client, args: argparse.Namespace) -> Any:
     gts, preds = _ids(args.gt), _ids(args.pred)
     if len(gts) != len(preds):
         raise Usage(f"{len(gts)} --gt ids but {len(preds)} --pred ids; give one prediction per ground truth")
-    job = api.evaluate(list(zip(gts, preds)), thresholds=args.thresholds)
+    job = api.evaluate(list(zip(gts, preds)), thresholds=args.thresholds, callback_url=args.callback_url)
     return _wait(api, job, args) if args.wait else job
 
 
@@ -187,6 +193,13 @@ def do_download(api: Client, args: argparse.Namespace) -> Any:
 def do_models(api: Client, _args: argparse.Namespace) -> Any:
     """Every model this key sees, newest first."""
     return list(api.models())
+
+
+def do_export(api: Client, args: argparse.Namespace) -> Any:
+    """Write a model's network as TorchScript or ONNX to a file or into a folder (see the API docs of
+    GET /models/{id}/export for the input it expects)."""
+    path = api.export_model(args.model_id, args.path, format=args.format)
+    return {"model_id": args.model_id, "format": args.format, "path": str(path)}
 
 
 class _NoBar:
@@ -222,11 +235,22 @@ def _failure(error: BaseException) -> tuple[int, str]:
     return EXIT_USAGE, str(error)
 
 
+def _retry_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The client's retry options the command line gives: ``--retry-for`` alone lifts the count."""
+    options: dict[str, Any] = {}
+    if args.retry_for is not None:
+        options["retry_deadline"] = args.retry_for
+        options["retries"] = args.retries
+    elif args.retries is not None:
+        options["retries"] = args.retries
+    return options
+
+
 def run_remote(args: argparse.Namespace) -> int:
     """Run one ``embedseg remote`` action; print its result and return the exit code."""
     action: Action = args.remote_action
     try:
-        with Client(args.server, api_key=args.key or None, retries=args.retries) as api:
+        with Client(args.server, api_key=args.key or None, **_retry_options(args)) as api:
             result = action(api, args)
     except (ClientError, ValueError, OSError) as error:
         code, message = _failure(error)
@@ -255,7 +279,17 @@ def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
         "--json", action="store_true", default=default(False), help="print one JSON document on standard output"
     )
     parser.add_argument(
-        "--retries", type=int, default=default(5), help="resends of a request the server did not answer (default 5)"
+        "--retries",
+        type=int,
+        default=default(None),
+        help="resends of a request the server did not answer (default 5; no count with --retry-for alone)",
+    )
+    parser.add_argument(
+        "--retry-for",
+        type=float,
+        default=default(None),
+        metavar="SECONDS",
+        help="resend a request the server did not answer for at most this long (e.g. across a restart)",
     )
     parser.add_argument("--poll", type=float, default=default(2.0), help="seconds between job polls (default 2)")
 
@@ -277,6 +311,12 @@ def _add_action(sub: Any, name: str, action: Action, help_text: str, wait: bool 
     return parser
 
 
+def _callback_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--callback-url", metavar="URL", help="POST the finished job's JSON, signed, to this URL (a webhook)"
+    )
+
+
 def _add_job_actions(sub: Any) -> None:
     train = _add_action(sub, "train", do_train, "submit a training job", wait=True)
     train.add_argument("--images", nargs="+", required=True, metavar="ID", help="image volume ids")
@@ -287,6 +327,7 @@ def _add_job_actions(sub: Any) -> None:
     train.add_argument("--seed", type=int, help="random seed")
     train.add_argument("--name", help="name of the trained model")
     train.add_argument("--wait", action="store_true", help="wait for the job (exit 1 when it fails)")
+    _callback_option(train)
 
     predict = _add_action(sub, "predict", do_predict, "segment TIFFs in one job; write labels to --out", wait=True)
     predict.add_argument("model_id", help="the model's id (see: embedseg remote models)")
@@ -296,12 +337,14 @@ def _add_job_actions(sub: Any) -> None:
     predict.add_argument("--min-size", type=int, help="objects need more pixels than this")
     predict.add_argument("--axes", help="axes of the input files (overrides their metadata)")
     predict.add_argument("--voxel-size", type=_voxel_size, help="z,y,x (or y,x) voxel size of the inputs")
+    _callback_option(predict)
 
     evaluate = _add_action(sub, "evaluate", do_evaluate, "submit an evaluation of predictions", wait=True)
     evaluate.add_argument("--gt", nargs="+", required=True, metavar="ID", help="ground-truth label volume ids")
     evaluate.add_argument("--pred", nargs="+", required=True, metavar="ID", help="predicted label ids, same order")
     evaluate.add_argument("--thresholds", type=float, nargs="+", help="IoU thresholds (server default when left out)")
     evaluate.add_argument("--wait", action="store_true", help="wait for the job (exit 1 when it fails)")
+    _callback_option(evaluate)
 
     status = _add_action(sub, "status", do_status, "a job's state")
     status.add_argument("job_id")
@@ -310,10 +353,11 @@ def _add_job_actions(sub: Any) -> None:
 
 
 def register_remote(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``embedseg remote upload|train|predict|evaluate|status|wait|download|models``."""
+    """Add ``embedseg remote upload|train|predict|evaluate|status|wait|download|models|export``."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "remote",
-        help="use a running service over HTTP: upload, train, predict, evaluate, status, wait, download, models",
+        help="use a running service over HTTP: upload, train, predict, evaluate, status, wait, download, models, "
+        "export",
         description=__doc__.split("\n\n", 1)[1].replace("``", "") if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -330,5 +374,10 @@ def register_remote(subparsers: Any) -> argparse.ArgumentParser:
     download.add_argument("volume_id")
     download.add_argument("path", help="a file, or a folder (the volume's name is used)")
     _add_action(sub, "models", do_models, "list the models")
+    export = _add_action(sub, "export", do_export, "write a model's network as TorchScript or ONNX")
+    export.add_argument("model_id")
+    export.add_argument("path", help="a file, or a folder (the model's name is used)")
+    export.add_argument("--format", choices=("torchscript", "onnx"), default="torchscript",
+                        help="torchscript (default, .pt) or onnx (.onnx)")  # fmt: skip
     parser.set_defaults(func=run_remote)
     return parser

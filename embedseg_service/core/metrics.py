@@ -312,15 +312,49 @@ def evaluate_dataset(
     return aggregate(results)
 
 
-def object_table(labels: np.ndarray) -> list[dict]:
+OBJECT_MATCH_THRESHOLD = 0.5
+"""IoU at which :func:`object_table` pairs predicted and ground-truth objects (as AP_dsb at 0.5 does)."""
+
+
+def object_table(
+    labels: np.ndarray,
+    gt: np.ndarray | None = None,
+    *,
+    voxel_size: Sequence[float] | None = None,
+    threshold: float = OBJECT_MATCH_THRESHOLD,
+) -> list[dict]:
     """One row per object of ``labels`` (integer, any dimension), sorted by label.
 
     Each row: ``label`` (int), ``voxel_count`` (int), ``centroid`` (mean pixel index per array axis,
-    floats), ``bbox_min`` and ``bbox_max`` (inclusive pixel indices per array axis).
+    floats), ``bbox_min`` and ``bbox_max`` (inclusive pixel indices per array axis). With
+    ``voxel_size`` (one size per array axis): ``centroid_physical`` = centroid × voxel size. With
+    ``gt`` (an integer label image of the same shape): ``gt_label``, the ground-truth object :func:`match`
+    pairs it with at IoU >= ``threshold`` (``None`` when unmatched), and ``iou``: the IoU with that
+    object, or for an unmatched object the largest IoU with any ground-truth object (0.0 without overlap).
     """
     labels = np.asarray(labels)
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be an integer label image, got dtype {labels.dtype}")
+    if voxel_size is not None and len(voxel_size) != labels.ndim:
+        raise ValueError(f"voxel_size needs {labels.ndim} values (one per axis), got {len(voxel_size)}")
+    rows = _object_geometry(labels)
+    if voxel_size is not None:
+        for row in rows:
+            row["centroid_physical"] = [c * float(v) for c, v in zip(row["centroid"], voxel_size)]
+    if gt is not None:
+        table = iou_table(gt, labels)
+        gi, pi = match(table.iou, threshold)
+        matched = dict(zip(pi.tolist(), gi.tolist()))
+        for k, row in enumerate(rows):  # table.pred_ids are the sorted labels, as the rows are
+            g = matched.get(k)
+            row["gt_label"] = None if g is None else int(table.gt_ids[g])
+            best = float(table.iou[:, k].max()) if table.gt_ids.size else 0.0
+            row["iou"] = best if g is None else float(table.iou[g, k])
+    return rows
+
+
+def _object_geometry(labels: np.ndarray) -> list[dict]:
+    """Label, voxel count, centroid and bounding box of each object of ``labels`` (see :func:`object_table`)."""
     ids = np.unique(labels)
     ids = ids[ids > 0]
     if ids.size == 0:

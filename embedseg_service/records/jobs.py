@@ -7,7 +7,10 @@ Transitions::
 
 Terminal states (succeeded, failed, cancelled) never change. Every state change is a
 compare-and-set ``UPDATE ... WHERE status IN (...)``, so two workers racing for one job (a
-message delivered twice) cannot both win, and a finished job is never run again.
+message delivered twice) cannot both win, and a finished job is never run again. The change to a
+terminal state also writes the job's pending webhook delivery record (``Job.callback``) when its
+spec names a ``callback_url``, in the same transaction, whichever path ends the job
+(:mod:`embedseg_service.records.callbacks`).
 
 A claim increments ``attempts``; the worker's writes name that attempt number (``attempt=``) and
 apply only while the job is still ``running`` under it, so a worker that lost its claim (its
@@ -40,6 +43,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.types import NullType
 
+from embedseg_service.records.callbacks import new_record
+from embedseg_service.records.object_tables import table_keys
 from embedseg_service.records.orm import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
@@ -380,7 +385,9 @@ def request_cancel(session: Session, job_id: str) -> Job:
         .values(status=JobStatus.cancelled.value, cancel_requested=True, finished_at=now, stage="cancelled", eta_s=None)
         .execution_options(synchronize_session=False)
     )
-    if rows_matched(session.execute(statement)) != 1:
+    if rows_matched(session.execute(statement)) == 1:
+        _open_callback(session, job_id, JobStatus.cancelled)
+    else:
         statement = (
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.running.value)
@@ -416,8 +423,9 @@ def finish_job(
 
     ``outputs`` are new Volume/Model rows (their files already stored under job-scoped keys);
     they get ``source_job_id`` and the job's ``owner`` and are inserted in the same transaction
-    that marks the job, so they exist exactly when the job succeeded. Returns False (inserting nothing) when the
-    job was not in a status that may become ``status`` (e.g. a duplicate run finishing late), or,
+    that marks the job, so they exist exactly when the job succeeded; so is the pending webhook
+    delivery record of a job whose spec names a ``callback_url``. Returns False (inserting nothing)
+    when the job was not in a status that may become ``status`` (e.g. a duplicate run finishing late), or,
     with ``attempt``, when it is not running under that claim (a worker that lost its claim).
     Raises ValueError for a non-terminal ``status``, :class:`JobNotFound` for an unknown id.
     """
@@ -438,6 +446,7 @@ def finish_job(
         session.rollback()
         _get(session, job_id)
         return False
+    _open_callback(session, job_id, target)
     owner = session.scalar(select(Job.owner).where(Job.id == job_id))
     for row in outputs:
         row.source_job_id = job_id
@@ -445,6 +454,21 @@ def finish_job(
         session.add(row)
     session.commit()
     return True
+
+
+def _open_callback(session: Session, job_id: str, status: JobStatus) -> None:
+    """Write the pending delivery record of a job that has just ended in ``status`` (in the caller's
+    transaction), when its spec names a ``callback_url``."""
+    spec = session.scalar(select(Job.spec).where(Job.id == job_id))
+    url = spec.get("callback_url") if isinstance(spec, dict) else None
+    if isinstance(url, str) and url:
+        statement = (
+            update(Job)
+            .where(Job.id == job_id)
+            .values(callback=new_record(url, status.value))
+            .execution_options(synchronize_session=False)
+        )
+        session.execute(statement)
 
 
 def requeue_job(session: Session, job_id: str, attempt: int | None = None, *, lost: bool = False) -> bool:
@@ -490,7 +514,8 @@ def job_states(session: Session, job_ids: Sequence[str]) -> dict[str, tuple[str,
 
 
 def registered_keys(session: Session, job_ids: Sequence[str]) -> dict[str, set[str]]:
-    """``job id -> storage keys`` of the volumes and models each of ``job_ids`` registered (its outputs)."""
+    """``job id -> storage keys`` of the volumes and models each of ``job_ids`` registered (its outputs),
+    and of the files its result lists (a predict job's object tables)."""
     keys: dict[str, set[str]] = {job_id: set() for job_id in job_ids}
     for table in (Volume, Model):
         rows = session.execute(
@@ -499,6 +524,8 @@ def registered_keys(session: Session, job_ids: Sequence[str]) -> dict[str, set[s
         for job_id, key in rows:
             if job_id is not None:
                 keys[job_id].add(key)
+    for job_id, result in session.execute(select(Job.id, Job.result).where(Job.id.in_(list(job_ids)))).all():
+        keys[job_id].update(table_keys(job_id, result))
     session.commit()
     return keys
 

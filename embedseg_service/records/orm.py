@@ -151,6 +151,8 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lost_workers: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     """Claims that ended because their worker vanished (not a graceful stop); too many fail the job."""
+    callback: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """Delivery record of the job's webhook (``spec.callback_url``): state, attempts, last error."""
 
     def __repr__(self) -> str:
         return f"Job(id={self.id!r}, kind={self.kind!r}, status={self.status!r})"
@@ -219,10 +221,35 @@ class Model(Base):
     source_job_id: Mapped[str | None] = mapped_column(
         String(36), ForeignKey("jobs.id", ondelete="SET NULL"), index=True
     )
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """Package and torch versions, seed, sha256 of each training volume, training job."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     def __repr__(self) -> str:
         return f"Model(id={self.id!r}, name={self.name!r}, spatial_dims={self.spatial_dims!r})"
+
+
+class WorkerProcess(Base):
+    """A process that runs jobs (a Celery pool process or an embedded local worker), seen at each beat.
+
+    ``name`` is the ``host:pid`` recorded on the jobs it runs (``Job.worker``). GPU memory is what the
+    process's torch caching allocator holds on its device (``None`` until it has used CUDA).
+    """
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[str | None] = mapped_column(String(255))
+    device: Mapped[str | None] = mapped_column(String(64))
+    gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    gpu_memory_total_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+
+    def __repr__(self) -> str:
+        return f"WorkerProcess(name={self.name!r}, device={self.device!r})"
 
 
 class JobVolume(Base):

@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from embedseg_service.core.data.center_mode import CenterMode
 from embedseg_service.core.inference.defaults import DEFAULT_TTA
 from embedseg_service.core.training.config import option_default
+from embedseg_service.records.callbacks import MAX_URL_LENGTH, check_url
 from embedseg_service.records.orm import JobKind, JobStatus, VolumeKind
 
 T = TypeVar("T")
@@ -100,6 +101,20 @@ ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 VolumeId = Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)]
 
 
+def _callback_url(url: str | None) -> str | None:
+    return None if url is None else check_url(url)
+
+
+CallbackUrl = Annotated[
+    str | None,
+    AfterValidator(_callback_url),
+    Field(
+        description="http(s) URL that gets the job's JSON, signed, when the job succeeds, fails or is cancelled "
+        f"(at most {MAX_URL_LENGTH} characters, no credentials, a public address; needs EMBEDSEG_WEBHOOK_SECRET)",
+    ),
+]
+
+
 def _unique(ids: list[str], what: str) -> list[str]:
     seen: set[str] = set()
     for volume_id in ids:
@@ -158,6 +173,7 @@ class TrainSpec(BaseModel):
         description="override the data-derived foreground weight of the seed loss",
     )
     name: str | None = Field(None, max_length=255)
+    callback_url: CallbackUrl = None
 
     @field_validator("crop_size", mode="before")
     @classmethod
@@ -213,7 +229,9 @@ class TrainSpec(BaseModel):
     def training_options(self) -> dict[str, Any]:
         """The training options of this spec (all fields but the volumes and the name), for
         :func:`embedseg_service.core.training.config.config_from_options`."""
-        return self.model_dump(exclude={"image_ids", "mask_ids", "val_image_ids", "val_mask_ids", "name"})
+        return self.model_dump(
+            exclude={"image_ids", "mask_ids", "val_image_ids", "val_mask_ids", "name", "callback_url"}
+        )
 
     def volume_roles(self) -> list[tuple[str, str]]:
         """(volume_id, role) pairs this job reads."""
@@ -268,6 +286,7 @@ class PredictSpec(BaseModel):
         description="objects need more pixels than this (default: the model's minimum object size)",
     )
     gt_ids: list[VolumeId] | None = Field(None, max_length=MAX_IDS)
+    callback_url: CallbackUrl = None
 
     @field_validator("tile", mode="before")
     @classmethod
@@ -316,6 +335,7 @@ class EvaluateSpec(BaseModel):
         description="IoU thresholds (default: the standard ones of the volumes' dimensionality, "
         "embedseg_service.core.metrics.default_thresholds)",
     )
+    callback_url: CallbackUrl = None
 
     @field_validator("thresholds")
     @classmethod
@@ -339,6 +359,20 @@ SPEC_BY_KIND: dict[JobKind, type[BaseModel]] = {
 }
 
 
+class CallbackOut(BaseModel):
+    """The delivery of a job's webhook (read-only; ``Job.callback`` without its internal lease)."""
+
+    url: str
+    event: str = Field(description="job.succeeded, job.failed or job.cancelled (header X-EmbedSeg-Event)")
+    delivery_id: str = Field(description="the same on every attempt (header X-EmbedSeg-Delivery)")
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_status: int | None = Field(None, description="HTTP status of the receiver's last answer")
+    last_error: str | None = None
+    delivered_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+
+
 class JobOut(Orm):
     id: str
     kind: JobKind
@@ -358,6 +392,33 @@ class JobOut(Orm):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     heartbeat_at: datetime | None = None
+    callback: CallbackOut | None = Field(
+        None, description="webhook delivery of a finished job whose spec names a callback_url; null otherwise"
+    )
+
+
+class ObjectOut(BaseModel):
+    """One object of a label volume a predict job produced. Per-axis lists are in array order (``z, y, x``
+    or ``y, x``); pixel indices start at 0, bounding boxes are inclusive."""
+
+    volume_id: str = Field(description="The input image volume")
+    labels_id: str = Field(description="The label volume the job made of it")
+    label: int = Field(description="The object's label id in the label volume")
+    voxel_count: int
+    centroid: list[float] = Field(description="Mean pixel index per axis")
+    centroid_physical: list[float] | None = Field(
+        default=None, description="centroid × the volume's voxel size; null when the volume has none"
+    )
+    bbox_min: list[int]
+    bbox_max: list[int]
+    gt_volume_id: str | None = Field(default=None, description="The ground-truth volume given for it (gt_ids)")
+    gt_label: int | None = Field(
+        default=None, description="The ground-truth object matched one-to-one at IoU >= 0.5 (as AP at 0.5 counts it)"
+    )
+    iou: float | None = Field(
+        default=None,
+        description="IoU with the matched ground-truth object; unmatched: the largest IoU with any; null without GT",
+    )
 
 
 # --------------------------------------------------------------------------- models
@@ -375,6 +436,11 @@ class ModelOut(Orm):
     size_bytes: int
     source_job_id: str | None = None
     owner: str | None = None
+    provenance: dict[str, Any] | None = Field(
+        default=None,
+        description="Where the model comes from: `origin` (`trained` or `uploaded`), library versions, seed, the "
+        "training job and the sha256 of every training and validation volume, or the uploaded file's sha256",
+    )
     created_at: datetime
 
 
@@ -390,3 +456,21 @@ class Ready(BaseModel):
     database: str
     broker: str
     storage: str
+
+
+# --------------------------------------------------------------------------- workers
+
+
+class WorkerOut(BaseModel):
+    """A process that runs jobs, as it last reported itself, with the jobs it is running now."""
+
+    name: str = Field(description="host:pid, as recorded on the jobs it runs (`worker` of a job)")
+    host: str
+    pid: int
+    queues: str | None = Field(None, description="queues it consumes (`local` for the embedded worker)")
+    device: str | None = Field(None, description="cuda:N or cpu once it has run a job; null before")
+    gpu_memory_bytes: int | None = Field(None, description="GPU memory its torch allocator holds")
+    gpu_memory_total_bytes: int | None = None
+    started_at: datetime
+    seen_at: datetime
+    running_job_ids: list[str] = Field(default_factory=list)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_STORAGE_URL = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9][A-Za-z0-9._-]{0,127})*/?$")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 """The host names of this machine's loopback interface (the default ``allowed_hosts``)."""
 
@@ -34,6 +36,31 @@ class Settings(BaseSettings):
     )
     storage_dir: Path | None = Field(
         default=None, description="Folder of stored volumes and models; default data_dir/storage."
+    )
+    storage_url: str | None = Field(
+        default=None,
+        description="Object store of volumes, models and job outputs, s3://bucket or s3://bucket/prefix; unset: "
+        "the folder storage_dir. Credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID, ...).",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="URL of an S3-compatible server (path-style addressing); unset: AWS S3."
+    )
+    s3_region: str | None = Field(
+        default=None, description="Region of the bucket; unset: AWS_DEFAULT_REGION, else us-east-1."
+    )
+    s3_part_bytes: int = Field(
+        default=8 * 1024**2,
+        ge=5 * 1024**2,
+        le=5 * 1024**3,
+        description="Size of the parts an upload to the object store is sent in (5 MiB to 5 GiB).",
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Folder of this process's checksum-verified copies of objects (with storage_url); "
+        "default data_dir/cache.",
+    )
+    cache_max_bytes: int = Field(
+        default=20 * 1024**3, gt=0, description="Bytes the local copies of objects may take (least recently used go)."
     )
     max_upload_bytes: int = Field(default=4 * 1024**3, description="Largest accepted upload (413 above).")
     upload_chunk_bytes: int = Field(default=1024 * 1024, description="Size of the chunks an upload is written in.")
@@ -77,14 +104,36 @@ class Settings(BaseSettings):
         gt=0,
         description="Most voxels of one training batch, batch_size times the crop's voxels (422 above).",
     )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="Key of the HMAC-SHA256 signature of webhook deliveries (at least 16 characters); "
+        "unset: a job spec with a callback_url is refused (422).",
+    )
+    webhook_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Networks (CIDR) webhooks may reach besides public addresses, e.g. the lab's intranet; "
+        "loopback, link-local, private and other internal targets are refused otherwise.",
+    )
+    webhook_attempts: int = Field(default=8, ge=1, le=100, description="Most attempts of one webhook delivery.")
+    webhook_backoff_s: float = Field(
+        default=1.0, gt=0, description="Wait before the second attempt of a webhook; doubled for each further one."
+    )
+    webhook_max_delay_s: float = Field(
+        default=120.0, gt=0, description="Longest wait between two webhook attempts (also caps Retry-After)."
+    )
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Seconds to connect, send and get the answer of one attempt."
+    )
     sql_echo: bool = Field(default=False, description="Log every SQL statement.")
 
-    @field_validator("data_dir", "storage_dir", mode="after")
+    @field_validator("data_dir", "storage_dir", "cache_dir", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser()
 
-    @field_validator("database_url", "broker_url", mode="before")
+    @field_validator(
+        "database_url", "broker_url", "webhook_secret", "storage_url", "s3_endpoint_url", "s3_region", mode="before"
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
@@ -162,6 +211,53 @@ class Settings(BaseSettings):
                 raise ValueError(f"allowed host {host!r} must be a bare host name, without scheme or port")
         return hosts
 
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError(
+                "webhook_secret must be at least 16 characters, e.g. the output of "
+                "python -c 'import secrets; print(secrets.token_hex(32))'"
+            )
+        return value
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: list[str]) -> list[str]:
+        networks = []
+        for text in value:
+            try:
+                networks.append(str(ipaddress.ip_network(text.strip(), strict=False)))
+            except ValueError:
+                raise ValueError(
+                    f"webhook_allowed_networks: {text!r} is not a network; write a CIDR such as 10.0.0.0/8 "
+                    "or 192.0.2.7/32"
+                ) from None
+        return networks
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str | None) -> str | None:
+        if value is not None and not _STORAGE_URL.match(value):
+            raise ValueError(
+                "storage_url must be s3://bucket or s3://bucket/prefix: a bucket name of 3-63 lower-case letters, "
+                "digits, '.' or '-', and prefix segments of letters, digits, '.', '_' or '-'"
+            )
+        return None if value is None else value.rstrip("/")
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+/?$", value):
+            raise ValueError("s3_endpoint_url must be http(s)://host[:port], e.g. http://seaweedfs:8333")
+        return value
+
+    @model_validator(mode="after")
+    def _check_storage(self) -> Settings:
+        if self.storage_url is not None and self.storage_dir is not None:
+            raise ValueError("set either storage_dir (a local folder) or storage_url (an object store), not both")
+        return self
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         if self.upload_chunk_bytes > 64 * 1024**2:
@@ -186,6 +282,11 @@ class Settings(BaseSettings):
     def storage_path(self) -> Path:
         """Folder of stored files: ``storage_dir`` or ``data_dir/storage``."""
         return self.storage_dir if self.storage_dir is not None else self.data_dir / "storage"
+
+    @property
+    def cache_path(self) -> Path:
+        """Folder of the local copies of objects: ``cache_dir`` or ``data_dir/cache``."""
+        return self.cache_dir if self.cache_dir is not None else self.data_dir / "cache"
 
     @property
     def is_sqlite(self) -> bool:

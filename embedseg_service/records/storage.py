@@ -1,8 +1,10 @@
 """File storage for volumes, models and job outputs.
 
-:class:`Storage` is the interface (an S3-compatible store can implement it); :class:`LocalStorage`
-keeps files under a folder. Writes go to a temporary file that is renamed into place only when
-complete, so a reader never sees a partial file and a failed write leaves nothing behind.
+:class:`Storage` is the interface; :class:`LocalStorage` keeps files under a folder, and
+:class:`~embedseg_service.records.object_storage.S3Storage` keeps them in an S3-compatible object store
+(:func:`embedseg_service.records.stores.get_storage` picks the one the settings name). Writes go to
+a temporary file that is renamed into place (or sent to the store) only when complete, so a reader
+never sees a partial file and a failed write leaves nothing behind.
 Keys are relative POSIX paths such as ``volumes/<id>.tif`` or ``jobs/<job id>/a<attempt>/labels-<id>.tif``.
 
 A temporary file's name records the host and process writing it, so that files left by a process
@@ -21,10 +23,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from embedseg_service.records.settings import Settings
+from typing import BinaryIO, Protocol, runtime_checkable
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TEMP_DIR = ".tmp"
@@ -54,6 +53,16 @@ def volume_key(volume_id: str) -> str:
 def model_key(model_id: str) -> str:
     """Key of an uploaded model checkpoint."""
     return check_key(f"models/{model_id}.pt")
+
+
+def model_exports_prefix(model_id: str) -> str:
+    """The folder of a model's exported networks (made on demand, removed with the model)."""
+    return check_key(f"models/{model_id}")
+
+
+def model_export_key(model_id: str, name: str) -> str:
+    """Key of one exported network of a model, e.g. ``models/<id>/network.onnx``."""
+    return check_key(f"{model_exports_prefix(model_id)}/{name}")
 
 
 def job_prefix(job_id: str) -> str:
@@ -120,6 +129,8 @@ class PendingWrite:
     """A file being written: ``write`` chunks, then ``commit`` (atomic rename) or ``abort`` (delete).
 
     ``sha256`` and ``size`` are computed while writing; ``temp_path`` can be inspected before commit.
+    Another store subclasses it: it keeps the local temporary file (for inspection) and sends the bytes
+    on from :meth:`_append`, and overrides :meth:`close`, :meth:`commit` and :meth:`abort`.
     """
 
     def __init__(self, final_path: Path, temp_path: Path, key: str) -> None:
@@ -224,7 +235,8 @@ class Storage(Protocol):
         ...
 
     def path_for(self, key: str) -> Path:
-        """A local path holding the content of ``key`` (for readers that need a file name)."""
+        """A local path holding the content of ``key`` (for readers that need a file name): the file
+        itself, or a checksum-verified copy in a local cache; raises :class:`StorageError` if absent."""
         ...
 
     def exists(self, key: str) -> bool: ...
@@ -256,7 +268,39 @@ class Storage(Protocol):
         ...
 
 
-class LocalStorage:
+class WriteHelpers:
+    """:meth:`open_write`, :meth:`put` and :meth:`put_file` of a :class:`Storage`, on its ``begin_write``."""
+
+    def begin_write(self, key: str) -> PendingWrite:
+        raise NotImplementedError
+
+    @contextmanager
+    def open_write(self, key: str) -> Iterator[PendingWrite]:
+        """Context manager around :meth:`begin_write`: commits on success, aborts on error."""
+        pending = self.begin_write(key)
+        try:
+            yield pending
+        except BaseException:
+            pending.abort()
+            raise
+        pending.commit()
+
+    def put(self, key: str, chunks: Iterable[bytes]) -> PendingWrite:
+        """Store ``key`` from byte chunks (streamed); returns the committed write (size, sha256)."""
+        with self.open_write(key) as pending:
+            for chunk in chunks:
+                pending.write(chunk)
+        return pending
+
+    def put_file(self, key: str, source: Path) -> int:
+        """Store a copy of a local file at ``key``; returns its size."""
+        with self.open_write(key) as pending, open(source, "rb") as handle:
+            while chunk := handle.read(1024 * 1024):
+                pending.write(chunk)
+        return pending.size
+
+
+class LocalStorage(WriteHelpers):
     """:class:`Storage` on a local folder (temp files under ``<root>/.tmp`` on the same file system)."""
 
     def __init__(self, root: Path | str) -> None:
@@ -277,28 +321,6 @@ class LocalStorage:
         final = self._path(key)
         temp = self._temp_dir() / f"{writer_tag()}@{uuid.uuid4().hex}.part"
         return PendingWrite(final, temp, key)
-
-    @contextmanager
-    def open_write(self, key: str) -> Iterator[PendingWrite]:
-        pending = self.begin_write(key)
-        try:
-            yield pending
-        except BaseException:
-            pending.abort()
-            raise
-        pending.commit()
-
-    def put(self, key: str, chunks: Iterable[bytes]) -> PendingWrite:
-        with self.open_write(key) as pending:
-            for chunk in chunks:
-                pending.write(chunk)
-        return pending
-
-    def put_file(self, key: str, source: Path) -> int:
-        with self.open_write(key) as pending, open(source, "rb") as handle:
-            while chunk := handle.read(1024 * 1024):
-                pending.write(chunk)
-        return pending.size
 
     def open_read(self, key: str) -> BinaryIO:
         path = self._path(key)
@@ -378,11 +400,3 @@ class LocalStorage:
             except FileNotFoundError:  # committed or aborted meanwhile
                 continue
         return count
-
-
-def get_storage(settings: Settings | None = None) -> LocalStorage:
-    """The storage configured by the settings (a :class:`LocalStorage` under ``storage_path``)."""
-    from embedseg_service.records.settings import get_settings
-
-    settings = settings or get_settings()
-    return LocalStorage(settings.storage_path)

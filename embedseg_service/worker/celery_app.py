@@ -23,7 +23,13 @@ import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_prerun, worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 
 from embedseg_service.records.broker import celery_config
 from embedseg_service.records.settings import Settings, get_settings
@@ -92,6 +98,51 @@ def _stop_reconciler(**_: Any) -> None:
     for stop in _reconcilers.values():
         stop.set()
     _reconcilers.clear()
+    _stop_presence()
+
+
+_presence: list[Any] = []
+
+
+def _start_presence(celery_app: Celery) -> None:
+    """Record this process in the workers table (:mod:`embedseg_service.worker.presence`)."""
+    from embedseg_service.worker.presence import Presence
+
+    settings = getattr(celery_app.conf, "embedseg_settings", None)
+    if _presence or settings is None:
+        return
+    queues = ",".join(sorted(celery_app.amqp.queues.consume_from or {})) or settings.gpu_queue
+    _presence.append(Presence(settings, queues=queues).start())
+
+
+@worker_ready.connect(weak=False)
+def _main_process_presence(sender: Any = None, **_: Any) -> None:
+    """The solo and threads pools run jobs in the main process: it records its presence."""
+    pool = getattr(sender, "pool", None)
+    celery_app = getattr(sender, "app", None)
+    if celery_app is not None and pool is not None and not type(pool).__module__.endswith(".prefork"):
+        _start_presence(celery_app)
+
+
+@worker_process_init.connect(weak=False)
+def _pool_process_start(**_: Any) -> None:
+    """A prefork pool process (the process that runs the jobs) turns the main process's stop signal into
+    a stop request of its job, and records its presence.
+
+    Celery sends this signal in the pool process's main thread (where jobs run), after it has reset
+    the signal handlers it inherited; an idle pool process that gets the stop signal then exits
+    through the pool's normal shutdown (which removes its presence row) instead of dying of it.
+    """
+    from embedseg_service.worker.shutdown import POOL_STOP_SIGNAL, install_stop_handler
+
+    install_stop_handler(POOL_STOP_SIGNAL)
+    _start_presence(app)
+
+
+@worker_process_shutdown.connect(weak=False)
+def _stop_presence(**_: Any) -> None:
+    while _presence:
+        _presence.pop().stop()
 
 
 @worker_shutting_down.connect(weak=False)
@@ -102,26 +153,6 @@ def _stop_running_jobs(**_: Any) -> None:
 
     request_stop()
     forward_to_children(POOL_STOP_SIGNAL)
-
-
-_pool_handler_installed: list[bool] = []
-
-
-@task_prerun.connect(weak=False)
-def _pool_process_stops_on_request(**_: Any) -> None:
-    """A prefork pool process turns the main process's stop signal into a stop request of its job.
-
-    Installed when the process runs its first task: billiard sets its own handlers after the
-    process starts, and the job runs in the process's main thread.
-    """
-    from billiard.process import current_process
-
-    from embedseg_service.worker.shutdown import POOL_STOP_SIGNAL, install_stop_handler
-
-    if _pool_handler_installed or current_process()._name == "MainProcess":  # solo and threads pools
-        return
-    install_stop_handler(POOL_STOP_SIGNAL)
-    _pool_handler_installed.append(True)
 
 
 app = create_celery()

@@ -21,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from embedseg_service.records import object_tables
 from embedseg_service.records.orm import JobKind, Model, Volume, VolumeKind, new_id
 from embedseg_service.records.schemas import EvaluateSpec, PredictSpec, TrainSpec
 from embedseg_service.records.storage import StorageError, checkpoint_key
 from embedseg_service.worker.context import Handler, JobContext, JobOutcome
 from embedseg_service.worker.progress import JobCancelled
+from embedseg_service.worker.provenance import training_provenance
 
 if TYPE_CHECKING:
     from embedseg_service.core.training.config import TrainConfig
@@ -307,6 +309,11 @@ def run_train(context: JobContext) -> JobOutcome:
         },
         storage_key=key,
         size_bytes=size,
+        provenance=training_provenance(
+            context.job_id,
+            config,
+            {"images": image_rows, "masks": mask_rows, "val_images": val_image_rows, "val_masks": val_mask_rows},
+        ),
     )
     return JobOutcome(result={"model_id": model.id}, metrics=metrics, outputs=[model])
 
@@ -314,10 +321,76 @@ def run_train(context: JobContext) -> JobOutcome:
 # --------------------------------------------------------------------------- predict
 
 
-def run_predict(context: JobContext) -> JobOutcome:
-    """Segment each volume with the model; one labels volume per input, AP against GT when given."""
+def _label_volume_name(context: JobContext, image_name: str, tta: bool) -> str:
+    """``<image name>-labels-<job id prefix>`` (``-tta`` when segmented with TTA): predictions of one image by
+    different jobs, or with and without TTA, keep distinguishable names."""
+    return f"{image_name}-labels-{context.job_id[:8]}{'-tta' if tta else ''}"
+
+
+def _store_object_table(
+    context: JobContext, row: Volume, output: Volume, labels: np.ndarray, gt: np.ndarray | None, gt_id: str | None
+) -> dict[str, Any]:
+    """Write the per-object table of ``labels`` (matched to ``gt`` when given) under the attempt's folder;
+    returns its entry of ``result["object_tables"]``."""
+    import json
+
+    from embedseg_service.core.metrics import OBJECT_MATCH_THRESHOLD, object_table
+
+    rows = object_table(labels, gt, voxel_size=output.voxel_size)
+    table = {
+        "volume_id": row.id,
+        "labels_id": output.id,
+        "gt_id": gt_id,
+        "axes": output.axes,
+        "voxel_size": output.voxel_size,
+        "match_threshold": OBJECT_MATCH_THRESHOLD if gt is not None else None,
+        "objects": rows,
+    }
+    local = context.scratch / object_tables.table_name(row.id)
+    local.write_text(json.dumps(json_safe(table), separators=(",", ":")), encoding="utf-8")
+    _store_file(context, local.name, local)
+    local.unlink(missing_ok=True)
+    return {"volume_id": row.id, "labels_id": output.id, "gt_id": gt_id, "n_objects": len(rows)}
+
+
+def _predict_volume(
+    context: JobContext, model: Any, spec: PredictSpec, row: Volume, progress: Callable[[int, int], bool]
+) -> tuple[np.ndarray, Volume]:
+    """Segment one stored volume and store its labels; returns them and their (unregistered) volume row."""
     from embedseg_service.core.data.tiff_write import label_dtype, write_labels
     from embedseg_service.core.inference.tiling import PredictionCancelled
+
+    image = read_volume(context, row)
+    tile: str | tuple[int, ...] = spec.tile if isinstance(spec.tile, str) else tuple(spec.tile)
+    try:
+        labels = model.segment(image, tta=spec.tta, tile=tile, progress=progress, min_size=spec.min_size)
+    except PredictionCancelled:
+        raise JobCancelled(context.job_id) from None
+    voxel = row.voxel_size if row.voxel_size and len(row.voxel_size) == labels.ndim else None
+    local = context.scratch / f"labels-{row.id}.tif"
+    write_labels(local, labels, voxel_size=voxel)
+    key, sha256, size = _store_file(context, f"labels-{row.id}.tif", local)
+    local.unlink(missing_ok=True)
+    max_id = int(labels.max()) if labels.size else 0
+    output = Volume(
+        id=new_id(),
+        name=_label_volume_name(context, row.name, spec.tta),
+        kind=VolumeKind.labels.value,
+        sha256=sha256,
+        shape=[int(s) for s in labels.shape],
+        dtype=label_dtype(max_id).name,
+        axes="YX" if labels.ndim == 2 else "ZYX",
+        voxel_size=voxel,
+        size_bytes=size,
+        storage_key=key,
+        image_volume_id=row.id,
+    )
+    return labels, output
+
+
+def run_predict(context: JobContext) -> JobOutcome:
+    """Segment each volume with the model; one labels volume and one per-object table per input, AP
+    against GT when given."""
     from embedseg_service.core.metrics import aggregate, average_precision
     from embedseg_service.core.model.checkpoint import load_model
 
@@ -332,50 +405,28 @@ def run_predict(context: JobContext) -> JobOutcome:
     model = load_model(context.storage.path_for(model_row.storage_key), device="auto")
     rows = load_volume_rows(context, spec.volume_ids)
     gt_rows = load_volume_rows(context, spec.gt_ids) if spec.gt_ids else [None] * len(rows)
-    tile: str | tuple[int, ...] = spec.tile if isinstance(spec.tile, str) else tuple(spec.tile)
     n = len(rows)
 
     outputs: list[Volume] = []
     per_volume: list[dict[str, Any]] = []
+    tables: list[dict[str, Any]] = []
     image_results = []
     for i, (row, gt_row) in enumerate(zip(rows, gt_rows)):
         reporter.raise_if_cancelled(poll=True)
         stage = f"predicting volume {i + 1}/{n}"
         reporter.update(progress=0.95 * i / n, stage=stage, force=True)
-        image = read_volume(context, row)
 
         def on_tile(done: int, total: int, i: int = i, stage: str = stage) -> bool:
             return reporter.update(progress=0.95 * (i + done / max(total, 1)) / n, stage=stage)
 
-        try:
-            labels = model.segment(image, tta=spec.tta, tile=tile, progress=on_tile, min_size=spec.min_size)
-        except PredictionCancelled:
-            raise JobCancelled(context.job_id) from None
-        voxel = row.voxel_size if row.voxel_size and len(row.voxel_size) == labels.ndim else None
-        local = context.scratch / f"labels-{row.id}.tif"
-        write_labels(local, labels, voxel_size=voxel)
-        key, sha256, size = _store_file(context, f"labels-{row.id}.tif", local)
-        local.unlink(missing_ok=True)
-        max_id = int(labels.max()) if labels.size else 0
-        output = Volume(
-            id=new_id(),
-            name=f"{row.name}-labels",
-            kind=VolumeKind.labels.value,
-            sha256=sha256,
-            shape=[int(s) for s in labels.shape],
-            dtype=label_dtype(max_id).name,
-            axes="YX" if labels.ndim == 2 else "ZYX",
-            voxel_size=voxel,
-            size_bytes=size,
-            storage_key=key,
-            image_volume_id=row.id,
-        )
+        labels, output = _predict_volume(context, model, spec, row, on_tile)
         outputs.append(output)
         entry: dict[str, Any] = {
             "volume_id": row.id,
             "labels_id": output.id,
             "n_objects": int(np.unique(labels[labels > 0]).size),
         }
+        gt = None
         if gt_row is not None:
             gt = read_volume(context, gt_row)
             if gt.shape != labels.shape:
@@ -386,6 +437,7 @@ def run_predict(context: JobContext) -> JobOutcome:
             scored = average_precision(gt, labels, name=row.id)
             image_results.append(scored)
             entry.update(_image_ap(scored, gt_id=gt_row.id))
+        tables.append(_store_object_table(context, row, output, labels, gt, None if gt_row is None else gt_row.id))
         per_volume.append(entry)
 
     metrics: dict[str, Any] = {"volumes": per_volume, "tta": spec.tta, "tile": spec.tile}
@@ -400,6 +452,7 @@ def run_predict(context: JobContext) -> JobOutcome:
         "label_volume_ids": [output.id for output in outputs],
         "labels": {row.id: output.id for row, output in zip(rows, outputs)},
         "model_id": spec.model_id,
+        object_tables.RESULT_KEY: object_tables.result_entry(context.attempt, tables),
     }
     return JobOutcome(result=result, metrics=json_safe(metrics), outputs=list(outputs))
 

@@ -75,6 +75,7 @@ def serve_jobs(settings: Settings, wake: Any, stop: Any, poll_s: float = POLL_S)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [worker %(process)d] %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the server, which stops us
     from embedseg_service.worker.cleanup import clean_at_start
+    from embedseg_service.worker.presence import Presence
     from embedseg_service.worker.reconcile import Reconciler
     from embedseg_service.worker.runner import run_job
     from embedseg_service.worker.shutdown import WorkerShutdown, install_stop_handler, stop_requested
@@ -82,6 +83,7 @@ def serve_jobs(settings: Settings, wake: Any, stop: Any, poll_s: float = POLL_S)
     set_settings(settings)
     install_stop_handler()
     reconciler = Reconciler(settings, None)
+    presence = Presence(settings, queues="local").start()
     try:
         requeue_orphans(settings)
         clean_at_start(reconciler.storage, reconciler.sessions)
@@ -107,6 +109,8 @@ def serve_jobs(settings: Settings, wake: Any, stop: Any, poll_s: float = POLL_S)
                 wake.wait(poll_s)
     except WorkerShutdown:
         pass
+    finally:
+        presence.stop()
     log.info("local worker stopped")
 
 

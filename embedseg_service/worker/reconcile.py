@@ -9,7 +9,10 @@ without a broker. One pass:
   times is failed instead);
 - queued jobs older than ``requeue_after_s`` whose message is not waiting in the broker queue
   (lost by a broker restart, or by a crash between the row's commit and the send) are sent again;
-- the files of jobs that finished since the last pass and that they did not register are removed.
+- the files of jobs that finished since the last pass and that they did not register are removed;
+- the rows of worker processes gone for a day are removed (:mod:`embedseg_service.records.workers`);
+- webhook deliveries left pending by a process that stopped (their lease ran out) are taken over
+  (:func:`embedseg_service.records.webhooks.resume_pending`).
 
 Sending a job twice is harmless: the claim is a compare-and-set, so a second delivery does nothing.
 """
@@ -23,12 +26,14 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from embedseg_service.records import jobs
+from embedseg_service.records import jobs, webhooks
 from embedseg_service.records.broker import unsent_jobs
 from embedseg_service.records.db import get_sessionmaker
 from embedseg_service.records.orm import utcnow
 from embedseg_service.records.settings import Settings
-from embedseg_service.records.storage import Storage, get_storage
+from embedseg_service.records.storage import Storage
+from embedseg_service.records.stores import get_storage
+from embedseg_service.records.workers import prune_workers
 from embedseg_service.worker.cleanup import purge_job_files
 from embedseg_service.worker.runner import recover_stale_jobs
 
@@ -44,11 +49,13 @@ Send = Callable[[str], None]
 
 @dataclass
 class Reconciled:
-    """What one pass did: jobs requeued after a lost worker, queued jobs sent again, files removed."""
+    """What one pass did: jobs requeued after a lost worker, queued jobs sent again, files removed,
+    jobs whose webhook delivery was taken over."""
 
     requeued: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
     files_removed: int = 0
+    callbacks: list[str] = field(default_factory=list)
 
 
 class Reconciler:
@@ -92,5 +99,8 @@ class Reconciler:
         with self.sessions() as session:
             finished = [job_id for job_id, _, _ in jobs.finished_since(session, self.since - CLOCK_SLACK)]
         done.files_removed = purge_job_files(self.storage, self.sessions, finished)
+        with self.sessions() as session:
+            prune_workers(session)
+        done.callbacks = webhooks.resume_pending(self.settings, self.sessions)
         self.since = started
         return done

@@ -9,7 +9,9 @@ same transaction that marks the job ``succeeded``, and only while the job still 
 attempt. A worker that lost its claim (its heartbeat went stale and another worker took over)
 stops at its next step and removes its files. Cancellation is cooperative (checked between
 epochs, steps and tiles) and ends ``cancelled``; any other error ends ``failed`` with a sentence
-saying what went wrong. Once the job has finished, the files it did not register are removed.
+saying what went wrong. Once the job has finished, the files it did not register are removed, and
+its webhook (``callback_url``) is handed to this process's delivery threads
+(:func:`embedseg_service.records.webhooks.deliver_soon`): the job never waits for it.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from embedseg_service.records import jobs
+from embedseg_service.records import jobs, webhooks
 from embedseg_service.records.db import get_sessionmaker
 from embedseg_service.records.orm import Job, JobKind, JobStatus, utcnow
 from embedseg_service.records.settings import Settings, get_settings
-from embedseg_service.records.storage import Storage, attempt_prefix, get_storage
+from embedseg_service.records.storage import Storage, attempt_prefix
+from embedseg_service.records.stores import get_storage
 from embedseg_service.worker.cleanup import purge_job_files, scratch_prefix
 from embedseg_service.worker.context import Handler, JobContext
 from embedseg_service.worker.handlers import HANDLERS
@@ -115,6 +118,7 @@ def recover_stale_jobs(
             if job.lost_workers + 1 >= MAX_ATTEMPTS:
                 if fail_lost(session, job.id, job.attempts, job.lost_workers + 1):
                     log.error("job %s failed: worker lost %d times", job.id, job.lost_workers + 1)
+                    webhooks.deliver_soon(job.id, settings, sessions, job.spec or {})
             elif requeue_if_stale(session, job.id, older):
                 log.warning("job %s: worker %s stopped beating; job requeued", job.id, job.worker)
                 requeued.append(job.id)
@@ -252,6 +256,7 @@ def _finish(context: JobContext, status: JobStatus, **values: Any) -> str:
             _status_of(context.sessions, context.job_id),
         )
         return "lost"
+    webhooks.deliver_soon(context.job_id, context.settings, context.sessions, context.spec)
     purge_job_files(context.storage, context.sessions, [context.job_id])
     return status.value
 

@@ -15,6 +15,7 @@ from helpers import service_missing
 
 from embedseg_service.api.app import create_app
 from embedseg_service.records.db import make_engine, run_migrations
+from embedseg_service.records.orm import Base
 from embedseg_service.records.settings import Settings
 
 with warnings.catch_warnings():
@@ -82,7 +83,7 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     try:
         with engine.begin() as connection:
             connection.execute(sa.text("SET LOCAL lock_timeout = '20s'"))
-            tables = "job_volumes, volumes, models, jobs, api_keys, idempotency_keys"
+            tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
             connection.execute(sa.text(f"TRUNCATE {tables} CASCADE"))
     finally:
         engine.dispose()

@@ -21,7 +21,8 @@ OPEN = {("GET", "/health"), ("GET", "/ready")}
 
 # Every API route, and what a request with another owner's ids must get. "id": the path names one
 # row of owner A (404 for B); "list": B's listing must not show A's rows; "refers": a job whose body
-# names A's rows (404 for B); "create": makes B's own row. A route missing here fails the test.
+# names A's rows (404 for B); "create": makes B's own row; "admin": admins only (403 for an owner's
+# key: it lists every owner's rows). A route missing here fails the test.
 ROUTES: dict[tuple[str, str], str] = {
     ("POST", "/volumes"): "create",
     ("GET", "/volumes"): "list",
@@ -36,11 +37,15 @@ ROUTES: dict[tuple[str, str], str] = {
     ("GET", "/jobs/{job_id}"): "id",
     ("POST", "/jobs/{job_id}/cancel"): "id",
     ("GET", "/jobs/{job_id}/labels.zip"): "id",
+    ("GET", "/jobs/{job_id}/objects"): "id",
+    ("GET", "/jobs/{job_id}/objects.csv"): "id",
     ("GET", "/models"): "list",
     ("GET", "/models/{model_id}"): "id",
     ("GET", "/models/{model_id}/download"): "id",
+    ("GET", "/models/{model_id}/export"): "id",
     ("POST", "/models"): "create",
     ("DELETE", "/models/{model_id}"): "id",
+    ("GET", "/workers"): "admin",
 }
 
 
@@ -126,6 +131,10 @@ def test_another_owners_ids_answer_404_on_every_route(client: Any, world: dict[s
         elif kind == "refers":
             assert response.status_code == 404, where
             assert "not found" in response.json()["detail"], where
+        elif kind == "admin":
+            assert response.status_code == 403, where
+            assert "needs an admin API key" in response.json()["detail"], where
+            assert _request(client, method, path, world, world["keys"]["admin"]).status_code == 200, where
         elif kind == "list":
             assert response.status_code == 200, where
             items = response.json()["items"]

@@ -7,6 +7,7 @@ import io
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
+from typing import Any
 
 import httpx
 import numpy as np
@@ -21,6 +22,7 @@ from embedseg_service.client import (
     JobFailed,
     NotFound,
     Unauthorized,
+    WaitInterrupted,
     WaitTimeout,
 )
 from embedseg_service.client import client as client_module
@@ -34,15 +36,21 @@ BASE = "http://testserver"
 
 
 class Sleeps:
-    """A ``sleep`` that records the delays asked for, and runs ``then`` (if set) on each."""
+    """A ``sleep`` that records the delays asked for, moves its ``clock`` on by them, and runs ``then``
+    (if set) on each."""
 
     def __init__(self) -> None:
         self.delays: list[float] = []
+        self.now = 0.0
         self.then = lambda: None
 
     def __call__(self, seconds: float) -> None:
         self.delays.append(seconds)
+        self.now += seconds
         self.then()
+
+    def clock(self) -> float:
+        return self.now
 
 
 @pytest.fixture
@@ -190,6 +198,24 @@ def test_submit_train_predict_evaluate(api, app, session) -> None:
     assert api.job(train) == train
 
 
+def test_callback_url_reaches_the_server(api) -> None:
+    """Each submit sends ``callback_url``; this server has no webhook secret, so it refuses it, saying why."""
+    mask = api.upload(_labels(), kind="labels")
+    hook = "https://example.org/hook"
+    for submit in (
+        lambda: api.evaluate([(mask, mask)], callback_url=hook),
+        lambda: api.predict("some-model", [mask], callback_url=hook),
+        lambda: api.train([mask], [mask], callback_url=hook),
+    ):
+        with pytest.raises(ApiError) as refused:
+            submit()
+        assert refused.value.status == 422
+        assert refused.value.detail == (
+            "callback_url: this server has no webhook secret to sign deliveries with (EMBEDSEG_WEBHOOK_SECRET "
+            "is unset); ask its operator to set one, or leave callback_url out"
+        )
+
+
 def test_one_idempotency_key_submits_once(api, app) -> None:
     image = api.upload(np.zeros((32, 48), np.uint8))
     mask = api.upload(_labels(), kind="labels")
@@ -278,8 +304,10 @@ def test_a_key_is_needed_once_one_exists(client, session, monkeypatch) -> None:
 # --------------------------------------------------------------------------- retries (fake transport)
 
 
-def _fake(answers: list[httpx.Response | Exception], seen: list[httpx.Request], sleeps: Sleeps) -> Client:
-    """A client whose transport answers ``answers`` in turn, recording each request."""
+def _fake(
+    answers: list[httpx.Response | Exception], seen: list[httpx.Request], sleeps: Sleeps, **options: Any
+) -> Client:
+    """A client whose transport answers ``answers`` in turn, recording each request; its clock is that of ``sleeps``."""
 
     def handle(request: httpx.Request) -> httpx.Response:
         request.read()
@@ -289,7 +317,10 @@ def _fake(answers: list[httpx.Response | Exception], seen: list[httpx.Request], 
             raise answer
         return answer
 
-    return Client(BASE, api_key="k", http=httpx.Client(transport=httpx.MockTransport(handle)), sleep=sleeps)
+    transport = httpx.MockTransport(handle)
+    return Client(
+        BASE, api_key="k", http=httpx.Client(transport=transport), sleep=sleeps, clock=sleeps.clock, **options
+    )
 
 
 JOB = {
@@ -374,8 +405,41 @@ def test_retries_run_out(sleeps) -> None:
         _fake(answers, seen, sleeps).job("j1")
     assert len(seen) == 6 and sleeps.delays == [0.5, 1.0, 2.0, 4.0, 8.0]
     broken: list[httpx.Response | Exception] = [httpx.ConnectError("refused")] * 6
-    with pytest.raises(ConnectionFailed, match=r"refused \(after 5 retries\); check that the server is up"):
+    with pytest.raises(ConnectionFailed, match=r"refused \(after 5 retries over 15.5 s\); check that the server is up"):
         _fake(broken, [], sleeps).job("j1")
+
+
+def test_a_retry_deadline_bounds_the_resends_in_time(sleeps) -> None:
+    broken: list[httpx.Response | Exception] = [httpx.ConnectError("refused")] * 20
+    with pytest.raises(ConnectionFailed, match=r"refused \(after 5 retries over 10.0 s\)"):
+        _fake(broken, [], sleeps, retries=None, retry_deadline=10.0).job("j1")
+    assert sleeps.delays == [0.5, 1.0, 2.0, 4.0, 2.5]  # the last wait ends at the deadline
+    seen: list[httpx.Request] = []
+    sleeps.delays.clear()
+    answers: list[httpx.Response | Exception] = [
+        httpx.Response(503, json={"detail": "restarting"}),
+        httpx.Response(429, headers={"Retry-After": "600"}, json={"detail": "too many queued jobs"}),
+        httpx.Response(503, headers={"Retry-After": "120"}, json={"detail": "restarting"}),
+    ]
+    with pytest.raises(ApiError, match="429: too many queued jobs"):  # its Retry-After ends past the deadline
+        _fake(answers, seen, sleeps, retries=None, retry_deadline=20.0).job("j1")
+    assert sleeps.delays == [0.5] and len(seen) == 2
+    slow_down = httpx.Response(503, headers={"Retry-After": "120"})
+    assert RetryPolicy(max_backoff=30.0).delay(0, slow_down) == 30.0  # a Retry-After is capped as the backoff is
+    with pytest.raises(ValueError, match="retries=None alone would resend forever"):
+        RetryPolicy(retries=None)
+    assert RetryPolicy(deadline=5.0).within(9.0).deadline == 5.0 and RetryPolicy().within(2.0).deadline == 2.0
+
+
+def test_a_wait_that_loses_the_server_says_so_and_stops_at_its_timeout(sleeps) -> None:
+    running = httpx.Response(200, json={**JOB, "status": "running", "progress": 0.25})
+    answers: list[httpx.Response | Exception] = [running, *[httpx.ConnectError("refused") for _ in range(10)]]
+    with pytest.raises(WaitInterrupted) as lost:
+        _fake(answers, [], sleeps).wait("j1", poll_s=1.0, timeout=5.0, progress=False)
+    assert sleeps.delays == [1.0, 0.5, 1.0, 2.0, 0.5]  # the poll's retries end with the wait's timeout
+    assert isinstance(lost.value, ConnectionFailed) and lost.value.job.status is JobStatus.running
+    assert str(lost.value).startswith("lost the server while waiting for job j1, last seen running at 25% (GET ")
+    assert str(lost.value).endswith("the job may still run: wait on it again to resume")
 
 
 def test_retry_after_as_a_date_and_the_backoff_cap() -> None:

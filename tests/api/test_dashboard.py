@@ -156,9 +156,10 @@ def test_script_sends_the_job_options_the_schemas_accept() -> None:
         body = re.search(rf"function {function}\(form\) \{{(.*?)\n\}}", script, re.S).group(1)
         return set(re.findall(r"^\s+(\w+):", body, re.M))
 
-    assert keys("trainBody") == set(TrainSpec.model_fields) - {"val_image_ids", "val_mask_ids"}
-    assert keys("predictBody") == set(PredictSpec.model_fields)
-    assert keys("evaluateBody") == set(EvaluateSpec.model_fields)
+    # the dashboard offers no webhook: callback_url is for pipelines
+    assert keys("trainBody") == set(TrainSpec.model_fields) - {"val_image_ids", "val_mask_ids", "callback_url"}
+    assert keys("predictBody") == set(PredictSpec.model_fields) - {"callback_url"}
+    assert keys("evaluateBody") == set(EvaluateSpec.model_fields) - {"callback_url"}
     assert {"gt_id", "pred_id"} == set(EvalPair.model_fields)
     assert "{ gt_id: gt, pred_id: pred }" in script
 
@@ -322,3 +323,45 @@ def test_download_name_of_the_server_is_read_back(tmp_path) -> None:
 def test_script_parses() -> None:
     result = subprocess.run(["node", "--check", str(static_dir() / "dashboard.js")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_prediction_detail_has_the_object_table_and_the_planes() -> None:
+    from embedseg_service.api.objects import ObjectSort
+
+    script = (static_dir() / "dashboard.js").read_text()
+    html = (static_dir() / "index.html").read_text()
+    # the object table is read page by page from the API, sorted by the server, and the CSV is a
+    # download link (fetched with the key when one is set)
+    assert '"GET /api/v1/jobs/{job_id}/objects"' in script and '"GET /api/v1/jobs/{job_id}/objects.csv"' in script
+    assert 'downloadLink("jobObjectsCsv", { job_id: job.id }, "Download CSV"' in script
+    assert re.search(r'api\("jobObjects", \{ params: \{ job_id: job\.id \}, query: \{\s*volume_id: view\.labelsId, '
+                     r"sort: view\.sort, descending: view\.descending", script)  # fmt: skip
+    sorts = re.search(r"const OBJECT_SORTS = \{(.*?)\};", script).group(1)
+    assert set(re.findall(r'(\w+): "', sorts)) == {sort.value for sort in ObjectSort}
+    assert '"aria-sort"' in script and 'class: "sort"' in script
+    assert 'parts.push(el("h3", {}, "Objects"), objectsSection(job, releases));' in script
+    # planes: the preview route with plane=xy|xz|yz through z|y|x, fetched with the key, one slider each
+    assert 'fetchFile("volumePreview", { volume_id: volume.id }, query)' in script
+    for plane, axis in (("xy", "z"), ("xz", "y"), ("yz", "x")):
+        assert f'{{ plane: "{plane}", axis: "{axis}"' in script
+    assert 'el("input", { type: "range"' in script
+    # the volumes card's viewer, opened by a 3D volume's "Planes" button
+    assert re.search(r'<section class="card" id="viewer-card" aria-labelledby="viewer-title" hidden>', html)
+    assert '<button type="button" class="ghost" id="viewer-close">Close</button>' in html
+    assert 'onclick: () => openViewer(volume) }, "Planes")' in script
+    # the training chart draws the validation mean AP that picks the saved model, and marks that model
+    assert 'line("val_map", yIou, "ap")' in script and "lossChart(history, job.metrics.best_epoch)" in script
+
+
+@needs_node
+def test_volume_axes_give_the_planes_and_epochs_keep_the_mean_ap() -> None:
+    sizes = run_script("""[spatialSize({ axes: "ZYX", shape: [5, 16, 24] }),
+                         spatialSize({ axes: "YX", shape: [16, 24] }),
+                         spatialSize({ axes: "CZYX", shape: [2, 5, 16, 24] })]""")
+    assert sizes == [{"z": 5, "y": 16, "x": 24}, {"z": None, "y": 16, "x": 24}, {"z": 5, "y": 16, "x": 24}]
+    history = run_script("""trainingHistory({ epochs: [{ epoch: 1, loss: 0.9, val_iou: 0.2, val_ap: 0.5, val_map: 0.3 },
+                                                       { epoch: 2, val_map: 0.4 }, { epoch: 3 }] })""")
+    assert history == [
+        {"epoch": 1, "loss": 0.9, "val_iou": 0.2, "val_map": 0.3},
+        {"epoch": 2, "val_map": 0.4},
+    ]

@@ -342,7 +342,7 @@ def test_predict_job_writes_linked_label_volumes_and_scores_them(client, fast, t
     labels = client.get(f"{API}/volumes/{labels_id}").json()
     assert labels["kind"] == "labels" and labels["shape"] == [40, 56] and labels["axes"] == "YX"
     assert labels["image_volume_id"] == image["id"] and labels["source_job_id"] == job["id"]
-    assert labels["name"] == "cells-labels"
+    assert labels["name"] == f"cells-labels-{job['id'][:8]}-tta"  # TTA is on by default
     assert labels["voxel_size"] == pytest.approx(image["voxel_size"])
     download = client.get(f"{API}/volumes/{labels_id}/download")
     assert download.status_code == 200

@@ -79,3 +79,37 @@ def test_preview_of_a_large_plane_decodes_only_the_rows_it_shows(tmp_path) -> No
     plane, peak = _peak(lambda: preview.load_plane(path, preview.Projection.middle, None, 0, stride=16))
     assert peak < PEAK_BYTES
     assert plane.shape == (1024, 512) and (plane == 200).all()
+
+
+def test_sections_of_a_large_volume_read_one_line_per_page_within_the_budget(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    depth, side = 48, 2048  # 192 MiB of pixels
+    path = tmp_path / "big.tif"
+    _marked_volume(path, depth, side)
+    windows: list[tuple[int, int, int]] = []  # (z, rows read, columns read)
+    original = preview.read_window
+
+    def counting(tif, layout, c, z, rows, cols):  # type: ignore[no-untyped-def]
+        windows.append((z, len(rows), len(cols)))
+        return original(tif, layout, c, z, rows, cols)
+
+    monkeypatch.setattr(preview, "read_window", counting)
+
+    # XZ through a marked row: one row of each page read (one band of strips decoded), as many pages as
+    # rows drawn (48 slices over columns of stride 2: 24, the nearest slice for each)
+    png, peak = _peak(lambda: preview.render_section(path, plane=preview.Plane.xz, index=8 * 5 + 1, max_px=1024))
+    assert isinstance(png, bytes) and peak < PEAK_BYTES
+    assert windows == [(z, 1, 1024) for z in range(1, depth, 2)]
+    section = preview.load_section(path, preview.plan_section((depth, side, side), preview.Plane.xz, 41,
+                                                               None, 1024, lambda _rows, _cols: 1), 0)  # fmt: skip
+    assert section.shape == (24, 1024)  # row 2 shows slice 5, the one bright in rows 40..47
+    assert (section[2, 32:96] == 105).all() and (np.delete(section, 2, axis=0)[:, 32:96] == 0).all()
+
+    # YZ: a column of every page decodes whole pages; 8x taller slices want 192 rows, but only as many
+    # pages as fit PREVIEW_READ_BYTES are read (every k-th slice, nearest)
+    windows.clear()
+    _, peak = _peak(lambda: preview.render_section(path, plane=preview.Plane.yz, voxel_size=[8, 1, 1], max_px=1024))
+    assert peak < PEAK_BYTES
+    pages = preview.PREVIEW_READ_BYTES // (side * side)
+    assert pages < depth and len(windows) == pages
+    assert all(rows == 1024 and cols == 1 for _, rows, cols in windows)
+    assert [z for z, _, _ in windows] == sorted({z for z, _, _ in windows})

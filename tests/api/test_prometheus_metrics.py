@@ -11,14 +11,15 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from helpers import service_missing
+from helpers import API, service_missing
 from prometheus_client.parser import text_string_to_metric_families
 
 from embedseg_service.api.app import create_app
 from embedseg_service.api.metrics import quantile
 from embedseg_service.records import keys
 from embedseg_service.records.broker import queue_keys
-from embedseg_service.records.orm import Job, JobKind, JobStatus, Model, Volume, utcnow
+from embedseg_service.records.orm import Job, JobKind, JobStatus, Model, Volume, WorkerProcess, utcnow
+from embedseg_service.records.workers import Beat, prune_workers, record_beat
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -115,6 +116,74 @@ def test_stored_bytes_per_owner(client: Any, session: Any) -> None:
     assert value(samples, "embedseg_stored_bytes", owner="lab-b", what="models") == 5
     assert value(samples, "embedseg_stored_bytes", owner="", what="volumes") == 7
     assert value(samples, "embedseg_stored_bytes", owner="lab-b", what="volumes") is None
+
+
+def test_worker_gauges_and_the_worker_list_equal_the_rows(client: Any, session: Any, settings: Any) -> None:
+    now = utcnow()
+    stale = now - timedelta(seconds=3 * settings.heartbeat_s + 1)
+    session.add_all([
+        WorkerProcess(name="gpu-a:12", host="gpu-a", pid=12, queues="gpu", device="cuda:0",
+                      gpu_memory_bytes=2048, gpu_memory_total_bytes=8192, started_at=now, seen_at=now),
+        WorkerProcess(name="gpu-a:13", host="gpu-a", pid=13, queues="gpu", device="cuda:1",
+                      gpu_memory_bytes=0, gpu_memory_total_bytes=8192, started_at=now, seen_at=now),
+        WorkerProcess(name="cpu-b:7", host="cpu-b", pid=7, queues="gpu,cpu", started_at=now, seen_at=now),
+        WorkerProcess(name="gone:1", host="gone", pid=1, device="cpu", started_at=stale, seen_at=stale),
+    ])  # fmt: skip
+    session.add_all([
+        job(JobStatus.running, JobKind.train, worker="gpu-a:12"),
+        job(JobStatus.running, JobKind.predict, worker="gpu-a:13"),
+        job(JobStatus.running, JobKind.predict, worker="cpu-b:7"),
+    ])  # fmt: skip
+    session.commit()
+    stages = dict(zip(("training epoch 3/40", "predicting volume 1/2", None), session.query(Job).all(), strict=True))
+    for stage, row in stages.items():
+        row.stage = stage
+    session.commit()
+
+    samples = scrape(client)
+    assert value(samples, "embedseg_workers_alive", host="gpu-a", device="cuda:0") == 1
+    assert value(samples, "embedseg_workers_alive", host="gpu-a", device="cuda:1") == 1
+    assert value(samples, "embedseg_workers_alive", host="cpu-b", device="none") == 1
+    assert value(samples, "embedseg_workers_alive", host="gone", device="cpu") is None
+    assert value(samples, "embedseg_worker_gpu_memory_bytes", worker="gpu-a:12", device="cuda:0") == 2048
+    assert value(samples, "embedseg_worker_gpu_memory_total_bytes", worker="gpu-a:13", device="cuda:1") == 8192
+    assert value(samples, "embedseg_worker_gpu_memory_bytes", worker="cpu-b:7", device="none") is None
+    assert value(samples, "embedseg_running_jobs_by_stage", kind="train", stage="training") == 1
+    assert value(samples, "embedseg_running_jobs_by_stage", kind="predict", stage="predicting") == 1
+    assert value(samples, "embedseg_running_jobs_by_stage", kind="predict", stage="none") == 1
+
+    listed = client.get(f"{API}/workers").json()
+    assert [(w["name"], w["device"], w["gpu_memory_bytes"]) for w in listed] == [
+        ("cpu-b:7", None, None), ("gpu-a:12", "cuda:0", 2048), ("gpu-a:13", "cuda:1", 0),
+    ]  # fmt: skip
+    running = {w["name"]: w["running_job_ids"] for w in listed}
+    assert [len(ids) for ids in running.values()] == [1, 1, 1]
+    assert session.get(Job, running["gpu-a:12"][0]).kind == "train"
+
+
+def test_workers_not_seen_for_a_day_are_pruned(session: Any) -> None:
+    now = utcnow()
+    old = now - timedelta(days=1, seconds=1)
+    session.add_all([
+        WorkerProcess(name="old:1", host="old", pid=1, started_at=old, seen_at=old),
+        WorkerProcess(name="new:2", host="new", pid=2, started_at=now, seen_at=now),
+    ])  # fmt: skip
+    session.commit()
+    assert prune_workers(session) == 1
+    assert [row.name for row in session.query(WorkerProcess).all()] == ["new:2"]
+    record_beat(session, Beat(name="new:2", host="new", pid=2, device="cuda:0", gpu_memory_bytes=5))
+    record_beat(session, Beat(name="new:2", host="new", pid=2))  # a beat without a device keeps the known one
+    session.expire_all()
+    row = session.get(WorkerProcess, "new:2")
+    assert (row.device, row.gpu_memory_bytes, row.seen_at >= now) == ("cuda:0", None, True)
+
+
+def test_a_process_reports_no_device_until_it_uses_one() -> None:
+    import torch  # noqa: F401 - imported, CUDA never initialised in the test process
+
+    from embedseg_service.worker.presence import device_use
+
+    assert device_use() == ("cpu", None, None)
 
 
 def test_once_keys_exist_only_an_admin_key_scrapes(client: Any, session: Any) -> None:

@@ -100,3 +100,36 @@ def test_get_settings_is_cached_and_overridable(monkeypatch, tmp_path) -> None: 
     finally:
         set_settings(None)
         settings_module._load.cache_clear()
+
+
+def test_object_store_settings(monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("EMBEDSEG_STORAGE_URL", "s3://lab-bucket/embedseg/prod/")
+    monkeypatch.setenv("EMBEDSEG_S3_ENDPOINT_URL", "http://seaweedfs:8333")
+    monkeypatch.setenv("EMBEDSEG_DATA_DIR", str(tmp_path))
+    settings = Settings(_env_file=None)
+    assert settings.storage_url == "s3://lab-bucket/embedseg/prod"
+    assert settings.cache_path == tmp_path / "cache" and settings.cache_max_bytes == 20 * 1024**3
+    assert settings.s3_part_bytes == 8 * 1024**2 and settings.s3_region is None
+    monkeypatch.setenv("EMBEDSEG_STORAGE_URL", "")
+    assert Settings(_env_file=None).storage_url is None
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"storage_url": "s3://B/x"}, "storage_url must be s3://bucket or s3://bucket/prefix: a bucket name of 3-63"),
+        ({"storage_url": "gs://bucket"}, "storage_url must be s3://bucket or s3://bucket/prefix"),
+        ({"storage_url": "s3://bucket/a/../b"}, "storage_url must be s3://bucket or s3://bucket/prefix"),
+        ({"s3_endpoint_url": "seaweedfs:8333"}, "s3_endpoint_url must be http(s)://host[:port]"),
+        ({"s3_part_bytes": 1024**2}, "greater than or equal to 5242880"),
+        ({"cache_max_bytes": 0}, "greater than 0"),
+        (
+            {"storage_url": "s3://bucket", "storage_dir": "/srv/files"},
+            "set either storage_dir (a local folder) or storage_url (an object store), not both",
+        ),
+    ],
+)
+def test_bad_object_store_settings_are_refused(values, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=None, **values)
+    assert message in str(caught.value)

@@ -201,3 +201,27 @@ def test_object_table_rows():
     assert only["voxel_count"] == 6 and only["centroid"] == [1.5, 2.0, 2.0]
     assert only["bbox_min"] == [1, 2, 1] and only["bbox_max"] == [2, 2, 3]
     json.dumps(rows)
+
+
+def test_object_table_matches_ground_truth_as_ap_does_and_scales_centroids():
+    pred = np.zeros((6, 8), dtype=np.uint16)
+    pred[0:2, 0:4] = 1  # 8 px
+    pred[3:6, 5:8] = 2  # 9 px
+    pred[5, 0] = 4  # 1 px
+    gt = np.zeros((6, 8), dtype=np.uint16)
+    gt[0:2, 0:3] = 7  # inside object 1: IoU 6 / 8
+    gt[0:2, 3] = 8  # the rest of object 1: IoU 2 / 8 with it
+    gt[4:6, 4:8] = 9  # overlaps object 2 by 6 px: IoU 6 / (9 + 8 - 6) = 6 / 11, matched
+    gt[5, 0:2] = 3  # object 4 and one more pixel: IoU exactly 0.5, matched (>= threshold)
+    rows = object_table(pred, gt, voxel_size=(2.0, 0.5))
+    assert [(r["label"], r["gt_label"], r["iou"]) for r in rows] == [(1, 7, 6 / 8), (2, 9, 6 / 11), (4, 3, 0.5)]
+    assert [r["centroid_physical"] for r in rows] == [[1.0, 0.75], [8.0, 3.0], [10.0, 0.0]]
+    # unmatched at a stricter threshold: gt_label None, iou the best overlap
+    strict = object_table(pred, gt, threshold=0.7)
+    assert [(r["gt_label"], r["iou"]) for r in strict] == [(7, 6 / 8), (None, 6 / 11), (None, 0.5)]
+    assert "centroid_physical" not in strict[0]
+    # the pairs are those match() pairs for AP: one GT object at most per prediction
+    assert average_precision(gt, pred, [0.5]).at(0.5).tp == 3
+    assert [r["iou"] for r in object_table(pred, np.zeros_like(gt))] == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="voxel_size needs 2 values"):
+        object_table(pred, voxel_size=(1.0, 1.0, 1.0))

@@ -17,7 +17,13 @@ from embedseg_service.core.data import tiff_limits, tiff_rewrite
 from embedseg_service.core.data.io import inspect_tiff, open_tiff, read_tiff
 from embedseg_service.core.data.tiff_errors import TiffDamaged, TiffTooLarge, TiffUnreadable, TiffUnsupported
 from embedseg_service.core.data.tiff_limits import check_pixel_data
-from embedseg_service.core.data.tiff_pixels import decoded_segments, iter_blocks, read_plane
+from embedseg_service.core.data.tiff_pixels import (
+    decoded_segments,
+    iter_blocks,
+    read_plane,
+    read_window,
+    window_bytes,
+)
 from embedseg_service.core.data.tiff_rewrite import rewrite_canonical
 from embedseg_service.core.data.tiff_values import check_pixel_values
 
@@ -69,6 +75,34 @@ def test_planes_and_blocks_match_the_whole_read(tmp_path, options) -> None:  # t
         np.testing.assert_array_equal(np.sort(values), np.sort(DATA.ravel()))
         for c, z, stride in itertools.product(range(2), range(3), (1, 3, 16)):
             np.testing.assert_array_equal(read_plane(tif, layout, c, z, stride), DATA[c, z, ::stride, ::stride])
+
+
+@pytest.mark.parametrize("options", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_windows_rows_and_columns_match_the_whole_read(tmp_path, options) -> None:  # type: ignore[no-untyped-def]
+    path = write(tmp_path / "v.tif", DATA, **options)
+    windows = [
+        (range(13, 14), range(0, 70, 3)),  # one row (an XZ line)
+        (range(0, 50, 2), range(41, 42)),  # one column (a YZ line)
+        (range(5, 48, 7), range(17, 69, 5)),
+        (range(49, 50), range(69, 70)),
+    ]
+    with open_tiff(path) as (tif, layout):
+        for rows, cols in windows:
+            window = read_window(tif, layout, 1, 2, rows, cols)
+            np.testing.assert_array_equal(
+                window, DATA[1, 2][rows.start : rows.stop : rows.step, cols.start : cols.stop : cols.step]
+            )
+        # a row decodes one band of strips or tiles, a column every band
+        row_bytes = window_bytes(layout, range(13, 14), range(0, 70))
+        column_bytes = window_bytes(layout, range(0, 50), range(41, 42))
+        page_bytes = 50 * 70 * 2
+        assert 0 < row_bytes <= page_bytes and 0 < column_bytes
+        if "rowsperstrip" in options:
+            assert row_bytes == 7 * 70 * 2 and column_bytes == 8 * 7 * 70 * 2
+        if options.get("tile") == (16, 32):
+            assert row_bytes == 3 * 16 * 32 * 2 and column_bytes == 4 * 16 * 32 * 2
+        if not options:
+            assert row_bytes == 70 * 2 and column_bytes == 50 * 1 * 2
 
 
 def test_imagej_order_and_transposed_planes(tmp_path) -> None:  # type: ignore[no-untyped-def]

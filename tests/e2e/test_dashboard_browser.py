@@ -303,3 +303,106 @@ def test_dashboard_without_keys_keeps_plain_links(browser: Any, open_server: Ser
     assert page.evaluate("window.liveObjectUrls.size") == 1
     assert errors == []
     context.close()
+
+
+def _labels3d() -> np.ndarray:
+    labels = np.zeros((4, 24, 32), np.uint16)
+    labels[1:3, 2:8, 3:9] = 5  # 72 voxels
+    labels[0:4, 12:22, 14:30] = 2  # 640 voxels
+    labels[3, 0, 0] = 9  # 1 voxel
+    return labels
+
+
+def _predict_3d(server: Server, tmp_path: Path, monkeypatch: Any) -> tuple[dict[str, Any], str]:
+    """A 3D image (voxel size 2,1,1) and a succeeded predict job of it whose labels are :func:`_labels3d`
+    (the model's segmentation replaced; the job runs in this process as a worker would run it)."""
+    from embedseg_service.core.model.checkpoint import TrainedModel, build_network, save_checkpoint
+    from embedseg_service.records.settings import Settings
+    from embedseg_service.worker.runner import run_job
+
+    payload = {
+        "state_dict": build_network(3, 1).state_dict(),
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "step": [2 / 1023, 1 / 1023, 1 / 1023],
+        "config": {"in_channels": 1},
+        "properties": {"min_object_size": 1},
+    }
+    model_file = save_checkpoint(tmp_path / "m3d.pt", payload)
+    stack = tiff_bytes(np.zeros((4, 24, 32), np.uint8))
+    with httpx.Client(base_url=server.base, trust_env=False, timeout=60, headers=server.headers) as client:
+        image = client.post(
+            "/api/v1/volumes", files={"file": ("stack.tif", stack)}, data={"axes": "ZYX", "voxel_size": "2,1,1"}
+        ).json()
+        model = client.post("/api/v1/models", files={"file": ("m3d.pt", model_file.read_bytes())}).json()
+        job = client.post("/api/v1/jobs/predict",
+                          json={"model_id": model["id"], "volume_ids": [image["id"]], "tta": False}).json()  # fmt: skip
+    monkeypatch.setattr(TrainedModel, "segment", lambda _model, _image, **_options: _labels3d())
+    settings = Settings(_env_file=None, data_dir=tmp_path / "keyed", broker_url=None)
+    assert run_job(job["id"], settings=settings) == "succeeded"
+    return image, job["id"]
+
+
+PLANES_LOADED = """() => {
+  const imgs = [...document.querySelectorAll('.objects [data-plane] img')];
+  return imgs.length === 3 && imgs.every((img) => img.complete && img.naturalWidth > 0);
+}"""
+
+
+def test_a_prediction_shows_its_objects_and_three_planes(browser: Any, server: Server, tmp_path: Path,
+                                                          monkeypatch: Any) -> None:  # fmt: skip
+    assert server.key is not None
+    image, job_id = _predict_3d(server, tmp_path, monkeypatch)
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 800})
+    context.add_init_script(COUNT_OBJECT_URLS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"{server.base}/dashboard/#job={job_id}")
+    save_key(page, server.key)
+    page.wait_for_function("() => document.querySelectorAll('.objects-table tbody tr[data-label]').length === 3",
+                           timeout=WAIT_MS)  # fmt: skip
+    labels = page.eval_on_selector_all(".objects-table tbody tr", "rows => rows.map((r) => r.dataset.label)")
+    assert labels == ["2", "5", "9"]
+    first = page.eval_on_selector_all(
+        ".objects-table tbody tr:first-child td", "cells => cells.map((c) => c.textContent)"
+    )
+    assert first == ["2", "640", "1.5, 16.5, 21.5", "3, 16.50, 21.50", "0,12,14 – 3,21,29", "—", "—"]
+
+    # three planes of the label volume over its image; XZ and YZ: 4 slices of 2 drawn 8 rows tall
+    page.wait_for_function(PLANES_LOADED, timeout=WAIT_MS)
+    sizes = page.eval_on_selector_all(
+        ".objects [data-plane] img", "imgs => imgs.map((i) => [i.naturalWidth, i.naturalHeight])"
+    )
+    assert sizes == [[32, 24], [32, 8], [24, 8]]
+
+    # sorted by the server: by voxel count, largest first
+    page.click('.objects-table th button[data-sort="voxel_count"]')
+    page.wait_for_function("() => document.querySelector('.objects-table tbody tr').dataset.label === '2' && "
+                           "document.querySelector('th[aria-sort=descending] [data-sort=voxel_count]') !== null",
+                           timeout=WAIT_MS)  # fmt: skip
+    assert page.eval_on_selector_all(".objects-table tbody tr", "rows => rows.map((r) => r.dataset.label)") == [
+        "2", "5", "9"]  # fmt: skip
+    # an object's button moves the planes through it, at its centroid (1.5, 4.5, 5.5) rounded; keyboard works
+    page.focus('.objects-table tr[data-label="5"] button')
+    page.keyboard.press("Enter")
+    sliders = page.eval_on_selector_all(".objects [data-plane] input", "inputs => inputs.map((i) => i.value)")
+    assert sliders == ["2", "5", "6"]
+
+    # the CSV is fetched with the key and saved under the server's name
+    with page.expect_download(timeout=WAIT_MS) as info:
+        page.click(".objects a:text('Download CSV')")
+    assert info.value.suggested_filename == f"{job_id[:8]}-objects.csv"
+    lines = Path(info.value.path()).read_text().splitlines()
+    assert lines[0].startswith("volume_id,labels_id,label,voxel_count,centroid_z,centroid_y,centroid_x")
+    assert [line.split(",")[2] for line in lines[1:]] == ["2", "5", "9"]
+
+    # closing the detail revokes its planes' object URLs
+    planes = page.eval_on_selector_all(".objects [data-plane] img", "imgs => imgs.map((i) => i.src)")
+    assert len(planes) == 3 and all(src.startswith("blob:") for src in planes)
+    page.click("#job-detail .detail-head button:text('Close')")
+    page.wait_for_function("(srcs) => srcs.every((src) => !window.liveObjectUrls.has(src))", arg=planes,
+                           timeout=WAIT_MS)  # fmt: skip
+    assert image["id"] in page.eval_on_selector_all(".tile", "tiles => tiles.map((t) => t.dataset.volumeId)")
+    assert errors == []
+    context.close()

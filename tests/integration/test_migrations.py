@@ -21,7 +21,7 @@ from embedseg_service.records.orm import Base
 
 REPO = Path(__file__).resolve().parents[2]
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-TABLES = {"jobs", "volumes", "models", "job_volumes", "api_keys", "idempotency_keys"}
+TABLES = {"jobs", "volumes", "models", "job_volumes", "api_keys", "idempotency_keys", "workers"}
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from helpers import API, production_services_problem, production_settings, servi
 
 from embedseg_service.api.app import create_app
 from embedseg_service.core.data.synthetic import random_labels, render_image
+from embedseg_service.records.jobs import registered_keys
 from embedseg_service.records.orm import Model, Volume
 from embedseg_service.records.settings import Settings
 from embedseg_service.records.storage import TEMP_DIR, LocalStorage
@@ -192,8 +193,8 @@ def sha256(path: Path) -> str:
 
 
 def assert_only_registered_files(settings: Settings, client: TestClient, job_id: str) -> list[Any]:
-    """The job's folder holds exactly its registered outputs (one file each, sha256 of its volume row),
-    and no temporary file is left in the store; returns the output rows.
+    """The job's folder holds exactly its registered outputs (one file each, sha256 of its volume row, and
+    the object tables its result lists), and no temporary file is left in the store; returns the output rows.
 
     The worker removes the other files right after it marks the job succeeded: call this while it runs.
     """
@@ -203,8 +204,9 @@ def assert_only_registered_files(settings: Settings, client: TestClient, job_id:
             *session.scalars(sa.select(Volume).where(Volume.source_job_id == job_id)),
             *session.scalars(sa.select(Model).where(Model.source_job_id == job_id)),
         ]
+        registered = sorted(registered_keys(session, [job_id])[job_id])  # the rows' files and the object tables
     assert rows
-    registered = sorted(row.storage_key for row in rows)
+    assert {row.storage_key for row in rows} <= set(registered)
     deadline = time.monotonic() + 30
     while storage.list_keys(f"jobs/{job_id}") != registered and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -433,3 +435,50 @@ def test_jobs_queued_when_redis_restarts_all_complete(settings, tmp_path) -> Non
             assert [response.status_code for response in later] == [202, 202], [r.text for r in later]
             for response in later:
                 wait_for(client, response.json()["id"], succeeded, "success")
+
+
+# --------------------------------------------------------------------------- presence
+
+
+def listed_workers(client: TestClient, count: int) -> list[dict[str, Any]]:
+    """``GET /workers`` once it lists ``count`` processes (within :data:`WAIT_S`)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        workers = client.get(f"{API}/workers").json()
+        if len(workers) == count:
+            return workers
+        assert time.monotonic() < deadline, f"expected {count} workers, got {workers}"
+        time.sleep(0.1)
+
+
+def test_pool_processes_report_themselves_and_leave_when_stopped(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with api(settings) as client, worker_processes(settings, tmp_path) as start:
+        first = start("presence-a")
+        (seen,) = listed_workers(client, 1)
+        # the prefork pool process runs the jobs, so it is the one listed, under the name jobs record
+        assert seen["host"] == socket.gethostname() and seen["pid"] != first.process.pid
+        assert seen["name"] == f"{seen['host']}:{seen['pid']}"
+        assert (seen["queues"], seen["device"], seen["gpu_memory_bytes"]) == (settings.gpu_queue, None, None)
+        second = start("presence-b")
+        names = {worker["name"] for worker in listed_workers(client, 2)}
+        text = client.get("/metrics").text
+        alive = {
+            (sample.labels["host"], sample.labels["device"]): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "embedseg_workers_alive"
+        }
+        assert alive == {(socket.gethostname(), "none"): 2}
+
+        second.kill9()  # no goodbye: it stops counting after 3 heartbeat periods, its row stays
+        (left,) = listed_workers(client, 1)
+        assert left["name"] == seen["name"]
+        first.sigterm()  # a clean stop removes the pool process's row at once
+        first.process.wait(60)
+        engine = sa.create_engine(str(settings.database_url))
+        with engine.connect() as connection:
+            rows = {name for (name,) in connection.execute(sa.text("SELECT name FROM workers"))}
+        engine.dispose()
+        assert rows == names - {seen["name"]}

@@ -93,5 +93,5 @@ def ready(session: SessionDep, settings: SettingsDep, storage: StorageDep) -> Re
     return Ready(
         database=session.get_bind().dialect.name,
         broker="redis" if settings.broker_url else "embedded",
-        storage="local",
+        storage="s3" if settings.storage_url else "local",
     )

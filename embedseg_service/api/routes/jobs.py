@@ -11,20 +11,30 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from embedseg_service.api import idempotency, label_zip
+from embedseg_service.api import idempotency, label_zip, objects
 from embedseg_service.api.auth import Principal, PrincipalDep, visible
 from embedseg_service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep, StorageDep
 from embedseg_service.api.dispatch import Dispatcher, DispatchError, make_dispatcher
+from embedseg_service.api.objects import ObjectSort
 from embedseg_service.api.owned import JobBodyDep, JobDep
 from embedseg_service.api.quotas import check_queue, check_storage
-from embedseg_service.records import jobs
+from embedseg_service.records import jobs, webhooks
+from embedseg_service.records.callbacks import TargetRefused, resolve_target
 from embedseg_service.records.orm import Job, JobKind, JobStatus, Model, Volume, VolumeKind
-from embedseg_service.records.schemas import EvaluateSpec, JobOut, Page, PredictSpec, TrainSpec, check_train_size
+from embedseg_service.records.schemas import (
+    EvaluateSpec,
+    JobOut,
+    ObjectOut,
+    Page,
+    PredictSpec,
+    TrainSpec,
+    check_train_size,
+)
 from embedseg_service.records.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,7 +44,10 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 CREATED: dict[int | str, dict[str, Any]] = {
     202: {"description": "Job queued; `Location` is its URL", "headers": {"Location": {"schema": {"type": "string"}}}},
     404: {"description": "A referenced volume or model does not exist"},
-    422: {"description": "Invalid spec, or volumes of the wrong kind, dimensionality or shape"},
+    422: {
+        "description": "Invalid spec, volumes of the wrong kind, dimensionality or shape, or a callback_url "
+        "the server refuses (internal address, or no EMBEDSEG_WEBHOOK_SECRET)"
+    },
     503: {"description": "The job broker is unreachable (the job is marked failed)"},
 }
 
@@ -165,6 +178,21 @@ def _check_evaluate(session: Session, spec: EvaluateSpec, principal: Principal) 
         )
 
 
+def _check_callback(spec: TrainSpec | PredictSpec | EvaluateSpec, settings: Settings) -> None:
+    """422 unless the server can sign deliveries and every address of the callback URL's host may be reached."""
+    if spec.callback_url is None:
+        return
+    if settings.webhook_secret is None:
+        raise _unprocessable(
+            "callback_url: this server has no webhook secret to sign deliveries with (EMBEDSEG_WEBHOOK_SECRET "
+            "is unset); ask its operator to set one, or leave callback_url out"
+        )
+    try:
+        resolve_target(spec.callback_url, settings.webhook_allowed_networks)
+    except TargetRefused as error:
+        raise _unprocessable(f"callback_url: {error}") from None
+
+
 # --------------------------------------------------------------------------- create
 
 
@@ -202,6 +230,7 @@ def _submit(
             return JobOut.model_validate(idempotency.replay(request, sub.response, session, Job, held_or_id, key))
         held = held_or_id
     with idempotency.holding(session, held):
+        _check_callback(spec, settings)
         check()
         check_queue(session, settings, principal)
         check_storage(session, settings, principal)
@@ -220,6 +249,7 @@ def _submit(
     except DispatchError as error:
         log.error("job %s not dispatched: %s", job.id, error)
         jobs.finish_job(session, job.id, JobStatus.failed, error=f"could not be queued: {error}")
+        webhooks.deliver_soon(job.id, settings, request.app.state.sessionmaker, job.spec)
         raise HTTPException(
             status_code=503,
             detail=f"Job {job.id} could not be queued: the job broker is unreachable; check "
@@ -291,7 +321,7 @@ async def get_job(body: JobBodyDep) -> Response:
     summary="Cancel a job (queued: at once; running: at the next epoch or tile)",
     responses={404: {}, 409: {"description": "The job has already finished"}},
 )
-def cancel_job(job: JobDep, session: SessionDep) -> JobOut:
+def cancel_job(job: JobDep, session: SessionDep, settings: SettingsDep, request: Request) -> JobOut:
     try:
         updated = jobs.request_cancel(session, job.id)
     except jobs.InvalidTransition as error:
@@ -299,6 +329,8 @@ def cancel_job(job: JobDep, session: SessionDep) -> JobOut:
             status_code=409,
             detail=f"Job {job.id} has already finished ({error.current}); only queued or running jobs can be cancelled",
         ) from None
+    if updated.status == JobStatus.cancelled.value:  # a queued job: cancelled here, so its webhook goes from here
+        webhooks.deliver_soon(job.id, settings, request.app.state.sessionmaker, updated.spec)
     return JobOut.model_validate(updated)
 
 
@@ -326,3 +358,59 @@ def download_job_labels(job: JobDep, session: SessionDep, storage: StorageDep) -
         "Content-Length": str(size),
     }
     return StreamingResponse(label_zip.iter_file(archive), media_type="application/zip", headers=headers)
+
+
+OBJECTS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"description": "No such job (or another owner's)"},
+    409: {"description": "Not a predict job, not succeeded, or run before object tables were recorded"},
+}
+
+
+@router.get(
+    "/{job_id}/objects",
+    response_model=Page[ObjectOut],
+    summary="The objects of a succeeded predict job's label volumes: size, centroid, bounding box, GT match",
+    responses={**OBJECTS_RESPONSES, 422: {"description": "A volume_id that is not one of the job's, or a bad page"}},
+)
+def list_job_objects(
+    job: JobDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    volume_id: Annotated[str | None, Query(max_length=64, description="An input or label volume of the job")] = None,
+    sort: Annotated[ObjectSort, Query(description="Column the rows of each volume are sorted by")] = ObjectSort.label,
+    descending: bool = False,
+    limit: LimitQuery = 100,
+    offset: OffsetQuery = 0,
+) -> Page[ObjectOut]:
+    """One row per object, volume after volume in the job's order (``volume_id``: one volume's only).
+    ``gt_label``/``iou`` come with the ground truth given in ``gt_ids``."""
+    if limit > settings.page_limit_max:
+        raise HTTPException(status_code=422, detail=f"query.limit: must be at most {settings.page_limit_max}")
+    try:
+        entries = objects.select_volume(job, objects.job_tables(job), volume_id)
+        return objects.object_page(storage, job, entries, sort=sort, descending=descending, limit=limit, offset=offset)
+    except objects.ObjectsUnavailable as error:
+        raise HTTPException(status_code=error.status, detail=error.detail) from None
+
+
+@router.get(
+    "/{job_id}/objects.csv",
+    response_class=Response,
+    summary="The objects of every label volume of a succeeded predict job as CSV",
+    responses={
+        200: {"description": "A header row, then one row per object (a volume column)", "content": {"text/csv": {}}},
+        **OBJECTS_RESPONSES,
+    },
+)
+def download_job_objects(job: JobDep, storage: StorageDep) -> StreamingResponse:
+    """Columns: volume_id, labels_id, label, voxel_count, centroid_<axis>, centroid_<axis>_physical (empty
+    without a voxel size), bbox_min_<axis>, bbox_max_<axis>, gt_volume_id, gt_label, iou (empty without GT)."""
+    try:
+        entries = objects.job_tables(job)
+        objects.check_files(storage, job, entries)
+    except objects.ObjectsUnavailable as error:
+        raise HTTPException(status_code=error.status, detail=error.detail) from None
+    headers = {"Content-Disposition": f'attachment; filename="{job.id[:8]}-objects.csv"'}
+    return StreamingResponse(
+        objects.csv_lines(storage, job, entries), media_type="text/csv; charset=utf-8", headers=headers
+    )

@@ -1,9 +1,9 @@
-"""``/models``: trained models: list, get, download the checkpoint, upload one, delete."""
+"""``/models``: trained models: list, get, download the checkpoint, export the network, upload one, delete."""
 
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Response
 from fastapi.responses import FileResponse
@@ -14,22 +14,40 @@ from sqlalchemy.orm import Session
 from embedseg_service.api.auth import Principal, PrincipalDep, visible
 from embedseg_service.api.checkpoints import CheckpointInvalid, read_checkpoint_summary
 from embedseg_service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep, StorageDep
+from embedseg_service.api.downloads import stored_file_response
+from embedseg_service.api.exports import exported_network
 from embedseg_service.api.owned import ModelDep
 from embedseg_service.api.upload_route import UploaderDep
 from embedseg_service.api.uploads import UPLOAD_RESPONSES, ReceivedUpload
-from embedseg_service.records.orm import Model, new_id
+from embedseg_service.core.model.export_format import INPUT_CONTRACT, ExportFormat
+from embedseg_service.records.orm import Model, new_id, utcnow
 from embedseg_service.records.removal import delete_unless_in_use
 from embedseg_service.records.schemas import ModelOut, Page
-from embedseg_service.records.storage import Storage, model_key
+from embedseg_service.records.storage import Storage, model_exports_prefix, model_key
 
 router = APIRouter(prefix="/models", tags=["models"])
 
 FORM_FIELDS = ("name",)
 
 
-def _download_name(name: str) -> str:
+def upload_provenance(sha256: str, filename: str | None, recorded: dict[str, Any]) -> dict[str, Any]:
+    """The provenance of an uploaded model file: its sha256 and name, when it came, and what the file itself
+    records (library versions, seed, device, epochs; absent from files that do not say)."""
+    return {
+        "origin": "uploaded",
+        "sha256": sha256,
+        "filename": filename,
+        "uploaded_at": utcnow().isoformat(),
+        "versions": recorded.get("versions"),
+        "seed": recorded.get("seed"),
+        "device": recorded.get("device"),
+        "epoch": recorded.get("epoch"),
+    }
+
+
+def _download_name(name: str, suffix: str = ".pt") -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
-    return f"{safe[:100]}.pt"
+    return f"{safe[:100]}{suffix}"
 
 
 @router.get("", response_model=Page[ModelOut], summary="List models, newest first")
@@ -70,9 +88,36 @@ def get_model(model: ModelDep) -> ModelOut:
     summary="The model's checkpoint file",
     responses={200: {"content": {"application/octet-stream": {}}}, 404: {}},
 )
-def download_model(model: ModelDep, storage: StorageDep) -> FileResponse:
-    path = storage.path_for(model.storage_key)
-    return FileResponse(path, media_type="application/octet-stream", filename=_download_name(model.name))
+def download_model(model: ModelDep, storage: StorageDep) -> Response:
+    return stored_file_response(
+        storage, model.storage_key, media_type="application/octet-stream", filename=_download_name(model.name)
+    )
+
+
+@router.get(
+    "/{model_id}/export",
+    response_class=FileResponse,
+    summary="The model's network as a TorchScript or ONNX file",
+    description="A file that runs with torch alone (`torch.jit.load`) or with any ONNX runtime, named "
+    "`<model name>.pt` or `<model name>.onnx`. It is made on the first request for the format (seconds) and "
+    "kept, so later requests only send it.\n\n" + INPUT_CONTRACT,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The exported network"},
+        404: {},
+        501: {"description": "The format cannot be written on this server (ONNX without the `onnx` package)"},
+    },
+)
+def export_model(
+    model: ModelDep,
+    storage: StorageDep,
+    fmt: Annotated[
+        ExportFormat, Query(alias="format", description="`torchscript` (a `.pt` file) or `onnx` (a `.onnx` file)")
+    ] = ExportFormat.torchscript,
+) -> Response:
+    key = exported_network(storage, model, fmt)
+    return stored_file_response(
+        storage, key, media_type="application/octet-stream", filename=_download_name(model.name, fmt.suffix)
+    )
 
 
 @router.post(
@@ -142,6 +187,7 @@ def _store_model(
         metrics=summary.metrics or None,
         storage_key=pending.key,
         size_bytes=pending.size,
+        provenance=upload_provenance(pending.sha256, received.filename, summary.recorded),
     )
     try:
         session.add(row)
@@ -160,5 +206,7 @@ def _store_model(
     responses={404: {}, 409: {"description": "Used by a queued or running job"}},
 )
 def delete_model(model: ModelDep, session: SessionDep, storage: StorageDep) -> Response:
+    exports = model_exports_prefix(model.id)
     delete_unless_in_use(session, storage, model)
+    storage.delete_prefix(exports)
     return Response(status_code=204)

@@ -13,8 +13,9 @@ from sqlalchemy.orm import Session
 
 from embedseg_service.api.auth import Principal, PrincipalDep, visible
 from embedseg_service.api.deps import LimitQuery, OffsetQuery, SessionDep, SettingsDep, StorageDep
+from embedseg_service.api.downloads import stored_file_response
 from embedseg_service.api.owned import VolumeDep
-from embedseg_service.api.preview import Projection, render_preview
+from embedseg_service.api.preview import Plane, Projection, render_preview, render_section
 from embedseg_service.api.tiff_checks import check_upload_values, inspect_upload, rewrite_upload
 from embedseg_service.api.upload_route import UploaderDep
 from embedseg_service.api.uploads import UPLOAD_RESPONSES, UploadRejected
@@ -267,9 +268,8 @@ def get_volume(volume: VolumeDep) -> VolumeOut:
     summary="The stored TIFF",
     responses={200: {"content": {"image/tiff": {}}}, 404: {}},
 )
-def download_volume(volume: VolumeDep, storage: StorageDep) -> FileResponse:
-    path = storage.path_for(volume.storage_key)
-    return FileResponse(path, media_type="image/tiff", filename=f"{volume.name}.tif")
+def download_volume(volume: VolumeDep, storage: StorageDep) -> Response:
+    return stored_file_response(storage, volume.storage_key, media_type="image/tiff", filename=f"{volume.name}.tif")
 
 
 @router.delete(
@@ -296,24 +296,26 @@ def _latest_prediction(session: Session, volume: Volume) -> Volume | None:
     ).first()
 
 
-@router.get(
-    "/{volume_id}/preview.png",
-    response_class=Response,
-    summary="PNG of the middle slice or max projection, labels as a coloured overlay",
-    responses={200: {"content": {"image/png": {}}}, 404: {}, 422: {}},
-)
-def preview_volume(
-    volume: VolumeDep,
-    session: SessionDep,
-    settings: SettingsDep,
-    storage: StorageDep,
-    projection: Projection = Projection.middle,
-    z: Annotated[int | None, Query(description="Slice to show (3D); default the middle one")] = None,
-    channel: Annotated[int, Query(ge=0)] = 0,
-    overlay: Annotated[bool, Query(description="Draw labels over the image when there are any")] = True,
-) -> Response:
+def _check_plane(plane: Plane, projection: Projection, z: int | None, y: int | None, x: int | None) -> None:
+    """422 for options that do not go together: each of z, y, x selects one kind of plane."""
     if z is not None and projection is Projection.max:
         raise HTTPException(status_code=422, detail="z selects a slice; leave it out with projection=max")
+    if plane is not Plane.xy and projection is Projection.max:
+        raise HTTPException(status_code=422, detail="projection=max applies to plane=xy; leave it out with xz or yz")
+    if plane is not Plane.xy and z is not None:
+        raise HTTPException(
+            status_code=422, detail="z selects the XY plane; with plane=xz give y, with plane=yz give x"
+        )
+    if y is not None and plane is not Plane.xz:
+        raise HTTPException(status_code=422, detail="y selects the XZ plane; give it with plane=xz")
+    if x is not None and plane is not Plane.yz:
+        raise HTTPException(status_code=422, detail="x selects the YZ plane; give it with plane=yz")
+
+
+def _preview_paths(
+    session: Session, storage: Storage, volume: Volume, overlay: bool
+) -> tuple[Path | None, Path | None]:
+    """(image, labels) to draw for ``volume``: a label volume over its image, an image under its latest labels."""
     image_path = labels_path = None
     if volume.kind == VolumeKind.labels.value:
         labels_path = storage.path_for(volume.storage_key)
@@ -326,16 +328,58 @@ def preview_volume(
         prediction = _latest_prediction(session, volume) if overlay else None
         if prediction is not None and storage.exists(prediction.storage_key):
             labels_path = storage.path_for(prediction.storage_key)
+    return image_path, labels_path
+
+
+@router.get(
+    "/{volume_id}/preview.png",
+    response_class=Response,
+    summary="PNG of a slice, the max projection or an XZ/YZ plane, labels as a coloured overlay",
+    description=(
+        "`plane=xy` (default): the middle Z slice (or `z`), or with `projection=max` the maximum projection. "
+        "`plane=xz` / `plane=yz` (3D): the plane through row `y` / column `x` (default the centre), rows "
+        "along Z, scaled by the volume's voxel size so that anisotropic stacks keep their proportions. "
+        "A label volume is drawn over its image; an image under its latest labels (`overlay=false`: not)."
+    ),
+    responses={200: {"content": {"image/png": {}}}, 404: {}, 422: {}},
+)
+def preview_volume(
+    volume: VolumeDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    projection: Projection = Projection.middle,
+    z: Annotated[int | None, Query(description="Slice to show (3D, plane=xy); default the middle one")] = None,
+    channel: Annotated[int, Query(ge=0)] = 0,
+    overlay: Annotated[bool, Query(description="Draw labels over the image when there are any")] = True,
+    plane: Annotated[Plane, Query(description="xy, or through a 3D volume xz or yz")] = Plane.xy,
+    y: Annotated[int | None, Query(description="Row of the XZ plane (plane=xz); default the centre")] = None,
+    x: Annotated[int | None, Query(description="Column of the YZ plane (plane=yz); default the centre")] = None,
+) -> Response:
+    _check_plane(plane, projection, z, y, x)
+    image_path, labels_path = _preview_paths(session, storage, volume, overlay)
     try:
-        png = render_preview(
-            image_path,
-            labels_path=labels_path,
-            projection=projection,
-            z=z,
-            channel=channel,
-            max_px=settings.preview_max_px,
-            max_voxels=settings.max_voxels,
-        )
+        if plane is Plane.xy:
+            png = render_preview(
+                image_path,
+                labels_path=labels_path,
+                projection=projection,
+                z=z,
+                channel=channel,
+                max_px=settings.preview_max_px,
+                max_voxels=settings.max_voxels,
+            )
+        else:
+            png = render_section(
+                image_path,
+                labels_path=labels_path,
+                plane=plane,
+                index=y if plane is Plane.xz else x,
+                channel=channel,
+                voxel_size=volume.voxel_size,
+                max_px=settings.preview_max_px,
+                max_voxels=settings.max_voxels,
+            )
     except ValueError as error:
         raise HTTPException(status_code=422, detail=str(error)) from None
     return Response(content=png, media_type="image/png")

@@ -1,4 +1,4 @@
-"""The ``embedseg`` command line: ``train``, ``predict``, ``evaluate`` and plug-in sub-commands.
+"""The ``embedseg`` command line: ``train``, ``predict``, ``evaluate``, ``export`` and plug-in sub-commands.
 
 Plug-ins are entry points of the group ``embedseg.commands``; each names a
 ``register(subparsers)`` function that adds its sub-parser and sets ``func`` (called with the
@@ -9,7 +9,7 @@ Bad input ends with exit code 2 and a one-line message on stderr (no traceback).
 
 Modules: the program (:mod:`.program`: parser, plug-ins, ``main``), argument types (:mod:`.arguments`),
 input files (:mod:`.files`) and one module per built-in command (:mod:`.train`, :mod:`.predict`,
-:mod:`.evaluate`).
+:mod:`.evaluate`, :mod:`.export`).
 """
 
 from __future__ import annotations

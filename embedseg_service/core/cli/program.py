@@ -8,11 +8,11 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from typing import Any
 
-from embedseg_service.core.cli import evaluate, predict, train
+from embedseg_service.core.cli import evaluate, export, predict, train
 from embedseg_service.core.cli.files import CommandError
 
 PLUGIN_GROUP = "embedseg.commands"
-BUILTIN_COMMANDS = ("train", "predict", "evaluate")
+BUILTIN_COMMANDS = ("train", "predict", "evaluate", "export")
 EXIT_USAGE = 2
 
 
@@ -49,6 +49,7 @@ def build_parser(with_plugins: bool = True) -> argparse.ArgumentParser:
     train.add_parser(sub)
     predict.add_parser(sub)
     evaluate.add_parser(sub)
+    export.add_parser(sub)
     if with_plugins:
         _register_plugins(sub)
     return parser

@@ -4,8 +4,9 @@ Nothing here holds more than one strip or tile (or :data:`BLOCK_BYTES` of uncomp
 decoded at a time, besides the plane it returns:
 
 * :func:`iter_blocks` yields every pixel of the image as 2D blocks of rows, to scan values.
-* :func:`read_plane` reads one canonical ``(c, z)`` plane, every ``stride``-th row and column,
-  decoding only the strips that hold those rows.
+* :func:`read_plane` reads one canonical ``(c, z)`` plane, every ``stride``-th row and column, and
+  :func:`read_window` any rows and columns of one (a row or a column: one line of an orthogonal
+  section), decoding only the strips or tiles that hold them.
 
 Inflation rule: before a compressed strip or tile is decoded, its output is measured with a
 bounded decompressor (Deflate, LZMA, PackBits) unless the codec's densest ratio already keeps it
@@ -189,66 +190,122 @@ def plane_page(layout: TiffLayout, c: int, z: int) -> int | None:
     return int(np.ravel_multi_index(position, outer))
 
 
-def _strided_raw(
-    tif: tifffile.TiffFile, offset: int, shape: tuple[int, int], dtype: np.dtype, stride: int
+def _first_at_or_after(kept: range, lo: int) -> int:
+    """Position in ``kept`` (a range with a positive step) of its first element >= ``lo``."""
+    return max(0, -(-(lo - kept.start) // kept.step))
+
+
+def _span(kept: range, lo: int, hi: int) -> tuple[int, int]:
+    """(first position, count) of the elements of ``kept`` within ``[lo, hi)``."""
+    first = _first_at_or_after(kept, lo)
+    last = min(len(kept), _first_at_or_after(kept, hi))
+    return first, max(0, last - first)
+
+
+def _window_raw(
+    tif: tifffile.TiffFile, offset: int, width: int, dtype: np.dtype, rows: range, cols: range
 ) -> np.ndarray:
-    height, width = shape
-    rows = range(0, height, stride)
-    out = np.empty((len(rows), len(range(0, width, stride))), dtype=dtype.newbyteorder("="))
-    row_bytes = width * dtype.itemsize
+    """Rows ``rows`` and columns ``cols`` of an uncompressed page at ``offset``: per row, only the bytes
+    from its first to its last kept column."""
+    out = np.empty((len(rows), len(cols)), dtype=dtype.newbyteorder("="))
+    if not len(rows) or not len(cols):
+        return out
+    count = cols[-1] - cols.start + 1
     for k, row in enumerate(rows):
-        out[k] = _read(tif.filehandle, offset + row * row_bytes, width, dtype)[::stride]
+        start = offset + (row * width + cols.start) * dtype.itemsize
+        out[k] = _read(tif.filehandle, start, count, dtype)[:: cols.step]
     return out
 
 
-def _strided_segments(
-    page: tifffile.TiffPage | tifffile.TiffFrame, shape: tuple[int, int], dtype: np.dtype, stride: int
-) -> np.ndarray:
-    height, width = shape
-    out = np.zeros((len(range(0, height, stride)), len(range(0, width, stride))), dtype=dtype)
-    keyframe = keyframe_of(page)
+def _segment_grid(keyframe: tifffile.TiffPage, width: int) -> tuple[int, int, int]:
+    """(rows, columns) of one strip or tile of a page ``width`` wide, and the segments per segment row."""
     seg_rows, seg_cols = (
         (int(keyframe.chunks[-2]), int(keyframe.chunks[-1])) if keyframe.is_tiled else (int(keyframe.chunks[0]), width)
     )
-    per_row = max(1, math.ceil(width / seg_cols))
-    wanted = [
-        i
-        for i in range(len(page.dataoffsets))
-        if any(r % stride == 0 for r in range((i // per_row) * seg_rows, min(height, (i // per_row + 1) * seg_rows)))
-    ]
+    return seg_rows, seg_cols, max(1, math.ceil(width / seg_cols))
+
+
+def _wanted_segments(keyframe: tifffile.TiffPage, shape: tuple[int, int], rows: range, cols: range) -> list[int]:
+    """Indices of the strips or tiles of a page of ``shape`` that hold a kept row and a kept column."""
+    height, width = shape
+    seg_rows, seg_cols, per_row = _segment_grid(keyframe, width)
+    hit_rows = [r for r in range(math.ceil(height / seg_rows)) if _span(rows, r * seg_rows, (r + 1) * seg_rows)[1]]
+    hit_cols = [c for c in range(per_row) if _span(cols, c * seg_cols, (c + 1) * seg_cols)[1]]
+    return [r * per_row + c for r in hit_rows for c in hit_cols]
+
+
+def _window_segments(
+    page: tifffile.TiffPage | tifffile.TiffFrame, shape: tuple[int, int], dtype: np.dtype, rows: range, cols: range
+) -> np.ndarray:
+    height, width = shape
+    out = np.zeros((len(rows), len(cols)), dtype=dtype)
+    wanted = _wanted_segments(keyframe_of(page), shape, rows, cols)
     for segment, (_, _, y0, x0, _) in decoded_segments(page, wanted):
         if segment is None:
             continue
         block = segment[0, :, :, 0][: height - y0, : width - x0]
-        first_row, first_col = -y0 % stride, -x0 % stride
-        picked = block[first_row::stride, first_col::stride]
-        top, left = (y0 + first_row) // stride, (x0 + first_col) // stride
-        out[top : top + picked.shape[0], left : left + picked.shape[1]] = picked
+        top, n_rows = _span(rows, y0, y0 + block.shape[0])
+        left, n_cols = _span(cols, x0, x0 + block.shape[1])
+        if n_rows and n_cols:
+            r0, c0 = rows[top] - y0, cols[left] - x0
+            picked = block[
+                r0 : r0 + (n_rows - 1) * rows.step + 1 : rows.step, c0 : c0 + (n_cols - 1) * cols.step + 1 : cols.step
+            ]
+            out[top : top + n_rows, left : left + n_cols] = picked
     return out
 
 
-def read_plane(tif: tifffile.TiffFile, layout: TiffLayout, c: int, z: int, stride: int = 1) -> np.ndarray:
-    """The canonical plane ``(c, z)`` (``Y``, ``X``) of ``tif``'s main image, every ``stride``-th row and column.
+def _page_axes(layout: TiffLayout, rows: range, cols: range) -> tuple[tuple[int, int], range, range, bool]:
+    """(stored page shape, page rows, page columns, transposed) for canonical ``rows`` (Y) and ``cols`` (X)."""
+    transposed = layout.full[-2:] == "XY"
+    shape = (layout.shape[-2], layout.shape[-1])
+    return (shape, cols, rows, True) if transposed else (shape, rows, cols, False)
 
-    Reads one page (only its rows that are kept); ``c``/``z`` are ignored for axes the image lacks.
+
+def read_window(tif: tifffile.TiffFile, layout: TiffLayout, c: int, z: int, rows: range, cols: range) -> np.ndarray:
+    """The canonical plane ``(c, z)`` of ``tif``'s main image at rows ``rows`` (Y) and columns ``cols`` (X),
+    ranges with a positive step within the plane: a ``(len(rows), len(cols))`` array.
+
+    Decodes only the strips or tiles holding a kept row and a kept column (uncompressed pages: reads
+    only the span of kept columns of each kept row). ``c``/``z`` are ignored for axes the image lacks.
     Raises :class:`TiffUnsupported` when the pages are not 2D planes of Y and X (see
     :func:`plane_page`), :class:`TiffDamaged` for data that cannot be decoded.
     """
     number = plane_page(layout, c, z)
     if number is None:
         raise TiffUnsupported(f"the TIFF stores its image (axes {layout.full}) other than one Y-X plane per page")
-    shape = (layout.shape[-2], layout.shape[-1])
+    shape, page_rows, page_cols, transposed = _page_axes(layout, rows, cols)
     series = layout.series
     stored = _stored_dtype(tif, layout.dtype)
     if series.dataoffset is not None:
         offset = int(series.dataoffset) + number * shape[0] * shape[1] * stored.itemsize
-        plane = _strided_raw(tif, offset, shape, stored, stride)
+        plane = _window_raw(tif, offset, shape[1], stored, page_rows, page_cols)
     else:
         page = series.pages[number]
         if page is None:
             raise TiffDamaged(f"the TIFF lacks page {number} of its image; upload the complete file")
         if page.is_contiguous:
-            plane = _strided_raw(tif, int(page.dataoffsets[0]), shape, stored, stride)
+            plane = _window_raw(tif, int(page.dataoffsets[0]), shape[1], stored, page_rows, page_cols)
         else:
-            plane = _strided_segments(page, shape, layout.dtype, stride)
-    return plane.T if layout.full[-2:] == "XY" else plane
+            plane = _window_segments(page, shape, layout.dtype, page_rows, page_cols)
+    return plane.T if transposed else plane
+
+
+def window_bytes(layout: TiffLayout, rows: range, cols: range) -> int:
+    """Bytes :func:`read_window` reads (uncompressed pages) or decodes (strips and tiles) for one page."""
+    shape, page_rows, page_cols, _ = _page_axes(layout, rows, cols)
+    itemsize = np.dtype(layout.dtype).itemsize
+    keyframe = layout.series.keyframe
+    if layout.series.dataoffset is not None or keyframe is None or keyframe.is_contiguous:
+        span = page_cols[-1] - page_cols.start + 1 if len(page_cols) else 0
+        return len(page_rows) * span * itemsize
+    return len(_wanted_segments(keyframe, shape, page_rows, page_cols)) * _segment_bytes(keyframe)
+
+
+def read_plane(tif: tifffile.TiffFile, layout: TiffLayout, c: int, z: int, stride: int = 1) -> np.ndarray:
+    """The canonical plane ``(c, z)`` (``Y``, ``X``) of ``tif``'s main image, every ``stride``-th row and column.
+
+    Reads one page (only its rows that are kept): :func:`read_window` of every ``stride``-th row and column.
+    """
+    height, width = (layout.shape[-1], layout.shape[-2]) if layout.full[-2:] == "XY" else layout.shape[-2:]
+    return read_window(tif, layout, c, z, range(0, height, stride), range(0, width, stride))

@@ -28,5 +28,9 @@ REQUIRED_KEYS = ("state_dict", "spatial_dims", "in_channels", "step")
 DESCRIPTION_KEYS = ("config", "properties", "metrics")
 """Keys of plain data describing the model: training configuration, data-derived parameters, metrics."""
 
+PROVENANCE_KEYS = ("versions", "seed", "device", "epoch")
+"""Keys of plain data saying how the file was made, when present: library versions (every file), the
+training's seed, the kind of device it trained on (``cpu``, ``cuda``) and its epochs."""
+
 PICKLE_MEMBER = "data.pkl"
 """Name of the archive member (in the archive's top folder) that :func:`torch.save` pickles the dict into."""

@@ -167,6 +167,7 @@ class TrainingRun:
             "metrics": metrics,
             "history": self.history,
             "seed": config.seed,
+            "device": self.device.type,
             "seeds": {
                 "python": config.seed,
                 "numpy": config.seed % (2**32),

@@ -10,6 +10,7 @@ const ROUTES = {
   deleteVolume: "DELETE /api/v1/volumes/{volume_id}",
   volumePreview: "GET /api/v1/volumes/{volume_id}/preview.png",
   volumeDownload: "GET /api/v1/volumes/{volume_id}/download",
+  getVolume: "GET /api/v1/volumes/{volume_id}",
   listModels: "GET /api/v1/models",
   deleteModel: "DELETE /api/v1/models/{model_id}",
   modelDownload: "GET /api/v1/models/{model_id}/download",
@@ -19,6 +20,8 @@ const ROUTES = {
   startPredict: "POST /api/v1/jobs/predict",
   startEvaluate: "POST /api/v1/jobs/evaluate",
   cancelJob: "POST /api/v1/jobs/{job_id}/cancel",
+  jobObjects: "GET /api/v1/jobs/{job_id}/objects",
+  jobObjectsCsv: "GET /api/v1/jobs/{job_id}/objects.csv",
 };
 
 const POLL_MS = 2000;
@@ -32,6 +35,9 @@ const state = {
   models: [],
   selectedJob: null,
   jobStatus: {},  // last seen status per job id, to notice jobs that just finished
+  detailDrawn: "",  // the job body the job detail shows
+  detailReleases: [],  // what the drawn job detail holds (plane viewers): released when it is replaced
+  viewer: null,  // the plane viewer of the volumes card
 };
 
 // ------------------------------------------------------------------ HTTP
@@ -117,8 +123,8 @@ async function api(name, { params = {}, query = null, json = undefined, form = u
 }
 
 // A file of the API as { blob, filename } (filename: from Content-Disposition, "" when absent).
-async function fetchFile(name, params) {
-  const response = await send(name, { params });
+async function fetchFile(name, params, query = null) {
+  const response = await send(name, { params, query });
   const filename = dispositionName(response.headers.get("content-disposition"));
   return { blob: await response.blob(), filename };
 }
@@ -368,6 +374,243 @@ function releasePreviews(keep) {
   }
 }
 
+// ------------------------------------------------------------------ planes (XY, XZ, YZ)
+
+const PLANE_DEBOUNCE_MS = 250;
+
+// Spatial sizes of a volume from its axes and shape: { z, y, x } (z null for a 2D volume).
+function spatialSize(volume) {
+  const size = { z: null, y: null, x: null };
+  [...volume.axes].forEach((axis, i) => {
+    const key = axis.toLowerCase();
+    if (key in size) size[key] = volume.shape[i];
+  });
+  return size;
+}
+
+// The planes of a volume, drawn by the server with labels overlaid (a label volume over its image, an
+// image under its latest labels) and fetched with the key: XY of a 2D volume; XY, XZ and YZ of a 3D one,
+// each with a slider for the slice, row or column it passes through (XZ and YZ are scaled along Z by the
+// voxel size). Returns { node, centreOn(centroid), release() }: centreOn moves the planes through a point
+// (array order), release revokes the images' object URLs.
+function planeViewer(volume) {
+  const size = spatialSize(volume);
+  const specs = size.z === null ? [{ plane: "xy", axis: null, title: "XY" }] : [
+    { plane: "xy", axis: "z", title: "XY", across: "slice z" },
+    { plane: "xz", axis: "y", title: "XZ", across: "row y" },
+    { plane: "yz", axis: "x", title: "YZ", across: "column x" },
+  ];
+  let released = false;
+  const views = specs.map((spec) => planeView(volume, spec, size, () => released));
+  const node = el("div", { class: "planes", "data-planes-for": volume.id }, views.map((view) => view.node));
+  for (const view of views) view.load();
+  return {
+    node,
+    centreOn(centroid) {
+      const point = size.z === null ? { y: centroid[0], x: centroid[1] } : { z: centroid[0], y: centroid[1], x: centroid[2] };
+      for (const view of views) view.moveTo(point);
+    },
+    release() {
+      released = true;
+      for (const view of views) view.release();
+    },
+  };
+}
+
+// One plane of a plane viewer: its image, caption and (3D) slider.
+function planeView(volume, spec, size, isReleased) {
+  const img = el("img", { alt: `${spec.title} plane of ${volume.name}` });
+  let url = null;
+  let seq = 0;
+  let timer = null;
+  let slider = null;
+  let value = null;
+  if (spec.axis) {
+    const max = size[spec.axis] - 1;
+    slider = el("input", { type: "range", min: 0, max, step: 1, value: Math.floor(size[spec.axis] / 2),
+      "aria-label": `${spec.title} plane: ${spec.across} (0–${max})`, "data-axis": spec.axis });
+    value = el("output", { class: "mono" }, slider.value);
+  }
+  const view = {
+    load() {
+      const mine = ++seq;
+      const query = { plane: spec.plane };
+      if (slider) query[spec.axis] = slider.value;
+      fetchFile("volumePreview", { volume_id: volume.id }, query).then(({ blob }) => {
+        if (mine !== seq || isReleased()) return;
+        if (url) URL.revokeObjectURL(url);
+        url = URL.createObjectURL(blob);
+        img.src = url;
+        img.classList.remove("missing");
+      }, (error) => {
+        if (mine !== seq || isReleased()) return;
+        img.alt = error instanceof KeyNeeded ? "preview needs an API key" : `no preview: ${error.message}`;
+        img.classList.add("missing");
+      });
+    },
+    moveTo(point) {
+      if (!slider || point[spec.axis] === undefined) return;
+      slider.value = String(Math.round(point[spec.axis]));
+      value.textContent = slider.value;
+      view.load();
+    },
+    release() {
+      clearTimeout(timer);
+      if (url) URL.revokeObjectURL(url);
+      url = null;
+    },
+  };
+  if (slider) {
+    slider.addEventListener("input", () => {
+      value.textContent = slider.value;
+      clearTimeout(timer);
+      timer = setTimeout(view.load, PLANE_DEBOUNCE_MS);
+    });
+  }
+  view.node = el("figure", { class: "plane", "data-plane": spec.plane }, img,
+    el("figcaption", {}, el("strong", {}, spec.title),
+      slider ? el("label", { class: "compact" }, `${spec.axis} `, slider, value) : null));
+  return view;
+}
+
+// The plane viewer card of the volumes list (a volume's "Planes" button opens it).
+function openViewer(volume) {
+  closeViewer();
+  state.viewer = planeViewer(volume);
+  document.getElementById("viewer-title").textContent = `Planes of ${volume.name}`;
+  document.getElementById("viewer-body").replaceChildren(state.viewer.node);
+  const card = document.getElementById("viewer-card");
+  card.hidden = false;
+  card.scrollIntoView({ block: "nearest" });
+  document.getElementById("viewer-close").focus();
+}
+
+function closeViewer() {
+  if (state.viewer) state.viewer.release();
+  state.viewer = null;
+  document.getElementById("viewer-body").replaceChildren();
+  document.getElementById("viewer-card").hidden = true;
+}
+
+// ------------------------------------------------------------------ objects of a prediction
+
+const OBJECTS_PAGE = 100;
+const OBJECT_SORTS = { label: "Label", voxel_count: "Voxels", iou: "IoU" };
+
+// The per-object table of a succeeded predict job, with the planes of the label volume it shows: a volume
+// choice, sortable columns (sorted by the server, within the volume), pages and a CSV download of all.
+function objectsSection(job, releases) {
+  const tables = ((job.result || {}).object_tables || {}).volumes || [];
+  const view = { sort: "label", descending: false, offset: 0, seq: 0, viewer: null, labelsId: tables.length ? tables[0].labels_id : null };
+  const status = el("p", { class: "muted", role: "status" }, "Loading objects…");
+  const planes = el("div", { class: "objects-planes" });
+  const body = el("tbody", {});
+  const head = el("tr", {});
+  const pager = el("div", { class: "pager" });
+  const table = el("table", { class: "list objects-table" },
+    el("caption", { class: "muted" }, "Centroids and boxes in pixels, z,y,x (3D) or y,x (2D); boxes inclusive"),
+    el("thead", {}, head), body);
+  const csv = downloadLink("jobObjectsCsv", { job_id: job.id }, "Download CSV", `${shortId(job.id)}-objects.csv`);
+  const controls = [csv];
+  if (tables.length > 1) {
+    const choice = el("select", { "aria-label": "label volume" },
+      tables.map((t) => volumeNameNode(t.volume_id, ` (${t.n_objects} objects)`, "option", { value: t.labels_id })));
+    choice.addEventListener("change", () => { view.labelsId = choice.value; view.offset = 0; showPlanes(); load(); });
+    controls.unshift(el("label", { class: "compact" }, "Volume", choice));
+  }
+  const releaseViewer = () => { if (view.viewer) view.viewer.release(); view.viewer = null; };
+  releases.push(releaseViewer);
+
+  async function showPlanes() {
+    releaseViewer();
+    planes.replaceChildren();
+    if (!view.labelsId) return;
+    const wanted = view.labelsId;
+    let volume = state.allVolumes.find((v) => v.id === wanted);
+    try {
+      if (!volume) volume = await api("getVolume", { params: { volume_id: wanted } });
+    } catch (error) {
+      planes.replaceChildren(el("p", { class: "muted" }, `no planes: ${error.message}`));
+      return;
+    }
+    if (wanted !== view.labelsId || !planes.isConnected) return;
+    releaseViewer();
+    view.viewer = planeViewer(volume);
+    planes.replaceChildren(view.viewer.node);
+  }
+
+  function drawHead() {
+    const sortable = (key) => {
+      const active = view.sort === key;
+      const button = el("button", { type: "button", class: "sort", "data-sort": key,
+        title: `Sort by ${OBJECT_SORTS[key].toLowerCase()}` }, OBJECT_SORTS[key], active ? (view.descending ? " ▼" : " ▲") : "");
+      button.addEventListener("click", () => {
+        view.descending = active ? !view.descending : key !== "label";
+        view.sort = key;
+        view.offset = 0;
+        load();
+      });
+      return el("th", { "aria-sort": active ? (view.descending ? "descending" : "ascending") : "none" }, button);
+    };
+    head.replaceChildren(sortable("label"), sortable("voxel_count"), el("th", {}, "Centroid"),
+      el("th", {}, "Physical"), el("th", {}, "Bounding box"), el("th", {}, "GT"), sortable("iou"));
+  }
+
+  function row(item) {
+    const numbers = (values, digits) => (values ? values.map((v) => formatNumber(v, digits)).join(", ") : "—");
+    const label = item.centroid.length === 3
+      ? el("button", { type: "button", class: "ghost small", title: "Show the planes through this object",
+        onclick: () => { if (view.viewer) view.viewer.centreOn(item.centroid); } }, String(item.label))
+      : String(item.label);
+    return el("tr", { "data-label": item.label },
+      el("td", {}, label),
+      el("td", {}, String(item.voxel_count)),
+      el("td", { class: "mono" }, numbers(item.centroid, 1)),
+      el("td", { class: "mono" }, numbers(item.centroid_physical, 2)),
+      el("td", { class: "mono" }, `${item.bbox_min.join(",")} – ${item.bbox_max.join(",")}`),
+      el("td", {}, item.gt_label !== null ? String(item.gt_label) : (item.gt_volume_id ? "unmatched" : "—")),
+      el("td", {}, item.iou !== null ? formatNumber(item.iou, 3) : "—"));
+  }
+
+  async function load() {
+    const mine = ++view.seq;
+    drawHead();
+    status.textContent = "Loading objects…";
+    status.className = "muted";
+    try {
+      const page = await api("jobObjects", { params: { job_id: job.id }, query: {
+        volume_id: view.labelsId, sort: view.sort, descending: view.descending, limit: OBJECTS_PAGE, offset: view.offset } });
+      if (mine !== view.seq) return;
+      body.replaceChildren(...page.items.map(row));
+      if (!page.items.length) body.append(el("tr", {}, el("td", { colspan: 7, class: "empty" }, "No objects in this volume.")));
+      status.textContent = `${page.total} object${page.total === 1 ? "" : "s"}`;
+      drawPager(page);
+    } catch (error) {
+      if (mine !== view.seq || error instanceof StaleAnswer) return;
+      body.replaceChildren();
+      status.textContent = error.message;
+      status.className = "error";
+    }
+  }
+
+  function drawPager(page) {
+    pager.replaceChildren();
+    if (page.total <= page.limit) return;
+    const last = Math.min(page.offset + page.items.length, page.total);
+    const prev = el("button", { type: "button", class: "ghost small", disabled: page.offset === 0 }, "‹ Prev");
+    const next = el("button", { type: "button", class: "ghost small", disabled: last >= page.total }, "Next ›");
+    prev.addEventListener("click", () => { view.offset = Math.max(0, page.offset - page.limit); load(); });
+    next.addEventListener("click", () => { view.offset = page.offset + page.limit; load(); });
+    pager.append(prev, `${page.offset + 1}–${last} of ${page.total}`, next);
+  }
+
+  const node = el("div", { class: "objects", "data-objects-for": job.id },
+    el("div", { class: "links" }, controls), planes, status, el("div", { class: "scroll-x" }, table), pager);
+  showPlanes();
+  load();
+  return node;
+}
+
 // ------------------------------------------------------------------ small helpers (text)
 
 function shortId(id) {
@@ -479,6 +722,9 @@ function volumeTile(volume) {
     }
   });
   const voxel = volume.voxel_size ? `voxel ${volume.voxel_size.map((v) => formatNumber(v, 3)).join("×")}` : "";
+  const planes = spatialSize(volume).z === null ? null
+    : el("button", { type: "button", class: "ghost small", title: "Show the XY, XZ and YZ planes",
+      onclick: () => openViewer(volume) }, "Planes");
   return el("div", { class: "tile", "data-volume-id": volume.id },
     viewLink("volumePreview", { volume_id: volume.id }, image),
     el("div", { class: "meta" },
@@ -490,13 +736,14 @@ function volumeTile(volume) {
       el("span", { class: "muted mono", title: volume.id }, shortId(volume.id))),
     el("div", { class: "actions" },
       downloadLink("volumeDownload", { volume_id: volume.id }, "Download", `${volume.name}.tif`),
-      remove));
+      planes, remove));
 }
 
 // All volumes (up to a few hundred) for the job forms' choices.
 async function loadVolumeChoices() {
   const page = await api("listVolumes", { query: { limit: CHOICES_LIMIT, offset: 0 } });
   state.allVolumes = page.items;
+  refreshVolumeNames();
   for (const select of document.querySelectorAll("select[data-kind]")) fillVolumeSelect(select);
 }
 
@@ -683,6 +930,7 @@ function selectJob(jobId) {
 async function loadJobDetail() {
   const node = document.getElementById("job-detail");
   if (!state.selectedJob) {
+    releaseDetail();
     node.hidden = true;
     return;
   }
@@ -691,15 +939,28 @@ async function loadJobDetail() {
     job = await api("getJob", { params: { job_id: state.selectedJob } });
   } catch (error) {
     if (error instanceof KeyNeeded || error instanceof StaleAnswer) throw error;
+    releaseDetail();
     node.hidden = false;
     node.replaceChildren(el("p", { class: "error" }, error.message));
     return;
   }
+  // A finished job's detail stays as drawn (its object table keeps its page, sort and planes) until the
+  // job changes; the names of volumes in it follow the volume list (refreshVolumeNames).
+  const drawn = JSON.stringify(job);
+  if (drawn === state.detailDrawn && !node.hidden) return;
+  releaseDetail();
+  state.detailDrawn = drawn;
   node.hidden = false;
-  node.replaceChildren(...jobDetail(job));
+  node.replaceChildren(...jobDetail(job, state.detailReleases));
 }
 
-function jobDetail(job) {
+// Release what the drawn job detail holds (the object URLs of its planes).
+function releaseDetail() {
+  for (const release of state.detailReleases.splice(0)) release();
+  state.detailDrawn = "";
+}
+
+function jobDetail(job, releases) {
   const parts = [];
   const close = el("button", { type: "button", class: "ghost small" }, "Close");
   close.addEventListener("click", () => { selectJob(null); loadJobs(); });
@@ -749,7 +1010,7 @@ function jobDetail(job) {
   }
   const history = trainingHistory(job.metrics);
   if (history.length) {
-    parts.push(el("h3", {}, "Training"), lossChart(history));
+    parts.push(el("h3", {}, "Training"), lossChart(history, job.metrics.best_epoch));
     const latest = (key) => [...history].reverse().find((row) => Number.isFinite(row[key]));
     const last = history[history.length - 1];
     const total = job.metrics.epochs_total;
@@ -757,9 +1018,11 @@ function jobDetail(job) {
     const loss = latest("loss");
     const valLoss = latest("val_loss");
     const valIou = latest("val_iou");
+    const valAp = latest("val_map");
     if (loss) summary.push(`loss ${formatNumber(loss.loss, 4)}`);
     if (valLoss) summary.push(`val loss ${formatNumber(valLoss.val_loss, 4)} (epoch ${valLoss.epoch})`);
     if (valIou) summary.push(`val IoU ${formatNumber(valIou.val_iou, 3)} (epoch ${valIou.epoch})`);
+    if (valAp) summary.push(`val mean AP ${formatNumber(valAp.val_map, 3)} (epoch ${valAp.epoch})`);
     if (Number.isFinite(job.metrics.best_epoch)) summary.push(`best epoch ${job.metrics.best_epoch}`);
     parts.push(el("div", { class: "muted" }, summary.join(" · ")));
   }
@@ -767,12 +1030,17 @@ function jobDetail(job) {
   if (ap) parts.push(el("h3", {}, "Average precision"), ap);
   const links = resultLinks(job);
   if (links.length) parts.push(el("h3", {}, "Results"), el("div", { class: "links" }, links));
+  if (job.kind === "predict" && job.status === "succeeded") {
+    parts.push(el("h3", {}, "Objects"), objectsSection(job, releases));
+  }
   parts.push(el("details", {}, el("summary", { class: "muted" }, "Job parameters"),
     el("pre", { class: "spec" }, JSON.stringify(job.spec, null, 2))));
   return parts;
 }
 
-// Per-epoch records [{epoch, loss, val_loss, val_iou}] from a job's metrics.
+// Per-epoch records [{epoch, loss, val_loss, val_iou, val_map}] from a job's metrics. val_map, the
+// validation AP averaged over the IoU thresholds, is what picks the saved model (selection_metric
+// mean_ap, the service's training default).
 function trainingHistory(metrics) {
   if (!metrics) return [];
   const rows = metrics.epochs;
@@ -782,10 +1050,12 @@ function trainingHistory(metrics) {
     loss: row.loss,
     val_loss: row.val_loss,
     val_iou: row.val_iou,
-  })).filter((row) => Number.isFinite(row.loss) || Number.isFinite(row.val_iou));
+    val_map: row.val_map,
+  })).filter((row) => Number.isFinite(row.loss) || Number.isFinite(row.val_iou) || Number.isFinite(row.val_map));
 }
 
-function lossChart(history) {
+// Loss (left axis), validation IoU and mean AP (right axis, 0–1) per epoch; `bestEpoch`: the saved model's.
+function lossChart(history, bestEpoch = null) {
   const width = 560;
   const height = 200;
   const pad = { left: 46, right: 42, top: 10, bottom: 32 };
@@ -802,7 +1072,7 @@ function lossChart(history) {
   const yLoss = (value) => pad.top + plotH - ((value - lossMin) / lossSpan) * plotH;
   const yIou = (value) => pad.top + plotH - Math.min(1, Math.max(0, value)) * plotH;
 
-  const chart = svg("svg", { class: "chart", viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": "loss and validation IoU per epoch" });
+  const chart = svg("svg", { class: "chart", viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": "loss, validation IoU and validation mean AP per epoch" });
   for (let i = 0; i <= 4; i += 1) {
     const y = pad.top + (plotH * i) / 4;
     chart.append(svg("line", { class: "grid", x1: pad.left, x2: pad.left + plotW, y1: y, y2: y }));
@@ -836,17 +1106,38 @@ function lossChart(history) {
   const hasLoss = line("loss", yLoss, "loss");
   const hasValLoss = line("val_loss", yLoss, "val-loss");
   const hasIou = line("val_iou", yIou, "iou");
+  const hasAp = line("val_map", yIou, "ap");
+  const saved = Number.isFinite(bestEpoch) && bestEpoch >= e0 && bestEpoch <= e1;
+  if (saved) {
+    chart.append(svg("line", { class: "best", x1: x(bestEpoch), x2: x(bestEpoch), y1: pad.top, y2: pad.top + plotH }));
+    chart.append(svg("text", { x: x(bestEpoch) + 3, y: pad.top + 9 }, "saved"));
+  }
 
   const legend = el("div", { class: "legend" },
     hasLoss ? el("span", {}, el("i", { style: "background:var(--loss)" }), "train loss (left)") : null,
     hasValLoss ? el("span", {}, el("i", { style: "background:repeating-linear-gradient(90deg,var(--loss) 0 4px,transparent 4px 7px)" }), "val loss (left)") : null,
-    hasIou ? el("span", {}, el("i", { style: "background:var(--iou)" }), "val IoU (right, 0–1)") : null);
+    hasIou ? el("span", {}, el("i", { style: "background:var(--iou)" }), "val IoU (right, 0–1)") : null,
+    hasAp ? el("span", { "data-series": "val_map" }, el("i", { style: "background:var(--ap)" }), "val mean AP, picks the saved model (right, 0–1)") : null,
+    saved ? el("span", {}, el("i", { style: "background:repeating-linear-gradient(90deg,var(--muted) 0 3px,transparent 3px 6px)" }), `saved model (epoch ${bestEpoch})`) : null);
   return el("div", {}, chart, legend);
 }
 
 function volumeName(volumeId) {
   const volume = state.allVolumes.find((v) => v.id === volumeId);
   return volume ? volume.name : shortId(volumeId);
+}
+
+// A volume's name as text that follows the volume list (`suffix` after it); `tag` for an <option>.
+function volumeNameNode(volumeId, suffix = "", tag = "span", attrs = {}) {
+  return el(tag, { ...attrs, "data-volume-name": volumeId, "data-suffix": suffix || null, title: volumeId },
+    volumeName(volumeId) + suffix);
+}
+
+// Write the current names into every volumeNameNode on the page.
+function refreshVolumeNames() {
+  for (const node of document.querySelectorAll("[data-volume-name]")) {
+    node.textContent = volumeName(node.dataset.volumeName) + (node.dataset.suffix || "");
+  }
 }
 
 // AP table of a prediction/evaluation job. metrics.ap = {thresholds, ap (mean over volumes)};
@@ -864,7 +1155,7 @@ function apTable(metrics) {
   const items = (metrics.volumes || metrics.pairs || []).filter((item) => Array.isArray(item.ap));
   const rows = items.map((item) => {
     const volumeId = item.volume_id || item.pred_id;
-    return el("tr", {}, el("td", { title: volumeId }, volumeName(volumeId)), el("td", {}, formatNumber(item.n_gt)),
+    return el("tr", {}, el("td", {}, volumeNameNode(volumeId)), el("td", {}, formatNumber(item.n_gt)),
       el("td", {}, formatNumber(item.n_pred)), cells(item.ap));
   });
   rows.push(el("tr", { class: "total" }, el("td", {}, items.length > 1 ? "mean" : "overall"),
@@ -884,7 +1175,7 @@ function resultLinks(job) {
       downloadLink("modelDownload", { model_id: result.model_id }, "download checkpoint", `model-${shortId(result.model_id)}.pt`)));
   }
   for (const volumeId of result.label_volume_ids || []) {
-    links.push(el("span", {}, "labels ", el("span", { class: "mono", title: volumeId }, volumeName(volumeId)), " · ",
+    links.push(el("span", {}, "labels ", volumeNameNode(volumeId, "", "span", { class: "mono" }), " · ",
       viewLink("volumePreview", { volume_id: volumeId }, "preview"),
       " · ", downloadLink("volumeDownload", { volume_id: volumeId }, "download labels", `${volumeName(volumeId)}.tif`)));
   }
@@ -1046,6 +1337,8 @@ function clearData(message) {
   for (const id of ["jobs", "models"]) {
     document.getElementById(id).replaceChildren(el("tr", {}, el("td", { colspan: 5, class: "empty" }, message)));
   }
+  releaseDetail();
+  closeViewer();
   document.getElementById("job-detail").hidden = true;
 }
 
@@ -1083,6 +1376,7 @@ function init() {
   }
   document.getElementById("key-form").addEventListener("submit", saveKey);
   document.getElementById("key-forget").addEventListener("click", forgetKey);
+  document.getElementById("viewer-close").addEventListener("click", closeViewer);
   const stored = storedKey();
   auth.key = stored.key;
   showKeyState(stored.remembered);
