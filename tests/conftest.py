@@ -16,6 +16,24 @@ pytest_plugins = ("s3_server",)  # the SeaweedFS S3 server fixture, s3_server
 os.environ.setdefault("EMBEDSEG_ALLOWED_HOSTS", '["localhost", "127.0.0.1", "::1", "testserver"]')
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """``--artefacts DIR``: keep what tests save for people to look at (the dashboard's screenshots) in DIR;
+    ``--readme-screenshots``: the dashboard's browser test also rewrites the README's screenshots."""
+    parser.addoption("--artefacts", type=Path, default=None,
+                     help="folder for test artefacts such as screenshots (default: the test's tmp_path)")  # fmt: skip
+    parser.addoption("--readme-screenshots", action="store_true",
+                     help="rewrite the README's dashboard screenshots under docs/images")  # fmt: skip
+
+
+@pytest.fixture
+def artefacts(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """Folder for what a test saves for people to look at: ``--artefacts DIR``/<test name>, else ``tmp_path``."""
+    root = request.config.getoption("--artefacts")
+    folder = Path(root) / request.node.name if root is not None else tmp_path / "artefacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """Folder of the small real microscopy files shipped with the tests."""

@@ -1,6 +1,7 @@
 """Helpers shared by the tests: the DSB image and the split of the session's trained model, the trivial
 segmentation baseline, seeds from the environment, TIFF uploads, the textbook Lovász hinge, jobs over
-HTTP, the services (the embedded default; PostgreSQL, Redis and a Celery worker), and a webhook receiver.
+HTTP, the services (the embedded default; PostgreSQL, Redis, a Celery worker and ``embedseg worker`` processes), and
+a webhook receiver.
 
 Importable as ``helpers`` from every test module (pytest puts ``tests/`` on ``sys.path`` for its
 ``conftest.py``). Heavy libraries are imported inside the helpers that need them.
@@ -136,13 +137,16 @@ def upload(
 
 
 class RecordingDispatcher:
-    """A job dispatcher for an app under test: records the job ids it is given; the jobs stay queued."""
+    """A job dispatcher for an app under test: records the job ids it is given (and their queues); the jobs stay
+    queued."""
 
     def __init__(self) -> None:
         self.submitted: list[str] = []
+        self.queues: list[str | None] = []
 
-    def submit(self, job_id: str) -> None:
+    def submit(self, job_id: str, queue: str | None = None) -> None:
         self.submitted.append(job_id)
+        self.queues.append(queue)
 
 
 # --------------------------------------------------------------------------- Lovász oracle
@@ -276,10 +280,135 @@ def celery_worker(settings: Any) -> Iterator[Any]:
         yield app
 
 
+WORKER_WAIT_S = 240.0
+"""Longest wait for an ``embedseg worker`` process to be ready."""
+
+
+class WorkerProcess:
+    """An ``embedseg worker`` process on ``settings`` (its own session, so ``kill -9`` of its process group reaches
+    its pool processes, and with ``--gpus`` its children, too), logging to ``<root>/<name>.log``.
+
+    ``args`` are further options (``--gpus 0,1``), ``env`` further environment variables; ``nodes`` is how many
+    Celery nodes it starts (one per GPU with ``--gpus``), each logging ``<node> ready.``.
+    """
+
+    def __init__(
+        self, settings: Any, root: Path, name: str, *, args: Sequence[str] = (), env: dict[str, str] | None = None,
+        nodes: int = 1,
+    ) -> None:  # fmt: skip
+        import subprocess
+        import sys
+
+        self.name = name
+        self.nodes = nodes
+        self.log = root / f"{name}.log"
+        environment = {key: value for key, value in os.environ.items() if not key.startswith("EMBEDSEG_")}
+        environment.update(
+            {
+                "EMBEDSEG_DATABASE_URL": str(settings.database_url),
+                "EMBEDSEG_BROKER_URL": str(settings.broker_url),
+                "EMBEDSEG_DATA_DIR": str(settings.data_dir),
+                "EMBEDSEG_STORAGE_DIR": str(settings.storage_path),
+                "EMBEDSEG_GPU_QUEUE": settings.gpu_queue,
+                "EMBEDSEG_HEARTBEAT_S": str(settings.heartbeat_s),
+                "EMBEDSEG_PROGRESS_THROTTLE_S": str(settings.progress_throttle_s),
+                "EMBEDSEG_REQUEUE_AFTER_S": str(settings.requeue_after_s),
+                "OMP_NUM_THREADS": "1",
+                **(env or {}),
+            }
+        )
+        command = [
+            sys.executable, "-c", "import sys; from embedseg_service.core.cli import main; sys.exit(main())",
+            "worker", "--queues", settings.gpu_queue, "--concurrency", "1", "--hostname", f"{name}@%h",
+            "--loglevel", "info", *args,
+        ]  # fmt: skip
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                command, cwd=root, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = WORKER_WAIT_S) -> WorkerProcess:
+        """Wait until each of its Celery nodes logged ``ready.``."""
+        deadline = time.monotonic() + timeout
+        while self.text().count(" ready.") < self.nodes:
+            assert self.process.poll() is None, f"worker {self.name} exited:\n{self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"worker {self.name} not ready:\n{self.text()[-3000:]}"
+            time.sleep(0.2)
+        return self
+
+    def kill9(self) -> None:
+        """``kill -9`` the worker and every process of its session."""
+        import signal
+
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(30)
+
+    def sigterm(self) -> None:
+        """SIGTERM to the worker's main process only, as ``docker compose stop`` sends it."""
+        import signal
+
+        self.process.send_signal(signal.SIGTERM)
+
+
 @contextmanager
-def embedded_service(root: Path) -> Iterator[Any]:
+def worker_processes(settings: Any, root: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """A factory of ready :class:`WorkerProcess` es (``start(name, **options)``); every one still running is
+    killed on exit."""
+    started: list[WorkerProcess] = []
+
+    def start(name: str, **options: Any) -> WorkerProcess:
+        started.append(WorkerProcess(settings, root, name, **options))
+        return started[-1].wait_ready()
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            if worker.process.poll() is None:
+                worker.kill9()
+
+
+def register_tiny_model(client: Any, settings: Any, tmp_path: Path) -> str:
+    """An untrained 2D network stored in ``settings``' storage folder and registered like a trained model; its id."""
+    from embedseg_service.core.model.checkpoint import build_network, save_checkpoint
+    from embedseg_service.records.orm import Model
+    from embedseg_service.records.storage import LocalStorage
+
+    path = save_checkpoint(
+        tmp_path / "tiny.pt",
+        {
+            "state_dict": build_network(2, 1).state_dict(),
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "step": [1 / 1023, 1 / 1023],
+            "config": {"in_channels": 1},
+            "properties": {"min_object_size": 4},
+        },
+    )
+    LocalStorage(settings.storage_path).put_file("models/tiny.pt", path)
+    with client.app.state.sessionmaker() as session:
+        model = Model(
+            name="tiny",
+            spatial_dims=2,
+            config={"in_channels": 1},
+            storage_key="models/tiny.pt",
+            size_bytes=path.stat().st_size,
+        )
+        session.add(model)
+        session.commit()
+        return model.id
+
+
+@contextmanager
+def embedded_service(root: Path, **overrides: Any) -> Iterator[Any]:
     """A test client of the embedded default in ``root``: SQLite made by the migrations, local storage,
-    and the local worker's processes polling the database."""
+    and the local worker's processes polling the database (``overrides``: further settings)."""
     import warnings
 
     from embedseg_service.api.app import create_app
@@ -290,7 +419,7 @@ def embedded_service(root: Path) -> Iterator[Any]:
         warnings.simplefilter("ignore")
         from fastapi.testclient import TestClient
 
-    settings = Settings(_env_file=None, data_dir=root, broker_url=None, progress_throttle_s=0.2)
+    settings = Settings(_env_file=None, data_dir=root, broker_url=None, progress_throttle_s=0.2, **overrides)
     workers: list[LocalWorker] = []
 
     def start(app: Any) -> None:

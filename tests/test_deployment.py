@@ -314,3 +314,106 @@ def test_ci_requires_the_production_services(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.delenv("EMBEDSEG_REQUIRE_SERVICES")
     with pytest.raises(pytest.skip.Exception, match="Redis is down"):
         service_missing("Redis is down")
+
+
+# --------------------------------------------------------------------------- the worker-only host
+
+WORKER_HOST = ROOT / "docker" / "compose.worker-host.yml"
+CONNECTION = ("EMBEDSEG_DATABASE_URL", "EMBEDSEG_BROKER_URL", "EMBEDSEG_STORAGE_URL", "AWS_ACCESS_KEY_ID",
+              "AWS_SECRET_ACCESS_KEY")  # fmt: skip
+"""What a worker host joins: given by the environment, never written in the file."""
+SAMPLE = {
+    "EMBEDSEG_DATABASE_URL": "postgresql+psycopg://embedseg:secret@db.lab.example:5432/embedseg",
+    "EMBEDSEG_BROKER_URL": "redis://broker.lab.example:6379/0",
+    "EMBEDSEG_STORAGE_URL": "s3://embedseg/storage",
+    "EMBEDSEG_S3_ENDPOINT_URL": "http://s3.lab.example:8333",
+    "AWS_ACCESS_KEY_ID": "embedseg",
+    "AWS_SECRET_ACCESS_KEY": "secret",
+}
+INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """``value`` with ``${NAME}``, ``${NAME:-default}`` and ``${NAME:?error}`` replaced as Compose does
+    (``$$`` is left for the container's shell); a missing required variable raises ``KeyError``."""
+
+    def one(match: re.Match[str]) -> str:
+        name, operator, word = match.group(1), match.group(2) or "", match.group(3) or ""
+        if env.get(name):
+            return env[name]
+        if operator.endswith("?"):
+            raise KeyError(f"{name}: {word}")
+        return word if operator.endswith("-") else ""
+
+    return INTERPOLATION.sub(one, value)
+
+
+@pytest.fixture(scope="module")
+def worker_host() -> dict:
+    with WORKER_HOST.open() as handle:
+        return yaml.safe_load(handle)
+
+
+def test_worker_host_runs_only_a_worker_that_joins_the_deployment_given_by_the_environment(
+    worker_host: dict, compose: dict
+) -> None:
+    assert set(worker_host["services"]) == {"worker"}, "no database, broker, object store or API of its own"
+    worker = worker_host["services"]["worker"]
+    assert "depends_on" not in worker and "ports" not in worker
+    env = _env(worker)
+    for name in CONNECTION:
+        assert re.fullmatch(rf"\$\{{{name}:\?[^}}]+\}}", env[name]), f"{name} must be required from the environment"
+    for key in env:
+        if key.startswith("EMBEDSEG_"):
+            assert key.removeprefix("EMBEDSEG_").lower() in Settings.model_fields, key
+    with pytest.raises(KeyError, match="EMBEDSEG_DATABASE_URL"):
+        _interpolate(env["EMBEDSEG_DATABASE_URL"], {})
+    # the defaults of the values that must agree with the main deployment are the main deployment's
+    main = _env(compose["services"]["worker"])
+    for key in ("EMBEDSEG_GPU_QUEUE", "EMBEDSEG_MAX_JOB_MINUTES", "EMBEDSEG_JOB_VISIBILITY_TIMEOUT_S"):
+        assert _interpolate(env[key], {}) == main[key], key
+
+
+def test_worker_host_environment_makes_valid_settings(worker_host: dict, monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)  # no stray .env file
+    for key in [key for key in os.environ if key.startswith("EMBEDSEG_")]:
+        monkeypatch.delenv(key)
+    for key, value in _env(worker_host["services"]["worker"]).items():
+        monkeypatch.setenv(key, _interpolate(value, SAMPLE))
+    settings = Settings()
+    assert settings.database_url_resolved == SAMPLE["EMBEDSEG_DATABASE_URL"]
+    assert settings.broker_url == SAMPLE["EMBEDSEG_BROKER_URL"] and not settings.embedded
+    assert settings.storage_url == SAMPLE["EMBEDSEG_STORAGE_URL"] and settings.storage_dir is None
+    assert settings.s3_endpoint_url == SAMPLE["EMBEDSEG_S3_ENDPOINT_URL"]
+    assert os.environ["AWS_ACCESS_KEY_ID"] == SAMPLE["AWS_ACCESS_KEY_ID"]
+    cache = settings.cache_path
+    ((source, target),) = [mount.split(":") for mount in worker_host["services"]["worker"]["volumes"]]
+    assert cache == Path(target) or Path(target) in cache.parents, "the cache is on the host's volume"
+    assert set(worker_host["volumes"]) == {source}
+    monkeypatch.delenv("EMBEDSEG_S3_ENDPOINT_URL")  # unset: AWS S3
+    assert Settings().s3_endpoint_url is None
+
+
+def test_worker_host_runs_one_worker_per_gpu_of_the_worker_image(worker_host: dict, compose: dict, pyproject) -> None:
+    from embedseg_service.worker.gpus import ALL, node_name
+
+    worker = worker_host["services"]["worker"]
+    argv = [_interpolate(part, {}) for part in _command(worker)]
+    args = _check_cli(argv, pyproject)
+    assert (args.command, args.gpus, args.queues) == ("worker", ALL, "gpu")
+    assert _check_cli([_interpolate(part, {"WORKER_QUEUES": "gpu,gpu-large"}) for part in _command(worker)],
+                      pyproject).queues == "gpu,gpu-large"  # fmt: skip
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    # the image and the Dockerfile of the main deployment's worker, built from the repository root
+    assert worker["image"] == compose["services"]["worker"]["image"]
+    assert worker["build"]["dockerfile"] == compose["services"]["worker"]["build"]["dockerfile"]
+    assert (WORKER_HOST.parent / worker["build"]["context"]).resolve() == ROOT
+    # the health check pings the node of the first GPU's child (Celery turns %h into the container's host name)
+    test = worker["healthcheck"]["test"]
+    assert test[0] == "CMD-SHELL"
+    ping = shlex.split(test[1])
+    assert ping[:3] == ["celery", "-A", "embedseg_service.worker.celery_app"] and ping[3:5] == ["inspect", "ping"]
+    assert _option(ping, "--destination") == node_name(args.hostname, 0).replace("%h", "$$HOSTNAME")
+    assert worker["stop_grace_period"] == compose["services"]["worker"]["stop_grace_period"]
+    assert worker["restart"] == "unless-stopped"

@@ -80,3 +80,21 @@ def test_local_links_resolve(page: Path) -> None:
         assert linked.exists(), f"{page.name} links to {target}, which does not exist"
         if anchor and linked.suffix == ".md":
             assert anchor in {_slug(h) for h in _headings(linked)}, f"{page.name}: no heading for #{anchor}"
+
+
+IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+MAX_IMAGE_BYTES = 300_000
+
+
+def test_readme_images_exist_and_are_small_pngs() -> None:
+    """The README's screenshots (``--readme-screenshots`` rewrites them): each a PNG under docs/images, at most
+    :data:`MAX_IMAGE_BYTES` bytes."""
+    images = IMAGE.findall((ROOT / "README.md").read_text())
+    assert len(images) >= 2, images
+    for target in images:
+        path = (ROOT / target).resolve()
+        assert path.parent == ROOT / "docs" / "images", target
+        assert path.is_file(), f"README.md shows {target}, which does not exist"
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{target} is not a PNG"
+        assert len(data) <= MAX_IMAGE_BYTES, f"{target} has {len(data)} bytes; quantise it (--readme-screenshots)"

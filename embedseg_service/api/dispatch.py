@@ -1,12 +1,12 @@
 """Hand a committed job to whatever runs it (no FastAPI, no torch, no worker imports here).
 
 - With ``EMBEDSEG_BROKER_URL`` set, :class:`CeleryDispatcher` sends the task *by name*
-  (``send_task("embedseg.run_job", [job_id], queue="gpu")``) through a light producer app, so
-  the API process never imports torch or the worker package.
+  (``send_task("embedseg.run_job", [job_id], queue="gpu")``) to the job's queue through a light
+  producer app, so the API process never imports torch or the worker package.
 - On the embedded default the job row itself is the queue: an embedded local worker
   (:class:`embedseg_service.worker.local.LocalWorker`, which ``embedseg serve`` starts) polls the
   database for queued jobs; dispatching just wakes it up. Without a local worker in this
-  process the job waits, queued, for one to start.
+  process the job waits, queued, for one to start. The local worker runs the jobs of every queue.
 
 Always commit the job row before dispatching it.
 """
@@ -28,13 +28,15 @@ class DispatchError(RuntimeError):
 
 
 class Dispatcher(Protocol):
-    def submit(self, job_id: str) -> None:
-        """Hand the committed job ``job_id`` over; raise :class:`DispatchError` when it cannot be."""
+    def submit(self, job_id: str, queue: str | None = None) -> None:
+        """Hand the committed job ``job_id`` of the broker queue ``queue`` (None: ``Settings.gpu_queue``) over;
+        raise :class:`DispatchError` when it cannot be."""
         ...
 
 
 class CeleryDispatcher:
-    """Sends ``settings.task_name`` with the job id to ``settings.gpu_queue`` (producer only)."""
+    """Sends ``settings.task_name`` with the job id to the job's queue (default ``settings.gpu_queue``; producer
+    only)."""
 
     def __init__(self, settings: Settings) -> None:
         if settings.broker_url is None:
@@ -55,12 +57,12 @@ class CeleryDispatcher:
                 self._app = app
             return self._app
 
-    def submit(self, job_id: str) -> None:
+    def submit(self, job_id: str, queue: str | None = None) -> None:
         try:
             self.app.send_task(
                 self.settings.task_name,
                 args=[job_id],
-                queue=self.settings.gpu_queue,
+                queue=queue or self.settings.gpu_queue,
                 retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
             )
@@ -77,7 +79,7 @@ class CeleryDispatcher:
 class WaitForLocalWorker:
     """Embedded default without a local worker in this process: the job stays queued in the database."""
 
-    def submit(self, job_id: str) -> None:
+    def submit(self, job_id: str, queue: str | None = None) -> None:  # noqa: ARG002 - the Dispatcher interface
         log.info("job %s queued; it runs when an embedded local worker polls the database", job_id)
 
 

@@ -17,8 +17,8 @@ from typing import IO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from embedseg_service.records.orm import Job, JobKind, JobStatus, Volume
-from embedseg_service.records.storage import Storage
+from embedseg_service.records.orm import Job, JobKind, JobStatus, Volume, VolumeFormat
+from embedseg_service.records.storage import OME_ZARR_ZIP_SUFFIX, Storage
 
 SPOOL_BYTES = 8 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024
@@ -47,7 +47,8 @@ def _check_job(job: Job) -> list[str]:
 def job_labels(session: Session, job: Job) -> list[tuple[str, Volume]]:
     """``(entry name, label volume)`` for each label volume of ``job``, in the job's order.
 
-    An entry is named after the input image the labels segment (``<image name>.tif``; the label
+    An entry is named after the input image the labels segment (``<image name>.tif``, or ``.ome.zarr.zip`` for
+    an OME-Zarr label volume, stored as it is; the label
     volume's own name when that image is gone), made unique with ``-2``, ``-3``... Raises
     :class:`LabelsUnavailable` for a job that is not a succeeded predict job, or when one of its
     label volumes has been deleted.
@@ -64,15 +65,17 @@ def job_labels(session: Session, job: Job) -> list[tuple[str, Volume]]:
     image_ids = [row.image_volume_id for row in labels if row.image_volume_id]
     images = {row.id: row.name for row in session.scalars(select(Volume).where(Volume.id.in_(image_ids))).all()}
     stems = [images.get(row.image_volume_id or "", row.name) for row in labels]
-    return list(zip(unique_names(stems), labels))
+    suffixes = [OME_ZARR_ZIP_SUFFIX if row.format == VolumeFormat.ome_zarr.value else ".tif" for row in labels]
+    return list(zip(unique_names(stems, suffixes), labels))
 
 
-def unique_names(stems: Sequence[str], suffix: str = ".tif") -> list[str]:
-    """File names ``<stem><suffix>`` without separators or control characters, unique even on
-    case-insensitive file systems: a clash gets ``-2``, ``-3``... before the suffix."""
+def unique_names(stems: Sequence[str], suffix: str | Sequence[str] = ".tif") -> list[str]:
+    """File names ``<stem><suffix>`` (one suffix, or one per stem) without separators or control characters,
+    unique even on case-insensitive file systems: a clash gets ``-2``, ``-3``... before the suffix."""
     taken: set[str] = set()
     names = []
-    for stem in stems:
+    suffixes = [suffix] * len(stems) if isinstance(suffix, str) else list(suffix)
+    for stem, suffix in zip(stems, suffixes):
         base = _UNSAFE.sub("_", stem).strip(" .") or "labels"
         name, n = f"{base}{suffix}", 1
         while name.casefold() in taken:

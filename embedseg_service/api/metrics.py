@@ -30,7 +30,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from embedseg_service.records.broker import queue_length
+from embedseg_service.records.broker import queue_lengths
 from embedseg_service.records.orm import Job, JobKind, JobStatus, WorkerProcess, utcnow
 from embedseg_service.records.settings import Settings
 from embedseg_service.records.usage import stored_bytes
@@ -214,16 +214,24 @@ class StoreCollector(Collector):
         for (owner, what), total in sorted(stored.items()):
             bytes_family.add_metric([owner, what], total)
         yield bytes_family
-        yield from self._broker_families()
+        yield from self._broker_families(workers)
 
-    def _broker_families(self) -> Iterable[Metric]:
+    def _broker_families(self, workers: Sequence[WorkerProcess]) -> Iterable[Metric]:
         if self.settings.broker_url is None:
             return  # the embedded default: the database is the queue (embedseg_jobs{status="queued"})
         import redis
 
-        up = GaugeMetricFamily("embedseg_broker_up", "1 when the broker queue could be read at this scrape")
+        queues = self.settings.job_queues
+        serving = GaugeMetricFamily(
+            "embedseg_queue_workers_alive", "Alive worker processes consuming each broker queue jobs may name "
+            "(0: its jobs wait)", labels=["queue"],
+        )  # fmt: skip
+        for queue in queues:
+            serving.add_metric([queue], sum(queue in (worker.queues or "").split(",") for worker in workers))
+        yield serving
+        up = GaugeMetricFamily("embedseg_broker_up", "1 when the broker queues could be read at this scrape")
         try:
-            length = queue_length(self.settings, BROKER_TIMEOUT_S)
+            lengths = queue_lengths(self.settings, queues, BROKER_TIMEOUT_S)
         except redis.RedisError:
             up.add_metric([], 0)
             yield up
@@ -231,9 +239,10 @@ class StoreCollector(Collector):
         up.add_metric([], 1)
         yield up
         waiting = GaugeMetricFamily(
-            "embedseg_broker_queue_length", "Task messages waiting in the broker queue", labels=["queue"]
+            "embedseg_broker_queue_length", "Task messages waiting in each broker queue jobs may name", labels=["queue"]
         )
-        waiting.add_metric([self.settings.gpu_queue], length)
+        for queue, length in lengths.items():
+            waiting.add_metric([queue], length)
         yield waiting
 
 

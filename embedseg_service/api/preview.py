@@ -1,6 +1,9 @@
 """PNG previews of stored volumes: one plane (a Z slice, a max projection, or an XZ/YZ section of a 3D
 volume), labels in colour.
 
+A zipped OME-Zarr volume is read by its chunks: a plane reads the chunks that hold its (kept) pixels, a max
+projection the slices of :func:`_slices` a chunk depth at a time, a section the chunks along its line.
+
 Memory and time stay bounded whatever the volume's size: a preview reads the pages it shows
 (a max projection at most :data:`PREVIEW_READ_BYTES` of them, every k-th slice beyond) and, within a
 page, only the rows it keeps. An XZ or YZ section reads one line (a row or a column, every
@@ -24,8 +27,10 @@ from PIL import Image
 
 from embedseg_service.core.data.axes import channel_count, has_channel_axis
 from embedseg_service.core.data.io import open_tiff, read_tiff
+from embedseg_service.core.data.ome_zarr import OmeZarrTooLarge, OmeZarrVolume
 from embedseg_service.core.data.tiff_errors import TiffTooLarge
 from embedseg_service.core.data.tiff_pixels import plane_page, read_plane, read_window, window_bytes
+from embedseg_service.core.data.zip_checks import is_zip
 
 OVERLAY_ALPHA = 0.45
 PREVIEW_READ_BYTES = 128 * 1024**2
@@ -102,6 +107,47 @@ def _slices(depth: int, plane_bytes: int, projection: Projection, z: int | None)
     return range(middle, middle + 1)
 
 
+def is_zarr(path: Path) -> bool:
+    """Whether the stored file at ``path`` is a zipped OME-Zarr store (a ZIP archive)."""
+    with open(path, "rb") as handle:
+        return is_zip(handle.read(4))
+
+
+def _open_zarr(path: Path, max_voxels: int | None) -> OmeZarrVolume:
+    try:
+        return OmeZarrVolume(path, max_voxels=max_voxels)
+    except OmeZarrTooLarge as error:
+        raise ValueError(f"{error}; raise EMBEDSEG_MAX_VOXELS to preview it") from None
+
+
+def _zarr_plane(path: Path, projection: Projection, z: int | None, channel: int, stride: int,
+                max_voxels: int | None) -> np.ndarray:  # fmt: skip
+    """:func:`load_plane` of an OME-Zarr volume: the slices of :func:`_slices`, a chunk depth at a time."""
+    with _open_zarr(path, max_voxels) as volume:
+        info = volume.info
+        _check(info.shape, info.axes, z, channel)
+        lead: list[int] = [channel] if "C" in info.axes else []
+        rows, cols = slice(0, info.shape[-2], stride), slice(0, info.shape[-1], stride)
+        if "Z" not in info.axes:
+            return volume.select([*lead, rows, cols])
+        plane_bytes = info.shape[-2] * info.shape[-1] * info.dtype.itemsize
+        slices = _slices(info.shape[info.axes.index("Z")], plane_bytes, projection, z)
+        depth = info.chunks[info.axes.index("Z")]
+        plane: np.ndarray | None = None
+        for start in range(0, len(slices), max(1, depth // slices.step)):
+            picked = list(slices[start : start + max(1, depth // slices.step)])
+            part = volume.select([*lead, picked, rows, cols]).max(axis=0)
+            plane = part if plane is None else np.maximum(plane, part)
+        assert plane is not None
+        return plane
+
+
+def _zarr_shape(path: Path, max_voxels: int | None) -> tuple[tuple[int, ...], str, tuple[int, ...], int]:
+    """(canonical shape, axes, chunk shape, item size) of an OME-Zarr volume."""
+    with _open_zarr(path, max_voxels) as volume:
+        return volume.info.shape, volume.info.axes, volume.info.chunks, volume.info.dtype.itemsize
+
+
 def load_plane(
     path: Path,
     projection: Projection,
@@ -118,6 +164,8 @@ def load_plane(
     pages are not Y-X planes are read whole, up to :data:`PREVIEW_WHOLE_BYTES`. Raises ValueError
     when ``z``/``channel`` are out of range, the volume is over ``max_voxels`` or cannot be read.
     """
+    if is_zarr(path):
+        return _zarr_plane(path, projection, z, channel, stride, max_voxels)
     with open_tiff(path, max_voxels=max_voxels) as (tif, layout):
         shape, axes = layout.canonical_shape, layout.canonical
         _check(shape, axes, z, channel)
@@ -140,6 +188,8 @@ def load_plane(
 
 
 def _plane_stride(path: Path, max_px: int, max_voxels: int | None) -> int:
+    if is_zarr(path):
+        return _stride(_zarr_shape(path, max_voxels)[0][-2:], max_px)
     with open_tiff(path, max_voxels=max_voxels) as (_, layout):
         return _stride(layout.canonical_shape[-2:], max_px)
 
@@ -244,6 +294,12 @@ def load_section(path: Path, section: Section, channel: int, *, max_voxels: int 
     ValueError when a volume is over ``max_voxels``, too large to read whole, or cannot be read.
     """
     rows, cols = section.window()
+    if is_zarr(path):
+        with _open_zarr(path, max_voxels) as volume:
+            lead: list[int] = [channel] if "C" in volume.info.axes else []
+            picked = volume.select([*lead, list(section.slices), slice(rows.start, rows.stop, rows.step),
+                                    slice(cols.start, cols.stop, cols.step)])  # fmt: skip
+            return picked.reshape(len(section.slices), -1)[section.rows][:, section.cols]
     with open_tiff(path, max_voxels=max_voxels) as (tif, layout):
         if plane_page(layout, channel, 0) is not None:
             lines = [read_window(tif, layout, channel, z, rows, cols).ravel() for z in section.slices]
@@ -270,24 +326,46 @@ def _section_of(
     max_voxels: int | None,
 ) -> tuple[Section, tuple[int, ...]]:
     """The section through the volume at ``path`` (``index`` checked, default its centre), and its spatial shape."""
+    if is_zarr(path):
+        shape, axes, chunks, itemsize = _zarr_shape(path, max_voxels)
+        _check(shape, axes, None, channel)
+        spatial = tuple(shape[-3:]) if "Z" in axes else tuple(shape[-2:])
+        index = _section_index(plane, index, spatial)
+        along = chunks[-1] if plane is Plane.xz else chunks[-2]
+        chunk_bytes = math.prod(chunks) * itemsize // max(1, chunks[axes.index("Z")])
+
+        def zarr_cost(rows: range, cols: range) -> int:
+            """Decoded bytes per slice: the chunks along the line, a slice's share of each."""
+            line = cols if plane is Plane.xz else rows
+            return math.ceil((line[-1] - line[0] + 1 if len(line) else 0) / along) * chunk_bytes
+
+        return plan_section(spatial, plane, index, voxel_size, max_px, zarr_cost), spatial
     with open_tiff(path, max_voxels=max_voxels) as (_, layout):
         shape, axes = layout.canonical_shape, layout.canonical
         _check(shape, axes, None, channel)
-        if "Z" not in axes:
-            raise ValueError(f"plane={plane.value} needs a 3D volume; a 2D image has only the XY plane")
-        spatial = tuple(shape[-3:])
-        axis, name, what = (1, "y", "rows") if plane is Plane.xz else (2, "x", "columns")
-        size = spatial[axis]
-        if index is None:
-            index = size // 2
-        if not 0 <= index < size:
-            raise ValueError(f"{name} {index} is out of range; the volume has {size} {what} (0..{size - 1})")
+        spatial = tuple(shape[-3:]) if "Z" in axes else tuple(shape[-2:])
+        index = _section_index(plane, index, spatial)
         paged = plane_page(layout, channel, 0) is not None
         cost = functools.partial(window_bytes, layout) if paged else (lambda _rows, _cols: 1)
         return plan_section(spatial, plane, index, voxel_size, max_px, cost), spatial
 
 
+def _section_index(plane: Plane, index: int | None, spatial: tuple[int, ...]) -> int:
+    """``index`` (default the centre) checked against the axis ``plane`` fixes; ValueError for a 2D volume."""
+    if len(spatial) != 3:
+        raise ValueError(f"plane={plane.value} needs a 3D volume; a 2D image has only the XY plane")
+    axis, name, what = (1, "y", "rows") if plane is Plane.xz else (2, "x", "columns")
+    size = spatial[axis]
+    if index is None:
+        index = size // 2
+    if not 0 <= index < size:
+        raise ValueError(f"{name} {index} is out of range; the volume has {size} {what} (0..{size - 1})")
+    return index
+
+
 def _spatial_shape(path: Path, max_voxels: int | None) -> tuple[int, ...]:
+    if is_zarr(path):
+        return tuple(_zarr_shape(path, max_voxels)[0][-3:])
     with open_tiff(path, max_voxels=max_voxels) as (_, layout):
         return tuple(layout.canonical_shape[-3:])
 

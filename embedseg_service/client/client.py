@@ -385,7 +385,9 @@ class Client:
     def wait(
         self, job: Ref, *, timeout: float | None = None, poll_s: float = 2.0, progress: bool | None = None
     ) -> JobOut:
-        """Poll the job until it is final and return it when it succeeded.
+        """Poll the job until it is final and return it when it succeeded: every ``poll_s`` seconds, after
+        quicker first polls (0.05 s, then 1.5 times the last wait), so that a short job is seen finished
+        soon after it ends.
 
         A poll that fails is retried as every request is (no longer than ``timeout`` allows).
         Raises :class:`~embedseg_service.client.errors.JobFailed` (with the job) when it ended

@@ -12,6 +12,10 @@ from embedseg_service.records.orm import JobStatus
 from embedseg_service.records.schemas import JobOut
 
 FINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
+FIRST_POLL_S = 0.05
+"""Wait before the second poll of a job; each further wait is :data:`POLL_GROWTH` times the last, up to
+``poll_s``: a short job is seen finished soon after it ends, a long one is polled every ``poll_s`` seconds."""
+POLL_GROWTH = 1.5
 
 
 def show_progress(progress: bool | None) -> bool:
@@ -54,7 +58,8 @@ def wait_for(
     sleep: Callable[[float], None],
     clock: Callable[[], float] = time.monotonic,
 ) -> JobOut:
-    """Poll ``fetch`` every ``poll_s`` seconds until the job is final; return it when it succeeded.
+    """Poll ``fetch`` until the job is final, every ``poll_s`` seconds after the first few polls
+    (:data:`FIRST_POLL_S`, growing by :data:`POLL_GROWTH`); return the job when it succeeded.
 
     ``fetch`` gets the seconds left of ``timeout`` (``None``: no limit), which bound its retries. A
     job already final answers at once (waiting again resumes). Raises :class:`JobFailed` when it
@@ -69,6 +74,7 @@ def wait_for(
 
     job = fetch(left())
     bar = _Bar(job, show_progress(progress) and job.status not in FINAL)
+    wait_s = min(FIRST_POLL_S, poll_s)
     try:
         while True:
             bar.update(job)
@@ -76,8 +82,9 @@ def wait_for(
                 break
             if deadline is not None and clock() >= deadline:
                 raise WaitTimeout(job, timeout or 0.0)
-            pause = poll_s if deadline is None else max(0.0, min(poll_s, deadline - clock()))
+            pause = wait_s if deadline is None else max(0.0, min(wait_s, deadline - clock()))
             sleep(pause)
+            wait_s = min(POLL_GROWTH * wait_s, poll_s)
             try:
                 job = fetch(left())
             except ConnectionFailed as lost:

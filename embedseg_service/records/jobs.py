@@ -210,8 +210,10 @@ def create_job(
     *,
     volumes: Iterable[tuple[str, str]] = (),
     model_id: str | None = None,
+    queue: str | None = None,
 ) -> Job:
-    """Insert a ``queued`` job and its (volume_id, role) links, and commit.
+    """Insert a ``queued`` job for the broker queue ``queue`` (None: the default) and its (volume_id, role)
+    links, and commit.
 
     The input volumes and ``model_id`` (the model a predict job reads, also named in its spec) are
     locked against deletion and checked to exist in the same transaction, so a concurrent delete
@@ -221,7 +223,9 @@ def create_job(
     """
     job_kind = _enum(JobKind, kind, "kind")
     links = sorted({(volume_id, role) for volume_id, role in volumes})
-    job = Job(kind=job_kind.value, status=JobStatus.queued.value, spec=dict(spec), owner=owner, progress=0.0)
+    job = Job(
+        kind=job_kind.value, status=JobStatus.queued.value, spec=dict(spec), owner=owner, progress=0.0, queue=queue
+    )
     try:
         session.add(job)
         session.flush()  # the first write: on SQLite it takes the database's write lock
@@ -262,9 +266,12 @@ def _missing_inputs(session: Session, volume_ids: Sequence[str], model_id: str |
     return missing or ["an input volume"]
 
 
-def claim(session: Session, job_id: str, worker: str, *, max_running: int | None = None) -> int | None:
-    """Move the job from ``queued`` to ``running`` for ``worker``; returns the claim's attempt number
-    (the new ``attempts``, which fences the worker's later writes), or None if someone else got it first.
+def claim(
+    session: Session, job_id: str, worker: str, *, max_running: int | None = None, device: str | None = None
+) -> int | None:
+    """Move the job from ``queued`` to ``running`` for ``worker`` (on ``device``, recorded when given); returns
+    the claim's attempt number (the new ``attempts``, which fences the worker's later writes), or None if
+    someone else got it first.
 
     With ``max_running``, the claim also fails while the job's owner already has that many jobs
     running (the job stays ``queued``). A redelivered message whose job is already running or
@@ -295,6 +302,7 @@ def claim(session: Session, job_id: str, worker: str, *, max_running: int | None
             attempts=Job.attempts + 1,
             stage="starting",
             error=None,
+            **({} if device is None else {"device": device[:64]}),
         )
         .returning(Job.attempts)
         .execution_options(synchronize_session=False)
@@ -493,6 +501,13 @@ def overdue_queued(session: Session, older_than_s: float, now: datetime | None =
     ).all()
     session.commit()
     return list(rows)
+
+
+def queues_of(session: Session, job_ids: Sequence[str]) -> dict[str, str | None]:
+    """``id -> queue`` (None: the default queue) of the jobs among ``job_ids`` that exist."""
+    rows = session.execute(select(Job.id, Job.queue).where(Job.id.in_(list(job_ids)))).all()
+    session.commit()
+    return {str(job_id): queue for job_id, queue in rows}
 
 
 def finished_since(session: Session, since: datetime) -> list[tuple[str, str, int]]:

@@ -30,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from embedseg_service.core.data.axes import channel_count, spatial_shape
+from embedseg_service.records.storage import OME_ZARR_ZIP_SUFFIX
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -45,6 +46,13 @@ class VolumeKind(str, enum.Enum):
 
     image = "image"
     labels = "labels"
+
+
+class VolumeFormat(str, enum.Enum):
+    """How a stored volume's pixels are kept: one ``tiff`` file, or a zipped ``ome-zarr`` store (read by chunks)."""
+
+    tiff = "tiff"
+    ome_zarr = "ome-zarr"
 
 
 class JobKind(str, enum.Enum):
@@ -143,6 +151,10 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     worker: Mapped[str | None] = mapped_column(String(255))
+    queue: Mapped[str | None] = mapped_column(String(64))
+    """Broker queue the job is sent to; None (rows from before queues): ``Settings.gpu_queue``."""
+    device: Mapped[str | None] = mapped_column(String(64))
+    """Device of the worker process of its latest claim (``cpu``, ``cuda:0 (CUDA_VISIBLE_DEVICES=1)``)."""
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
@@ -195,6 +207,13 @@ class Volume(Base):
     def n_channels(self) -> int:
         """Number of channels (1 without a channel axis)."""
         return channel_count(self.shape, self.axes)
+
+    @property
+    def format(self) -> str:
+        """How the volume is stored: ``ome-zarr`` (a zipped OME-Zarr store, its key ends in ``.ome.zarr.zip``)
+        or ``tiff``."""
+        zipped = self.storage_key.endswith(OME_ZARR_ZIP_SUFFIX)
+        return VolumeFormat.ome_zarr.value if zipped else VolumeFormat.tiff.value
 
     def __repr__(self) -> str:
         return f"Volume(id={self.id!r}, kind={self.kind!r}, shape={self.shape!r})"

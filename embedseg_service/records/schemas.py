@@ -19,7 +19,8 @@ from embedseg_service.core.data.center_mode import CenterMode
 from embedseg_service.core.inference.defaults import DEFAULT_TTA
 from embedseg_service.core.training.config import option_default
 from embedseg_service.records.callbacks import MAX_URL_LENGTH, check_url
-from embedseg_service.records.orm import JobKind, JobStatus, VolumeKind
+from embedseg_service.records.orm import JobKind, JobStatus, VolumeFormat, VolumeKind
+from embedseg_service.records.settings import QUEUE_PATTERN
 
 T = TypeVar("T")
 
@@ -58,6 +59,9 @@ class VolumeOut(Orm):
     owner: str | None = None
     source_job_id: str | None = None
     image_volume_id: str | None = None
+    format: VolumeFormat = Field(
+        default=VolumeFormat.tiff, description="tiff, or ome-zarr: a zipped OME-Zarr store, read by chunks"
+    )
 
 
 def parse_voxel_size(text: str | None, ndim: int | None = None) -> list[float] | None:
@@ -103,6 +107,18 @@ VolumeId = Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)
 
 def _callback_url(url: str | None) -> str | None:
     return None if url is None else check_url(url)
+
+
+JobQueue = Annotated[
+    str | None,
+    Field(
+        min_length=1,
+        max_length=64,
+        pattern=QUEUE_PATTERN,
+        description="broker queue of the job, one the server lists (EMBEDSEG_QUEUES), e.g. a queue of large GPUs; "
+        "default: EMBEDSEG_GPU_QUEUE",
+    ),
+]
 
 
 CallbackUrl = Annotated[
@@ -174,6 +190,7 @@ class TrainSpec(BaseModel):
     )
     name: str | None = Field(None, max_length=255)
     callback_url: CallbackUrl = None
+    queue: JobQueue = None
 
     @field_validator("crop_size", mode="before")
     @classmethod
@@ -230,7 +247,7 @@ class TrainSpec(BaseModel):
         """The training options of this spec (all fields but the volumes and the name), for
         :func:`embedseg_service.core.training.config.config_from_options`."""
         return self.model_dump(
-            exclude={"image_ids", "mask_ids", "val_image_ids", "val_mask_ids", "name", "callback_url"}
+            exclude={"image_ids", "mask_ids", "val_image_ids", "val_mask_ids", "name", "callback_url", "queue"}
         )
 
     def volume_roles(self) -> list[tuple[str, str]]:
@@ -287,6 +304,7 @@ class PredictSpec(BaseModel):
     )
     gt_ids: list[VolumeId] | None = Field(None, max_length=MAX_IDS)
     callback_url: CallbackUrl = None
+    queue: JobQueue = None
 
     @field_validator("tile", mode="before")
     @classmethod
@@ -336,6 +354,7 @@ class EvaluateSpec(BaseModel):
         "embedseg_service.core.metrics.default_thresholds)",
     )
     callback_url: CallbackUrl = None
+    queue: JobQueue = None
 
     @field_validator("thresholds")
     @classmethod
@@ -385,6 +404,10 @@ class JobOut(Orm):
     error: str | None = None
     result: dict[str, Any] | None = None
     worker: str | None = None
+    queue: str | None = Field(None, description="broker queue the job was sent to (null: EMBEDSEG_GPU_QUEUE)")
+    device: str | None = Field(
+        None, description="device of the worker process that ran it last: cpu, or cuda:N (CUDA_VISIBLE_DEVICES=...)"
+    )
     cancel_requested: bool
     attempts: int
     owner: str | None = None

@@ -10,7 +10,11 @@ from pathlib import Path
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+from embedseg_service.core.inference.defaults import DEFAULT_PRECISION, InferencePrecision
+
+QUEUE_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+"""What a broker queue name may look like (the gpu_queue setting, the queues setting and a job's ``queue``)."""
+_QUEUE_NAME = re.compile(QUEUE_PATTERN)
 _STORAGE_URL = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9][A-Za-z0-9._-]{0,127})*/?$")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 """The host names of this machine's loopback interface (the default ``allowed_hosts``)."""
@@ -89,7 +93,35 @@ class Settings(BaseSettings):
         "reconciler sends it again (e.g. after a broker restart lost the queue); /ready reports such jobs.",
     )
     local_workers: int = Field(default=1, description="Jobs the embedded local worker runs at once.")
+    model_cache_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=0,
+        description="Memory the models a worker process keeps loaded between jobs may take (the least recently "
+        "used go first); 0: every job loads its model.",
+    )
+    inference_batch_voxels: int | None = Field(
+        default=None,
+        ge=0,
+        description="Most voxels of the same-shape images of a predict job that run through the network together; "
+        "unset: the device's default; 0: one image at a time.",
+    )
+    inference_precision: InferencePrecision = Field(
+        default=DEFAULT_PRECISION,
+        description="Number format of the network at prediction: fp32, bf16 (autocast, CPU or CUDA) or fp16 "
+        "(autocast, CUDA only: a predict job on a CPU worker fails saying so).",
+    )
+    stream_above_bytes: int = Field(
+        default=1024**3,
+        ge=0,
+        description="A predict job streams a volume (docs/method.md §11.5: read by regions, labels written as a zipped "
+        "OME-Zarr store) when its float32 size exceeds this many bytes, and always an OME-Zarr volume.",
+    )
     gpu_queue: str = Field(default="gpu", description="Celery queue the GPU workers consume.")
+    queues: list[str] = Field(
+        default_factory=list,
+        description='Broker queues a job may name (its "queue"), e.g. ["gpu", "gpu-large"]; they must include '
+        "gpu_queue, the queue of jobs that name none. Empty: gpu_queue only.",
+    )
     task_name: str = Field(default="embedseg.run_job", description="Name of the Celery task that runs a job.")
     page_limit_max: int = Field(default=500, description="Largest page size a list route answers.")
     preview_max_px: int = Field(default=1024, description="Longest side of a preview.png.")
@@ -191,6 +223,14 @@ class Settings(BaseSettings):
             raise ValueError("gpu_queue must be 1-64 characters of letters, digits, '_', '.', ':' or '-'")
         return value
 
+    @field_validator("queues")
+    @classmethod
+    def _check_queues(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _QUEUE_NAME.match(name):
+                raise ValueError(f"queues: {name!r} must be 1-64 characters of letters, digits, '_', '.', ':' or '-'")
+        return list(dict.fromkeys(value))
+
     @field_validator("cors_origins")
     @classmethod
     def _check_cors(cls, value: list[str]) -> list[str]:
@@ -253,6 +293,15 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _check_default_queue(self) -> Settings:
+        if self.queues and self.gpu_queue not in self.queues:
+            raise ValueError(
+                f"queues must include gpu_queue {self.gpu_queue!r}, the queue of jobs that name none; "
+                f"got {', '.join(self.queues)}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_storage(self) -> Settings:
         if self.storage_url is not None and self.storage_dir is not None:
             raise ValueError("set either storage_dir (a local folder) or storage_url (an object store), not both")
@@ -287,6 +336,11 @@ class Settings(BaseSettings):
     def cache_path(self) -> Path:
         """Folder of the local copies of objects: ``cache_dir`` or ``data_dir/cache``."""
         return self.cache_dir if self.cache_dir is not None else self.data_dir / "cache"
+
+    @property
+    def job_queues(self) -> list[str]:
+        """The broker queues a job may name: ``queues``, or ``gpu_queue`` alone when that is empty."""
+        return list(self.queues) or [self.gpu_queue]
 
     @property
     def is_sqlite(self) -> bool:

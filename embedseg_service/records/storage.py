@@ -25,6 +25,8 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
+from embedseg_service.core.data.ome_zarr import OME_ZARR_ZIP_SUFFIX
+
 _SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TEMP_DIR = ".tmp"
 STALE_TEMP_S = 3600.0
@@ -48,6 +50,11 @@ def check_key(key: str) -> str:
 def volume_key(volume_id: str) -> str:
     """Key of an uploaded volume's TIFF."""
     return check_key(f"volumes/{volume_id}.tif")
+
+
+def volume_zarr_key(volume_id: str) -> str:
+    """Key of an uploaded volume's zipped OME-Zarr store."""
+    return check_key(f"volumes/{volume_id}{OME_ZARR_ZIP_SUFFIX}")
 
 
 def model_key(model_id: str) -> str:

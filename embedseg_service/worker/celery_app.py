@@ -56,9 +56,9 @@ def create_celery(settings: Settings | None = None) -> Celery:
     return app
 
 
-def send_job(app: Celery, settings: Settings, job_id: str) -> None:
-    """Send the job's task (by name) to the GPU queue."""
-    app.send_task(settings.task_name, args=[job_id], queue=settings.gpu_queue)
+def send_job(app: Celery, settings: Settings, job_id: str, queue: str | None = None) -> None:
+    """Send the job's task (by name) to its broker queue ``queue`` (None: ``settings.gpu_queue``)."""
+    app.send_task(settings.task_name, args=[job_id], queue=queue or settings.gpu_queue)
 
 
 _reconcilers: dict[int, threading.Event] = {}
@@ -68,7 +68,7 @@ def _reconcile_loop(app: Celery, settings: Settings, stop: threading.Event) -> N
     from embedseg_service.worker.cleanup import clean_at_start
     from embedseg_service.worker.reconcile import Reconciler
 
-    reconciler = Reconciler(settings, lambda job_id: send_job(app, settings, job_id))
+    reconciler = Reconciler(settings, lambda job_id, queue: send_job(app, settings, job_id, queue))
     try:
         clean_at_start(reconciler.storage, reconciler.sessions)
     except Exception as error:  # the database or the store briefly unreachable: the passes go on

@@ -13,6 +13,7 @@ a later attempt of the job (after a worker stopped or was lost) resumes from the
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -22,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from embedseg_service.records import object_tables
-from embedseg_service.records.orm import JobKind, Model, Volume, VolumeKind, new_id
+from embedseg_service.records.orm import JobKind, Model, Volume, VolumeFormat, VolumeKind, new_id
 from embedseg_service.records.schemas import EvaluateSpec, PredictSpec, TrainSpec
 from embedseg_service.records.storage import StorageError, checkpoint_key
+from embedseg_service.worker import stream_predict
 from embedseg_service.worker.context import Handler, JobContext, JobOutcome
 from embedseg_service.worker.progress import JobCancelled
 from embedseg_service.worker.provenance import training_provenance
@@ -74,18 +76,25 @@ def load_volume_rows(context: JobContext, ids: Sequence[str]) -> list[Volume]:
 
 
 def read_volume(context: JobContext, row: Volume) -> np.ndarray:
-    """The pixels of a stored volume in canonical axis order (``YX``, ``ZYX``, ``CYX`` or ``CZYX``)."""
+    """The pixels of a stored volume (a TIFF, or a zipped OME-Zarr store read whole) in canonical axis order
+    (``YX``, ``ZYX``, ``CYX`` or ``CZYX``)."""
     from embedseg_service.core.data.io import read_tiff
+    from embedseg_service.core.data.ome_zarr import OmeZarrVolume
 
-    return read_tiff(context.storage.path_for(row.storage_key)).data
+    path = context.storage.path_for(row.storage_key)
+    if row.format == VolumeFormat.ome_zarr.value:
+        with OmeZarrVolume(path) as volume:
+            return volume.read()
+    return read_tiff(path).data
 
 
-def _store_file(context: JobContext, name: str, path: Path) -> tuple[str, str, int]:
-    """Store a local file under the attempt's key ``jobs/<job>/a<attempt>/<name>`` while the claim is
-    still this worker's; returns (key, sha256, size)."""
-    context.reporter.check_claim()
+def _store_file(context: JobContext, name: str, path: Path | bytes, *, check: bool = True) -> tuple[str, str, int]:
+    """Store a local file (or bytes) under the attempt's key ``jobs/<job>/a<attempt>/<name>`` while the claim
+    is still this worker's (``check=False``: the caller checked it just before); returns (key, sha256, size)."""
+    if check:
+        context.reporter.check_claim()
     key = context.output_key(name)
-    written = context.storage.put(key, _chunks(path))
+    written = context.storage.put(key, [path] if isinstance(path, bytes) else _chunks(path))
     return key, written.sha256, written.size
 
 
@@ -346,33 +355,64 @@ def _store_object_table(
         "match_threshold": OBJECT_MATCH_THRESHOLD if gt is not None else None,
         "objects": rows,
     }
-    local = context.scratch / object_tables.table_name(row.id)
-    local.write_text(json.dumps(json_safe(table), separators=(",", ":")), encoding="utf-8")
-    _store_file(context, local.name, local)
-    local.unlink(missing_ok=True)
+    data = json.dumps(json_safe(table), separators=(",", ":")).encode("utf-8")
+    _store_file(context, object_tables.table_name(row.id), data, check=False)  # right after the checked labels
     return {"volume_id": row.id, "labels_id": output.id, "gt_id": gt_id, "n_objects": len(rows)}
 
 
-def _predict_volume(
-    context: JobContext, model: Any, spec: PredictSpec, row: Volume, progress: Callable[[int, int], bool]
-) -> tuple[np.ndarray, Volume]:
-    """Segment one stored volume and store its labels; returns them and their (unregistered) volume row."""
-    from embedseg_service.core.data.tiff_write import label_dtype, write_labels
+def _predict_model(context: JobContext, model_id: str) -> tuple[Any, dict[str, Any] | None]:
+    """The job's model, kept loaded between the jobs of this process (:mod:`embedseg_service.worker.model_cache`),
+    and its stored metrics; ValueError when its row is gone (deleted: its kept copy goes too)."""
+    from embedseg_service.worker.model_cache import process_cache
+
+    cache = process_cache(context.settings.model_cache_bytes)
+    with context.session() as session:
+        row = session.get(Model, model_id)
+        if row is None:
+            cache.discard(model_id)
+            raise ValueError(f"model {model_id} no longer exists")
+        metrics, key = row.metrics, row.storage_key
+    return cache.get(model_id, context.storage.path_for(key)), metrics
+
+
+def _predict_batches(context: JobContext, model: Any, rows: Sequence[Volume]) -> list[list[int]]:
+    """Indices of ``rows`` in the batches whose images run through the network together: one shape and
+    channel count each, bounded by the setting ``inference_batch_voxels`` (0: one image per batch)."""
+    from embedseg_service.core.inference.predict import plan_batches
+
+    budget = context.settings.inference_batch_voxels
+    if budget == 0:
+        return [[i] for i in range(len(rows))]
+    return plan_batches([(row.n_channels, *row.spatial_shape) for row in rows], model.device, budget)
+
+
+def _segment_rows(
+    context: JobContext, model: Any, spec: PredictSpec, rows: Sequence[Volume], progress: Callable[[int, int], bool]
+) -> list[np.ndarray]:
+    """Labels of the stored volumes ``rows``, segmented together (:meth:`TrainedModel.segment_batch`)."""
     from embedseg_service.core.inference.tiling import PredictionCancelled
 
-    image = read_volume(context, row)
+    images = [read_volume(context, row) for row in rows]
     tile: str | tuple[int, ...] = spec.tile if isinstance(spec.tile, str) else tuple(spec.tile)
+    settings = context.settings
     try:
-        labels = model.segment(image, tta=spec.tta, tile=tile, progress=progress, min_size=spec.min_size)
+        return model.segment_batch(images, tta=spec.tta, tile=tile, progress=progress, min_size=spec.min_size,
+                                   precision=settings.inference_precision,
+                                   batch_voxels=settings.inference_batch_voxels or None)  # fmt: skip
     except PredictionCancelled:
         raise JobCancelled(context.job_id) from None
+
+
+def _store_labels(context: JobContext, spec: PredictSpec, row: Volume, labels: np.ndarray) -> Volume:
+    """Store the labels of the volume ``row``; returns their (unregistered) volume row."""
+    from embedseg_service.core.data.tiff_write import label_dtype, write_labels
+
     voxel = row.voxel_size if row.voxel_size and len(row.voxel_size) == labels.ndim else None
-    local = context.scratch / f"labels-{row.id}.tif"
-    write_labels(local, labels, voxel_size=voxel)
-    key, sha256, size = _store_file(context, f"labels-{row.id}.tif", local)
-    local.unlink(missing_ok=True)
+    tiff = io.BytesIO()  # compressed labels: no larger than the labels held already
+    write_labels(tiff, labels, voxel_size=voxel)
+    key, sha256, size = _store_file(context, f"labels-{row.id}.tif", tiff.getvalue())
     max_id = int(labels.max()) if labels.size else 0
-    output = Volume(
+    return Volume(
         id=new_id(),
         name=_label_volume_name(context, row.name, spec.tta),
         kind=VolumeKind.labels.value,
@@ -385,64 +425,75 @@ def _predict_volume(
         storage_key=key,
         image_volume_id=row.id,
     )
-    return labels, output
+
+
+def _volume_outputs(
+    context: JobContext, spec: PredictSpec, row: Volume, gt_row: Volume | None, labels: np.ndarray
+) -> tuple[Volume, dict[str, Any], dict[str, Any], Any]:
+    """Store the labels of ``row`` and their object table, score them against ``gt_row`` when given; returns
+    (labels row, the volume's metrics entry, its object table entry, its AP result or None)."""
+    from embedseg_service.core.metrics import average_precision
+
+    output = _store_labels(context, spec, row, labels)
+    entry: dict[str, Any] = {"volume_id": row.id, "labels_id": output.id,
+                             "n_objects": int(np.unique(labels[labels > 0]).size)}  # fmt: skip
+    gt, scored = None, None
+    if gt_row is not None:
+        gt = read_volume(context, gt_row)
+        if gt.shape != labels.shape:
+            raise ValueError(
+                f"ground truth {gt_row.id} has shape {list(gt.shape)} but volume {row.id} has "
+                f"{list(labels.shape)}; give the mask of the same image"
+            )
+        scored = average_precision(gt, labels, name=row.id)
+        entry.update(_image_ap(scored, gt_id=gt_row.id))
+    table = _store_object_table(context, row, output, labels, gt, None if gt_row is None else gt_row.id)
+    return output, entry, table, scored
 
 
 def run_predict(context: JobContext) -> JobOutcome:
     """Segment each volume with the model; one labels volume and one per-object table per input, AP
-    against GT when given."""
-    from embedseg_service.core.metrics import aggregate, average_precision
-    from embedseg_service.core.model.checkpoint import load_model
+    against GT when given. Volumes of one shape run through the network together (:func:`_predict_batches`)."""
+    from embedseg_service.core.metrics import aggregate
 
     spec = PredictSpec.model_validate(context.spec)
     reporter = context.reporter
     reporter.update(progress=0.0, stage="loading model", force=True)
-    with context.session() as session:
-        model_row = session.get(Model, spec.model_id)
-        if model_row is None:
-            raise ValueError(f"model {spec.model_id} no longer exists")
-        model_metrics = model_row.metrics
-    model = load_model(context.storage.path_for(model_row.storage_key), device="auto")
+    model, model_metrics = _predict_model(context, spec.model_id)
     rows = load_volume_rows(context, spec.volume_ids)
     gt_rows = load_volume_rows(context, spec.gt_ids) if spec.gt_ids else [None] * len(rows)
     n = len(rows)
+    found: list[tuple[Volume, dict[str, Any], dict[str, Any], Any]] = []
+    order: list[int] = []
+    streamed = [i for i, row in enumerate(rows) if stream_predict.streams(context.settings, row)]
+    whole = [i for i in range(n) if i not in streamed]
+    batches = [[whole[j] for j in b] for b in _predict_batches(context, model, [rows[i] for i in whole])]
+    for batch in batches + [[i] for i in streamed]:
+        first, size = len(order), len(batch)
+        reporter.raise_if_cancelled(poll=first > 0)  # before the first batch, the last write read the flag
+        stage = (
+            f"predicting volume {first + 1}/{n}" if size == 1 else f"predicting volumes {first + 1}-{first + size}/{n}"
+        )
+        reporter.update(progress=0.95 * first / n, stage=stage, force=first > 0)
 
-    outputs: list[Volume] = []
-    per_volume: list[dict[str, Any]] = []
-    tables: list[dict[str, Any]] = []
-    image_results = []
-    for i, (row, gt_row) in enumerate(zip(rows, gt_rows)):
-        reporter.raise_if_cancelled(poll=True)
-        stage = f"predicting volume {i + 1}/{n}"
-        reporter.update(progress=0.95 * i / n, stage=stage, force=True)
+        def on_tile(done: int, total: int, first: int = first, size: int = size, stage: str = stage) -> bool:
+            return reporter.update(progress=0.95 * (first + size * done / max(total, 1)) / n, stage=stage)
 
-        def on_tile(done: int, total: int, i: int = i, stage: str = stage) -> bool:
-            return reporter.update(progress=0.95 * (i + done / max(total, 1)) / n, stage=stage)
-
-        labels, output = _predict_volume(context, model, spec, row, on_tile)
-        outputs.append(output)
-        entry: dict[str, Any] = {
-            "volume_id": row.id,
-            "labels_id": output.id,
-            "n_objects": int(np.unique(labels[labels > 0]).size),
-        }
-        gt = None
-        if gt_row is not None:
-            gt = read_volume(context, gt_row)
-            if gt.shape != labels.shape:
-                raise ValueError(
-                    f"ground truth {gt_row.id} has shape {list(gt.shape)} but volume {row.id} has "
-                    f"{list(labels.shape)}; give the mask of the same image"
-                )
-            scored = average_precision(gt, labels, name=row.id)
-            image_results.append(scored)
-            entry.update(_image_ap(scored, gt_id=gt_row.id))
-        tables.append(_store_object_table(context, row, output, labels, gt, None if gt_row is None else gt_row.id))
-        per_volume.append(entry)
-
+        if batch[0] in streamed:  # larger than memory, or OME-Zarr: windows into OME-Zarr labels
+            found.append(stream_predict.predict_streamed(context, model, spec, rows[batch[0]], on_tile))
+            order.append(batch[0])
+            continue
+        labels = _segment_rows(context, model, spec, [rows[i] for i in batch], on_tile)
+        for i, volume_labels in zip(batch, labels):
+            found.append(_volume_outputs(context, spec, rows[i], gt_rows[i], volume_labels))
+            order.append(i)
+    found = [found[j] for j in sorted(range(n), key=order.__getitem__)]
+    outputs = [output for output, _, _, _ in found]
+    per_volume = [entry for _, entry, _, _ in found]
+    image_results = [scored for _, _, _, scored in found if scored is not None]
     metrics: dict[str, Any] = {"volumes": per_volume, "tta": spec.tta, "tile": spec.tile}
-    empty = [entry["volume_id"] for entry in per_volume if entry["n_objects"] == 0]
-    warnings = prediction_warnings(model_metrics, empty)
+    warnings = prediction_warnings(model_metrics, [e["volume_id"] for e in per_volume if e["n_objects"] == 0])
+    warnings += stream_predict.streamed_warnings(spec, [rows[i] for i in streamed], bool(spec.gt_ids))
     if warnings:
         metrics["warnings"] = warnings
     if image_results:
@@ -452,7 +503,8 @@ def run_predict(context: JobContext) -> JobOutcome:
         "label_volume_ids": [output.id for output in outputs],
         "labels": {row.id: output.id for row, output in zip(rows, outputs)},
         "model_id": spec.model_id,
-        object_tables.RESULT_KEY: object_tables.result_entry(context.attempt, tables),
+        "label_formats": {row.id: output.format for row, output in zip(rows, outputs)},
+        object_tables.RESULT_KEY: object_tables.result_entry(context.attempt, [t for _, _, t, _ in found]),
     }
     return JobOutcome(result=result, metrics=json_safe(metrics), outputs=list(outputs))
 

@@ -4,10 +4,11 @@
 process never imports torch and a job's memory goes when it ends). Each process removes what
 dead processes left behind, then loops: reconcile (recover abandoned jobs, remove the files
 finished jobs did not register), claim the oldest queued job by compare-and-set, run it, and
-otherwise wait for a wake-up (``submit``) or the poll interval. Queued jobs left by an earlier
-run of the service are therefore picked up at start-up. Stopping the service asks idle processes
-to exit and sends SIGTERM to busy ones: their jobs stop at the next step and go back to the
-queue for the next start (a train job resumes from its last checkpoint).
+otherwise wait for a wake-up (``submit``) or the poll interval. There is no broker here, so a job's
+``queue`` does not matter: the local worker runs the queued jobs of every queue, oldest first.
+Queued jobs left by an earlier run of the service are therefore picked up at start-up. Stopping
+the service asks idle processes to exit and sends SIGTERM to busy ones: their jobs stop at the
+next step and go back to the queue for the next start (a train job resumes from its last checkpoint).
 
 ``embedseg serve`` imports this module only when it starts the embedded worker; it imports no torch itself.
 """
@@ -146,8 +147,9 @@ class LocalWorker:
         log.info("embedded local worker: %d process(es) started", self.processes)
         return self
 
-    def submit(self, job_id: str) -> None:  # noqa: ARG002 - the Dispatcher interface
-        """Wake the worker processes: the committed job ``job_id`` is waiting in the database."""
+    def submit(self, job_id: str, queue: str | None = None) -> None:  # noqa: ARG002 - the Dispatcher interface
+        """Wake the worker processes: the committed job ``job_id`` is waiting in the database (whatever its queue:
+        the local worker runs the jobs of every queue)."""
         self._wake.set()
 
     def stop(self, grace_s: float = STOP_GRACE_S) -> None:

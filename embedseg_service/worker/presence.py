@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from embedseg_service.records.db import get_sessionmaker
 from embedseg_service.records.settings import Settings
 from embedseg_service.records.workers import Beat, forget, record_beat
+from embedseg_service.worker.devices import device_label
 from embedseg_service.worker.runner import worker_name
 
 log = logging.getLogger(__name__)
@@ -40,10 +41,8 @@ def device_use() -> tuple[str | None, int | None, int | None]:
     if not torch.cuda.is_initialized():
         return "cpu", None, None
     index = torch.cuda.current_device()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    device = f"cuda:{index}" + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "")
     _, total = torch.cuda.mem_get_info(index)
-    return device[:64], int(torch.cuda.memory_reserved(index)), int(total)
+    return device_label(index), int(torch.cuda.memory_reserved(index)), int(total)
 
 
 class Presence:

@@ -7,7 +7,7 @@ without a broker. One pass:
 - running jobs whose heartbeat is stale (their worker was killed or lost) go back to ``queued``
   and their task is sent again (a job lost :data:`~embedseg_service.worker.runner.MAX_ATTEMPTS`
   times is failed instead);
-- queued jobs older than ``requeue_after_s`` whose message is not waiting in the broker queue
+- queued jobs older than ``requeue_after_s`` whose message is not waiting in their broker queue
   (lost by a broker restart, or by a crash between the row's commit and the send) are sent again;
 - the files of jobs that finished since the last pass and that they did not register are removed;
 - the rows of worker processes gone for a day are removed (:mod:`embedseg_service.records.workers`);
@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session, sessionmaker
 
 from embedseg_service.records import jobs, webhooks
-from embedseg_service.records.broker import unsent_jobs
+from embedseg_service.records.broker import job_queues, unsent_jobs
 from embedseg_service.records.db import get_sessionmaker
 from embedseg_service.records.orm import utcnow
 from embedseg_service.records.settings import Settings
@@ -44,7 +44,8 @@ LOOKBACK = timedelta(days=1)
 CLOCK_SLACK = timedelta(minutes=2)
 """Each pass looks this much before the previous one (the workers' clocks stamp ``finished_at``)."""
 
-Send = Callable[[str], None]
+Send = Callable[[str, str], None]
+"""``send(job_id, queue)``: send the job's task to the broker queue ``queue``."""
 
 
 @dataclass
@@ -59,8 +60,8 @@ class Reconciled:
 
 
 class Reconciler:
-    """Runs the passes described in the module docstring; ``send(job_id)`` sends a job's task (None:
-    no broker, the local worker polls the database)."""
+    """Runs the passes described in the module docstring; ``send(job_id, queue)`` sends a job's task to its
+    queue (None: no broker, the local worker polls the database)."""
 
     def __init__(
         self,
@@ -81,19 +82,17 @@ class Reconciler:
         done = Reconciled()
         done.requeued = recover_stale_jobs(self.settings, sessions=self.sessions)
         if self.send is not None:
-            for job_id in done.requeued:
-                self.send(job_id)
             with self.sessions() as session:
                 unsent = unsent_jobs(session, self.settings)
-            done.resent = [job_id for job_id in unsent if job_id not in done.requeued]
-            for job_id in done.resent:
-                self.send(job_id)
+                done.resent = [job_id for job_id in unsent if job_id not in done.requeued]
+                queues = job_queues(session, done.requeued + done.resent, self.settings)
+            for job_id in done.requeued + done.resent:
+                self.send(job_id, queues.get(job_id, self.settings.gpu_queue))
             if done.resent:
                 log.warning(
-                    "%d queued job(s) had no message in the broker queue %r; sent again: %s",
+                    "%d queued job(s) had no message in their broker queue; sent again: %s",
                     len(done.resent),
-                    self.settings.gpu_queue,
-                    ", ".join(done.resent),
+                    ", ".join(f"{job_id} ({queues.get(job_id, self.settings.gpu_queue)})" for job_id in done.resent),
                 )
         started = utcnow()
         with self.sessions() as session:

@@ -37,6 +37,7 @@ from embedseg_service.records.storage import Storage, attempt_prefix
 from embedseg_service.records.stores import get_storage
 from embedseg_service.worker.cleanup import purge_job_files, scratch_prefix
 from embedseg_service.worker.context import Handler, JobContext
+from embedseg_service.worker.devices import job_device
 from embedseg_service.worker.handlers import HANDLERS
 from embedseg_service.worker.progress import JobCancelled, JobReporter
 from embedseg_service.worker.shutdown import LostClaim, WorkerShutdown
@@ -126,8 +127,10 @@ def recover_stale_jobs(
 
 
 def _claim(session: Session, job_id: str, me: str, settings: Settings) -> int | None:
-    """The attempt number of this worker's claim of the job, or None when it is not ours to run."""
-    attempt = jobs.claim(session, job_id, me, max_running=settings.quota_running_jobs)
+    """The attempt number of this worker's claim of the job (recording this process's device on the row), or
+    None when it is not ours to run."""
+    device = job_device()
+    attempt = jobs.claim(session, job_id, me, max_running=settings.quota_running_jobs, device=device)
     if attempt is not None:
         return attempt
     job = jobs.get_job(session, job_id)
@@ -135,7 +138,7 @@ def _claim(session: Session, job_id: str, me: str, settings: Settings) -> int | 
         # a redelivery after the previous worker died: take over once its heartbeat is stale
         if job.lost_workers + 1 < MAX_ATTEMPTS and requeue_if_stale(session, job_id, stale_after_s(settings)):
             log.warning("job %s: taking over from lost worker %s", job_id, job.worker)
-            return jobs.claim(session, job_id, me, max_running=settings.quota_running_jobs)
+            return jobs.claim(session, job_id, me, max_running=settings.quota_running_jobs, device=device)
     return None
 
 

@@ -172,7 +172,10 @@ def test_errors_carry_the_server_detail(api, tmp_path, sleeps) -> None:
     with pytest.raises(ApiError) as not_tiff:
         api.upload(tmp_path / "text.tif")
     assert not_tiff.value.status == 415
-    assert not_tiff.value.detail == "the uploaded file is not a TIFF (no TIFF header); send a .tif/.tiff file"
+    assert not_tiff.value.detail == (
+        "the uploaded file is neither a TIFF (no TIFF header) nor a ZIP archive; send a .tif/.tiff file or a zipped "
+        "OME-Zarr store (.ome.zarr.zip)"
+    )
     assert sleeps.delays == []  # 4xx answers are final
 
 
@@ -233,8 +236,8 @@ def test_wait_returns_a_succeeded_job_and_resumes(api, app, session, sleeps) -> 
     sleeps.then = lambda: _finish(app, job.id, JobStatus.succeeded, result={"label_volume_ids": []})
     done = api.wait(job, poll_s=3.0, progress=False)
     assert done.status is JobStatus.succeeded and done.result == {"label_volume_ids": []}
-    assert sleeps.delays == [3.0]
-    assert api.wait(job.id) == done and sleeps.delays == [3.0]  # a finished job answers at once
+    assert sleeps.delays == [0.05]  # the first polls come sooner than poll_s
+    assert api.wait(job.id) == done and sleeps.delays == [0.05]  # a finished job answers at once
 
 
 def test_wait_raises_job_failed_with_the_job(api, app, session) -> None:
@@ -395,7 +398,16 @@ def test_a_dropped_connection_mid_wait_recovers(sleeps) -> None:
         httpx.Response(200, json={**JOB, "status": "succeeded", "progress": 1.0, "result": {"model_id": "m1"}}),
     ]
     done = _fake(answers, seen, sleeps).wait("j1", poll_s=4.0, progress=False)
-    assert done.result == {"model_id": "m1"} and sleeps.delays == [4.0, 0.5] and len(seen) == 3
+    assert done.result == {"model_id": "m1"} and sleeps.delays == [0.05, 0.5] and len(seen) == 3
+
+
+def test_wait_polls_soon_at_first_then_every_poll_s(sleeps) -> None:
+    seen: list[httpx.Request] = []
+    running = httpx.Response(200, json={**JOB, "status": "running", "progress": 0.5})
+    answers: list[httpx.Response | Exception] = [running] * 6
+    answers.append(httpx.Response(200, json={**JOB, "status": "succeeded", "progress": 1.0}))
+    _fake(answers, seen, sleeps).wait("j1", poll_s=0.3, progress=False)
+    assert sleeps.delays == pytest.approx([0.05, 0.075, 0.1125, 0.16875, 0.253125, 0.3]) and len(seen) == 7
 
 
 def test_retries_run_out(sleeps) -> None:
@@ -436,7 +448,7 @@ def test_a_wait_that_loses_the_server_says_so_and_stops_at_its_timeout(sleeps) -
     answers: list[httpx.Response | Exception] = [running, *[httpx.ConnectError("refused") for _ in range(10)]]
     with pytest.raises(WaitInterrupted) as lost:
         _fake(answers, [], sleeps).wait("j1", poll_s=1.0, timeout=5.0, progress=False)
-    assert sleeps.delays == [1.0, 0.5, 1.0, 2.0, 0.5]  # the poll's retries end with the wait's timeout
+    assert sleeps.delays == pytest.approx([0.05, 0.5, 1.0, 2.0, 1.45])  # the poll's retries end with the wait's timeout
     assert isinstance(lost.value, ConnectionFailed) and lost.value.job.status is JobStatus.running
     assert str(lost.value).startswith("lost the server while waiting for job j1, last seen running at 25% (GET ")
     assert str(lost.value).endswith("the job may still run: wait on it again to resume")

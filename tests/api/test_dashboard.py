@@ -156,10 +156,10 @@ def test_script_sends_the_job_options_the_schemas_accept() -> None:
         body = re.search(rf"function {function}\(form\) \{{(.*?)\n\}}", script, re.S).group(1)
         return set(re.findall(r"^\s+(\w+):", body, re.M))
 
-    # the dashboard offers no webhook: callback_url is for pipelines
-    assert keys("trainBody") == set(TrainSpec.model_fields) - {"val_image_ids", "val_mask_ids", "callback_url"}
-    assert keys("predictBody") == set(PredictSpec.model_fields) - {"callback_url"}
-    assert keys("evaluateBody") == set(EvaluateSpec.model_fields) - {"callback_url"}
+    # the dashboard offers no webhook (callback_url is for pipelines) and sends jobs to the default queue
+    assert keys("trainBody") == set(TrainSpec.model_fields) - {"val_image_ids", "val_mask_ids", "callback_url", "queue"}
+    assert keys("predictBody") == set(PredictSpec.model_fields) - {"callback_url", "queue"}
+    assert keys("evaluateBody") == set(EvaluateSpec.model_fields) - {"callback_url", "queue"}
     assert {"gt_id", "pred_id"} == set(EvalPair.model_fields)
     assert "{ gt_id: gt, pred_id: pred }" in script
 
@@ -183,7 +183,7 @@ def test_upload_form_sends_the_fields_the_volume_route_reads() -> None:
     html = (static_dir() / "index.html").read_text()
     form = re.search(r'<form id="upload-form".*?</form>', html, re.S).group(0)
     names = set(re.findall(r'name="(\w+)"', form))
-    assert names == {"file", "kind", "voxel_size"}
+    assert names == {"file", "kind", "voxel_size", "image_id"}
     assert names - {"file"} <= set(FORM_FIELDS)
     kinds = set(re.findall(r'<option value="(\w+)"', form))
     assert kinds == {kind.value for kind in VolumeKind}

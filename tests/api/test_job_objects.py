@@ -71,7 +71,8 @@ def known_segmentation(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     table's values are known exactly; everything else (worker, storage, API) runs for real."""
     from embedseg_service.core.model.checkpoint import TrainedModel
 
-    monkeypatch.setattr(TrainedModel, "segment", lambda _model, image, **_options: KNOWN[image.shape].copy())
+    monkeypatch.setattr(TrainedModel, "segment_batch",
+                        lambda _model, images, **_options: [KNOWN[image.shape].copy() for image in images])  # fmt: skip
 
 
 @pytest.fixture

@@ -53,7 +53,7 @@ class Recorder:
         self.app = app
         self.submitted: list[tuple[str, str]] = []
 
-    def submit(self, job_id: str) -> None:
+    def submit(self, job_id: str, queue: str | None = None) -> None:  # noqa: ARG002 - the Dispatcher interface
         with self.app.state.sessionmaker() as other:
             self.submitted.append((job_id, other.get(Job, job_id).status))
 

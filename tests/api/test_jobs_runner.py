@@ -515,13 +515,13 @@ def test_predict_job_segments_with_tta_unless_asked_off(client, fast, tiny_model
     from embedseg_service.core.model.checkpoint import TrainedModel
 
     asked: list[bool] = []
-    segment = TrainedModel.segment
+    segment_batch = TrainedModel.segment_batch
 
-    def recording(self, image, **options):  # type: ignore[no-untyped-def]
+    def recording(self, images, **options):  # type: ignore[no-untyped-def]
         asked.append(options["tta"])
-        return segment(self, image, **options)
+        return segment_batch(self, images, **options)
 
-    monkeypatch.setattr(TrainedModel, "segment", recording)
+    monkeypatch.setattr(TrainedModel, "segment_batch", recording)
     image = upload(client, tiff_bytes(np.zeros((32, 32), np.uint8))).json()["id"]
     for body, tta in (({}, True), ({"tta": False}, False)):
         job = client.post(f"{API}/jobs/predict", json={"model_id": tiny_model, "volume_ids": [image], **body}).json()

@@ -45,6 +45,7 @@ def test_train_defaults() -> None:
         "foreground_weight": None,
         "name": None,
         "callback_url": None,
+        "queue": None,
     }
     assert spec.volume_roles() == [("a", "image"), ("b", "mask")]
     full = TrainSpec(
@@ -66,7 +67,7 @@ def test_train_spec_takes_its_defaults_from_the_train_config() -> None:
     spec = TrainSpec(image_ids=["a"], mask_ids=["b"])
     options = spec.training_options()
     assert set(options) == set(TrainSpec.model_fields) - {"image_ids", "mask_ids", "val_image_ids", "val_mask_ids",
-                                                          "name", "callback_url"}  # fmt: skip
+                                                          "name", "callback_url", "queue"}  # fmt: skip
     for name, value in options.items():
         if name == "dims":
             assert value == 2  # the API's default dimensionality; the library has none
@@ -161,6 +162,7 @@ def test_predict_spec() -> None:
         "min_size": None,
         "gt_ids": None,
         "callback_url": None,
+        "queue": None,
     }
     assert PredictSpec(model_id="m", volume_ids=["a"], min_size=0).min_size == 0
     assert message(PredictSpec, model_id="m", volume_ids=["a"], min_size=-5) == (

@@ -141,9 +141,10 @@ REJECTIONS = [
         lambda: b"plain text, no image",
         {},
         415,
-        "the uploaded file is not a TIFF (no TIFF header); send a .tif/.tiff file",
+        "the uploaded file is neither a TIFF (no TIFF header) nor a ZIP archive; send a .tif/.tiff file or a zipped "
+        "OME-Zarr store (.ome.zarr.zip)",
     ),
-    ("empty", lambda: b"", {}, 415, "the uploaded file is empty; send a TIFF file"),
+    ("empty", lambda: b"", {}, 415, "the uploaded file is empty; send a TIFF file or a zipped OME-Zarr store"),
     ("no_image", lambda: b"II*\x00" + b"\x00" * 20, {}, 422, "unsupported TIFF: the TIFF file contains no image"),
     (
         "garbled_tiff",

@@ -181,13 +181,13 @@ def test_segment_passes_the_tiling_on(monkeypatch: pytest.MonkeyPatch) -> None:
     sizes: list[object] = []
     radii: list[object] = []
 
-    def fake_segment(_net, image, *, tile, min_size, max_radius, **_kwargs):  # records what segment() receives
+    def fake_segment(_net, images, *, tile, min_size, max_radius, **_kwargs):  # records what segment_batch() receives
         seen.append(tile)
         sizes.append(min_size)
         radii.append(max_radius)
-        return np.zeros(image.shape[1:], dtype=np.int32)
+        return [np.zeros(image.shape[1:], dtype=np.int32) for image in images]
 
-    monkeypatch.setattr(embedseg_service.core.inference.predict, "segment", fake_segment)
+    monkeypatch.setattr(embedseg_service.core.inference.predict, "segment_batch", fake_segment)
     props = dict(payload["properties"], crop_shape=[24, 32], n_objects=5, extent_mean=[6.0, 8.0], extent_std=[1.0, 2.0])
     model = TrainedModel(net=net, spatial_dims=2, in_channels=1, step=step_for(2), device=torch.device("cpu"),
                          properties=props)  # fmt: skip

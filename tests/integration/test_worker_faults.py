@@ -19,12 +19,9 @@ schema and a queue of the test's own. Checked:
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -35,7 +32,16 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from helpers import API, production_services_problem, production_settings, service_missing, tiff_bytes, upload
+from helpers import (
+    API,
+    production_services_problem,
+    production_settings,
+    register_tiny_model,
+    service_missing,
+    tiff_bytes,
+    upload,
+    worker_processes,
+)
 
 from embedseg_service.api.app import create_app
 from embedseg_service.core.data.synthetic import random_labels, render_image
@@ -54,89 +60,6 @@ FAST = {"heartbeat_s": 0.5, "progress_throttle_s": 0.2, "requeue_after_s": 2.0}
 """A lost worker's job is taken over after 4 heartbeats (2 s); a queued job without a message is sent
 again after 2 s."""
 WAIT_S = 240.0
-
-
-# --------------------------------------------------------------------------- worker processes
-
-
-class WorkerProcess:
-    """An ``embedseg worker`` process (its own session, so ``kill -9`` reaches its pool processes too)."""
-
-    def __init__(self, settings: Settings, root: Path, name: str) -> None:
-        self.name = name
-        self.log = root / f"{name}.log"
-        env = {key: value for key, value in os.environ.items() if not key.startswith("EMBEDSEG_")}
-        env.update(
-            {
-                "EMBEDSEG_DATABASE_URL": str(settings.database_url),
-                "EMBEDSEG_BROKER_URL": str(settings.broker_url),
-                "EMBEDSEG_DATA_DIR": str(settings.data_dir),
-                "EMBEDSEG_STORAGE_DIR": str(settings.storage_path),
-                "EMBEDSEG_GPU_QUEUE": settings.gpu_queue,
-                "EMBEDSEG_HEARTBEAT_S": str(settings.heartbeat_s),
-                "EMBEDSEG_PROGRESS_THROTTLE_S": str(settings.progress_throttle_s),
-                "EMBEDSEG_REQUEUE_AFTER_S": str(settings.requeue_after_s),
-                "OMP_NUM_THREADS": "1",
-            }
-        )
-        command = [
-            sys.executable,
-            "-c",
-            "import sys; from embedseg_service.core.cli import main; sys.exit(main())",
-            "worker",
-            "--queues",
-            settings.gpu_queue,
-            "--concurrency",
-            "1",
-            "--hostname",
-            f"{name}@%h",
-            "--loglevel",
-            "info",
-        ]
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = WAIT_S) -> WorkerProcess:
-        deadline = time.monotonic() + timeout
-        while " ready." not in self.text():
-            assert self.process.poll() is None, f"worker {self.name} exited:\n{self.text()[-3000:]}"
-            assert time.monotonic() < deadline, f"worker {self.name} not ready:\n{self.text()[-3000:]}"
-            time.sleep(0.2)
-        return self
-
-    def kill9(self) -> None:
-        """``kill -9`` the worker and its pool processes."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(30)
-
-    def sigterm(self) -> None:
-        """SIGTERM to the worker's main process only, as ``docker compose stop`` sends it."""
-        self.process.send_signal(signal.SIGTERM)
-
-
-@contextmanager
-def worker_processes(settings: Settings, root: Path) -> Iterator[Callable[[str], WorkerProcess]]:
-    """A factory of ready worker processes; every one still running is killed on exit."""
-    started: list[WorkerProcess] = []
-
-    def start(name: str) -> WorkerProcess:
-        started.append(WorkerProcess(settings, root, name))
-        return started[-1].wait_ready()
-
-    try:
-        yield start
-    finally:
-        for worker in started:
-            if worker.process.poll() is None:
-                worker.kill9()
 
 
 # --------------------------------------------------------------------------- the stack
@@ -281,39 +204,10 @@ def test_train_job_survives_sigterm_and_kill_9_resuming_from_its_checkpoint(sett
 # --------------------------------------------------------------------------- predict: kill -9
 
 
-def tiny_model(client: TestClient, settings: Settings, tmp_path: Path) -> str:
-    """An untrained 2D network stored and registered like a trained model."""
-    from embedseg_service.core.model.checkpoint import build_network, save_checkpoint
-
-    path = save_checkpoint(
-        tmp_path / "tiny.pt",
-        {
-            "state_dict": build_network(2, 1).state_dict(),
-            "spatial_dims": 2,
-            "in_channels": 1,
-            "step": [1 / 1023, 1 / 1023],
-            "config": {"in_channels": 1},
-            "properties": {"min_object_size": 4},
-        },
-    )
-    LocalStorage(settings.storage_path).put_file("models/tiny.pt", path)
-    with client.app.state.sessionmaker() as session:
-        model = Model(
-            name="tiny",
-            spatial_dims=2,
-            config={"in_channels": 1},
-            storage_key="models/tiny.pt",
-            size_bytes=path.stat().st_size,
-        )
-        session.add(model)
-        session.commit()
-        return model.id
-
-
 def test_predict_job_survives_kill_9_and_registers_each_output_once(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
     storage = LocalStorage(settings.storage_path)
     with api(settings) as client, worker_processes(settings, tmp_path) as start:
-        model_id = tiny_model(client, settings, tmp_path)
+        model_id = register_tiny_model(client, settings, tmp_path)
         volumes = []
         for seed in range(8):
             image = (render_image(random_labels((128, 128), 8, seed=seed), seed=seed) * 1000).clip(0, None)

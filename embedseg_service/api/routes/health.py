@@ -8,7 +8,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from embedseg_service.api.deps import SessionDep, SettingsDep, StorageDep
-from embedseg_service.records.broker import unsent_jobs
+from embedseg_service.records.broker import job_queues, unsent_jobs
 from embedseg_service.records.schemas import Health, Ready
 from embedseg_service.records.settings import Settings
 
@@ -43,15 +43,22 @@ def _queue_problem(session: Session, settings: Settings) -> str | None:
     try:
         unsent = unsent_jobs(session, settings)
     except redis.RedisError as error:
-        return f"broker queue {settings.gpu_queue!r} could not be read: {error}"
+        return f"{_queues_named(settings.job_queues)} could not be read: {error}"
     if not unsent:
         return None
+    queues = sorted(set(job_queues(session, unsent, settings).values())) or settings.job_queues
     return (
         f"{len(unsent)} queued job(s) (oldest {unsent[0]}) waited more than {settings.requeue_after_s:g} s "
-        f"(EMBEDSEG_REQUEUE_AFTER_S) with no message in the broker queue {settings.gpu_queue!r}: the queue and "
+        f"(EMBEDSEG_REQUEUE_AFTER_S) with no message in the {_queues_named(queues)}: the queue and "
         f"the database disagree; a running worker sends them again within {settings.heartbeat_s:g} s, so start "
         "a worker ('embedseg worker') if none runs"
     )
+
+
+def _queues_named(queues: list[str]) -> str:
+    """``broker queue 'gpu'``, or ``broker queues 'gpu', 'gpu-large'``."""
+    names = ", ".join(repr(queue) for queue in queues)
+    return f"broker queue {names}" if len(queues) == 1 else f"broker queues {names}"
 
 
 def _redact(url: str) -> str:

@@ -45,8 +45,8 @@ CREATED: dict[int | str, dict[str, Any]] = {
     202: {"description": "Job queued; `Location` is its URL", "headers": {"Location": {"schema": {"type": "string"}}}},
     404: {"description": "A referenced volume or model does not exist"},
     422: {
-        "description": "Invalid spec, volumes of the wrong kind, dimensionality or shape, or a callback_url "
-        "the server refuses (internal address, or no EMBEDSEG_WEBHOOK_SECRET)"
+        "description": "Invalid spec, volumes of the wrong kind, dimensionality or shape, a callback_url "
+        "the server refuses (internal address, or no EMBEDSEG_WEBHOOK_SECRET), or a queue it does not list"
     },
     503: {"description": "The job broker is unreachable (the job is marked failed)"},
 }
@@ -193,6 +193,18 @@ def _check_callback(spec: TrainSpec | PredictSpec | EvaluateSpec, settings: Sett
         raise _unprocessable(f"callback_url: {error}") from None
 
 
+def _job_queue(spec: TrainSpec | PredictSpec | EvaluateSpec, settings: Settings) -> str:
+    """The broker queue of the job: its spec's, which must be one the server lists (422 otherwise), or the default."""
+    if spec.queue is None:
+        return settings.gpu_queue
+    if spec.queue not in settings.job_queues:
+        listed = ", ".join(repr(queue) for queue in settings.job_queues)
+        raise _unprocessable(
+            f"queue: {spec.queue!r} is not a queue of this server; use one of {listed} (EMBEDSEG_QUEUES)"
+        )
+    return spec.queue
+
+
 # --------------------------------------------------------------------------- create
 
 
@@ -231,6 +243,7 @@ def _submit(
         held = held_or_id
     with idempotency.holding(session, held):
         _check_callback(spec, settings)
+        queue = _job_queue(spec, settings)
         check()
         check_queue(session, settings, principal)
         check_storage(session, settings, principal)
@@ -241,11 +254,12 @@ def _submit(
             owner=principal.owner,
             volumes=spec.volume_roles(),
             model_id=spec.model_id if isinstance(spec, PredictSpec) else None,
+            queue=queue,
         )
     if held is not None:
         idempotency.settle(session, held, job.id)
     try:
-        get_dispatcher(request).submit(job.id)
+        get_dispatcher(request).submit(job.id, queue)
     except DispatchError as error:
         log.error("job %s not dispatched: %s", job.id, error)
         jobs.finish_job(session, job.id, JobStatus.failed, error=f"could not be queued: {error}")

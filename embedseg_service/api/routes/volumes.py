@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Response
@@ -19,11 +20,14 @@ from embedseg_service.api.preview import Plane, Projection, render_preview, rend
 from embedseg_service.api.tiff_checks import check_upload_values, inspect_upload, rewrite_upload
 from embedseg_service.api.upload_route import UploaderDep
 from embedseg_service.api.uploads import UPLOAD_RESPONSES, UploadRejected
+from embedseg_service.api.zarr_checks import inspect_zarr_upload
 from embedseg_service.core.data.io import TiffInfo, inspect_tiff
-from embedseg_service.records.orm import Volume, VolumeKind, new_id
+from embedseg_service.core.data.ome_zarr import OME_ZARR_ZIP_SUFFIX, OmeZarrInfo
+from embedseg_service.core.data.zip_checks import is_zip
+from embedseg_service.records.orm import Volume, VolumeFormat, VolumeKind, new_id
 from embedseg_service.records.removal import delete_unless_in_use
 from embedseg_service.records.schemas import Page, VolumeOut, parse_voxel_size
-from embedseg_service.records.storage import Storage, volume_key
+from embedseg_service.records.storage import Storage, volume_key, volume_zarr_key
 
 router = APIRouter(prefix="/volumes", tags=["volumes"])
 
@@ -37,7 +41,7 @@ def _read_magic(path: Path) -> bytes:
         return handle.read(4)
 
 
-def _check_pixel_type(kind: str, info: TiffInfo) -> str:
+def _check_pixel_type(kind: str, info: TiffInfo | OmeZarrInfo) -> str:
     """The pixel type's name; :class:`UploadRejected` when ``kind`` does not allow it or the axes."""
     dtype = np.dtype(info.dtype).name
     if kind == VolumeKind.image.value and dtype not in IMAGE_DTYPES:
@@ -79,7 +83,7 @@ def _default_name(filename: str | None) -> str:
     if not filename:
         return "volume"
     base = filename.replace("\\", "/").rsplit("/", 1)[-1]
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+    for suffix in (OME_ZARR_ZIP_SUFFIX, ".ome.zarr", ".zip", ".ome.tiff", ".ome.tif", ".tiff", ".tif"):
         if base.lower().endswith(suffix):
             base = base[: -len(suffix)]
             break
@@ -99,13 +103,8 @@ def _validate_and_store(
     pending = received.pending
     try:
         kind, axes, voxel_size, name, image_id = _check_fields(fields)
-        if pending.size == 0:
-            raise UploadRejected(415, "the uploaded file is empty; send a TIFF file")
-        if _read_magic(pending.temp_path) not in TIFF_MAGIC:
-            raise UploadRejected(415, "the uploaded file is not a TIFF (no TIFF header); send a .tif/.tiff file")
-        info = inspect_upload(pending.temp_path, axes=axes, max_voxels=received.max_voxels)
+        info, zarr = _inspect(pending.temp_path, pending.size, kind, axes, received.max_voxels)
         dtype = _check_pixel_type(kind, info)
-        check_upload_values(pending.temp_path, axes=axes, labels=kind == VolumeKind.labels.value)
         spatial_dims = info.spatial_dims
         if voxel_size is not None and len(voxel_size) != spatial_dims:
             raise UploadRejected(
@@ -125,8 +124,12 @@ def _validate_and_store(
                 raise UploadRejected(
                     422, f"image_id: the labels' shape {spatial_shape} differs from the image's {image.spatial_shape}"
                 )
-        key = volume_key(volume_id)
-        if axes is not None and _needs_rewrite(pending.temp_path, info):
+        key = volume_zarr_key(volume_id) if zarr else volume_key(volume_id)
+        if zarr:  # received under the TIFF key: stored under the store's own
+            stored = storage.put(key, _chunks(pending.temp_path))
+            pending.abort()
+            sha256, size_bytes = stored.sha256, stored.size
+        elif axes is not None and _needs_rewrite(pending.temp_path, info):
             # the file's own metadata would read back differently: store it in canonical order
             rewritten = pending.temp_path.with_suffix(".canonical.tif")
             try:
@@ -168,6 +171,31 @@ def _validate_and_store(
     return row
 
 
+def _inspect(path: Path, size: int, kind: str, axes: str | None, max_voxels: int | None) -> tuple[Any, bool]:
+    """(layout, whether it is a zipped OME-Zarr store) of the received file after the checks of its kind: a TIFF
+    (header, voxel budget, pixel data layout, pixel type, values a strip at a time) or a zipped OME-Zarr store
+    (:mod:`embedseg_service.api.zarr_checks`, a chunk at a time)."""
+    if size == 0:
+        raise UploadRejected(415, "the uploaded file is empty; send a TIFF file or a zipped OME-Zarr store")
+    magic = _read_magic(path)
+    labels = kind == VolumeKind.labels.value
+    if is_zip(magic):
+        if axes is not None:
+            raise UploadRejected(422, "axes applies to TIFF files; an OME-Zarr store names its axes in its metadata")
+        check = functools.partial(_check_pixel_type, kind)
+        return inspect_zarr_upload(path, max_voxels=max_voxels, labels=labels, check_info=check), True
+    if magic not in TIFF_MAGIC:
+        raise UploadRejected(
+            415,
+            "the uploaded file is neither a TIFF (no TIFF header) nor a ZIP archive; send a .tif/.tiff file or a "
+            "zipped OME-Zarr store (.ome.zarr.zip)",
+        )
+    info = inspect_upload(path, axes=axes, max_voxels=max_voxels)
+    _check_pixel_type(kind, info)
+    check_upload_values(path, axes=axes, labels=labels)
+    return info, False
+
+
 def _needs_rewrite(path: Path, info) -> bool:  # type: ignore[no-untyped-def]
     try:
         plain = inspect_tiff(path)
@@ -186,10 +214,12 @@ def _chunks(path: Path, size: int = 1024 * 1024):  # type: ignore[no-untyped-def
     "",
     status_code=201,
     response_model=VolumeOut,
-    summary="Upload a TIFF (multipart form field `file`)",
+    summary="Upload a TIFF or a zipped OME-Zarr store (multipart form field `file`)",
     description=(
         "Multipart form with the TIFF in `file` (2D/3D, uint8/uint16/float32 images, integer label images, "
-        "optional channel axis first) and optional fields `name`, `kind` (image|labels), `axes` (the stored "
+        "optional channel axis first), or a ZIP of an OME-Zarr image (recognised by its content; level 0 of its "
+        "first multiscale image, axes and voxel size from its metadata, checked a chunk at a time; large volumes "
+        "are predicted in streamed windows) and optional fields `name`, `kind` (image|labels), `axes` (the stored "
         "array's axes, e.g. ZYX or CZYX, overriding the file's metadata), `voxel_size` ('z,y,x' or 'y,x') and "
         "`image_id` (for labels: the image they belong to). The body is streamed to storage."
     ),
@@ -202,7 +232,11 @@ def _chunks(path: Path, size: int = 1024 * 1024):  # type: ignore[no-untyped-def
                         "type": "object",
                         "required": ["file"],
                         "properties": {
-                            "file": {"type": "string", "format": "binary", "description": "The TIFF"},
+                            "file": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": "The TIFF, or a zipped OME-Zarr store",
+                            },
                             "name": {"type": "string", "description": "Default: the file name without .tif"},
                             "kind": {"type": "string", "enum": ["image", "labels"], "default": "image"},
                             "axes": {"type": "string", "description": "Stored array's axes, e.g. ZYX, CZYX"},
@@ -216,7 +250,7 @@ def _chunks(path: Path, size: int = 1024 * 1024):  # type: ignore[no-untyped-def
     },
     responses={
         **UPLOAD_RESPONSES,
-        415: {"description": "Not multipart, or not a TIFF"},
+        415: {"description": "Not multipart, not a TIFF or ZIP, or a ZIP without an OME-Zarr image"},
         422: {"description": "Unsupported layout, pixel type or form field"},
     },
 )
@@ -265,10 +299,13 @@ def get_volume(volume: VolumeDep) -> VolumeOut:
 @router.get(
     "/{volume_id}/download",
     response_class=FileResponse,
-    summary="The stored TIFF",
-    responses={200: {"content": {"image/tiff": {}}}, 404: {}},
+    summary="The stored file: the TIFF, or the zipped OME-Zarr store",
+    responses={200: {"content": {"image/tiff": {}, "application/zip": {}}}, 404: {}},
 )
 def download_volume(volume: VolumeDep, storage: StorageDep) -> Response:
+    if volume.format == VolumeFormat.ome_zarr.value:
+        return stored_file_response(storage, volume.storage_key, media_type="application/zip",
+                                    filename=f"{volume.name}{OME_ZARR_ZIP_SUFFIX}")  # fmt: skip
     return stored_file_response(storage, volume.storage_key, media_type="image/tiff", filename=f"{volume.name}.tif")
 
 

@@ -44,6 +44,12 @@ def _normalize_one(x: np.ndarray, mode: NormalizationMode, p_low: float, p_high:
     else:
         values = x.astype(np.float64, copy=False)
         offset, spread = float(values.mean()), float(values.std())
+    return scale_intensities(x, offset, spread)
+
+
+def scale_intensities(x: np.ndarray, offset: float, spread: float) -> np.ndarray:
+    """``(x - offset) / spread`` as float32, computed as :func:`normalize` computes it: a spread near zero
+    (a constant image) does not divide. ``ValueError`` for a non-finite offset or spread."""
     if not np.isfinite(offset) or not np.isfinite(spread):
         raise ValueError("image contains non-finite values (nan or inf); they cannot be normalised")
     out = x.astype(np.float32)

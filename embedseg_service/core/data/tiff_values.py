@@ -75,20 +75,28 @@ def check_pixel_values(tif: tifffile.TiffFile, layout: TiffLayout, *, labels: bo
     if not (labels or floats or compressed):
         return
     counts = scan_values(tif, layout, labels=labels)
+    problem = value_problem(counts)
+    if problem is not None:
+        raise TiffDamaged(problem)
+
+
+def value_problem(counts: ValueCounts) -> str | None:
+    """What the policy of the module docstring refuses in what a scan found (``None``: nothing)."""
     if counts.nan or counts.inf:
-        raise TiffDamaged(
+        return (
             f"the image holds {counts.nan} NaN and {counts.inf} infinite value(s); replace them with finite "
             "numbers (e.g. 0) and upload it again"
         )
     if counts.negative:
-        raise TiffDamaged(
+        return (
             f"the label image holds {counts.negative} negative value(s); label ids must be >= 0 "
             "(0 = background, objects 1, 2, ...)"
         )
     pairs, different = counts.foreground_pairs, counts.different_pairs
     if pairs >= MIN_PAIRS_FOR_NOISE and different > MAX_DIFFERENT_FRACTION * pairs:
-        raise TiffDamaged(
+        return (
             f"this does not look like a label image: {100 * different / pairs:.0f}% of its {pairs} pairs of "
             "neighbouring foreground voxels have different ids, where objects of one id each would give few; "
             "upload it with kind=image, or upload the instance labels (0 = background, one id per object)"
         )
+    return None

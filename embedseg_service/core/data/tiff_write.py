@@ -6,7 +6,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import tifffile
@@ -75,7 +75,7 @@ def _check_array(axes: str, shape: tuple[int, ...], dtype: np.dtype) -> str:
 
 
 def write_tiff(
-    path: str | os.PathLike,
+    path: str | os.PathLike | BinaryIO,
     data: np.ndarray,
     *,
     axes: str,
@@ -86,7 +86,8 @@ def write_tiff(
 
     uint8, uint16 and float32 are written as ImageJ hyperstacks (voxel size in the resolution
     tags and ``spacing``, unit µm); other supported types as OME-TIFF with physical sizes. The
-    file is written to a temporary name in the same folder, then renamed into place.
+    file is written to a temporary name in the same folder, then renamed into place; ``path`` may
+    also be a seekable binary file object (e.g. ``io.BytesIO``), written directly.
     """
     data = np.asarray(data)
     axes = _check_array(axes, data.shape, data.dtype)
@@ -95,10 +96,13 @@ def write_tiff(
     array = np.moveaxis(data, 0, 1) if z_first else data
     compression = "zlib" if compress else None
 
-    def write(tmp: str) -> None:
+    def write(tmp: str | BinaryIO) -> None:
         tifffile.imwrite(tmp, array, compression=compression, **options)
 
-    _atomic_write(path, write)
+    if isinstance(path, (str, os.PathLike)):
+        _atomic_write(path, write)
+    else:
+        write(path)
 
 
 def write_tiff_planes(
@@ -147,13 +151,14 @@ def label_dtype(max_id: int) -> np.dtype:
 
 
 def write_labels(
-    path: str | os.PathLike,
+    path: str | os.PathLike | BinaryIO,
     labels: np.ndarray,
     *,
     voxel_size: Sequence[float] | None = None,
     compress: bool = True,
 ) -> None:
-    """Write a label image (Y, X) or (Z, Y, X) of non-negative integers, keeping its voxel size.
+    """Write a label image (Y, X) or (Z, Y, X) of non-negative integers, keeping its voxel size, to a file
+    or a binary file object (as :func:`write_tiff`).
 
     Stored as uint16 when all ids fit, else int32, else uint32.
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,8 +59,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Ten
 
 
 def crop_padding(y: np.ndarray, spatial: Sequence[int], multiple: int = SIZE_MULTIPLE) -> np.ndarray:
-    """The part of ``y`` ``(C, *P)``, computed on :func:`pad_to_multiple`'s output, that covers the
-    image ``spatial`` (a view)."""
+    """The part of ``y`` ``(..., *P)`` (e.g. ``(C, *P)`` or ``(B, C, *P)``), computed on :func:`pad_to_multiple`'s
+    output, that covers the image ``spatial`` (a view)."""
     before = padding_before(spatial, multiple)
-    index: tuple[slice, ...] = (slice(None), *(slice(b, b + int(n)) for b, n in zip(before, spatial)))
+    index: tuple[Any, ...] = (Ellipsis, *(slice(b, b + int(n)) for b, n in zip(before, spatial)))
     return y[index]

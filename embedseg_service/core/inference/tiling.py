@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from embedseg_service.core.device import resolve_device
+from embedseg_service.core.inference.defaults import DEFAULT_PRECISION, InferencePrecision
 from embedseg_service.core.inference.padding import SIZE_MULTIPLE, crop_padding, pad_to_multiple
 from embedseg_service.core.inference.tile_size import BYTES_PER_VOXEL, checked_tile_shape
 
@@ -109,15 +110,17 @@ def _pixels(region: Region, scale: int) -> Region:
 
 
 class _Staged:
-    """Runs :class:`NetworkStages` block by block on one device (optionally under float16 autocast)."""
+    """Runs :class:`NetworkStages` block by block on one device (under autocast to ``autocast``, when given)."""
 
-    def __init__(self, stages: NetworkStages, block: Sequence[int], amp: bool, progress: Progress | None) -> None:
-        self.stages, self.block, self.amp = stages, list(block), amp
+    def __init__(
+        self, stages: NetworkStages, block: Sequence[int], autocast: torch.dtype | None, progress: Progress | None
+    ) -> None:
+        self.stages, self.block, self.autocast = stages, list(block), autocast
         self.progress, self.done, self.total = progress, 0, 0
 
     def _run(self, module: Module, x: torch.Tensor) -> torch.Tensor:
-        if self.amp and x.device.type == "cuda":
-            with torch.autocast(device_type="cuda", dtype=torch.float16):
+        if self.autocast is not None:
+            with torch.autocast(device_type=x.device.type, dtype=self.autocast):
                 return module(x).float()
         return module(x).float()
 
@@ -173,42 +176,44 @@ def _transformed_region(transform: Any, region: Region, cells: Sequence[int]) ->
 
 
 def _store(output: np.ndarray | None, y: torch.Tensor, region: Region, cell: int, spatial: Sequence[int]) -> np.ndarray:
-    """Write the raw outputs ``y`` ``(C, *block pixels)`` of the cells ``region`` into ``output``
-    ``(C, *spatial)`` (created on first use), without the padding beyond ``spatial``."""
+    """Write the raw outputs ``y`` ``(B, C, *block pixels)`` of the cells ``region`` into ``output``
+    ``(B, C, *spatial)`` (created on first use), without the padding beyond ``spatial``."""
     target = tuple(slice(r.start * cell, min(r.stop * cell, n)) for r, n in zip(region, spatial))
-    index: tuple[Any, ...] = (slice(None), *(slice(0, t.stop - t.start) for t in target))
+    index: tuple[Any, ...] = (slice(None), slice(None), *(slice(0, t.stop - t.start) for t in target))
     if output is None:
         if all(t.start == 0 and t.stop == n for t, n in zip(target, spatial)):  # one block: no copy
             return np.ascontiguousarray(y[index].cpu().numpy())
-        output = np.empty((y.shape[0], *spatial), dtype=np.float32)
-    channels_at: tuple[slice, ...] = (slice(None), *target)
-    output[channels_at] = y[index].cpu().numpy()
+        output = np.empty((*y.shape[:2], *spatial), dtype=np.float32)
+    output[_all_of_batch(target)] = y[index].cpu().numpy()
     return output
 
 
 def _predict_plain(runner: _Staged, x: torch.Tensor, spatial: Sequence[int]) -> np.ndarray:
-    """Raw outputs of one padded image ``(1, C, *P)`` cropped to ``spatial``."""
+    """Raw outputs ``(B, C_out, *spatial)`` of padded images ``(B, C, *P)`` cropped to ``spatial``."""
     cell = runner.stages.cell
     regions = runner.blocks([n // cell for n in x.shape[2:]])
     runner.total = 2 * len(regions)
     grid = runner.context_grid(x)
     output: np.ndarray | None = None
     for region in regions:
-        output = _store(output, runner.decode(grid, region)[0], region, cell, spatial)
+        output = _store(output, runner.decode(grid, region), region, cell, spatial)
         runner.tick()
     assert output is not None
     return output
 
 
 def _predict_tta(runner: _Staged, x: torch.Tensor, spatial: Sequence[int], options: dict[str, Any]) -> np.ndarray:
-    """Raw outputs of one padded image combined over the TTA passes, block by block, cropped to ``spatial``."""
+    """Raw outputs ``(B, C_out, *spatial)`` of padded images ``(B, C, *P)`` combined over the TTA passes,
+    block by block, cropped to ``spatial``. A network call holds the passes of all ``B`` images for as
+    many transforms as the TTA batch allows (one transform at least)."""
     from embedseg_service.core.inference.tta import DEFAULT_BATCH, PassCombiner, TTACombine, pass_settings, transforms
 
     fg_thresh = float(options.get("fg_thresh", 0.5))
     rule, batch = pass_settings(
         options.get("combine", TTACombine.median), fg_thresh, int(options.get("batch_size", DEFAULT_BATCH)), x
     )
-    cell = runner.stages.cell
+    batch = max(1, batch // x.shape[0])
+    cell, n_images = runner.stages.cell, x.shape[0]
     cells = [n // cell for n in x.shape[2:]]
     chosen = transforms(len(spatial))
     regions = runner.blocks(cells)
@@ -219,7 +224,7 @@ def _predict_tta(runner: _Staged, x: torch.Tensor, spatial: Sequence[int], optio
     for chunk in chunks:
         found = runner.context_grid(torch.cat([chosen[j].apply_image(x) for j in chunk], dim=0))
         for i, j in enumerate(chunk):
-            grids[j] = found[i : i + 1]
+            grids[j] = found[i * n_images : (i + 1) * n_images]
         del found
     output: np.ndarray | None = None
     for region in regions:
@@ -233,12 +238,23 @@ def _predict_tta(runner: _Staged, x: torch.Tensor, spatial: Sequence[int], optio
                 combiner = PassCombiner(rule, len(chosen), tuple(back.shape), back.device)
             combiner.add(j, 0, back)
         assert combiner is not None
-        inner: tuple[Any, ...] = (0, slice(None), *_within(region, outer, cell))
+        inner = _all_of_batch(_within(region, outer, cell))
         output = _store(output, combiner.result(fg_thresh)[inner], region, cell, spatial)
         del combiner
         runner.tick()
     assert output is not None
     return output
+
+
+def autocast_dtype(precision: InferencePrecision | str, device: torch.device) -> torch.dtype | None:
+    """The dtype the network autocasts to for ``precision`` on ``device`` (``None``: float32);
+    ``ValueError`` for ``fp16`` off CUDA."""
+    chosen = InferencePrecision.parse(precision)
+    if chosen is InferencePrecision.fp32:
+        return None
+    if chosen is InferencePrecision.fp16 and device.type != "cuda":
+        raise ValueError(f"inference precision fp16 needs a CUDA device, not {device.type}; use fp32 or bf16")
+    return torch.float16 if chosen is InferencePrecision.fp16 else torch.bfloat16
 
 
 def predict_tiled(
@@ -249,7 +265,7 @@ def predict_tiled(
     device: torch.device | str | None = None,
     tta: bool = False,
     tta_options: dict[str, Any] | None = None,
-    amp: bool = False,
+    precision: InferencePrecision | str = DEFAULT_PRECISION,
     progress: Progress | None = None,
 ) -> np.ndarray:
     """Raw outputs ``(C_out, *S)`` float32 (numpy, CPU) of ``net`` over ``image`` ``(C_in, *S)``.
@@ -258,33 +274,54 @@ def predict_tiled(
     by :func:`pad_to_multiple`), whatever ``tile`` is (module docstring). ``tile``: block shape in array order
     (rounded up to the 8-pixel grid, at least :data:`MIN_BLOCK`), ``"auto"`` (from the device's
     free memory) or ``None`` (one block). ``tta`` combines the 8 / 16 flips and rotations (``tta_options``: ``combine``,
-    ``fg_thresh``, ``batch_size``, as for :func:`embedseg_service.core.inference.tta.predict_tta`). ``amp`` runs the
-    network under float16 autocast on CUDA. ``progress(done, total)`` is called after every block and stage;
-    returning ``False`` raises :class:`PredictionCancelled`. ``net`` must be in eval mode; call
+    ``fg_thresh``, ``batch_size``, as for :func:`embedseg_service.core.inference.tta.predict_tta`). ``precision``:
+    the network's number format (:func:`autocast_dtype`). ``progress(done, total)`` is called after every block
+    and stage; returning ``False`` raises :class:`PredictionCancelled`. ``net`` must be in eval mode; call
     under ``torch.inference_mode()`` or ``torch.no_grad()``.
     """
-    dev = resolve_device(device)
     if image.ndim not in (3, 4):
         raise ValueError(f"image must be (C, Y, X) or (C, Z, Y, X), got shape {tuple(image.shape)}")
-    spatial = tuple(int(s) for s in image.shape[1:])
+    return predict_tiled_batch(net, image[None], tile=tile, device=device, tta=tta, tta_options=tta_options,
+                               precision=precision, progress=progress)[0]  # fmt: skip
+
+
+def predict_tiled_batch(
+    net: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    *,
+    tile: Sequence[int] | str | None = "auto",
+    device: torch.device | str | None = None,
+    tta: bool = False,
+    tta_options: dict[str, Any] | None = None,
+    precision: InferencePrecision | str = DEFAULT_PRECISION,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """Raw outputs ``(B, C_out, *S)`` float32 (numpy, CPU) of ``net`` over ``images`` ``(B, C_in, *S)``, run
+    through the network together; options as for :func:`predict_tiled`, whose outputs each image's equal up
+    to float rounding (the CPU may pick other convolution kernels for a batch than for one image)."""
+    dev = resolve_device(device)
+    if images.ndim not in (4, 5):
+        raise ValueError(f"images must be (B, C, Y, X) or (B, C, Z, Y, X), got shape {tuple(images.shape)}")
+    n_images, spatial = int(images.shape[0]), tuple(int(s) for s in images.shape[2:])
     options = dict(tta_options or {})
-    batch = 1
+    batch = n_images
     if tta:
         from embedseg_service.core.inference.tta import DEFAULT_BATCH, TTACombine, combine_bytes_per_voxel
 
         # the passes' combination holds memory of its own: count it as extra images of the batch
         extra = combine_bytes_per_voxel(len(spatial), options.get("combine", TTACombine.median))
-        batch = int(options.get("batch_size", DEFAULT_BATCH)) + math.ceil(extra / BYTES_PER_VOXEL[len(spatial)])
+        batch = max(n_images, int(options.get("batch_size", DEFAULT_BATCH)))
+        batch += n_images * math.ceil(extra / BYTES_PER_VOXEL[len(spatial)])
     stages = network_stages(net)
     tile_shape = checked_tile_shape(spatial, tile, batch, dev)
-    chunk = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
-    x = pad_to_multiple(chunk.to(device=dev, dtype=torch.float32).unsqueeze(0))
+    chunk = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
+    x = pad_to_multiple(chunk.to(device=dev, dtype=torch.float32))
     if SIZE_MULTIPLE % stages.cell:
         raise ValueError(f"the network's cell ({stages.cell} pixels) must divide {SIZE_MULTIPLE}")
     block = [max(-(-t // stages.cell), MIN_BLOCK // stages.cell) for t in tile_shape]
     if stages.cell == 1 and stages.encode_halo == stages.decode_halo == 0:  # one stage: the whole image
         block = list(x.shape[2:])
-    runner = _Staged(stages, block, amp, progress)
+    runner = _Staged(stages, block, autocast_dtype(precision, dev), progress)
     padded = tuple(int(n) for n in x.shape[2:])
     if tta:
         return crop_padding(_predict_tta(runner, x, padded, options), spatial)

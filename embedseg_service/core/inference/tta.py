@@ -236,9 +236,9 @@ def predict_tta(
 
 
 class PassCombiner:
-    """Accumulates the back-transformed passes ``(1, C, *S)`` of a batch and combines them by ``rule``.
+    """Accumulates the back-transformed passes ``(k, C, *S)`` of a batch and combines them by ``rule``.
 
-    ``add(j, b, back)`` stores pass ``j`` of batch item ``b``; ``result(fg_thresh)`` returns ``shape``.
+    ``add(j, b, back)`` stores pass ``j`` of batch items ``b`` to ``b + k``; ``result(fg_thresh)`` returns ``shape``.
     """
 
     def __init__(self, rule: TTACombine, n: int, shape: tuple[int, ...], device: torch.device) -> None:
@@ -255,17 +255,18 @@ class PassCombiner:
             self.prob_total = torch.zeros(seed_shape, dtype=torch.float32, device=device)
 
     def add(self, j: int, b: int, back: torch.Tensor) -> None:
+        items = slice(b, b + back.shape[0])
         if self.rule is TTACombine.median:
-            self.passes[j, b : b + 1] = back
+            self.passes[j, items] = back
             return
-        self.total[b : b + 1] += back
+        self.total[items] += back
         seed = back[:, -1:]
         if self.rule is TTACombine.max_in_foreground:
-            self.extra[b : b + 1] = torch.maximum(self.extra[b : b + 1], seed)
+            self.extra[items] = torch.maximum(self.extra[items], seed)
         elif self.rule is TTACombine.rescaled_mean:
             probability = torch.sigmoid(seed)
-            self.prob_total[b : b + 1] += probability
-            self.extra[b : b + 1] += _local_max(probability)
+            self.prob_total[items] += probability
+            self.extra[items] += _local_max(probability)
 
     def result(self, fg_thresh: float) -> torch.Tensor:
         if self.rule is TTACombine.median:

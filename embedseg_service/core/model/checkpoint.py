@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from embedseg_service.core.device import resolve_device
-from embedseg_service.core.inference.defaults import DEFAULT_TTA
+from embedseg_service.core.inference.defaults import DEFAULT_PRECISION, DEFAULT_TTA, InferencePrecision
 from embedseg_service.core.model.checkpoint_format import (
     FORMAT_KEY,
     FORMAT_NAME,
@@ -212,6 +212,7 @@ class TrainedModel:
         fg_thresh: float = 0.5,
         seed_thresh: float = 0.9,
         min_size: int | None = None,
+        precision: InferencePrecision | str = DEFAULT_PRECISION,
     ) -> np.ndarray:
         """Segment one image: ``(*S)`` or ``(C, *S)`` → int32 labels ``(*S)`` (0 = background).
 
@@ -221,16 +222,38 @@ class TrainedModel:
         8 (2D) or 16 (3D) flips/rotations; ``tile`` is ``"auto"`` (the whole image when it fits the
         device's free memory, else the largest windows that do: the batch-norm statistics of a
         trained model are estimated on whole images, see :mod:`embedseg_service.core.training.calibration`), a tile
-        shape in array order, or ``None`` (whole image).
+        shape in array order, or ``None`` (whole image); ``precision``: the network's number format
+        (:class:`embedseg_service.core.inference.defaults.InferencePrecision`).
         """
-        from embedseg_service.core.inference.predict import segment
+        return self.segment_batch([image], tta=tta, tile=tile, device=device, progress=progress, fg_thresh=fg_thresh,
+                                  seed_thresh=seed_thresh, min_size=min_size, precision=precision)[0]  # fmt: skip
 
-        prepared = self.prepare(image)
+    def segment_batch(
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        tta: bool = DEFAULT_TTA,
+        tile: str | Sequence[int] | None = "auto",
+        device: str | torch.device | None = None,
+        progress: Callable[..., Any] | None = None,
+        fg_thresh: float = 0.5,
+        seed_thresh: float = 0.9,
+        min_size: int | None = None,
+        precision: InferencePrecision | str = DEFAULT_PRECISION,
+        batch_voxels: int | None = None,
+    ) -> list[np.ndarray]:
+        """Labels of each of ``images`` as :meth:`segment` gives them, in their order; images of one shape run
+        through the network together, at most ``batch_voxels`` voxels at once
+        (:func:`embedseg_service.core.inference.predict.segment_batch`). ``progress(done, total)``:
+        ``done / total`` is the fraction of the work done."""
+        from embedseg_service.core.inference.predict import segment_batch
+
+        prepared = [self.prepare(image) for image in images]
         target = self.device if device is None else resolve_device(device)
         if target != self.device:
             self.net.to(target)
             self.device = target
-        return segment(
+        return segment_batch(
             self.net,
             prepared,
             step=self.step,
@@ -242,6 +265,8 @@ class TrainedModel:
             max_radius=self.max_seed_radius,
             device=target,
             progress=progress,
+            precision=precision,
+            batch_voxels=batch_voxels,
         )
 
 
@@ -253,7 +278,8 @@ def build_network(spatial_dims: int, in_channels: int) -> torch.nn.Module:
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device | None = "auto") -> TrainedModel:
-    """Load a model file for inference; the network is in eval mode on ``device``.
+    """Load a model file for inference; the network is in eval mode on ``device`` (a 2D network on the CPU
+    with its convolution weights channels-last, which the CPU's convolutions run faster).
 
     ``device`` is ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``. Raises
     ``FileNotFoundError`` for a missing file and ``ValueError`` for a foreign or incompatible one.
@@ -271,6 +297,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = "aut
     except RuntimeError as exc:
         raise ValueError(f"{path}: the weights do not fit a {spatial_dims}D network: {exc}") from None
     net.to(target).eval()
+    if target.type == "cpu" and spatial_dims == 2:
+        # 2D convolutions with channels-last weights run faster on the CPU, to the same labels (benchmarks/RESULTS.md)
+        net.to(memory_format=torch.channels_last)
     return TrainedModel(
         net=net,
         spatial_dims=spatial_dims,

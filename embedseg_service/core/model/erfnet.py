@@ -143,6 +143,18 @@ class BranchedERFNet(nn.Module):
         return NetworkStages(encode=self.encoder.local, context=self.encoder.context, decode=self.decode,
                              cell=SIZE_MULTIPLE, encode_halo=ENCODE_HALO, decode_halo=DECODE_HALO)  # fmt: skip
 
+    def context_steps(self) -> list[tuple[nn.Module, int]]:
+        """The context stage as steps for prediction out of memory
+        (:mod:`embedseg_service.core.inference.stream_net`): each dilated block, and the cells it reads on
+        each side of a cell (one for its first convolutions, its dilation for the second ones)."""
+        steps: list[tuple[nn.Module, int]] = []
+        for layer in self.encoder.layers[LOCAL_LAYERS:]:
+            assert isinstance(layer, NonBottleneck1d)
+            first = layer.convs2[0]
+            assert isinstance(first, (nn.Conv2d, nn.Conv3d))
+            steps.append((layer, 1 + max(int(d) for d in first.dilation)))
+        return steps
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         return self.decode(self.encoder(x))

@@ -818,6 +818,15 @@ function uploadHandler(route, describe, after) {
   };
 }
 
+// The upload form's image choice links labels to their image: offered only when the kind is labels
+// (a disabled field is left out of the form).
+function syncUploadKind() {
+  const form = document.getElementById("upload-form");
+  const labels = form.elements.kind.value === "labels";
+  form.elements.image_id.disabled = !labels;
+  if (!labels) form.elements.image_id.value = "";
+}
+
 // ------------------------------------------------------------------ models
 
 async function loadModels() {
@@ -1358,7 +1367,8 @@ async function poll() {
 function init() {
   document.getElementById("upload-form").addEventListener("submit", uploadHandler("uploadVolume",
     (body) => `Uploaded ${body.name}: ${body.axes} ${body.shape.join("×")} ${body.dtype}`,
-    () => { state.offsets.volumes = 0; return refresh("volumes"); }));
+    () => { syncUploadKind(); state.offsets.volumes = 0; return refresh("volumes"); }));
+  document.querySelector("#upload-form select[name=kind]").addEventListener("change", syncUploadKind);
   document.getElementById("model-upload-form").addEventListener("submit", uploadHandler("uploadModel",
     (body) => `Uploaded model ${body.name} (${body.spatial_dims}D)`,
     () => { state.offsets.models = 0; return refresh("models"); }));
