@@ -299,7 +299,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device | None = "aut
     net.to(target).eval()
     if target.type == "cpu" and spatial_dims == 2:
         # 2D convolutions with channels-last weights run faster on the CPU, to the same labels (benchmarks/RESULTS.md)
-        net.to(memory_format=torch.channels_last)
+        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # accepted at run time
     return TrainedModel(
         net=net,
         spatial_dims=spatial_dims,
