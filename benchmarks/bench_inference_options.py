@@ -7,10 +7,11 @@ Model: ``--model FILE``, else one trained as the tests' ``dsb_model`` (``bench_s
 Images: crops of the DSB image. For each side of ``--sides`` the forward pass of one image and of four
 (per image) is timed for each variant, medians of ``--repeats`` calls taken in turn (one untimed call
 each first; wall-clock and process CPU time: on a loaded machine the CPU time of one thread is the
-steadier figure), with the largest difference of the raw outputs from float32. ``torch.compile`` prints its
-compile time (once per input shape). Then the labels: ``segment`` of the held-out DSB rows and of 40
-64² crops with ``precision="bf16"`` against float32, without and with TTA: how many are identical, the
-pixels whose foreground differs, and AP0.5 on the held-out rows.
+steadier figure), with the largest difference of the raw outputs from float32. ``torch.compile`` prints
+its compile time (once per input shape). Then 16 crops per side in batches of 1 to 16 (ms per image).
+Then the labels: ``segment`` of the held-out DSB rows and of 40 64² crops with ``precision="bf16"``
+against float32, without and with TTA: how many are identical, the pixels whose foreground differs,
+and AP0.5 on the held-out rows; and whether channels-last weights give the labels of contiguous ones.
 
     python benchmarks/bench_inference_options.py [--model FILE] [--threads 1] [--no-compile]
 """
@@ -88,8 +89,35 @@ def forward_times(model_path: Path, sides: list[int], repeats: int, compile_net:
                 print(f"{side}² x {batch}, {name}: {per_image}")
 
 
-def label_agreement(model_path: Path) -> None:
+def batch_sizes(model_path: Path, sides: list[int], repeats: int) -> None:
+    """Forward passes of 16 crops per side in batches of 1, 2, 4, 8 and 16 (the network as ``load_model`` gives
+    it): ms per image, medians of ``repeats`` rounds taken in turn."""
     model = load_model(model_path, device="cpu")
+    image, _ = dsb_image()
+    for side in sides:
+        x = torch.from_numpy(np.stack([model.prepare(c) for c in crops(image, side, 16)]))
+
+        def run(batch: int, x: torch.Tensor = x) -> Callable[[], None]:
+            def forward() -> None:
+                with torch.inference_mode():
+                    for start in range(0, 16, batch):
+                        model.net(x[start : start + batch])
+
+            return forward
+
+        times = median_times_alternating([run(b) for b in (1, 2, 4, 8, 16)], repeats)
+        print(
+            f"{side}², batches of 1, 2, 4, 8, 16: "
+            + ", ".join(f"{w * 1000 / 16:.1f}" for w, _ in times)
+            + " ms per image"
+        )
+
+
+def label_agreement(model_path: Path) -> None:
+    """Labels of bf16 against fp32, and of contiguous against channels-last weights (fp32)."""
+    model = load_model(model_path, device="cpu")
+    contiguous = load_model(model_path, device="cpu")
+    contiguous.net.to(memory_format=torch.contiguous_format)
     image, mask = dsb_image()
     held, gt = image[384:], mask[384:]
     small = crops(image, 64, 40)
@@ -102,6 +130,11 @@ def label_agreement(model_path: Path) -> None:
         print(f"labels, tta {tta}: held-out rows identical {np.array_equal(a, b)} ({int(((a > 0) != (b > 0)).sum())} "
               f"foreground pixels differ; AP0.5 fp32 {ap32:.3f}, bf16 {ap16:.3f}; {int(a.max())} / {int(b.max())} "
               f"objects); 64² crops identical: {same} of {len(small)}")  # fmt: skip
+    images = [held, *crops(image, 64, 20), *crops(image, 128, 10), *crops(image, 256, 6)]
+    for tta in (False, True):
+        same = sum(np.array_equal(model.segment(i, tta=tta), contiguous.segment(i, tta=tta)) for i in images)
+        print(f"labels, tta {tta}: channels-last against contiguous weights identical on {same} of "
+              f"{len(images)} images (held-out rows, 20 64², 10 128², 6 256² crops)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="embedseg-bench-options-") as tmp:
         model = args.model or trained_model(Path(tmp))
         print(f"model {model}; torch {torch.__version__}, {args.threads} thread(s)", flush=True)
-        forward_times(model, [int(s) for s in args.sides.split(",")], args.repeats, not args.no_compile)
+        sides = [int(s) for s in args.sides.split(",")]
+        forward_times(model, sides, args.repeats, not args.no_compile)
+        batch_sizes(model, sides, max(3, args.repeats // 2))
         label_agreement(model)
     return 0
 

@@ -15,7 +15,8 @@ the DSB image (uint16, distinct crops and their flips and rotations), then:
 2. ``batch``: one predict job of ``--batch-images`` images of ``--batch-side``² (default 256), on this
    server (images of one shape run through the network together) and on a second one started with
    ``EMBEDSEG_INFERENCE_BATCH_VOXELS=0`` (one image at a time), in turn ``--batch-repeats`` times:
-   images/s of each (medians) and their ratio.
+   images/s of each (medians) and their ratio. ``--batch-voxels N`` runs the batched job on a third
+   server with ``EMBEDSEG_INFERENCE_BATCH_VOXELS=N`` instead.
 3. ``latency``: ``--latency-jobs`` jobs of one 64² image each, one after the other: the median and
    90th percentile from the POST to the client seeing ``succeeded``, and the split of the median job
    (queued, running, until the client saw it) from the row's timestamps.
@@ -239,6 +240,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-images", type=int, default=200)
     parser.add_argument("--batch-side", type=int, default=256, help="side of the images of the batch section")
     parser.add_argument("--batch-repeats", type=int, default=2, help="runs of each batch job, in turn")
+    parser.add_argument("--batch-voxels", type=int, default=None,
+                        help="EMBEDSEG_INFERENCE_BATCH_VOXELS of the batching server (default: its own)")  # fmt: skip
     parser.add_argument("--latency-jobs", type=int, default=50)
     parser.add_argument("--poll-ms", type=float, default=10.0, help="client poll interval (ms)")
     parser.add_argument("--worker-threads", type=int, default=None,
@@ -270,9 +273,14 @@ def main(argv: list[str] | None = None) -> int:
             ids = [upload_volume(client, a, f"large-{i}") for i, a in enumerate(large)]
             section_jobs(client, model_id, ids, large, model, args)
         if "batch" in args.sections:
+            batching = (client, model_id)
+            if args.batch_voxels is not None:
+                batching = start_server(
+                    stack, tmp, {**env, "EMBEDSEG_INFERENCE_BATCH_VOXELS": str(args.batch_voxels)}, model
+                )
             single = start_server(stack, tmp, {**env, "EMBEDSEG_INFERENCE_BATCH_VOXELS": "0"}, model)
             servers = [(c, m, [upload_volume(c, a, f"b-{i}") for i, a in enumerate(batch_images)])
-                       for c, m in ((client, model_id), single)]  # fmt: skip
+                       for c, m in (batching, single)]  # fmt: skip
             section_batch(servers, args)
         if "latency" in args.sections:
             small_ids = [upload_volume(client, a, f"small-{i}") for i, a in enumerate(small)]
