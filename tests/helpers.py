@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from embedseg_service.core.metrics import average_precision
@@ -210,8 +211,6 @@ REDIS_URL = "redis://127.0.0.1:6379/15"
 def service_missing(problem: str) -> NoReturn:
     """Skip a test whose real service (PostgreSQL, Redis) is down, or fail it where the services are
     required (``EMBEDSEG_REQUIRE_SERVICES=1``, as ``.ci/run`` sets): CI must not pass by skipping them."""
-    import pytest
-
     if os.environ.get("EMBEDSEG_REQUIRE_SERVICES") == "1":
         pytest.fail(f"{problem} (EMBEDSEG_REQUIRE_SERVICES=1)")
     pytest.skip(problem)
@@ -506,3 +505,16 @@ class WebhookReceiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def disks(
+    shape: tuple[int, int] = (64, 64),
+    centres: tuple[tuple[int, int], ...] = ((16, 16), (16, 46), (44, 20), (46, 48)),
+    radius: int = 7,
+) -> np.ndarray:
+    """A label image of filled disks, label i at the i-th centre."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    labels = np.zeros(shape, np.uint16)
+    for i, (cy, cx) in enumerate(centres, start=1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = i
+    return labels

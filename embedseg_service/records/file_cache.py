@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from embedseg_service.records.storage import StorageError, check_key, writer_gone, writer_tag
+from embedseg_service.records.storage import StorageError, check_key, remove_abandoned, writer_tag
 
 log = logging.getLogger(__name__)
 
@@ -305,18 +305,7 @@ class FileCache:
 
     def clean_temp(self, older_than_s: float = 0.0) -> int:
         """Remove the temporary files abandoned by their writers (see ``writer_gone``); returns how many went."""
-        temp = self.root / ".tmp"
-        if not temp.is_dir():
-            return 0
-        count = 0
-        for item in temp.iterdir():
-            try:
-                if item.is_file() and writer_gone(item.name, item.stat().st_mtime, older_than_s):
-                    item.unlink(missing_ok=True)
-                    count += 1
-            except FileNotFoundError:
-                continue
-        return count
+        return remove_abandoned(self.root / ".tmp", older_than_s)
 
     def writable(self) -> str | None:
         """None when the folder can be written and read, else a sentence saying what is wrong."""

@@ -484,7 +484,7 @@ class Ready(BaseModel):
 # --------------------------------------------------------------------------- workers
 
 
-class WorkerOut(BaseModel):
+class WorkerOut(Orm):
     """A process that runs jobs, as it last reported itself, with the jobs it is running now."""
 
     name: str = Field(description="host:pid, as recorded on the jobs it runs (`worker` of a job)")

@@ -132,6 +132,21 @@ def writer_gone(name: str, modified: float, older_than_s: float) -> bool:
     return not process_alive(int(pid))
 
 
+def remove_abandoned(folder: Path, older_than_s: float) -> int:
+    """Remove the temporary files in ``folder`` whose writer is gone (:func:`writer_gone`); returns how many."""
+    if not folder.is_dir():
+        return 0
+    count = 0
+    for item in folder.iterdir():
+        try:
+            if item.is_file() and writer_gone(item.name, item.stat().st_mtime, older_than_s):
+                item.unlink(missing_ok=True)
+                count += 1
+        except FileNotFoundError:  # committed or aborted meanwhile
+            continue
+    return count
+
+
 class PendingWrite:
     """A file being written: ``write`` chunks, then ``commit`` (atomic rename) or ``abort`` (delete).
 
@@ -395,15 +410,4 @@ class LocalStorage(WriteHelpers):
         The default, 0, removes every temporary file: only when nothing writes to the store. Processes
         that start beside others sharing the store (API, workers) pass :data:`STALE_TEMP_S`.
         """
-        temp = self.root / TEMP_DIR
-        if not temp.is_dir():
-            return 0
-        count = 0
-        for item in temp.iterdir():
-            try:
-                if item.is_file() and writer_gone(item.name, item.stat().st_mtime, older_than_s):
-                    item.unlink(missing_ok=True)
-                    count += 1
-            except FileNotFoundError:  # committed or aborted meanwhile
-                continue
-        return count
+        return remove_abandoned(self.root / TEMP_DIR, older_than_s)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiff_bytes, upload
+from helpers import disks, tiff_bytes, upload
 from sqlalchemy import update
 
 from embedseg_service.core.data.io import read_tiff
@@ -420,17 +420,9 @@ def test_local_worker_runs_jobs_left_queued_and_orphaned_by_a_previous_run(
     assert not worker.alive
 
 
-def _disks(shape=(64, 64), centres=((16, 16), (16, 46), (44, 20), (46, 48)), radius=7) -> np.ndarray:  # type: ignore[no-untyped-def]
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    labels = np.zeros(shape, np.uint16)
-    for i, (cy, cx) in enumerate(centres, start=1):
-        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = i
-    return labels
-
-
 @pytest.mark.slow
 def test_train_job_takes_the_voxel_size_from_the_image_and_registers_a_model(client, fast) -> None:
-    labels = _disks()
+    labels = disks()
     image = (20 + 150 * (labels > 0)).astype(np.uint8)
     image_id = upload(client, tiff_bytes(image), voxel_size="0.5,0.5").json()["id"]
     mask_id = upload(client, tiff_bytes(labels), kind="labels").json()["id"]

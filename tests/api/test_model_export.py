@@ -18,7 +18,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from helpers import RecordingDispatcher, tiff_bytes, upload
+from helpers import RecordingDispatcher, disks, tiff_bytes, upload
 
 from embedseg_service.client import Client
 from embedseg_service.client.remote import do_export
@@ -202,21 +202,13 @@ def test_an_uploaded_model_records_its_sha256_and_the_versions_its_file_states(c
     assert client.get(f"{M}/{body['id']}").json()["provenance"]["uploaded_at"] == uploaded_at
 
 
-def _disks(shape=(64, 64), centres=((16, 16), (16, 46), (44, 20), (46, 48)), radius=7) -> np.ndarray:  # type: ignore[no-untyped-def]
-    yy, xx = np.mgrid[: shape[0], : shape[1]]
-    labels = np.zeros(shape, np.uint16)
-    for i, (cy, cx) in enumerate(centres, start=1):
-        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = i
-    return labels
-
-
 @pytest.mark.slow
 def test_a_trained_model_records_its_volumes_versions_seed_device_and_job(client, settings) -> None:
     from embedseg_service.worker.runner import run_job
 
     volumes: dict[str, list[dict[str, Any]]] = {"images": [], "masks": [], "val_images": [], "val_masks": []}
     for role, shift in (("", 0), ("val_", 9)):
-        labels = np.roll(_disks(), shift, axis=1)
+        labels = np.roll(disks(), shift, axis=1)
         image = upload(client, tiff_bytes((20 + 150 * (labels > 0)).astype(np.uint8)), f"{role}img.tif").json()
         mask = upload(client, tiff_bytes(labels), f"{role}mask.tif", kind="labels", image_id=image["id"]).json()
         volumes[f"{role}images"].append(image)

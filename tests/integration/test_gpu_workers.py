@@ -27,10 +27,8 @@ import numpy as np
 import pytest
 from helpers import (
     API,
-    production_services_problem,
     production_settings,
     register_tiny_model,
-    service_missing,
     tiff_bytes,
     upload,
     wait_job,
@@ -50,13 +48,6 @@ pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
 FAST = {"heartbeat_s": 0.5, "progress_throttle_s": 0.2, "requeue_after_s": 2.0}
 GPUS = ["--gpus", "0,1"]
-
-
-@pytest.fixture(scope="module")
-def services() -> None:
-    problem = production_services_problem()
-    if problem:
-        service_missing(problem)
 
 
 @pytest.fixture

@@ -34,7 +34,6 @@ import pytest
 import sqlalchemy as sa
 from helpers import (
     API,
-    production_services_problem,
     production_settings,
     register_tiny_model,
     service_missing,
@@ -63,13 +62,6 @@ WAIT_S = 240.0
 
 
 # --------------------------------------------------------------------------- the stack
-
-
-@pytest.fixture(scope="module")
-def services() -> None:
-    problem = production_services_problem()
-    if problem:
-        service_missing(problem)
 
 
 @pytest.fixture

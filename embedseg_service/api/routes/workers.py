@@ -36,17 +36,6 @@ def list_workers(session: SessionDep, settings: SettingsDep, principal: Principa
     for worker, job_id in session.execute(statement):
         running[worker or ""].append(job_id)
     return [
-        WorkerOut(
-            name=row.name,
-            host=row.host,
-            pid=row.pid,
-            queues=row.queues,
-            device=row.device,
-            gpu_memory_bytes=row.gpu_memory_bytes,
-            gpu_memory_total_bytes=row.gpu_memory_total_bytes,
-            started_at=row.started_at,
-            seen_at=row.seen_at,
-            running_job_ids=running.get(row.name, []),
-        )  # fmt: skip
+        WorkerOut.model_validate(row).model_copy(update={"running_job_ids": running.get(row.name, [])})
         for row in alive_workers(session, settings.heartbeat_s)
     ]
