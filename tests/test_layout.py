@@ -357,3 +357,16 @@ def test_test_modules_have_unique_names() -> None:
     # name in different folders stop the whole run at collection
     names = sorted(path.name for path in (ROOT / "tests").rglob("test_*.py"))
     assert len(names) == len(set(names)), sorted({name for name in names if names.count(name) > 1})
+
+
+def test_no_test_module_imports_a_conftest() -> None:
+    # each folder's conftest.py is imported as the same name ``conftest``: which one an import of it
+    # finds depends on the order pytest collected them, so shared code lives in ``helpers``
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if "conftest" in names:
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, offenders

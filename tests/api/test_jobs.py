@@ -303,7 +303,7 @@ def test_unreachable_broker_answers_503_and_fails_the_job(pair_in_broker_app) ->
 @pytest.fixture
 def pair_in_broker_app(settings):  # type: ignore[no-untyped-def]
     """A client of an app whose broker (port 1) refuses connections, and an image + labels in it."""
-    from conftest import TestClient
+    from fastapi.testclient import TestClient
 
     from embedseg_service.api.app import create_app
 
