@@ -208,7 +208,8 @@ def match(iou: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     return rows[r[keep]], cols[c[keep]]
 
 
-def _threshold_list(thresholds: Sequence[float] | None, ndim: int) -> list[float]:
+def threshold_list(thresholds: Sequence[float] | None, ndim: int) -> list[float]:
+    """``thresholds`` checked to lie in (0, 1], or the defaults of ``ndim`` dimensions when ``None``."""
     values = list(default_thresholds(ndim) if thresholds is None else thresholds)
     if not values:
         raise ValueError("thresholds must not be empty")
@@ -218,7 +219,8 @@ def _threshold_list(thresholds: Sequence[float] | None, ndim: int) -> list[float
     return [float(t) for t in values]
 
 
-def _result(threshold: float, tp: int, fp: int, fn: int, iou_sum: float) -> ThresholdResult:
+def threshold_result(threshold: float, tp: int, fp: int, fn: int, iou_sum: float) -> ThresholdResult:
+    """The :class:`ThresholdResult` of these counts (AP_dsb = TP / (TP + FP + FN))."""
     ap = tp / (tp + fp + fn) if tp > 0 else 0.0
     return ThresholdResult(
         threshold=threshold,
@@ -245,14 +247,14 @@ def average_precision(
     mask (see :func:`iou_table`).
     """
     gt_arr = np.asarray(gt)
-    values = _threshold_list(thresholds, gt_arr.ndim)
+    values = threshold_list(thresholds, gt_arr.ndim)
     table = iou_table(gt_arr, pred, ignore)
     n_gt, n_pred = table.gt_ids.size, table.pred_ids.size
     results = []
     for t in values:
         gi, pi = match(table.iou, t)
         tp = gi.size
-        results.append(_result(t, tp, n_pred - tp, n_gt - tp, float(table.iou[gi, pi].sum())))
+        results.append(threshold_result(t, tp, n_pred - tp, n_gt - tp, float(table.iou[gi, pi].sum())))
     return ImageResult(n_gt=n_gt, n_pred=n_pred, results=results, name=name)
 
 
@@ -275,7 +277,7 @@ def aggregate(images: Sequence[ImageResult]) -> DatasetResult:
         tp = sum(im.results[k].tp for im in images)
         fp = sum(im.results[k].fp for im in images)
         fn = sum(im.results[k].fn for im in images)
-        pooled.append(_result(t, tp, fp, fn, sum(im.results[k].matched_iou_sum for im in images)))
+        pooled.append(threshold_result(t, tp, fp, fn, sum(im.results[k].matched_iou_sum for im in images)))
     return DatasetResult(
         thresholds=list(thresholds),
         ap=ap,

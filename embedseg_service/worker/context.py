@@ -38,6 +38,11 @@ class JobContext:
         """The storage key of the output file ``name`` of this attempt (``jobs/<job>/a<attempt>/<name>``)."""
         return job_output_key(self.job_id, name, self.attempt)
 
+    def labels_name(self, image_name: str, tta: bool) -> str:
+        """``<image name>-labels-<job id prefix>`` (``-tta`` when segmented with TTA): predictions of one image by
+        different jobs, or with and without TTA, keep distinguishable names."""
+        return f"{image_name}-labels-{self.job_id[:8]}{'-tta' if tta else ''}"
+
 
 @dataclass
 class JobOutcome:

@@ -330,12 +330,6 @@ def run_train(context: JobContext) -> JobOutcome:
 # --------------------------------------------------------------------------- predict
 
 
-def _label_volume_name(context: JobContext, image_name: str, tta: bool) -> str:
-    """``<image name>-labels-<job id prefix>`` (``-tta`` when segmented with TTA): predictions of one image by
-    different jobs, or with and without TTA, keep distinguishable names."""
-    return f"{image_name}-labels-{context.job_id[:8]}{'-tta' if tta else ''}"
-
-
 def _store_object_table(
     context: JobContext, row: Volume, output: Volume, labels: np.ndarray, gt: np.ndarray | None, gt_id: str | None
 ) -> dict[str, Any]:
@@ -414,7 +408,7 @@ def _store_labels(context: JobContext, spec: PredictSpec, row: Volume, labels: n
     max_id = int(labels.max()) if labels.size else 0
     return Volume(
         id=new_id(),
-        name=_label_volume_name(context, row.name, spec.tta),
+        name=context.labels_name(row.name, spec.tta),
         kind=VolumeKind.labels.value,
         sha256=sha256,
         shape=[int(s) for s in labels.shape],
@@ -439,12 +433,8 @@ def _volume_outputs(
                              "n_objects": int(np.unique(labels[labels > 0]).size)}  # fmt: skip
     gt, scored = None, None
     if gt_row is not None:
+        stream_predict.check_ground_truth(row, gt_row)
         gt = read_volume(context, gt_row)
-        if gt.shape != labels.shape:
-            raise ValueError(
-                f"ground truth {gt_row.id} has shape {list(gt.shape)} but volume {row.id} has "
-                f"{list(labels.shape)}; give the mask of the same image"
-            )
         scored = average_precision(gt, labels, name=row.id)
         entry.update(_image_ap(scored, gt_id=gt_row.id))
     table = _store_object_table(context, row, output, labels, gt, None if gt_row is None else gt_row.id)
@@ -480,8 +470,11 @@ def run_predict(context: JobContext) -> JobOutcome:
             return reporter.update(progress=0.95 * (first + size * done / max(total, 1)) / n, stage=stage)
 
         if batch[0] in streamed:  # larger than memory, or OME-Zarr: windows into OME-Zarr labels
-            found.append(stream_predict.predict_streamed(context, model, spec, rows[batch[0]], on_tile))
-            order.append(batch[0])
+            i, gt_row = batch[0], gt_rows[batch[0]]
+            found.append(stream_predict.predict_streamed(context, model, spec, rows[i], gt_row, on_tile))
+            if gt_row is not None:
+                found[-1][1].update(_image_ap(found[-1][3], gt_id=gt_row.id))
+            order.append(i)
             continue
         labels = _segment_rows(context, model, spec, [rows[i] for i in batch], on_tile)
         for i, volume_labels in zip(batch, labels):
@@ -493,7 +486,7 @@ def run_predict(context: JobContext) -> JobOutcome:
     image_results = [scored for _, _, _, scored in found if scored is not None]
     metrics: dict[str, Any] = {"volumes": per_volume, "tta": spec.tta, "tile": spec.tile}
     warnings = prediction_warnings(model_metrics, [e["volume_id"] for e in per_volume if e["n_objects"] == 0])
-    warnings += stream_predict.streamed_warnings(spec, [rows[i] for i in streamed], bool(spec.gt_ids))
+    warnings += stream_predict.streamed_warnings([rows[i] for i in streamed])
     if warnings:
         metrics["warnings"] = warnings
     if image_results:

@@ -183,8 +183,11 @@ def _store_model(session: Any, settings: Any, tmp_path: Path) -> str:
     return model.id
 
 
-def _predict(client: Any, settings: Any, model_id: str, volume_id: str) -> dict[str, Any]:
-    job = client.post(f"{API}/jobs/predict", json={"model_id": model_id, "volume_ids": [volume_id], "tta": False})
+def _predict(
+    client: Any, settings: Any, model_id: str, volume_id: str, gt_id: str | None = None, tta: bool = False
+) -> dict[str, Any]:
+    spec = {"model_id": model_id, "volume_ids": [volume_id], "tta": tta, **({"gt_ids": [gt_id]} if gt_id else {})}
+    job = client.post(f"{API}/jobs/predict", json=spec)
     assert job.status_code == 202, job.text
     body = job.json()
     assert run_job(body["id"], settings=settings) == "succeeded", client.get(f"{API}/jobs/{body['id']}").json()
@@ -239,6 +242,73 @@ def test_a_streamed_predict_job_writes_ome_zarr_labels_equal_to_the_whole_volume
     assert client.get(f"{V}/{zarr_image['id']}/preview.png").status_code == 200  # drawn under its labels
     archive = zipfile.ZipFile(io.BytesIO(client.get(f"{API}/jobs/{streamed['id']}/labels.zip").content))
     assert archive.namelist() == ["img.ome.zarr.zip"]
+
+
+def test_a_streamed_job_scores_its_labels_against_ground_truth_as_the_whole_volume_job_does(  # type: ignore[no-untyped-def]
+    client, session, settings, tmp_path
+) -> None:
+    fast = settings.model_copy(update={"progress_throttle_s": 0.05, "heartbeat_s": 0.2})
+    model_id = _store_model(session, settings, tmp_path)
+    data = volume_data()
+    tiff_image = upload(client, tiff_bytes(data), axes="ZYX").json()
+    zarr_image = zarr_upload(client, ome_zarr(data, chunks=(6, 16, 16))).json()
+    # ground truth from the whole volume's own labels: one object dropped, one cut in half, one made up
+    whole = _predict(client, fast, model_id, tiff_image["id"])
+    gt = _labels_of(client, whole["result"]["labels"][tiff_image["id"]], tmp_path).astype(np.uint16)
+    ids = np.unique(gt[gt > 0])
+    assert ids.size >= 3
+    gt[gt == ids[0]] = 0
+    gt[(gt == ids[1]) & (np.indices(gt.shape)[2] < np.median(np.nonzero(gt == ids[1])[2]))] = 900
+    gt[0:2, 0:6, 0:6] = 901
+    tiff_gt = upload(client, tiff_bytes(gt), axes="ZYX", kind="labels").json()
+    zarr_gt = zarr_upload(client, ome_zarr(gt, chunks=(5, 24, 24)), kind="labels").json()
+
+    scored = _predict(client, fast, model_id, tiff_image["id"], tiff_gt["id"])
+    jobs = [_predict(client, fast.model_copy(update={"stream_above_bytes": 0}), model_id, tiff_image["id"],
+                     tiff_gt["id"]),
+            _predict(client, fast, model_id, zarr_image["id"], zarr_gt["id"])]  # fmt: skip
+    (expected,) = scored["metrics"]["volumes"]
+    assert 0 < expected["ap"][0] < 1 and expected["n_gt"] == ids.size + 1
+    tables = [client.get(f"{API}/jobs/{job['id']}/objects", params={"limit": 500}).json() for job in [scored, *jobs]]
+    for job, table in zip(jobs, tables[1:]):
+        assert job["result"]["label_formats"] == {job["spec"]["volume_ids"][0]: "ome-zarr"}
+        (entry,) = job["metrics"]["volumes"]
+        assert entry["gt_id"] == job["spec"]["gt_ids"][0]
+        assert (entry["n_gt"], entry["n_pred"], entry["thresholds"]) == (expected["n_gt"], expected["n_pred"],
+                                                                         expected["thresholds"])  # fmt: skip
+        assert entry["ap"] == pytest.approx(expected["ap"])
+        assert job["metrics"]["ap"]["ap"] == pytest.approx(scored["metrics"]["ap"]["ap"])
+        assert not any("ground truth" in w for w in job["metrics"].get("warnings", []))
+        # the objects' matches: the same (GT label, IoU) pairs, whatever the labels are numbered
+        found = sorted((o["gt_label"] or 0, round(o["iou"], 9)) for o in table["items"])
+        assert found == sorted((o["gt_label"] or 0, round(o["iou"], 9)) for o in tables[0]["items"])
+        assert any(o["gt_label"] is None for o in table["items"])
+
+
+def test_a_streamed_job_with_tta_gives_the_whole_volume_jobs_tta_labels(  # type: ignore[no-untyped-def]
+    client, session, settings, tmp_path
+) -> None:
+    fast = settings.model_copy(update={"progress_throttle_s": 0.05, "heartbeat_s": 0.2})
+    model_id = _store_model(session, settings, tmp_path)
+    data = volume_data()
+    zarr_image = zarr_upload(client, ome_zarr(data, chunks=(6, 16, 16))).json()
+    tiff_image = upload(client, tiff_bytes(data), axes="ZYX").json()
+    labels = {}
+    for tta in (False, True):
+        whole = _predict(client, fast, model_id, tiff_image["id"], tta=tta)
+        streamed = _predict(client, fast, model_id, zarr_image["id"], tta=tta)
+        assert streamed["metrics"]["tta"] is tta
+        assert streamed["result"]["label_formats"] == {zarr_image["id"]: "ome-zarr"}
+        assert not any("augmentation" in w for w in streamed["metrics"]["warnings"])
+        expected = _labels_of(client, whole["result"]["labels"][tiff_image["id"]], tmp_path)
+        labels_id = streamed["result"]["labels"][zarr_image["id"]]
+        got = _labels_of(client, labels_id, tmp_path)
+        pairs = np.unique(np.stack([expected.ravel().astype(np.int64), got.ravel().astype(np.int64)]), axis=1)
+        assert np.array_equal(pairs[0] == 0, pairs[1] == 0) and np.unique(expected).size > 2
+        assert len(set(pairs[0])) == len(set(pairs[1])) == pairs.shape[1]
+        assert client.get(f"{V}/{labels_id}").json()["name"].endswith("-tta") is tta
+        labels[tta] = expected
+    assert not np.array_equal(labels[False] > 0, labels[True] > 0)
 
 
 # --------------------------------------------------------------------------- hostile archives

@@ -180,3 +180,53 @@ def test_default_margin_and_core() -> None:
     assert default_margin((2.0, 11.0, 11.5), 3) == (16, 24, 24)
     assert auto_core((5, 4000, 4000), (16, 24, 24), window_voxels=5 * 300 * 300) == (5, 248, 248)
     assert auto_core((40, 60, 70), (16, 16, 16)) == (40, 60, 70)  # the whole volume in one window
+
+
+@pytest.mark.parametrize("shape", [(13, 37, 43), (5, 20, 9)])
+def test_tta_raw_outputs_with_the_grids_in_files_equal_the_whole_volumes(tmp_path, shape) -> None:
+    from embedseg_service.core.inference.stream_tta import StreamedTTA
+
+    net = random_erfnet()
+    image = np.random.default_rng(2).random(shape).astype(np.float32)
+    with torch.inference_mode():
+        whole = predict_tiled(net, image[None], tile=None, device="cpu", tta=True)
+        plain = predict_tiled(net, image[None], tile=None, device="cpu")
+    streamed = StreamedTTA(net, ArraySource(image), [None], block=(2, 3, 4), device=torch.device("cpu"),
+                           scratch=tmp_path)  # fmt: skip
+    ticks: list[int] = []
+    try:
+        with torch.inference_mode():
+            streamed.build(lambda: ticks.append(1))
+            window = (slice(0, 1), slice(1, 3), slice(0, 2))
+            region = streamed.image_region(window)
+            part = streamed.raw(window)
+            every = streamed.raw(tuple(slice(0, c) for c in streamed.cells))
+    finally:
+        streamed.close()
+    assert len(ticks) == streamed.build_steps() == sum(n.passes() * n.block_count() for n in streamed.nets)
+    assert len(streamed.nets) == 16 and part.shape == (7, *(r.stop - r.start for r in region))
+    np.testing.assert_allclose(part, whole[(slice(None), *region)], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(every, whole, rtol=1e-4, atol=1e-4)
+    assert np.abs(every - plain).max() > 1e-2  # the passes were combined, not the identity's alone
+    assert not list(tmp_path.iterdir())
+
+
+def test_streamed_tta_labels_equal_the_whole_volumes_with_tta() -> None:
+    image = blob_block((16, 96, 96), seed=4)
+    image[:, :, 50:] = np.clip(image[:, :, 50:].astype(np.int32) - 60, 20, 255).astype(np.uint8)  # dimmer half
+    net = TinyStagedNet().eval()
+    with torch.no_grad():  # a context that leans towards +y and +x: the passes disagree
+        net.box.weight[0, 0, 1, 1, 2] += 0.15
+        net.box.weight[0, 0, 1, 2, 1] += 0.1
+    settings = NormalizationSettings()
+    found = {}
+    for tta in (False, True):
+        whole = segment(net, normalize(image), step=step_for(3), tile=None, min_size=50, device="cpu", tta=tta)
+        out = np.zeros(image.shape, np.uint32)
+        result = segment_streamed(net, ArraySource(image), out, step=step_for(3), normalization=settings, min_size=50,
+                                  tile=(16, 64, 64), core=(16, 48, 48), margin=(24, 24, 24), device="cpu",
+                                  tta=tta)  # fmt: skip
+        assert result.windows == 4 and result.cut == 0 and result.n_objects == int(whole.max()) >= 12
+        assert same_partition(whole, out)
+        found[tta] = whole
+    assert not np.array_equal(found[False] > 0, found[True] > 0)  # TTA changed the labels it had to match

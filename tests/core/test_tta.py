@@ -257,3 +257,22 @@ def test_median_of_an_even_count_is_the_mean_of_the_middle_values_across_blocks(
     assert torch.equal(tta._median(values), expected)
     odd = values[:15]
     assert torch.equal(tta._median(odd), odd.median(dim=0).values)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 5, 7)])
+def test_boxes_move_as_the_image_does_and_back(shape) -> None:
+    rng = np.random.default_rng(len(shape))
+    for t in transforms(len(shape)):
+        for _ in range(10):
+            box = []
+            for n in shape:
+                start = int(rng.integers(0, n))
+                box.append(slice(start, int(rng.integers(start + 1, n + 1))))
+            mask = np.zeros(shape, bool)
+            mask[tuple(box)] = True
+            moved = t.apply_array(mask)
+            np.testing.assert_array_equal(moved, t.apply_image(torch.from_numpy(mask)[None, None])[0, 0].numpy())
+            expected = np.zeros_like(moved)
+            expected[t.map_box(box, shape)] = True
+            np.testing.assert_array_equal(moved, expected, err_msg=str(t))
+            assert t.map_box(t.map_box(box, shape), shape, inverse=True) == tuple(box), t

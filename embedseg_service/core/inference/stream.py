@@ -39,7 +39,9 @@ from embedseg_service.core.inference.clustering import cluster, drop_fragments
 from embedseg_service.core.inference.defaults import DEFAULT_PRECISION, InferencePrecision
 from embedseg_service.core.inference.padding import SIZE_MULTIPLE
 from embedseg_service.core.inference.stream_net import StreamedNetwork, cancel_check, grow
+from embedseg_service.core.inference.stream_tta import StreamedTTA
 from embedseg_service.core.inference.tile_size import checked_tile_shape
+from embedseg_service.core.inference.tta import TTACombine
 
 WINDOW_VOXELS = 1 << 22
 """Most voxels of one window (core and margins) when the core is chosen automatically."""
@@ -173,9 +175,9 @@ class _Writer:
         return False
 
 
-def _windows(net: StreamedNetwork, core_cells: Sequence[int], margin_cells: Sequence[int]) -> list[tuple[Region, ...]]:
-    """(core, window) regions of cells, cores in raster order."""
-    return [(core, grow(core, list(margin_cells), net.cells)) for core in blocks(net.cells, core_cells)]
+def _windows(cells: Sequence[int], core_cells: Sequence[int], margin_cells: Sequence[int]) -> list[tuple[Region, ...]]:
+    """(core, window) regions of a grid of ``cells``, cores in raster order."""
+    return [(core, grow(core, list(margin_cells), cells)) for core in blocks(cells, core_cells)]
 
 
 def segment_streamed(
@@ -194,6 +196,8 @@ def segment_streamed(
     margin: Sequence[int] | None = None,
     device: torch.device | str | None = None,
     precision: InferencePrecision | str = DEFAULT_PRECISION,
+    tta: bool = False,
+    combine: TTACombine | str = TTACombine.median,
     scratch: str | Path | None = None,
     progress: Callable[[int, int], bool | None] | None = None,
 ) -> StreamResult:
@@ -204,7 +208,9 @@ def segment_streamed(
     :func:`embedseg_service.core.data.stream_stats.channel_scalings`; ``None``: the source is normalised
     float). ``tile``: the network's block in pixels as in :func:`embedseg_service.core.inference.predict.predict_raw`;
     ``core`` and ``margin``: pixels per axis (rounded up to the 8-pixel grid; defaults :func:`auto_core` and
-    :func:`default_margin`). Other options as for :func:`embedseg_service.core.inference.predict.segment`.
+    :func:`default_margin`). ``tta``: combine the 8 / 16 transforms (``combine``) as whole-volume prediction
+    does (:mod:`embedseg_service.core.inference.stream_tta`). Other options as for
+    :func:`embedseg_service.core.inference.predict.segment`.
     ``progress(done, total)`` after each block and window; ``False`` cancels.
     """
     dev = resolve_device(device)
@@ -213,13 +219,27 @@ def segment_streamed(
     core_px = tuple(int(c) for c in (core or auto_core(spatial, margin_px)))
     scalings = channel_scalings(source, normalization) if normalization is not None else [None] * source.shape[0]
     block = [-(-t // SIZE_MULTIPLE) for t in checked_tile_shape(spatial, tile, 1, dev)]
-    streamed = StreamedNetwork(net, source, scalings, block=block, device=dev, precision=precision, scratch=scratch)
+    streamed: StreamedNetwork | StreamedTTA = (
+        StreamedTTA(
+            net,
+            source,
+            scalings,
+            block=block,
+            device=dev,
+            precision=precision,
+            scratch=scratch,
+            combine=combine,
+            fg_thresh=fg_thresh,
+        )  # fmt: skip
+        if tta
+        else StreamedNetwork(net, source, scalings, block=block, device=dev, precision=precision, scratch=scratch)
+    )
     try:
         cell = streamed.stages.cell
         core_cells = [max(1, -(-c // cell)) for c in core_px]
         margin_cells = [-(-m // cell) for m in margin_px]
-        plan = _windows(streamed, core_cells, margin_cells)
-        tick = cancel_check(progress, streamed.passes() * streamed.block_count() + len(plan))
+        plan = _windows(streamed.cells, core_cells, margin_cells)
+        tick = cancel_check(progress, streamed.build_steps() + len(plan))
         with torch.inference_mode():
             streamed.build(tick)
             writer = _Writer(out, spatial)

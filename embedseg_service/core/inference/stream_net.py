@@ -74,6 +74,13 @@ def pixels(region: Region, cell: int) -> Region:
     return tuple(slice(r.start * cell, r.stop * cell) for r in region)
 
 
+def image_region(region: Region, cell: int, before: Sequence[int], spatial: Sequence[int]) -> Region:
+    """The pixels of a volume of shape ``spatial``, padded by ``before`` pixels, that a region of cells covers
+    (unpadded, clipped to the volume)."""
+    return tuple(slice(max(0, r.start * cell - b), min(n, r.stop * cell - b))
+                 for r, b, n in zip(region, before, spatial))  # fmt: skip
+
+
 class _GridFiles:
     """Two cell grids ``(F, *cells)`` float32 in temporary files, one raw file per block of cells (written whole;
     read by any region)."""
@@ -111,6 +118,10 @@ class _GridFiles:
 
     def swap(self) -> None:
         self.current ^= 1
+
+    def drop_other(self) -> None:
+        """Remove the files of the grid not read any more (the context stage is done)."""
+        shutil.rmtree(self.folder / "ab"[self.current ^ 1], ignore_errors=True)
 
 
 class StreamedNetwork:
@@ -156,6 +167,10 @@ class StreamedNetwork:
         steps = context_steps(self.net)
         return 1 + (len(steps) if steps is not None else 0)
 
+    def build_steps(self) -> int:
+        """Calls of ``tick`` :meth:`build` makes."""
+        return self.passes() * self.block_count()
+
     def build(self, tick: Tick) -> None:
         """Encode the volume and run the context stage into the grid files; ``tick()`` after each block."""
         st = self.stages
@@ -182,12 +197,11 @@ class StreamedNetwork:
                 self.grid.write(region, out.cpu().numpy(), other=True)
                 tick()
             self.grid.swap()
+        self.grid.drop_other()
 
     def image_region(self, region: Region) -> Region:
         """The pixels of the volume (unpadded, clipped) a region of cells covers."""
-        cell = self.stages.cell
-        return tuple(slice(max(0, r.start * cell - b), min(n, r.stop * cell - b))
-                     for r, b, n in zip(region, self.before, self.spatial))  # fmt: skip
+        return image_region(region, self.stages.cell, self.before, self.spatial)
 
     def raw(self, window: Region) -> np.ndarray:
         """Raw outputs ``(C_out, *pixels)`` float32 of the volume's pixels in a window of cells

@@ -125,6 +125,39 @@ class Transform:
             x = torch.flip(x, dims=(-3,))
         return x
 
+    def apply_array(self, x: np.ndarray) -> np.ndarray:
+        """:meth:`apply_image` on a numpy array whose last ``spatial_dims`` axes are spatial (a contiguous copy)."""
+        x = np.rot90(x, self.k, axes=(-2, -1)) if self.k else x
+        if self.flip_y:
+            x = np.flip(x, axis=-2)
+        if self.flip_z:
+            x = np.flip(x, axis=-3)
+        return np.ascontiguousarray(x)
+
+    def map_box(self, box: Sequence[slice], shape: Sequence[int], *, inverse: bool = False) -> tuple[slice, ...]:
+        """Where :meth:`apply_image` moves the box ``box`` (slices with step 1) of an image of spatial ``shape``;
+        ``inverse``: the box of such an image that it moves onto ``box`` (a box of the transformed image)."""
+        spans = [(int(b.start), int(b.stop)) for b in box]
+        size = list(self.transformed_shape(shape) if inverse else shape)
+
+        def flip(axis: int) -> None:
+            a, b = spans[axis]
+            spans[axis] = (size[axis] - b, size[axis] - a)
+
+        if inverse:
+            for axis, flipped in ((-3, self.flip_z), (-2, self.flip_y)):
+                if flipped:
+                    flip(axis)
+        for _ in range((4 - self.k) % 4 if inverse else self.k):  # a quarter turn: (y, x) -> (W - 1 - x, y)
+            (ya, yb), (xa, xb) = spans[-2:]
+            spans[-2:] = [(size[-1] - xb, size[-1] - xa), (ya, yb)]
+            size[-2:] = size[-1], size[-2]
+        if not inverse:
+            for axis, flipped in ((-2, self.flip_y), (-3, self.flip_z)):
+                if flipped:
+                    flip(axis)
+        return tuple(slice(a, b) for a, b in spans)
+
     def undo_spatial(self, y: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`apply_image` on a tensor ``(B, C, *S')``."""
         self._check(y)
