@@ -9,9 +9,11 @@ process, the ERF-Net (random weights, seed bias raised so that it finds objects)
   (skipped with ``--no-whole``, for volumes that do not fit).
 
 Each prints its resident memory after the imports, its peak (``ru_maxrss``), the growth and the seconds;
-the script prints both lines and, when both ran, whether the labels hold the same objects.
+the script prints both lines and, when both ran, whether the labels hold the same objects. ``--tta``: both
+with test-time augmentation.
 
     python benchmarks/bench_stream.py [--shape 48,512,512] [--core 48,192,192] [--margin 32] [--tile 48,128,128]
+                                      [--tta]
 """
 
 from __future__ import annotations
@@ -85,14 +87,16 @@ def run_case(case: str, source: Path, out: Path, args: argparse.Namespace) -> No
     with OmeZarrVolume(source) as volume:
         if case == "stream":
             labels = create_labels(out, volume.info.shape, voxel_size=None, chunks=(16, 256, 256))
-            options = {"tile": args.tile, "core": args.core, "margin": (args.margin,) * 3, "device": "cpu"}
+            options = {"tile": args.tile, "core": args.core, "margin": (args.margin,) * 3, "device": "cpu",
+                       "tta": args.tta}  # fmt: skip
             settings = NormalizationSettings()
             segment_streamed(net, OmeZarrSource(volume), labels, step=step_for(3), normalization=settings, min_size=30,
                              **options)  # fmt: skip
         else:
             import numpy as np
 
-            result = segment(net, normalize(volume.read()), step=step_for(3), tile=args.tile, min_size=30, device="cpu")
+            result = segment(net, normalize(volume.read()), step=step_for(3), tile=args.tile, min_size=30, device="cpu",
+                             tta=args.tta)  # fmt: skip
             np.save(out.parent / "whole.npy", result)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"case": case, "after_imports": before, "peak": peak, "growth": peak - before,
@@ -110,6 +114,7 @@ def main() -> None:
     parser.add_argument("--tile", type=_sizes, default=(48, 128, 128))
     parser.add_argument("--margin", type=int, default=32)
     parser.add_argument("--no-whole", action="store_true", help="skip the whole-volume prediction")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation in both")
     parser.add_argument("--case", choices=("stream", "whole"), help=argparse.SUPPRESS)
     parser.add_argument("--source", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -124,6 +129,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--case", case, "--source", str(source), "--out",
                        str(Path(folder) / f"{case}.ome.zarr"), "--tile", ",".join(map(str, args.tile)),
                        "--core", ",".join(map(str, args.core)), "--margin", str(args.margin)]  # fmt: skip
+            command += ["--tta"] if args.tta else []
             print(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip())
         if not args.no_whole:
             import numpy as np

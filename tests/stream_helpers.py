@@ -1,5 +1,6 @@
 """Helpers of the streamed-prediction tests: a tiny staged network, blob volumes written chunk by chunk as
-zipped OME-Zarr stores, and a child process that predicts one under a memory limit.
+zipped OME-Zarr stores, a comparison of label images up to renumbering, and a child process that predicts
+one under a memory limit.
 
 Importable as ``stream_helpers`` from every test module (``tests/`` is on ``sys.path``); run as a script it
 is the child: ``python stream_helpers.py INPUT.zip OUTPUT_FOLDER LIMIT_BYTES`` prints one JSON line.
@@ -78,6 +79,16 @@ class TinyStagedNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.context(self.encode(x)))
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two label images hold the same objects (equal up to renumbering, background kept)."""
+    pairs = np.unique(np.stack([a.ravel().astype(np.int64), b.ravel().astype(np.int64)]), axis=1)
+    return (
+        np.array_equal(pairs[0] == 0, pairs[1] == 0)
+        and np.unique(pairs[0]).size == pairs.shape[1]
+        and np.unique(pairs[1]).size == pairs.shape[1]
+    )
 
 
 def blob_block(shape: Sequence[int], seed: int, spacing: float = 4.8 * BLOB_RADIUS) -> np.ndarray:

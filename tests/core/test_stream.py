@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from stream_helpers import TinyStagedNet, blob_block
+from stream_helpers import TinyStagedNet, blob_block, same_partition
 
 from embedseg_service.core.data.normalization import NormalizationSettings, normalize, scale_intensities
 from embedseg_service.core.data.stream_stats import channel_scalings
@@ -21,16 +21,6 @@ from embedseg_service.core.inference.tiling import NetworkStages, PredictionCanc
 from embedseg_service.core.metrics import average_precision
 from embedseg_service.core.model.embedding import step_for
 from embedseg_service.core.model.erfnet import BranchedERFNet
-
-
-def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two label images hold the same objects (equal up to renumbering, background kept)."""
-    pairs = np.unique(np.stack([a.ravel().astype(np.int64), b.ravel().astype(np.int64)]), axis=1)
-    return (
-        np.array_equal(pairs[0] == 0, pairs[1] == 0)
-        and np.unique(pairs[0]).size == pairs.shape[1]
-        and np.unique(pairs[1]).size == pairs.shape[1]
-    )
 
 
 @pytest.mark.parametrize("shape", [(5, 13, 17), (1, 3, 9), (3, 2, 1), (9, 16, 8), (3,), (2,), (11, 6)])
