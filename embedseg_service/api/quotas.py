@@ -18,19 +18,26 @@ from embedseg_service.records.storage import PendingWrite
 from embedseg_service.records.usage import stored_bytes
 
 
-def _who(principal: Principal) -> str:
-    return "anonymous requests" if principal.owner is None else f"owner {principal.owner!r}"
+def _who(owner: str | None) -> str:
+    return "anonymous requests" if owner is None else f"owner {owner!r}"
 
 
 def check_storage(session: Session, settings: Settings, principal: Principal, incoming: int = 0) -> None:
     """413 when the caller's stored bytes plus ``incoming`` would exceed ``quota_stored_bytes``."""
+    check_owner_storage(session, settings, principal.owner, incoming)
+
+
+def check_owner_storage(
+    session: Session, settings: Settings, owner: str | None, incoming: int = 0, adds: str = "this upload adds"
+) -> None:
+    """:func:`check_storage` for the bytes of ``owner`` (``adds``: what the message says brings ``incoming``)."""
     limit = settings.quota_stored_bytes
-    used = sum(stored_bytes(session, [principal.owner]).values())
+    used = sum(stored_bytes(session, [owner]).values())
     if used + incoming > limit or used >= limit:
         raise HTTPException(
             status_code=413,
-            detail=f"storage quota exceeded: {_who(principal)} store {used} bytes"
-            + (f" and this upload adds {incoming}" if incoming else "")
+            detail=f"storage quota exceeded: {_who(owner)} store {used} bytes"
+            + (f" and {adds} {incoming}" if incoming else "")
             + f"; the limit is {limit} bytes (EMBEDSEG_QUOTA_STORED_BYTES); delete volumes or models first",
         )
 
@@ -58,7 +65,7 @@ def check_queue(session: Session, settings: Settings, principal: Principal) -> N
     if queued >= limit:
         raise HTTPException(
             status_code=429,
-            detail=f"queue quota reached: {_who(principal)} have {queued} queued jobs; the limit is {limit} "
+            detail=f"queue quota reached: {_who(principal.owner)} have {queued} queued jobs; the limit is {limit} "
             "(EMBEDSEG_QUOTA_QUEUED_JOBS); wait for some to start or cancel them",
             headers={"Retry-After": "60"},
         )

@@ -242,6 +242,8 @@ class Model(Base):
     )
     provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     """Package and torch versions, seed, sha256 of each training volume, training job."""
+    export_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    """Bytes of the stored exports of the network (they count in the owner's stored bytes)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     def __repr__(self) -> str:

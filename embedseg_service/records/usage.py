@@ -1,4 +1,5 @@
-"""What owners store: bytes of volumes and models per owner (quotas and metrics read it here)."""
+"""What owners store: bytes of volumes and models (checkpoints and their exports) per owner (quotas and metrics
+read it here)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ def stored_bytes(session: Session, owners: Iterable[str | None] | None = None) -
     """Bytes per (owner, ``"volumes"`` or ``"models"``); only ``owners`` when given (None: rows made without a key)."""
     stored: dict[tuple[str | None, str], int] = {}
     wanted = None if owners is None else list(owners)
-    for what, table in (("volumes", Volume), ("models", Model)):
-        statement = select(table.owner, func.sum(table.size_bytes)).group_by(table.owner)
+    for what, table, size in (
+        ("volumes", Volume, Volume.size_bytes),
+        ("models", Model, Model.size_bytes + Model.export_bytes),
+    ):
+        statement = select(table.owner, func.sum(size)).group_by(table.owner)
         if wanted is not None:
             statement = statement.where(or_(*(table.owner.is_not_distinct_from(owner) for owner in wanted)))
         for owner, total in session.execute(statement):

@@ -162,6 +162,48 @@ def test_another_owners_model_answers_404_like_an_unknown_one(client, session, t
     assert client.get(f"{M}/{model['id']}/export", headers=a).status_code == 200
 
 
+def test_exports_count_in_their_owners_stored_bytes(client, session, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from embedseg_service.records.usage import stored_bytes
+
+    a = {"Authorization": f"Bearer {create_key(session, 'lab-a').secret}"}
+    model = post_model(client, model_file(tmp_path, 2), "m", headers=a)
+    assert stored_bytes(session, ["lab-a"]) == {("lab-a", "models"): model["size_bytes"]}
+    sizes: dict[str, int] = {}
+    for fmt in ("torchscript", "onnx", "torchscript"):  # the second torchscript request is sent from storage
+        response = client.get(f"{M}/{model['id']}/export", params={"format": fmt}, headers=a)
+        assert response.status_code == 200, response.text
+        sizes[fmt] = len(response.content)
+        session.expire_all()
+        assert stored_bytes(session, ["lab-a"]) == {("lab-a", "models"): model["size_bytes"] + sum(sizes.values())}
+    total = float(model["size_bytes"] + sum(sizes.values()))
+    admin = {"Authorization": f"Bearer {create_key(session, 'core', admin=True).secret}"}
+    lines = client.get("/metrics", headers=admin).text.splitlines()
+    (line,) = [line for line in lines if line.startswith('embedseg_stored_bytes{owner="lab-a",what="models"} ')]
+    assert float(line.split()[-1]) == total
+
+
+def test_an_export_past_the_owners_quota_answers_413_and_makes_nothing(settings, session, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from embedseg_service.api.app import create_app
+
+    path = model_file(tmp_path, 2)
+    size = path.stat().st_size
+    app = create_app(settings.model_copy(update={"quota_stored_bytes": size + size // 2}), migrate=False)
+    a = {"Authorization": f"Bearer {create_key(session, 'lab-a').secret}"}
+    with TestClient(app) as client:
+        model = post_model(client, path, "m", headers=a)
+        refused = client.get(f"{M}/{model['id']}/export", headers=a)
+        assert refused.status_code == 413
+        assert refused.json() == {
+            "detail": f"storage quota exceeded: owner 'lab-a' store {size} bytes and this export adds about {size}; "
+            f"the limit is {size + size // 2} bytes (EMBEDSEG_QUOTA_STORED_BYTES); delete volumes or models first"
+        }
+        assert app.state.storage.list_keys(f"models/{model['id']}") == []
+        assert client.get(f"{M}/{model['id']}/download", headers=a).content == path.read_bytes()
+        assert client.get(f"{M}/{model['id']}", headers=a).json()["size_bytes"] == size
+
+
 def test_client_and_remote_export(app, client, tmp_path) -> None:
     app.state.dispatcher = RecordingDispatcher()
     path = model_file(tmp_path, 2)

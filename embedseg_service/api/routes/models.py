@@ -104,17 +104,20 @@ def download_model(model: ModelDep, storage: StorageDep) -> Response:
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "The exported network"},
         404: {},
+        413: {"description": "The model's owner has no room for the export (EMBEDSEG_QUOTA_STORED_BYTES)"},
         501: {"description": "The format cannot be written on this server (ONNX without the `onnx` package)"},
     },
 )
 def export_model(
     model: ModelDep,
     storage: StorageDep,
+    session: SessionDep,
+    settings: SettingsDep,
     fmt: Annotated[
         ExportFormat, Query(alias="format", description="`torchscript` (a `.pt` file) or `onnx` (a `.onnx` file)")
     ] = ExportFormat.torchscript,
 ) -> Response:
-    key = exported_network(storage, model, fmt)
+    key = exported_network(storage, session, settings, model, fmt)
     return stored_file_response(
         storage, key, media_type="application/octet-stream", filename=_download_name(model.name, fmt.suffix)
     )
