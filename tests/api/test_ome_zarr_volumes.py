@@ -184,6 +184,18 @@ def _store_model(session: Any, settings: Any, tmp_path: Path) -> str:
     return model.id
 
 
+@pytest.fixture
+def fast(settings: Any) -> Any:
+    """The settings with frequent progress writes and heartbeats (short jobs run in the test)."""
+    return settings.model_copy(update={"progress_throttle_s": 0.05, "heartbeat_s": 0.2})
+
+
+@pytest.fixture
+def model_id(session: Any, settings: Any, tmp_path: Path) -> str:
+    """The id of the registered model of :func:`_store_model`."""
+    return _store_model(session, settings, tmp_path)
+
+
 def _predict(
     client: Any, settings: Any, model_id: str, volume_id: str, gt_id: str | None = None, tta: bool = False
 ) -> dict[str, Any]:
@@ -207,10 +219,8 @@ def _labels_of(client: Any, volume_id: str, tmp_path: Path) -> np.ndarray:
 
 
 def test_a_streamed_predict_job_writes_ome_zarr_labels_equal_to_the_whole_volumes(  # type: ignore[no-untyped-def]
-    client, session, settings, tmp_path
+    client, fast, model_id, tmp_path
 ) -> None:
-    fast = settings.model_copy(update={"progress_throttle_s": 0.05, "heartbeat_s": 0.2})
-    model_id = _store_model(session, settings, tmp_path)
     data = volume_data()
     zarr_image = zarr_upload(client, ome_zarr(data, scale=[2.0, 0.5, 0.5], chunks=(6, 16, 16))).json()
     tiff_image = upload(client, tiff_bytes(data), axes="ZYX", voxel_size="2.0,0.5,0.5").json()
@@ -244,10 +254,8 @@ def test_a_streamed_predict_job_writes_ome_zarr_labels_equal_to_the_whole_volume
 
 
 def test_a_streamed_job_scores_its_labels_against_ground_truth_as_the_whole_volume_job_does(  # type: ignore[no-untyped-def]
-    client, session, settings, tmp_path
+    client, fast, model_id, tmp_path
 ) -> None:
-    fast = settings.model_copy(update={"progress_throttle_s": 0.05, "heartbeat_s": 0.2})
-    model_id = _store_model(session, settings, tmp_path)
     data = volume_data()
     tiff_image = upload(client, tiff_bytes(data), axes="ZYX").json()
     zarr_image = zarr_upload(client, ome_zarr(data, chunks=(6, 16, 16))).json()
@@ -285,10 +293,8 @@ def test_a_streamed_job_scores_its_labels_against_ground_truth_as_the_whole_volu
 
 
 def test_a_streamed_job_with_tta_gives_the_whole_volume_jobs_tta_labels(  # type: ignore[no-untyped-def]
-    client, session, settings, tmp_path
+    client, fast, model_id, tmp_path
 ) -> None:
-    fast = settings.model_copy(update={"progress_throttle_s": 0.05, "heartbeat_s": 0.2})
-    model_id = _store_model(session, settings, tmp_path)
     data = volume_data()
     zarr_image = zarr_upload(client, ome_zarr(data, chunks=(6, 16, 16))).json()
     tiff_image = upload(client, tiff_bytes(data), axes="ZYX").json()

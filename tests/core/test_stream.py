@@ -3,6 +3,8 @@ with its cell grid in files, and window-by-window labels equal to the whole volu
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +71,21 @@ def test_erfnet_context_steps_are_its_context_stage() -> None:
         torch.testing.assert_close(stepped, net.encoder.context(grid))
 
 
+def build_and_read(streamed: Any, window: tuple[slice, ...]) -> tuple[int, tuple[slice, ...], np.ndarray, np.ndarray]:
+    """Build a streamed network's grids, then read one window and every cell; the grids are removed after.
+    Returns (ticks of the build, the window's pixels, their raw outputs, the whole volume's raw outputs)."""
+    ticks: list[int] = []
+    try:
+        with torch.inference_mode():
+            streamed.build(lambda: ticks.append(1))
+            region = streamed.image_region(window)
+            part = streamed.raw(window)
+            every = streamed.raw(tuple(slice(0, c) for c in streamed.cells))
+    finally:
+        streamed.close()
+    return len(ticks), region, part, every
+
+
 def test_raw_outputs_with_the_grid_in_files_equal_the_whole_volumes(tmp_path) -> None:
     net = random_erfnet()
     image = np.random.default_rng(1).random((13, 37, 43)).astype(np.float32)
@@ -76,17 +93,8 @@ def test_raw_outputs_with_the_grid_in_files_equal_the_whole_volumes(tmp_path) ->
         whole = predict_tiled(net, image[None], tile=None, device="cpu")
     streamed = StreamedNetwork(net, ArraySource(image), [None], block=(1, 3, 4), device=torch.device("cpu"),
                                scratch=tmp_path)  # fmt: skip
-    ticks: list[int] = []
-    try:
-        with torch.inference_mode():
-            streamed.build(lambda: ticks.append(1))
-            window = (slice(0, 2), slice(1, 4), slice(2, 6))
-            region = streamed.image_region(window)
-            part = streamed.raw(window)
-            every = streamed.raw(tuple(slice(0, c) for c in streamed.cells))
-    finally:
-        streamed.close()
-    assert len(ticks) == streamed.passes() * streamed.block_count() == 9 * 8
+    ticks, region, part, every = build_and_read(streamed, (slice(0, 2), slice(1, 4), slice(2, 6)))
+    assert ticks == streamed.passes() * streamed.block_count() == 9 * 8
     assert region == (slice(0, 13), slice(7, 31), slice(14, 43)) and part.shape == (7, 13, 24, 29)
     np.testing.assert_allclose(part, whole[(slice(None), *region)], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(every, whole, rtol=1e-5, atol=1e-5)
@@ -183,17 +191,8 @@ def test_tta_raw_outputs_with_the_grids_in_files_equal_the_whole_volumes(tmp_pat
         plain = predict_tiled(net, image[None], tile=None, device="cpu")
     streamed = StreamedTTA(net, ArraySource(image), [None], block=(2, 3, 4), device=torch.device("cpu"),
                            scratch=tmp_path)  # fmt: skip
-    ticks: list[int] = []
-    try:
-        with torch.inference_mode():
-            streamed.build(lambda: ticks.append(1))
-            window = (slice(0, 1), slice(1, 3), slice(0, 2))
-            region = streamed.image_region(window)
-            part = streamed.raw(window)
-            every = streamed.raw(tuple(slice(0, c) for c in streamed.cells))
-    finally:
-        streamed.close()
-    assert len(ticks) == streamed.build_steps() == sum(n.passes() * n.block_count() for n in streamed.nets)
+    ticks, region, part, every = build_and_read(streamed, (slice(0, 1), slice(1, 3), slice(0, 2)))
+    assert ticks == streamed.build_steps() == sum(n.passes() * n.block_count() for n in streamed.nets)
     assert len(streamed.nets) == 16 and part.shape == (7, *(r.stop - r.start for r in region))
     np.testing.assert_allclose(part, whole[(slice(None), *region)], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(every, whole, rtol=1e-4, atol=1e-4)
