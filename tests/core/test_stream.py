@@ -219,3 +219,27 @@ def test_streamed_tta_labels_equal_the_whole_volumes_with_tta() -> None:
         assert same_partition(whole, out)
         found[tta] = whole
     assert not np.array_equal(found[False] > 0, found[True] > 0)  # TTA changed the labels it had to match
+
+
+def test_a_scratch_folder_without_room_for_the_grids_stops_before_writing_them(tmp_path, monkeypatch) -> None:
+    import collections
+    import shutil
+
+    from embedseg_service.core.inference.stream_net import ScratchSpaceError
+
+    image = blob_block((16, 64, 64), seed=1)
+    grid = 4 * 1 * (16 // 4) * (64 // 4) * (64 // 4)  # TinyStagedNet: one channel per 4-pixel cell
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - 3 * grid, 3 * grid))
+    options = {"step": step_for(3), "normalization": NormalizationSettings(), "tile": (16, 64, 64),
+               "device": "cpu", "scratch": tmp_path}  # fmt: skip
+    out = np.zeros(image.shape, np.uint32)
+    assert segment_streamed(TinyStagedNet().eval(), ArraySource(image), out, **options).n_objects == 9  # 3 x 3 blobs
+    with pytest.raises(ScratchSpaceError) as refused:  # 16 passes: one grid each, and two while one builds
+        segment_streamed(TinyStagedNet().eval(), ArraySource(image), out, tta=True, **options)
+    assert str(refused.value) == (
+        f"the cell grids (1 channels of [4, 16, 16] cells) need about {17 * grid} bytes of scratch space in "
+        f"{tmp_path}, but {3 * grid} bytes are free; free space there, or predict the volume without test-time "
+        "augmentation"
+    )
+    assert not list(tmp_path.iterdir())

@@ -15,11 +15,13 @@ reads and writes it a block at a time:
 
 Every convolution zero-pads only at the padded volume's borders, which blocks share with the whole, so
 the raw outputs are the whole volume's up to float rounding. Memory: one block with its halo per stage,
-and the decoded window.
+and the decoded window. Disk: two grids while the context stage runs, one after; the first encoded block
+checks that the scratch folder has room (:class:`ScratchSpaceError` otherwise).
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -81,6 +83,27 @@ def image_region(region: Region, cell: int, before: Sequence[int], spatial: Sequ
                  for r, b, n in zip(region, before, spatial))  # fmt: skip
 
 
+class ScratchSpaceError(OSError):
+    """The scratch folder has no room for the cell grids of a streamed prediction."""
+
+
+def check_scratch_space(folder: Path, needed: int, what: str) -> None:
+    """Raise :class:`ScratchSpaceError` unless ``folder``'s file system has ``needed`` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise ScratchSpaceError(
+            f"{what} need about {_size(needed)} of scratch space in {folder}, but {_size(free)} are free; free "
+            "space there, or predict the volume without test-time augmentation"
+        )
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
 class _GridFiles:
     """Two cell grids ``(F, *cells)`` float32 in temporary files, one raw file per block of cells (written whole;
     read by any region)."""
@@ -132,8 +155,9 @@ class StreamedNetwork:
 
     def __init__(self, net: torch.nn.Module, source: VolumeSource, scalings: Sequence[Scaling], *,
                  block: Sequence[int], device: torch.device, precision: Any = "fp32",
-                 scratch: str | Path | None = None) -> None:  # fmt: skip
+                 scratch: str | Path | None = None, reserve_grids: int = 0) -> None:  # fmt: skip
         self.net, self.source, self.scalings, self.device = net, source, list(scalings), device
+        self.reserve_grids = reserve_grids
         self.stages: NetworkStages = network_stages(net)
         if SIZE_MULTIPLE % self.stages.cell:
             raise ValueError(f"the network's cell ({self.stages.cell} pixels) must divide {SIZE_MULTIPLE}")
@@ -178,6 +202,7 @@ class StreamedNetwork:
             outer = grow(region, st.encode_halo, self.cells)
             part = self._run(st.encode, self._input(outer))
             if not self.grid.channels:
+                self._check_space(int(part.shape[1]))
                 self.grid.create(int(part.shape[1]))
             self.grid.write(region, part[at(within(region, outer), 0, ALL)].cpu().numpy())
             tick()
@@ -198,6 +223,13 @@ class StreamedNetwork:
                 tick()
             self.grid.swap()
         self.grid.drop_other()
+
+    def _check_space(self, channels: int) -> None:
+        """Before the first grid file: room for this network's two grids and ``reserve_grids`` more."""
+        needed = (2 + self.reserve_grids) * 4 * channels * math.prod(self.cells)
+        check_scratch_space(
+            self._folder.parent, needed, f"the cell grids ({channels} channels of {list(self.cells)} cells)"
+        )
 
     def image_region(self, region: Region) -> Region:
         """The pixels of the volume (unpadded, clipped) a region of cells covers."""

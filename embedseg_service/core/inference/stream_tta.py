@@ -61,10 +61,10 @@ class StreamedTTA:
         self.before = padding_before(self.spatial)
         self.nets: list[StreamedNetwork] = []
         try:
-            for t in self.chosen:
+            for j, t in enumerate(self.chosen):  # each checks room for its grids and one per pass after it
                 self.nets.append(StreamedNetwork(net, TransformedSource(source, t), scalings, device=device,
                                                  block=t.transformed_shape(block), precision=precision,
-                                                 scratch=scratch))  # fmt: skip
+                                                 scratch=scratch, reserve_grids=len(self.chosen) - 1 - j))  # fmt: skip
         except BaseException:
             self.close()
             raise
