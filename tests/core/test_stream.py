@@ -49,9 +49,9 @@ def test_streamed_statistics_normalise_as_the_whole_volume(dtype, mode) -> None:
     np.testing.assert_array_equal(scale_intensities(volume, *scaling), normalize(volume, mode))
 
 
-def random_erfnet() -> BranchedERFNet:
+def random_erfnet(spatial_dims: int = 3) -> BranchedERFNet:
     torch.manual_seed(0)
-    net = BranchedERFNet(3).eval()
+    net = BranchedERFNet(spatial_dims).eval()
     for m in net.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.running_mean.uniform_(-0.2, 0.2)
@@ -180,20 +180,23 @@ def test_default_margin_and_core() -> None:
     assert auto_core((40, 60, 70), (16, 16, 16)) == (40, 60, 70)  # the whole volume in one window
 
 
-@pytest.mark.parametrize("shape", [(13, 37, 43), (5, 20, 9)])
+@pytest.mark.parametrize("shape", [(13, 37, 43), (5, 20, 9), (45, 70)])
 def test_tta_raw_outputs_with_the_grids_in_files_equal_the_whole_volumes(tmp_path, shape) -> None:
     from embedseg_service.core.inference.stream_tta import StreamedTTA
 
-    net = random_erfnet()
+    net = random_erfnet(len(shape))
     image = np.random.default_rng(2).random(shape).astype(np.float32)
     with torch.inference_mode():
         whole = predict_tiled(net, image[None], tile=None, device="cpu", tta=True)
         plain = predict_tiled(net, image[None], tile=None, device="cpu")
-    streamed = StreamedTTA(net, ArraySource(image), [None], block=(2, 3, 4), device=torch.device("cpu"),
-                           scratch=tmp_path)  # fmt: skip
-    ticks, region, part, every = build_and_read(streamed, (slice(0, 1), slice(1, 3), slice(0, 2)))
+    streamed = StreamedTTA(net, ArraySource(image), [None], block=(2, 3, 4)[-len(shape) :],
+                           device=torch.device("cpu"), scratch=tmp_path)  # fmt: skip
+    ticks, region, part, every = build_and_read(streamed, (slice(0, 1), slice(1, 3), slice(0, 2))[-len(shape) :])
     assert ticks == streamed.build_steps() == sum(n.passes() * n.block_count() for n in streamed.nets)
-    assert len(streamed.nets) == 16 and part.shape == (7, *(r.stop - r.start for r in region))
+    assert len(streamed.nets) == 2 ** (len(shape) + 1) and part.shape == (
+        2 * len(shape) + 1,
+        *(r.stop - r.start for r in region),
+    )
     np.testing.assert_allclose(part, whole[(slice(None), *region)], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(every, whole, rtol=1e-4, atol=1e-4)
     assert np.abs(every - plain).max() > 1e-2  # the passes were combined, not the identity's alone
