@@ -40,6 +40,7 @@ class OverlapCounts:
     def __init__(self) -> None:
         self._keys = np.zeros(0, dtype=np.uint64)
         self._counts = np.zeros(0, dtype=np.int64)
+        self._pairs: Pairs | None = None
 
     def add(self, gt: np.ndarray, pred: np.ndarray) -> None:
         """Count the voxel pairs of one region of both volumes (integer labels, same shape, 0 = background)."""
@@ -56,10 +57,15 @@ class OverlapCounts:
         merged, inverse = np.unique(np.concatenate([self._keys, found]), return_inverse=True)
         self._counts = np.bincount(inverse, weights=np.concatenate([self._counts, counts]), minlength=merged.size)
         self._counts = self._counts.astype(np.int64)
-        self._keys = merged
+        self._keys, self._pairs = merged, None
 
     def pairs(self) -> Pairs:
-        """The objects present and the IoU of every overlapping (GT, predicted) pair."""
+        """The objects present and the IoU of every overlapping (GT, predicted) pair (computed once per count)."""
+        if self._pairs is None:
+            self._pairs = self._compute_pairs()
+        return self._pairs
+
+    def _compute_pairs(self) -> Pairs:
         gt = (self._keys >> np.uint64(32)).astype(np.int64)
         pred = (self._keys & np.uint64(LABEL_LIMIT - 1)).astype(np.int64)
         gt_ids, gt_at = np.unique(gt, return_inverse=True)
