@@ -28,7 +28,7 @@ from embedseg_service.records.schemas import EvaluateSpec, PredictSpec, TrainSpe
 from embedseg_service.records.storage import StorageError, checkpoint_key
 from embedseg_service.worker import stream_predict
 from embedseg_service.worker.context import Handler, JobContext, JobOutcome
-from embedseg_service.worker.progress import JobCancelled
+from embedseg_service.worker.progress import JobCancelled, JobReporter
 from embedseg_service.worker.provenance import training_provenance
 
 if TYPE_CHECKING:
@@ -421,9 +421,21 @@ def _store_labels(context: JobContext, spec: PredictSpec, row: Volume, labels: n
     )
 
 
+def _batch_progress(reporter: JobReporter, first: int, size: int, n: int) -> Callable[[int, int], bool]:
+    """Record the stage of the batch of volumes ``first``.. (``size`` of ``n``; written when the reporter's
+    throttle allows, as the progress of its tiles); returns the progress callback of its tiles."""
+    stage = f"predicting volume {first + 1}/{n}" if size == 1 else f"predicting volumes {first + 1}-{first + size}/{n}"
+    reporter.update(progress=0.95 * first / n, stage=stage)
+
+    def on_tile(done: int, total: int) -> bool:
+        return bool(reporter.update(progress=0.95 * (first + size * done / max(total, 1)) / n, stage=stage))
+
+    return on_tile
+
+
 def _volume_outputs(
     context: JobContext, spec: PredictSpec, row: Volume, gt_row: Volume | None, labels: np.ndarray
-) -> tuple[Volume, dict[str, Any], dict[str, Any], Any]:
+) -> stream_predict.Outputs:
     """Store the labels of ``row`` and their object table, score them against ``gt_row`` when given; returns
     (labels row, the volume's metrics entry, its object table entry, its AP result or None)."""
     from embedseg_service.core.metrics import average_precision
@@ -453,36 +465,25 @@ def run_predict(context: JobContext) -> JobOutcome:
     rows = load_volume_rows(context, spec.volume_ids)
     gt_rows = load_volume_rows(context, spec.gt_ids) if spec.gt_ids else [None] * len(rows)
     n = len(rows)
-    found: list[tuple[Volume, dict[str, Any], dict[str, Any], Any]] = []
-    order: list[int] = []
     streamed = [i for i, row in enumerate(rows) if stream_predict.streams(context.settings, row)]
     whole = [i for i in range(n) if i not in streamed]
     batches = [[whole[j] for j in b] for b in _predict_batches(context, model, [rows[i] for i in whole])]
+    stored: dict[int, stream_predict.Outputs] = {}
+    first = 0
     for batch in batches + [[i] for i in streamed]:
-        first, size = len(order), len(batch)
-        reporter.raise_if_cancelled(poll=first > 0)  # before the first batch, the last write read the flag
-        stage = (
-            f"predicting volume {first + 1}/{n}" if size == 1 else f"predicting volumes {first + 1}-{first + size}/{n}"
-        )
-        reporter.update(progress=0.95 * first / n, stage=stage, force=first > 0)
-
-        def on_tile(done: int, total: int, first: int = first, size: int = size, stage: str = stage) -> bool:
-            return reporter.update(progress=0.95 * (first + size * done / max(total, 1)) / n, stage=stage)
-
+        on_tile = _batch_progress(reporter, first, len(batch), n)
+        reporter.raise_if_cancelled()  # the flag as the last progress write or heartbeat read it
+        first += len(batch)
         if batch[0] in streamed:  # larger than memory, or OME-Zarr: windows into OME-Zarr labels
             i, gt_row = batch[0], gt_rows[batch[0]]
-            output, entry, table, scored = stream_predict.predict_streamed(context, model, spec, rows[i], gt_row,
-                                                                           on_tile)  # fmt: skip
+            stored[i] = stream_predict.predict_streamed(context, model, spec, rows[i], gt_row, on_tile)
             if gt_row is not None:
-                entry.update(_image_ap(scored, gt_id=gt_row.id))
-            found.append((output, entry, table, scored))
-            order.append(i)
+                stored[i][1].update(_image_ap(stored[i][3], gt_id=gt_row.id))
             continue
         labels = _segment_rows(context, model, spec, [rows[i] for i in batch], on_tile)
         for i, volume_labels in zip(batch, labels):
-            found.append(_volume_outputs(context, spec, rows[i], gt_rows[i], volume_labels))
-            order.append(i)
-    found = [found[j] for j in sorted(range(n), key=order.__getitem__)]
+            stored[i] = _volume_outputs(context, spec, rows[i], gt_rows[i], volume_labels)
+    found = [stored[i] for i in range(n)]
     outputs = [output for output, _, _, _ in found]
     per_volume = [entry for _, entry, _, _ in found]
     image_results = [scored for _, _, _, scored in found if scored is not None]

@@ -370,6 +370,32 @@ def test_predict_job_cancelled_before_a_volume_stops_without_outputs(client, fas
     assert client.get(f"{API}/jobs/{job_id}").json()["status"] == "cancelled"
 
 
+def test_predict_job_cancelled_between_volumes_stops_at_the_next_progress_write(
+    client, fast, tiny_model, monkeypatch
+) -> None:
+    import time
+
+    from embedseg_service.worker import handlers
+
+    images = [upload(client, tiff_bytes(np.zeros((32, w), np.uint8))).json()["id"] for w in (32, 40, 48)]
+    job_id = client.post(f"{API}/jobs/predict", json={"model_id": tiny_model, "volume_ids": images}).json()["id"]
+    stored: list[str] = []
+    store = handlers._volume_outputs
+
+    def store_then_cancel(context: JobContext, spec, row, gt_row, labels):  # type: ignore[no-untyped-def]
+        outputs = store(context, spec, row, gt_row, labels)
+        stored.append(row.id)
+        with context.session() as other:
+            jobs.request_cancel(other, context.job_id)
+        time.sleep(2 * fast.progress_throttle_s)  # the next batch's progress is then due, and its write reads the flag
+        return outputs
+
+    monkeypatch.setattr(handlers, "_volume_outputs", store_then_cancel)
+    assert run_job(job_id, settings=fast) == "cancelled"
+    assert stored == images[:1]  # three shapes, three batches: the second never ran
+    assert client.get(f"{API}/volumes", params={"kind": "labels"}).json()["total"] == 0
+
+
 def test_predict_job_with_an_unusable_checkpoint_fails_with_the_reason(client, session, fast, settings) -> None:
     LocalStorage(settings.storage_path).put("models/bad.pt", [b"not a checkpoint"])
     model = Model(name="bad", spatial_dims=2, config={}, storage_key="models/bad.pt", size_bytes=16)

@@ -246,3 +246,11 @@ def test_a_scratch_folder_without_room_for_the_grids_stops_before_writing_them(t
         "augmentation"
     )
     assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9 - grid, grid))
+    with pytest.raises(ScratchSpaceError) as refused:  # without TTA: two grids, and no hint about TTA
+        segment_streamed(TinyStagedNet().eval(), ArraySource(image), out, **options)
+    assert str(refused.value).endswith(
+        f"need about {2 * grid} bytes of scratch space in {tmp_path}, but {grid} bytes are free; free space "
+        "there, or set TMPDIR to a larger disk"
+    )
+    assert not list(tmp_path.iterdir())

@@ -87,13 +87,15 @@ class ScratchSpaceError(OSError):
     """The scratch folder has no room for the cell grids of a streamed prediction."""
 
 
-def check_scratch_space(folder: Path, needed: int, what: str) -> None:
-    """Raise :class:`ScratchSpaceError` unless ``folder``'s file system has ``needed`` bytes free."""
+def check_scratch_space(folder: Path, needed: int, what: str, *, tta: bool = False) -> None:
+    """Raise :class:`ScratchSpaceError` unless ``folder``'s file system has ``needed`` bytes free; the message
+    says how to make room (``tta``: the grids are those of test-time augmentation's passes)."""
     free = shutil.disk_usage(folder).free
     if needed > free:
+        remedy = "predict the volume without test-time augmentation" if tta else "set TMPDIR to a larger disk"
         raise ScratchSpaceError(
             f"{what} need about {_size(needed)} of scratch space in {folder}, but {_size(free)} are free; free "
-            "space there, or predict the volume without test-time augmentation"
+            f"space there, or {remedy}"
         )
 
 
@@ -151,13 +153,14 @@ class StreamedNetwork:
     """The raw outputs of ``net`` over a :class:`~embedseg_service.core.data.volume_source.VolumeSource`,
     a window at a time (module docstring). ``scalings``: per channel ``(offset, spread)`` or ``None``
     (:func:`embedseg_service.core.data.stream_stats.channel_scalings`); ``block``: cells per axis of one
-    block; ``scratch``: folder for the grid files (removed by :meth:`close`)."""
+    block; ``scratch``: folder for the grid files (removed by :meth:`close`); ``reserve_grids``: grids of
+    later passes to find room for too; ``tta``: this is one pass of test-time augmentation."""
 
     def __init__(self, net: torch.nn.Module, source: VolumeSource, scalings: Sequence[Scaling], *,
                  block: Sequence[int], device: torch.device, precision: Any = "fp32",
-                 scratch: str | Path | None = None, reserve_grids: int = 0) -> None:  # fmt: skip
+                 scratch: str | Path | None = None, reserve_grids: int = 0, tta: bool = False) -> None:  # fmt: skip
         self.net, self.source, self.scalings, self.device = net, source, list(scalings), device
-        self.reserve_grids = reserve_grids
+        self.reserve_grids, self.tta = reserve_grids, tta
         self.stages: NetworkStages = network_stages(net)
         if SIZE_MULTIPLE % self.stages.cell:
             raise ValueError(f"the network's cell ({self.stages.cell} pixels) must divide {SIZE_MULTIPLE}")
@@ -228,7 +231,10 @@ class StreamedNetwork:
         """Before the first grid file: room for this network's two grids and ``reserve_grids`` more."""
         needed = (2 + self.reserve_grids) * 4 * channels * math.prod(self.cells)
         check_scratch_space(
-            self._folder.parent, needed, f"the cell grids ({channels} channels of {list(self.cells)} cells)"
+            self._folder.parent,
+            needed,
+            f"the cell grids ({channels} channels of {list(self.cells)} cells)",
+            tta=self.tta,
         )
 
     def image_region(self, region: Region) -> Region:

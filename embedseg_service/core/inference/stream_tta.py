@@ -64,7 +64,8 @@ class StreamedTTA:
             for j, t in enumerate(self.chosen):  # each checks room for its grids and one per pass after it
                 self.nets.append(StreamedNetwork(net, TransformedSource(source, t), scalings, device=device,
                                                  block=t.transformed_shape(block), precision=precision,
-                                                 scratch=scratch, reserve_grids=len(self.chosen) - 1 - j))  # fmt: skip
+                                                 scratch=scratch, reserve_grids=len(self.chosen) - 1 - j,
+                                                 tta=True))  # fmt: skip
         except BaseException:
             self.close()
             raise
