@@ -428,7 +428,7 @@ def _batch_progress(reporter: JobReporter, first: int, size: int, n: int) -> Cal
     reporter.update(progress=0.95 * first / n, stage=stage)
 
     def on_tile(done: int, total: int) -> bool:
-        return bool(reporter.update(progress=0.95 * (first + size * done / max(total, 1)) / n, stage=stage))
+        return reporter.update(progress=0.95 * (first + size * done / max(total, 1)) / n, stage=stage)
 
     return on_tile
 
