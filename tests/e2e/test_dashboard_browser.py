@@ -389,8 +389,9 @@ def test_a_prediction_shows_its_objects_and_three_planes(browser: Any, server: S
 
     # sorted by the server: by voxel count, largest first
     page.click('.objects-table th button[data-sort="voxel_count"]')
-    page.wait_for_function("() => document.querySelector('.objects-table tbody tr').dataset.label === '2' && "
-                           "document.querySelector('th[aria-sort=descending] [data-sort=voxel_count]') !== null",
+    # the header turns at once, the rows when the server's page arrives (the status then counts the objects)
+    page.wait_for_function("() => document.querySelector('th[aria-sort=descending] [data-sort=voxel_count]') !== null "
+                           "&& document.querySelector('.objects [role=status]').textContent === '3 objects'",
                            timeout=WAIT_MS)  # fmt: skip
     assert page.eval_on_selector_all(".objects-table tbody tr", "rows => rows.map((r) => r.dataset.label)") == [
         "2", "5", "9"]  # fmt: skip
