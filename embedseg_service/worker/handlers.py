@@ -476,9 +476,11 @@ def run_predict(context: JobContext) -> JobOutcome:
         first += len(batch)
         if batch[0] in streamed:  # larger than memory, or OME-Zarr: windows into OME-Zarr labels
             i, gt_row = batch[0], gt_rows[batch[0]]
-            stored[i] = stream_predict.predict_streamed(context, model, spec, rows[i], gt_row, on_tile)
+            output, entry, table, scored = stream_predict.predict_streamed(context, model, spec, rows[i], gt_row,
+                                                                           on_tile)  # fmt: skip
             if gt_row is not None:
-                stored[i][1].update(_image_ap(stored[i][3], gt_id=gt_row.id))
+                entry.update(_image_ap(scored, gt_id=gt_row.id))
+            stored[i] = (output, entry, table, scored)
             continue
         labels = _segment_rows(context, model, spec, [rows[i] for i in batch], on_tile)
         for i, volume_labels in zip(batch, labels):
