@@ -266,6 +266,20 @@ def _missing_inputs(session: Session, volume_ids: Sequence[str], model_id: str |
     return missing or ["an input volume"]
 
 
+OWNER_CLAIM_LOCKS = 0x656D6273
+"""First key of the PostgreSQL advisory locks that serialise the claims of one owner's jobs."""
+
+
+def _serialize_owner_claims(session: Session, job_id: str) -> None:
+    """On PostgreSQL, take the transaction's advisory lock of the job's owner, so that the claim's count of
+    the owner's running jobs (a statement after this one, a fresh snapshot under READ COMMITTED) sees every
+    claim committed before it. SQLite needs none: its writes already run one at a time."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    owner = session.scalar(select(Job.owner).where(Job.id == job_id))
+    session.execute(select(func.pg_advisory_xact_lock(OWNER_CLAIM_LOCKS, func.hashtext(owner or ""))))
+
+
 def claim(
     session: Session, job_id: str, worker: str, *, max_running: int | None = None, device: str | None = None
 ) -> int | None:
@@ -274,12 +288,15 @@ def claim(
     someone else got it first.
 
     With ``max_running``, the claim also fails while the job's owner already has that many jobs
-    running (the job stays ``queued``). A redelivered message whose job is already running or
-    finished loses the claim and should exit quietly. Raises :class:`JobNotFound` for an unknown id.
+    running (the job stays ``queued``); claims of one owner's jobs then run one at a time
+    (:func:`_serialize_owner_claims`), so two at the same moment cannot both pass the count. A
+    redelivered message whose job is already running or finished loses the claim and should exit
+    quietly. Raises :class:`JobNotFound` for an unknown id.
     """
     now = utcnow()
     conditions = [Job.id == job_id, Job.status.in_(_sources(JobStatus.running))]
     if max_running is not None:
+        _serialize_owner_claims(session, job_id)
         other = aliased(Job)
         running = (
             select(func.count())

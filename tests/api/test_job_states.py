@@ -247,6 +247,39 @@ def test_a_claim_waits_while_the_owner_runs_its_quota_of_jobs(db) -> None:  # ty
     assert jobs.claim(db, anonymous[1], "w3") == 1  # without a quota the claim is unconditional
 
 
+def test_two_claims_of_one_owner_at_the_same_moment_keep_its_quota(make_session) -> None:  # type: ignore[no-untyped-def]
+    """The first claim's transaction stays open (its commit waits) while a second claim, of another job of the
+    same owner, starts: the second must wait for the first and then count its job as running."""
+    with make_session() as setup:
+        first, second = (jobs.create_job(setup, "evaluate", {}, owner="lab-a").id for _ in range(2))
+    inside, release = threading.Event(), threading.Event()
+    claimed: dict[str, int | None] = {}
+    with make_session() as one, make_session() as two:
+        commit = one.commit
+
+        def held_commit() -> None:
+            inside.set()
+            release.wait(30)
+            commit()
+
+        one.commit = held_commit  # type: ignore[method-assign]
+        threads = [
+            threading.Thread(target=lambda: claimed.update(first=jobs.claim(one, first, "w1", max_running=1))),
+            threading.Thread(target=lambda: claimed.update(second=jobs.claim(two, second, "w2", max_running=1))),
+        ]
+        threads[0].start()
+        assert inside.wait(30)  # the first claim's UPDATE ran; its transaction is open
+        threads[1].start()
+        threads[1].join(1.0)
+        assert threads[1].is_alive()  # waiting for the first claim's transaction
+        release.set()
+        for thread in threads:
+            thread.join(30)
+    assert claimed == {"first": 1, "second": None}
+    with make_session() as check:
+        assert [jobs.get_job(check, job_id).status for job_id in (first, second)] == ["running", "queued"]
+
+
 def test_run_job_defers_a_job_whose_owner_is_at_its_quota(db, database_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from embedseg_service.records.settings import Settings
     from embedseg_service.worker.runner import run_job
