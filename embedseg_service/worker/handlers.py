@@ -381,7 +381,11 @@ def _predict_batches(context: JobContext, model: Any, rows: Sequence[Volume]) ->
 
 
 def _segment_rows(
-    context: JobContext, model: Any, spec: PredictSpec, rows: Sequence[Volume], progress: Callable[[int, int], bool]
+    context: JobContext,
+    model: Any,
+    spec: PredictSpec,
+    rows: Sequence[Volume],
+    progress: Callable[[int, int], bool | None],
 ) -> list[np.ndarray]:
     """Labels of the stored volumes ``rows``, segmented together (:meth:`TrainedModel.segment_batch`)."""
     from embedseg_service.core.inference.tiling import PredictionCancelled
@@ -421,16 +425,19 @@ def _store_labels(context: JobContext, spec: PredictSpec, row: Volume, labels: n
     )
 
 
-def _batch_progress(reporter: JobReporter, first: int, size: int, n: int) -> Callable[[int, int], bool]:
+def _batch_progress(reporter: JobReporter, first: int, size: int, n: int) -> Callable[[int, int], bool | None]:
     """Record the stage of the batch of volumes ``first``.. (``size`` of ``n``; written when the reporter's
-    throttle allows, as the progress of its tiles); returns the progress callback of its tiles."""
+    throttle allows, as the progress of its tiles); returns the progress callback of its tiles
+    (:func:`~embedseg_service.core.inference.predict.batch_progress` onto the job's first 95 %)."""
+    from embedseg_service.core.inference.predict import batch_progress
+
     stage = f"predicting volume {first + 1}/{n}" if size == 1 else f"predicting volumes {first + 1}-{first + size}/{n}"
     reporter.update(progress=0.95 * first / n, stage=stage)
 
-    def on_tile(done: int, total: int) -> bool:
-        return reporter.update(progress=0.95 * (first + size * done / max(total, 1)) / n, stage=stage)
+    def of_job(done: int, total: int) -> bool:
+        return reporter.update(progress=0.95 * done / max(total, 1), stage=stage)
 
-    return on_tile
+    return batch_progress(of_job, first, size, n)
 
 
 def _volume_outputs(

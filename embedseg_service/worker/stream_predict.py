@@ -74,7 +74,7 @@ def _store(context: JobContext, name: str, path: Any) -> tuple[str, str, int]:
 
 
 def _segment(context: JobContext, model: Any, spec: PredictSpec, source: Any, out: Any,
-             progress: Callable[[int, int], bool]) -> Any:  # fmt: skip
+             progress: Callable[[int, int], bool | None]) -> Any:  # fmt: skip
     """:func:`embedseg_service.core.inference.stream.segment_streamed` with the model's settings."""
     from embedseg_service.core.inference.stream import segment_streamed
     from embedseg_service.core.inference.tiling import PredictionCancelled
@@ -137,7 +137,7 @@ Outputs = tuple[Volume, dict[str, Any], dict[str, Any], Any]
 
 def predict_streamed(
     context: JobContext, model: Any, spec: PredictSpec, row: Volume, gt_row: Volume | None,
-    progress: Callable[[int, int], bool],
+    progress: Callable[[int, int], bool | None],
 ) -> Outputs:  # fmt: skip
     """Segment the stored volume ``row`` in streamed windows and score the labels against ``gt_row`` when given;
     returns (its labels row, its metrics entry, its object table entry, its AP result or ``None``), as the

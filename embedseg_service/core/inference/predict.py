@@ -188,11 +188,9 @@ def plan_batches(
     return sorted(batches, key=lambda batch: batch[0])
 
 
-def _batch_progress(progress: Progress | None, before: int, size: int, n_images: int) -> Progress | None:
+def batch_progress(progress: Progress, before: int, size: int, n_images: int) -> Progress:
     """``progress`` of a batch of ``size`` images after ``before`` others of ``n_images``: ``done / total`` is
     the fraction of all the images' work (blocks of the batches done so far)."""
-    if progress is None:
-        return None
 
     def report(done: int, total: int) -> bool | None:
         return progress(before * total + done * size, n_images * total)
@@ -225,7 +223,7 @@ def predict_raw_batch(
     outputs: list[np.ndarray | None] = [None] * len(prepared)
     done = 0
     for batch in plan_batches([p.shape for p in prepared], dev, batch_voxels):
-        report = _batch_progress(progress, done, len(batch), len(prepared))
+        report = None if progress is None else batch_progress(progress, done, len(batch), len(prepared))
         options = _tiling_options(tta, tile, combine, fg_thresh, tta_batch_size, precision, report)
         raw = _run_network(model, np.stack([prepared[i] for i in batch]), dev, options)
         for i, index in enumerate(batch):
